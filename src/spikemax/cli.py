@@ -1,0 +1,157 @@
+"""The `spikemax` command line: one thin command per DVC stage."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable
+
+import typer
+
+from spikemax import SpikemaxError
+
+app = typer.Typer(
+    help="Query-efficient activation maximization for spiking neural networks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read")
+
+
+def one_line_errors(fn: Callable) -> Callable:
+    """Report SpikemaxError as `error: ...` on stderr with exit code 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SpikemaxError as err:
+            msg = " ".join(str(err).split())
+            print(f"error: {msg}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _load(params: Path):
+    from spikemax import params as P
+
+    return P.load(params)
+
+
+@app.command()
+@one_line_errors
+def prepare(params: Path = ParamsOpt) -> None:
+    """Subset and split the dataset into data/prepared/ with its normalization statistics."""
+    from rich import print as rprint
+
+    from spikemax.data import prepare as run
+
+    p, paths = _load(params)
+    meta = run(p, paths)
+    rprint(f"[green]prepared[/] {meta['dataset']}: {meta['sizes']} -> {paths.prepared}")
+
+
+@app.command("train-snn")
+@one_line_errors
+def train_snn(params: Path = ParamsOpt) -> None:
+    """Train the ConvSNN, saving a checkpoint for epoch 0 and after every epoch."""
+    from spikemax.snn import train
+
+    p, paths = _load(params)
+    train(p, paths)
+
+
+@app.command()
+@one_line_errors
+def neurons(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="SNN checkpoint (.ckpt)"),
+) -> None:
+    """List the spiking layers of a checkpoint and their unit counts (valid targets)."""
+    from spikemax.neurons import describe
+
+    print(describe(checkpoint))
+
+
+@app.command("train-generator")
+@one_line_errors
+def train_generator(
+    name: str = typer.Argument(..., help="generator: sngan or vqvae"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Train one generator (SN-GAN or VQ-VAE) on the prepared data."""
+    from spikemax.generators import train
+
+    p, paths = _load(params)
+    train(name, p, paths)
+
+
+@app.command("check-generators")
+@one_line_errors
+def check_generators(params: Path = ParamsOpt) -> None:
+    """Score the trained generators with the final SNN: diversity, recognizability, reconstruction."""
+    from spikemax.generators import check
+
+    p, paths = _load(params)
+    check(p, paths)
+
+
+@app.command()
+@one_line_errors
+def maximize(params: Path = ParamsOpt) -> None:
+    """Run activation maximization over checkpoints x generators x targets x methods x seeds."""
+    from spikemax.loop import run_stage
+
+    p, paths = _load(params)
+    run_stage(p, paths)
+
+
+@app.command()
+@one_line_errors
+def analyze(params: Path = ParamsOpt) -> None:
+    """Selectivity and training-dynamics analysis of the maximize results."""
+    from spikemax.analysis import run_stage
+
+    p, paths = _load(params)
+    run_stage(p, paths)
+
+
+@app.command()
+@one_line_errors
+def report(params: Path = ParamsOpt) -> None:
+    """Write the static HTML report under reports/."""
+    from spikemax.report import run_stage
+
+    p, paths = _load(params)
+    run_stage(p, paths)
+
+
+@app.command()
+@one_line_errors
+def tune(params: Path = ParamsOpt) -> None:
+    """Tune TT rank and grid resolution with Optuna."""
+    from spikemax.tune import run_stage
+
+    p, paths = _load(params)
+    run_stage(p, paths)
+
+
+@app.command()
+@one_line_errors
+def serve(
+    params: Path = ParamsOpt,
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    port: int = typer.Option(8765, help="port to bind"),
+) -> None:
+    """Serve the ask/tell loop over HTTP for an external responder (a living neuron's rig)."""
+    from spikemax.server import serve as run
+
+    p, paths = _load(params)
+    run(p, paths, host=host, port=port)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,223 @@
+"""Load and validate params.yaml: one section per stage, one-line errors on bad values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spikemax import SpikemaxError
+
+DATASETS = ("fashion-mnist", "cifar10")
+
+
+class ParamsError(SpikemaxError):
+    """A params.yaml value is missing, malformed or out of range."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrepareParams(Section):
+    """`prepare` stage: which dataset, where its raw files live, and the subset kept."""
+
+    dataset: Literal["fashion-mnist", "cifar10"] = "fashion-mnist"
+    root: str = "data/raw"
+    train_size: int = Field(12000, ge=1)
+    test_size: int = Field(2000, ge=1)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seed: int = Field(0, ge=0)
+    download: bool = True
+
+
+class SNNParams(Section):
+    """`train_snn` stage: architecture, neuron model and optimisation of the ConvSNN."""
+
+    channels: list[int] = Field(default_factory=lambda: [12, 32], min_length=1)
+    kernel: int = Field(5, ge=1)
+    hidden: list[int] = Field(default_factory=lambda: [128])
+    beta: float = Field(0.9, gt=0.0, le=1.0)
+    threshold: float = Field(1.0, gt=0.0)
+    slope: float = Field(25.0, gt=0.0)
+    num_steps: int = Field(16, ge=1)
+    loss: Literal["ce_count", "mse_count"] = "ce_count"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(2e-3, gt=0.0)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class SNGANParams(Section):
+    """SN-GAN: latent size, grid resolution per latent dimension, training."""
+
+    latent_dim: int = Field(16, ge=1)
+    grid_n: int = Field(16, ge=2)
+    width: int = Field(64, ge=4)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    seed: int = Field(0, ge=0)
+
+
+class VQVAEParams(Section):
+    """VQ-VAE: latent positions, codebook and training."""
+
+    codes: int = Field(32, ge=2)
+    code_dim: int = Field(16, ge=1)
+    width: int = Field(64, ge=4)
+    commitment: float = Field(0.25, ge=0.0)
+    decay: float = Field(0.99, gt=0.0, lt=1.0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    seed: int = Field(0, ge=0)
+
+
+class GeneratorsParams(Section):
+    """`train_generator` and `check_generators` stages."""
+
+    names: list[Literal["sngan", "vqvae"]] = Field(default_factory=lambda: ["sngan", "vqvae"])
+    sngan: SNGANParams = Field(default_factory=SNGANParams)
+    vqvae: VQVAEParams = Field(default_factory=VQVAEParams)
+    check_samples: int = Field(1000, ge=1)
+
+
+class TTOptions(Section):
+    """Options of the Tensor-Train maximizer used by the AM stage."""
+
+    rank: int = Field(5, ge=1)
+    elite: int = Field(10, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+    qtt: bool = False
+
+
+class MaximizeParams(Section):
+    """`maximize` stage: which checkpoints, generators, targets, methods and budget."""
+
+    epochs: Literal["all"] | list[int] = "all"
+    generators: list[Literal["sngan", "vqvae"]] = Field(default_factory=lambda: ["sngan", "vqvae"])
+    targets: list[str] = Field(default_factory=lambda: ["class:*"])
+    units_per_layer: int = Field(0, ge=0)
+    methods: list[Literal["tt", "random", "cma", "ngopt", "protes"]] = Field(
+        default_factory=lambda: ["tt", "cma"]
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    budget: int = Field(1024, ge=1)
+    batch: int = Field(64, ge=1)
+    target_value: float | None = None
+    warm_start: bool = True
+    noise: float = Field(0.0, ge=0.0)
+    tt: TTOptions = Field(default_factory=TTOptions)
+
+
+class AnalyzeParams(Section):
+    """`analyze` stage: thresholds of the selectivity analysis."""
+
+    csi_threshold: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class TuneParams(Section):
+    """`tune` stage: Optuna search over TT hyper-parameters."""
+
+    n_trials: int = Field(20, ge=1)
+    budget: int = Field(512, ge=1)
+    ranks: list[int] = Field(default_factory=lambda: [2, 3, 5, 8])
+    grid_n: list[int] = Field(default_factory=lambda: [8, 16, 32])
+    seed: int = Field(0, ge=0)
+
+
+class Params(Section):
+    """The whole params.yaml."""
+
+    prepare: PrepareParams = Field(default_factory=PrepareParams)
+    snn: SNNParams = Field(default_factory=SNNParams)
+    generators: GeneratorsParams = Field(default_factory=GeneratorsParams)
+    maximize: MaximizeParams = Field(default_factory=MaximizeParams)
+    analyze: AnalyzeParams = Field(default_factory=AnalyzeParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage reads and writes, relative to the project root (params.yaml's folder)."""
+
+    root: Path
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def snn_dir(self) -> Path:
+        return self.root / "models" / "snn"
+
+    @property
+    def generators_dir(self) -> Path:
+        return self.root / "models" / "generators"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def mlruns(self) -> Path:
+        return self.root / "mlruns"
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from params.yaml: absolute as given, else relative to the project root."""
+        p = Path(path)
+        return p if p.is_absolute() else self.root / p
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {key!r}"
+    return f"{key}: {msg} (got {first.get('input')!r})"
+
+
+def validate(data: dict[str, Any] | None) -> Params:
+    """Validate a parsed params mapping; raise ParamsError with a one-line message."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError("params must be a mapping of stage sections")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_format_error(err)) from None
+
+
+def load(path: str | Path = "params.yaml") -> tuple[Params, Paths]:
+    """Read params.yaml; return the validated params and the project paths rooted at its folder."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ParamsError(f"{path.name}{where}: not valid YAML") from None
+    try:
+        params = validate(data)
+    except ParamsError as err:
+        raise ParamsError(f"{path.name}: {err}") from None
+    return params, Paths(path.parent)
