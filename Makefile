@@ -22,7 +22,7 @@ data:
 	fi
 
 repro: $(STAMP) data
-	$(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest

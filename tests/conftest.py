@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny real data and models built once per session in temp dirs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from spikemax import params as P
+from spikemax.data import Prepared, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PREPARE = {"dataset": "fashion-mnist", "train_size": 1000, "test_size": 300, "val_fraction": 0.2, "seed": 0}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads():
+    """Tests share 2 cores; one intra-op thread keeps them predictable."""
+    torch.set_num_threads(1)
+
+
+def write_params(root: Path, sections: dict) -> Path:
+    """Write a params.yaml into `root` and return its path."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `spikemax ARGS` as a subprocess (the way users and DVC run it)."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", "spikemax.cli", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> tuple[P.Params, P.Paths]:
+    """A project dir with tiny params and real prepared Fashion-MNIST (1000 train+val, 300 test)."""
+    root = tmp_path_factory.mktemp("project")
+    path = write_params(root, {"prepare": TINY_PREPARE})
+    params, paths = P.load(path)
+    prepare(params, paths)
+    return params, paths
+
+
+@pytest.fixture(scope="session")
+def prepared(project) -> Prepared:
+    """The tiny prepared dataset of `project`."""
+    return Prepared.load(project[1].prepared)
