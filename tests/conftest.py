@@ -47,7 +47,7 @@ def project(tmp_path_factory) -> tuple[P.Params, P.Paths]:
     """A project dir with tiny params and real prepared Fashion-MNIST (1000 train+val, 300 test)."""
     root = tmp_path_factory.mktemp("project")
     path = write_params(root, {"prepare": TINY_PREPARE})
-    params, paths = P.load(path)
+    params, paths = P.load(path, root=root)
     prepare(params, paths)
     return params, paths
 

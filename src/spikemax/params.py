@@ -146,7 +146,7 @@ class Params(Section):
 
 @dataclass(frozen=True)
 class Paths:
-    """Where every stage reads and writes, relative to the project root (params.yaml's folder)."""
+    """Where every stage reads and writes, relative to the project root (the working directory)."""
 
     root: Path
 
@@ -205,8 +205,8 @@ def validate(data: dict[str, Any] | None) -> Params:
         raise ParamsError(_format_error(err)) from None
 
 
-def load(path: str | Path = "params.yaml") -> tuple[Params, Paths]:
-    """Read params.yaml; return the validated params and the project paths rooted at its folder."""
+def load(path: str | Path = "params.yaml", root: str | Path | None = None) -> tuple[Params, Paths]:
+    """Read a params file; return the validated params and the project paths (root: cwd by default)."""
     path = Path(path).resolve()
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
@@ -220,4 +220,5 @@ def load(path: str | Path = "params.yaml") -> tuple[Params, Paths]:
         params = validate(data)
     except ParamsError as err:
         raise ParamsError(f"{path.name}: {err}") from None
-    return params, Paths(path.parent)
+    # Outputs go under the working directory (as DVC runs stages), whichever params file is read.
+    return params, Paths(Path(root).resolve() if root is not None else Path.cwd())
