@@ -46,11 +46,11 @@ def _load(params: Path):
 @one_line_errors
 def prepare(params: Path = ParamsOpt) -> None:
     """Subset and split the dataset into data/prepared/ with its normalization statistics."""
+    p, paths = _load(params)
     from rich import print as rprint
 
     from spikemax.data import prepare as run
 
-    p, paths = _load(params)
     meta = run(p, paths)
     rprint(f"[green]prepared[/] {meta['dataset']}: {meta['sizes']} -> {paths.prepared}")
 
@@ -59,9 +59,9 @@ def prepare(params: Path = ParamsOpt) -> None:
 @one_line_errors
 def train_snn(params: Path = ParamsOpt) -> None:
     """Train the ConvSNN, saving a checkpoint for epoch 0 and after every epoch."""
+    p, paths = _load(params)
     from spikemax.snn import train
 
-    p, paths = _load(params)
     train(p, paths)
 
 
@@ -83,9 +83,9 @@ def train_generator(
     params: Path = ParamsOpt,
 ) -> None:
     """Train one generator (SN-GAN or VQ-VAE) on the prepared data."""
+    p, paths = _load(params)
     from spikemax.generators import train
 
-    p, paths = _load(params)
     train(name, p, paths)
 
 
@@ -93,9 +93,9 @@ def train_generator(
 @one_line_errors
 def check_generators(params: Path = ParamsOpt) -> None:
     """Score the trained generators with the final SNN: diversity, recognizability, reconstruction."""
+    p, paths = _load(params)
     from spikemax.generators import check
 
-    p, paths = _load(params)
     check(p, paths)
 
 
@@ -103,9 +103,9 @@ def check_generators(params: Path = ParamsOpt) -> None:
 @one_line_errors
 def maximize(params: Path = ParamsOpt) -> None:
     """Run activation maximization over checkpoints x generators x targets x methods x seeds."""
+    p, paths = _load(params)
     from spikemax.loop import run_stage
 
-    p, paths = _load(params)
     run_stage(p, paths)
 
 
@@ -113,9 +113,9 @@ def maximize(params: Path = ParamsOpt) -> None:
 @one_line_errors
 def analyze(params: Path = ParamsOpt) -> None:
     """Selectivity and training-dynamics analysis of the maximize results."""
+    p, paths = _load(params)
     from spikemax.analysis import run_stage
 
-    p, paths = _load(params)
     run_stage(p, paths)
 
 
@@ -123,9 +123,9 @@ def analyze(params: Path = ParamsOpt) -> None:
 @one_line_errors
 def report(params: Path = ParamsOpt) -> None:
     """Write the static HTML report under reports/."""
+    p, paths = _load(params)
     from spikemax.report import run_stage
 
-    p, paths = _load(params)
     run_stage(p, paths)
 
 
@@ -133,9 +133,9 @@ def report(params: Path = ParamsOpt) -> None:
 @one_line_errors
 def tune(params: Path = ParamsOpt) -> None:
     """Tune TT rank and grid resolution with Optuna."""
+    p, paths = _load(params)
     from spikemax.tune import run_stage
 
-    p, paths = _load(params)
     run_stage(p, paths)
 
 
@@ -147,9 +147,9 @@ def serve(
     port: int = typer.Option(8765, help="port to bind"),
 ) -> None:
     """Serve the ask/tell loop over HTTP for an external responder (a living neuron's rig)."""
+    p, paths = _load(params)
     from spikemax.server import serve as run
 
-    p, paths = _load(params)
     run(p, paths, host=host, port=port)
 
 

@@ -1,0 +1,62 @@
+"""params.yaml validation and the CLI's one-line errors, run as a user would (subprocess)."""
+
+from __future__ import annotations
+
+import pytest
+
+from spikemax import params as P
+from tests.conftest import run_cli, write_params
+
+
+def test_help_lists_every_stage_command():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    for cmd in ("prepare", "train-snn", "train-generator", "check-generators", "maximize",
+                "analyze", "report", "neurons"):
+        assert cmd in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("prepare", "expected"),
+    [
+        ({"dataset": "mnist"}, "prepare.dataset: Input should be 'fashion-mnist' or 'cifar10'"),
+        ({"train_size": -5}, "prepare.train_size: Input should be greater than or equal to 1 (got -5)"),
+        ({"val_fraction": 1.5}, "prepare.val_fraction"),
+        ({"train_size": 70000}, "train_size=70000 is larger than the 60000 training images"),
+        ({"colour": True}, "unknown key 'prepare.colour'"),
+    ],
+)
+def test_bad_prepare_params_give_one_line(tmp_path, prepare, expected):
+    path = write_params(tmp_path, {"prepare": prepare})
+    res = run_cli("prepare", "--params", str(path), cwd=tmp_path)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_params_file(tmp_path):
+    res = run_cli("prepare", "--params", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"error: params file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("prepare:\n  dataset: [unclosed\n")
+    res = run_cli("prepare", "--params", str(bad), cwd=tmp_path)
+    assert res.returncode == 2 and "not valid YAML" in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+def test_defaults_validate_and_repo_params_are_valid():
+    P.validate({})
+    params, _ = P.load(P.Path(__file__).resolve().parents[1] / "params.yaml")
+    assert params.prepare.dataset == "fashion-mnist"
+
+
+def test_prepare_cli_writes_outputs_under_cwd(tmp_path):
+    path = write_params(tmp_path, {"prepare": {"train_size": 100, "test_size": 50}})
+    res = run_cli("prepare", "--params", str(path), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "data" / "prepared" / "meta.json").is_file()

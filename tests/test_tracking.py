@@ -1,0 +1,33 @@
+"""The MLflow helper: a real sqlite store in a temp dir, runs readable back."""
+
+from __future__ import annotations
+
+import mlflow
+
+from spikemax import tracking
+
+
+def test_store_is_sqlite_under_mlruns_and_run_reads_back(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.configure(tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    exp = tracking.experiment_id("snn", tmp_path)
+    assert tracking.experiment_id("snn", tmp_path) == exp
+    client = mlflow.MlflowClient(uri)
+    assert client.get_experiment(exp).artifact_location.startswith((tmp_path / "mlruns").resolve().as_uri())
+    run = client.create_run(exp)
+    client.log_metric(run.info.run_id, "acc", 0.5, step=3)
+    client.log_text(run.info.run_id, "hello", "note.txt")
+    client.set_terminated(run.info.run_id)
+    back = client.get_run(run.info.run_id)
+    assert back.data.metrics["acc"] == 0.5
+    local = client.download_artifacts(run.info.run_id, "note.txt", str(tmp_path / "dl"))
+    assert open(local).read() == "hello"
+    assert str((tmp_path / "mlruns").resolve()) in back.info.artifact_uri
+
+
+def test_env_var_overrides_store(tmp_path, monkeypatch):
+    other = f"sqlite:///{tmp_path}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    assert tracking.tracking_uri(tmp_path) == other
