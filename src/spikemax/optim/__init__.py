@@ -1,0 +1,66 @@
+"""Grid maximizers behind one ask/tell API: `make_optimizer`, `maximize`.
+
+Every optimizer maximizes (larger is better) a black box on the grid prod_j {0..n_j-1}; NaN
+responses are failed queries (counted in `n_told`, never elite).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .base import MaximizeResult, OptionalDependencyError, Optimizer, run_maximize
+from .baselines import RandomSearch
+from .tt import TTOptimizer
+
+METHODS = ("tt", "random", "cma", "ngopt", "protes")
+
+
+def make_optimizer(method: str, d: int, n: int | Sequence[int], seed: int = 0, **options: Any) -> Optimizer:
+    """Build the optimizer `method` ("tt", "random", "cma", "ngopt", "protes") for d dims of size n."""
+    if method == "tt":
+        return TTOptimizer(d, n, seed=seed, **options)
+    if method == "random":
+        return RandomSearch(d, n, seed=seed, **options)
+    if method == "cma":
+        from .baselines import CMAOptimizer
+
+        return CMAOptimizer(d, n, seed=seed, **options)
+    if method == "ngopt":
+        from .baselines import NGOptOptimizer
+
+        return NGOptOptimizer(d, n, seed=seed, **options)
+    if method == "protes":
+        from .baselines import ProtesOptimizer
+
+        return ProtesOptimizer(d, n, seed=seed, **options)
+    raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+
+
+def maximize(
+    f: Callable[[np.ndarray], Any],
+    d: int,
+    n: int | Sequence[int],
+    budget: int,
+    method: str = "tt",
+    seed: int = 0,
+    **options: Any,
+) -> MaximizeResult:
+    """Maximize f (int array (k, d) -> floats (k,)) over the grid with exactly `budget` queries."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
+    opt = make_optimizer(method, d, n, seed=seed, **options)
+    return run_maximize(opt, f, int(budget))
+
+
+__all__ = [
+    "METHODS",
+    "MaximizeResult",
+    "OptionalDependencyError",
+    "Optimizer",
+    "RandomSearch",
+    "TTOptimizer",
+    "make_optimizer",
+    "maximize",
+]

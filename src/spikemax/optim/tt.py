@@ -1,0 +1,360 @@
+"""Tensor-Train maximizer: a PROTES-style TT probability model over the grid, ask/tell.
+
+The model is a non-negative TT tensor P with cores G_k = exp(theta_k) (shape r x n x r, rank-r
+boundaries summed by all-ones vectors), sampled exactly left to right and trained by Adam steps
+on the log-likelihood of the elite. The math is vectorized NumPy (no JAX, no autograd): the
+gradient of log P(x) with respect to core k is l_k^T r_{k+1} / (l_k G_k[x_k] r_{k+1}) for the
+left/right messages l, r, which is invariant to how the messages are scaled, so they can be
+renormalized freely. Padding to the largest mode size (masked out) keeps every core one array.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .base import Optimizer, check_positive_float, check_positive_int
+
+# Rescale messages every few modes only: each renormalization is a NumPy call, and products
+# of a few cores cannot overflow float64 (entries are bounded by the clip on theta).
+_RENORM_EVERY = 8
+_THETA_CLIP = 30.0
+
+
+def qtt_sizes(n: np.ndarray) -> np.ndarray:
+    """Number of binary modes q_j for each n_j = 2^q_j; ValueError if some n_j is not a power of 2."""
+    q = np.round(np.log2(n)).astype(np.int64)
+    if np.any(2**q != n):
+        raise ValueError(f"qtt needs every n to be a power of two, got n={sorted(set(n.tolist()))}")
+    return q
+
+
+def ind_tt_to_qtt(I: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Indices (k, d) to binary QTT indices (k, sum q), bits least significant first (Fortran order)."""
+    I = np.asarray(I, dtype=np.int64)
+    cols = [(I[:, j : j + 1] >> np.arange(q[j])) & 1 for j in range(len(q))]
+    return np.concatenate(cols, axis=1)
+
+
+def ind_qtt_to_tt(Iq: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Binary QTT indices (k, sum q) back to indices (k, d); the inverse of `ind_tt_to_qtt`."""
+    Iq = np.asarray(Iq, dtype=np.int64)
+    weights = np.concatenate([2 ** np.arange(qj) for qj in q])
+    owner = np.repeat(np.arange(len(q)), q)
+    I = np.zeros((Iq.shape[0], len(q)), dtype=np.int64)
+    np.add.at(I.T, owner, (Iq * weights).T)
+    return I
+
+
+def tt_cores(theta: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Non-negative cores G = exp(theta), zero on padded (masked-out) grid values."""
+    return np.exp(theta) * mask[:, None, :, None]
+
+
+def tt_interfaces_right(S: np.ndarray) -> np.ndarray:
+    """Right interfaces z_k = S_k z_{k+1} (rescaled) of summed cores S (d, r, r); z_d = 1."""
+    d, r = S.shape[0], S.shape[1]
+    Z = np.ones((d + 1, r))
+    z = Z[d]
+    for k in range(d - 1, -1, -1):
+        z = S[k] @ z
+        if k % _RENORM_EVERY == 0:
+            z = z / z.sum()
+        Z[k] = z
+    return Z
+
+
+def tt_interfaces_left(S: np.ndarray) -> np.ndarray:
+    """Left interfaces l_{k+1} = l_k S_k (rescaled) of summed cores; l_0 = 1."""
+    d, r = S.shape[0], S.shape[1]
+    L = np.ones((d + 1, r))
+    v = L[0]
+    for k in range(d):
+        v = v @ S[k]
+        if k % _RENORM_EVERY == 0:
+            v = v / v.sum()
+        L[k + 1] = v
+    return L
+
+
+def tt_sample(G: np.ndarray, Z: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Exact samples from P ∝ TT(G) by inverse CDF on uniforms u (b, d), left to right."""
+    d, r, N, _ = G.shape
+    b = u.shape[0]
+    Gflat = G.reshape(d, r, N * r)
+    I = np.empty((b, d), dtype=np.int64)
+    Q = np.ones((b, r))
+    rows = np.arange(b)
+    for k in range(d):
+        A = (Q @ Gflat[k]).reshape(b, N, r)
+        c = np.cumsum(A @ Z[k + 1], axis=1)
+        i = np.minimum((c < u[:, k : k + 1] * c[:, -1:]).sum(axis=1), N - 1)
+        I[:, k] = i
+        Q = A[rows, i]
+        if k % _RENORM_EVERY == 0:
+            Q = Q / Q.sum(axis=1, keepdims=True)
+    return I
+
+
+def tt_messages(Gx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left and right messages (m, d+1, r) along the selected slices Gx (m, d, r, r)."""
+    m, d, r, _ = Gx.shape
+    L = np.ones((m, d + 1, r))
+    R = np.ones((m, d + 1, r))
+    v = L[:, 0]
+    for k in range(d):
+        v = (v[:, None, :] @ Gx[:, k])[:, 0]
+        if k % _RENORM_EVERY == 0:
+            v = v / v.sum(axis=1, keepdims=True)
+        L[:, k + 1] = v
+    v = R[:, d]
+    for k in range(d - 1, -1, -1):
+        v = (Gx[:, k] @ v[:, :, None])[:, :, 0]
+        if k % _RENORM_EVERY == 0:
+            v = v / v.sum(axis=1, keepdims=True)
+        R[:, k] = v
+    return L, R
+
+
+def tt_grad_loglik(
+    G: np.ndarray, mask: np.ndarray, X: np.ndarray, w: np.ndarray, Z: np.ndarray
+) -> np.ndarray:
+    """Gradient w.r.t. theta (G = exp theta) of sum_b w_b log p(X_b), p = P / sum(P).
+
+    Z holds the right interfaces of the summed cores (as `tt_interfaces_right` returns).
+    """
+    d, r, N, _ = G.shape
+    m = X.shape[0]
+    Gx = G[np.arange(d)[None, :], :, X, :]  # (m, d, r, r)
+    L, R = tt_messages(Gx)
+    den = np.einsum("bkr,bkrq,bkq->bk", L[:, :d], Gx, R[:, 1:])
+    Lw = L[:, :d] * (w[:, None] / den)[:, :, None]
+    onehot = np.zeros((m, d, N))
+    onehot[np.arange(m)[:, None], np.arange(d)[None, :], X] = 1.0
+    grad_p = np.einsum("bkr,bkn,bkq->krnq", Lw, onehot, R[:, 1:])
+    S = G.sum(axis=2)
+    LZ = tt_interfaces_left(S)
+    denZ = np.einsum("kr,krq,kq->k", LZ[:d], S, Z[1:])
+    grad_z = (LZ[:d, :, None] * Z[1:, None, :]) / denZ[:, None, None]
+    grad_G = grad_p - w.sum() * grad_z[:, :, None, :] * mask[:, None, :, None]
+    return grad_G * G
+
+
+def elite_rows(X: np.ndarray, v: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the k largest v among distinct points of X (a repeated point would collapse the model)."""
+    order = np.argsort(-v, kind="stable")
+    _, first = np.unique(X[order], axis=0, return_index=True)
+    return order[np.sort(first)[:k]]
+
+
+class Adam:
+    """Adam ascent on one array (bias-corrected), state kept for warm starts."""
+
+    def __init__(self, shape: tuple[int, ...], lr: float, b1: float = 0.9, b2: float = 0.999) -> None:
+        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, 1e-8
+        self.m = np.zeros(shape)
+        self.v = np.zeros(shape)
+        self.t = 0
+
+    def step(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """Return x moved up the gradient g."""
+        self.t += 1
+        self.m = self.b1 * self.m + (1 - self.b1) * g
+        self.v = self.b2 * self.v + (1 - self.b2) * g * g
+        mh = self.m / (1 - self.b1**self.t)
+        vh = self.v / (1 - self.b2**self.t)
+        return x + self.lr * mh / (np.sqrt(vh) + self.eps)
+
+
+class TTOptimizer(Optimizer):
+    """PROTES-style TT maximizer with an elite archive and local moves around the elite.
+
+    Options (defaults):
+      rank=5     TT rank r of the probability model.
+      batch=100  points per `ask()` when k is not given.
+      elite=10   number of best points whose likelihood each step raises.
+      lr=0.05    Adam learning rate on the log-cores.
+      steps=1    Adam steps per `tell`.
+      qtt=False  for n = 2^q, model d*q binary modes (index mapping as teneva.ind_qtt_to_tt).
+      archive=True  elite = best points told so far (False: best of the last told batch, as PROTES).
+      local=0.0  fraction of each ask drawn as mutations of elite points instead of TT samples.
+      init=None  a `state_dict()` of an earlier run, or an int array (m, d) of good points.
+      init_values=None  responses of the `init` points (used for the elite, not for `best`).
+      init_steps=20     Adam steps fitting the model to `init` points.
+    """
+
+    method = "tt"
+
+    def __init__(
+        self,
+        d: int,
+        n: int | Sequence[int],
+        seed: int = 0,
+        rank: int = 5,
+        batch: int = 100,
+        elite: int = 10,
+        lr: float = 0.05,
+        steps: int = 1,
+        qtt: bool = False,
+        archive: bool = True,
+        local: float = 0.0,
+        init: Any = None,
+        init_values: Any = None,
+        init_steps: int = 20,
+    ) -> None:
+        super().__init__(d, n, seed, batch)
+        self.rank = check_positive_int("rank", rank)
+        self.elite = check_positive_int("elite", elite)
+        self.lr = check_positive_float("lr", lr)
+        self.steps = check_positive_int("steps", steps)
+        self.init_steps = check_positive_int("init_steps", init_steps, minimum=0)
+        if not 0.0 <= float(local) <= 1.0:
+            raise ValueError(f"local must be in [0, 1], got {local!r}")
+        self.local = float(local)
+        self.archive = bool(archive)
+        self.qtt = bool(qtt)
+        self.q = qtt_sizes(self.n) if self.qtt else None
+        self.n_model = np.full(int(self.q.sum()), 2) if self.qtt else self.n.copy()
+        self.rng = np.random.default_rng(self.seed)
+        D, N, r = self.n_model.size, int(self.n_model.max()), self.rank
+        self.mask = np.arange(N)[None, :] < self.n_model[:, None]
+        self.theta = 0.1 * self.rng.standard_normal((D, r, N, r))
+        self.adam = Adam(self.theta.shape, self.lr)
+        self._elite_I = np.zeros((0, D), dtype=np.int64)  # model indices
+        self._elite_y = np.zeros(0)
+        self._queue = np.zeros((0, self.d), dtype=np.int64)  # points to ask first (warm start)
+        self._cache: tuple[np.ndarray, np.ndarray] | None = None
+        if init is not None:
+            self._warm_start(init, init_values)
+
+    # -- index maps between the user's grid and the model's modes --------------------------
+    def _to_model(self, I: np.ndarray) -> np.ndarray:
+        return ind_tt_to_qtt(I, self.q) if self.qtt else I
+
+    def _from_model(self, X: np.ndarray) -> np.ndarray:
+        return ind_qtt_to_tt(X, self.q) if self.qtt else X
+
+    # -- model -----------------------------------------------------------------------------
+    def _model(self) -> tuple[np.ndarray, np.ndarray]:
+        """Cores and right interfaces of the current model (cached until the next update)."""
+        if self._cache is None:
+            G = tt_cores(self.theta, self.mask)
+            self._cache = (G, tt_interfaces_right(G.sum(axis=2)))
+        return self._cache
+
+    def _fit(self, X: np.ndarray, w: np.ndarray, steps: int) -> None:
+        """Adam steps raising the weighted mean log-likelihood of model indices X."""
+        w = w / w.sum()
+        for _ in range(steps):
+            G, Z = self._model()
+            g = tt_grad_loglik(G, self.mask, X, w, Z)
+            self.theta = np.clip(self.adam.step(self.theta, g), -_THETA_CLIP, _THETA_CLIP)
+            self._cache = None
+
+    def sample(self, k: int) -> np.ndarray:
+        """k points drawn from the TT model (grid indices (k, d))."""
+        G, Z = self._model()
+        u = self.rng.random((k, G.shape[0]))
+        return self._from_model(tt_sample(G, Z, u))
+
+    def _mutate(self, k: int) -> np.ndarray:
+        """k mutations of elite points: heavy-tailed number of coordinates, ordinal or uniform moves."""
+        parents = self._from_model(self._elite_I)
+        # Rank-biased parents: the incumbent is mutated most often.
+        pick = np.floor(parents.shape[0] * self.rng.random(k) ** 2).astype(np.int64)
+        P = parents[pick].copy()
+        d = self.d
+        # Power-law count of changed coordinates (mostly 1-2, occasionally many).
+        m = np.minimum(np.floor(self.rng.pareto(1.0, k) + 1).astype(np.int64), d)
+        for a in range(k):
+            J = self.rng.choice(d, m[a], replace=False)
+            step = self.rng.geometric(0.5, J.size) * self.rng.choice([-1, 1], J.size)
+            ordinal = self.rng.random(J.size) < 0.5
+            uniform = self.rng.integers(0, self.n[J])
+            P[a, J] = np.where(ordinal, np.clip(P[a, J] + step, 0, self.n[J] - 1), uniform)
+        return P
+
+    def _ask(self, k: int) -> np.ndarray:
+        out = []
+        if self._queue.shape[0]:
+            out.append(self._queue[:k])
+            self._queue = self._queue[k:]
+        left = k - sum(x.shape[0] for x in out)
+        n_local = int(round(self.local * left)) if self._elite_I.shape[0] else 0
+        if n_local:
+            out.append(self._mutate(n_local))
+        if left - n_local > 0:
+            out.append(self.sample(left - n_local))
+        return np.concatenate(out, axis=0)
+
+    def _tell(self, I: np.ndarray, y: np.ndarray) -> None:
+        ok = np.isfinite(y)
+        if not ok.any():
+            return
+        X, v = self._to_model(I[ok]), y[ok]
+        if self.archive:
+            X = np.concatenate([self._elite_I, X])
+            v = np.concatenate([self._elite_y, v])
+        top = elite_rows(X, v, self.elite)
+        self._elite_I, self._elite_y = X[top], v[top]
+        self._fit(self._elite_I, np.ones(top.size), self.steps)
+
+    # -- warm start ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to warm-start a new optimizer: `make_optimizer('tt', ..., init=state)`."""
+        i_best, y_best = self.best
+        return {
+            "method": "tt",
+            "d": self.d,
+            "n": self.n.tolist(),
+            "qtt": self.qtt,
+            "rank": self.rank,
+            "theta": self.theta.copy(),
+            "elite_I": self._from_model(self._elite_I).copy(),
+            "elite_y": self._elite_y.copy(),
+            "i_best": None if i_best is None else i_best.copy(),
+            "y_best": y_best,
+        }
+
+    def _warm_start(self, init: Any, init_values: Any) -> None:
+        if isinstance(init, dict):
+            self._load_state(init)
+            return
+        try:
+            P = np.asarray(init)
+        except Exception as err:  # noqa: BLE001 - report as a bad argument
+            raise ValueError("init must be a state_dict() or an int array (m, d)") from err
+        if P.ndim != 2 or P.shape[1] != self.d or P.shape[0] < 1:
+            raise ValueError(f"init must be a state_dict() or an int array (m, {self.d}), got shape {P.shape}")
+        if not np.issubdtype(P.dtype, np.integer) or np.any(P < 0) or np.any(P >= self.n[None, :]):
+            raise ValueError("init points must be integer grid indices within n")
+        P = P.astype(np.int64)
+        if init_values is not None:
+            v = np.asarray(init_values, dtype=np.float64).reshape(-1)
+            if v.shape != (P.shape[0],):
+                raise ValueError(f"init_values must have shape ({P.shape[0]},), got {np.shape(init_values)}")
+            ok = np.isfinite(v)
+            order = np.argsort(-v[ok], kind="stable")[: self.elite]
+            self._elite_I = self._to_model(P[ok][order])
+            self._elite_y = v[ok][order]
+            P = P[ok][order]
+        self._queue = P[: self.elite]
+        if self.init_steps and P.shape[0]:
+            self._fit(self._to_model(P), np.ones(P.shape[0]), self.init_steps)
+            self.adam = Adam(self.theta.shape, self.lr)
+
+    def _load_state(self, state: dict) -> None:
+        if state.get("method") != "tt" or "theta" not in state:
+            raise ValueError("init dict must be a state_dict() of a 'tt' optimizer")
+        theta = np.asarray(state["theta"], dtype=np.float64)
+        if theta.shape != self.theta.shape or list(state.get("n", [])) != self.n.tolist():
+            raise ValueError(
+                f"init state is for d={state.get('d')}, n, rank={state.get('rank')}, qtt={state.get('qtt')};"
+                f" it does not fit d={self.d}, rank={self.rank}, qtt={self.qtt}"
+            )
+        self.theta = theta.copy()
+        self._cache = None
+        # Old responses may be stale (the neuron changed): re-measure the old elite first.
+        elite = np.asarray(state.get("elite_I", np.zeros((0, self.d))), dtype=np.int64).reshape(-1, self.d)
+        self._queue = elite[: self.elite]

@@ -1,0 +1,185 @@
+"""Behaviour of spikemax.optim: determinism, ranges, budget, TT math, warm start, NaN, bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import teneva
+
+from spikemax.optim import make_optimizer, maximize
+from spikemax.optim.tt import (
+    ind_qtt_to_tt,
+    ind_tt_to_qtt,
+    tt_cores,
+    tt_grad_loglik,
+    tt_interfaces_right,
+    tt_sample,
+)
+
+FAST = ("tt", "random")
+
+
+def separable(d: int, n: int, seed: int = 1):
+    """A random separable function with its exact maximum."""
+    W = np.random.default_rng(seed).random((d, n))
+    return (lambda I: W[np.arange(d), I].sum(axis=1)), float(W.max(axis=1).sum()), W.argmax(axis=1)
+
+
+def dense_tt(theta: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The full tensor P of small cores, by brute force."""
+    G = tt_cores(theta, mask)
+    d, r, N, _ = G.shape
+    P = np.zeros([N] * d)
+    for idx in itertools.product(range(N), repeat=d):
+        v = np.ones(r)
+        for k in range(d):
+            v = v @ G[k, :, idx[k], :]
+        P[idx] = v.sum()
+    return P
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_same_seed_same_asks_and_in_range(method):
+    n = [3, 5, 2, 7, 4, 6]
+    runs = []
+    for _ in range(2):
+        opt = make_optimizer(method, 6, n, seed=3)
+        f, _, _ = separable(6, 7)
+        asks = []
+        for _ in range(3):
+            I = opt.ask(12)
+            asks.append(I)
+            opt.tell(I, np.random.default_rng(0).random(12))
+        runs.append(np.concatenate(asks))
+    I = runs[0]
+    assert I.dtype.kind == "i" and I.shape == (36, 6)
+    assert np.all(I >= 0) and np.all(I < np.array(n)[None, :])
+    np.testing.assert_array_equal(runs[0], runs[1])
+    other = make_optimizer(method, 6, n, seed=4).ask(12)
+    assert not np.array_equal(other, runs[0][:12])
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_maximize_spends_exactly_the_budget(method):
+    f, _, _ = separable(5, 4)
+    calls = []
+    res = maximize(lambda I: calls.append(len(I)) or f(I), 5, 4, 257, method=method, seed=0, batch=50)
+    assert res.n_queries == 257 == sum(calls) == res.history.size
+    assert res.y_best == pytest.approx(np.nanmax(res.history))
+    assert f(res.i_best[None])[0] == pytest.approx(res.y_best)
+
+
+def test_tt_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    d, r, N = 4, 3, 3
+    theta = 0.3 * rng.standard_normal((d, r, N, r))
+    mask = np.ones((d, N), dtype=bool)
+    mask[1, 2] = False
+    X = np.array([[0, 1, 2, 0], [1, 0, 1, 2]])
+    w = np.array([0.3, 0.7])
+
+    def loglik(th):
+        P = dense_tt(th, mask)
+        return sum(w[b] * np.log(P[tuple(X[b])] / P.sum()) for b in range(2))
+
+    G = tt_cores(theta, mask)
+    g = tt_grad_loglik(G, mask, X, w, tt_interfaces_right(G.sum(axis=2)))
+    eps, gn = 1e-6, np.zeros_like(theta)
+    for idx in np.ndindex(theta.shape):
+        t = theta.copy()
+        t[idx] += eps
+        a = loglik(t)
+        t[idx] -= 2 * eps
+        gn[idx] = (a - loglik(t)) / (2 * eps)
+    np.testing.assert_allclose(g, gn, atol=1e-7)
+
+
+def test_tt_sampling_follows_the_tensor():
+    rng = np.random.default_rng(1)
+    d, r, N = 3, 2, 3
+    theta = rng.standard_normal((d, r, N, r))
+    mask = np.ones((d, N), dtype=bool)
+    mask[2, 0] = False
+    P = dense_tt(theta, mask)
+    P /= P.sum()
+    G = tt_cores(theta, mask)
+    I = tt_sample(G, tt_interfaces_right(G.sum(axis=2)), rng.random((100_000, d)))
+    emp = np.zeros_like(P)
+    np.add.at(emp, tuple(I.T), 1.0)
+    assert np.all(emp[:, :, 0] == 0)
+    np.testing.assert_allclose(emp / len(I), P, atol=0.006)
+
+
+def test_qtt_index_map_matches_teneva():
+    rng = np.random.default_rng(0)
+    I = rng.integers(0, 16, (50, 4))
+    q = np.array([4, 4, 4, 4])
+    Iq = ind_tt_to_qtt(I, q)
+    np.testing.assert_array_equal(Iq, teneva.ind_tt_to_qtt(I, 16))
+    np.testing.assert_array_equal(ind_qtt_to_tt(Iq, q), teneva.ind_qtt_to_tt(Iq, 4))
+    # Mixed sizes: each dimension keeps its own number of bits.
+    I2 = np.stack([rng.integers(0, 4, 20), rng.integers(0, 32, 20)], axis=1)
+    np.testing.assert_array_equal(ind_qtt_to_tt(ind_tt_to_qtt(I2, np.array([2, 5])), np.array([2, 5])), I2)
+
+
+def test_tt_nan_is_counted_and_never_elite():
+    opt = make_optimizer("tt", 4, 5, seed=0, elite=3)
+    I = opt.ask(10)
+    y = np.arange(10.0)
+    y[[9, 8]] = np.nan
+    opt.tell(I, y)
+    assert opt.n_told == 10 and opt.n_failed == 2
+    assert opt.best[1] == 7.0
+    np.testing.assert_array_equal(opt.best[0], I[7])
+    assert set(map(tuple, opt.state_dict()["elite_I"])) == {tuple(I[j]) for j in (7, 6, 5)}
+    opt.tell(I[:2], [np.nan, np.nan])
+    assert opt.n_told == 12 and opt.best[1] == 7.0
+    assert np.all(np.isfinite(opt.theta))
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_nan_responses_do_not_break_baselines(method):
+    f, _, _ = separable(4, 6)
+    res = maximize(lambda I: np.where(I[:, 0] == 0, np.nan, f(I)), 4, 6, 300, method=method, seed=1)
+    assert res.n_queries == 300 and np.isfinite(res.y_best) and res.i_best[0] != 0
+
+
+def test_tt_accepts_off_policy_tells():
+    f, fmax, imax = separable(6, 5)
+    opt = make_optimizer("tt", 6, 5, seed=0)
+    opt.tell(imax[None], f(imax[None]))  # a point the optimizer never proposed
+    assert opt.best[1] == pytest.approx(fmax)
+    assert opt.n_told == 1
+
+
+def test_bad_arguments_raise_value_error_naming_them():
+    with pytest.raises(ValueError, match="d"):
+        make_optimizer("tt", 0, 4)
+    with pytest.raises(ValueError, match="n"):
+        make_optimizer("tt", 3, 1)
+    with pytest.raises(ValueError, match="n"):
+        make_optimizer("random", 3, [4, 1, 4])
+    with pytest.raises(ValueError, match="n"):
+        make_optimizer("tt", 3, [4, 4])
+    with pytest.raises(ValueError, match="budget"):
+        maximize(lambda I: I.sum(1), 3, 4, 0)
+    with pytest.raises(ValueError, match="qtt"):
+        make_optimizer("tt", 3, 6, qtt=True)
+    with pytest.raises(ValueError, match="method"):
+        make_optimizer("nope", 3, 4)
+    opt = make_optimizer("tt", 3, 4)
+    with pytest.raises(ValueError, match="k"):
+        opt.ask(0)
+    with pytest.raises(ValueError, match="I"):
+        opt.tell(np.zeros((2, 4), dtype=int), [1.0, 2.0])
+    with pytest.raises(ValueError, match="y"):
+        opt.tell(np.zeros((2, 3), dtype=int), [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="I"):
+        opt.tell(np.full((1, 3), 4), [1.0])
+    with pytest.raises(ValueError, match="rank"):
+        make_optimizer("tt", 3, 4, rank=0)
+    with pytest.raises(ValueError, match="init"):
+        make_optimizer("tt", 3, 4, init=np.zeros((2, 5), dtype=int))
+    assert opt.n_told == 0
