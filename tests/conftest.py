@@ -56,3 +56,23 @@ def project(tmp_path_factory) -> tuple[P.Params, P.Paths]:
 def prepared(project) -> Prepared:
     """The tiny prepared dataset of `project`."""
     return Prepared.load(project[1].prepared)
+
+
+TINY_GENERATORS = {
+    "sngan": {"width": 16, "epochs": 1, "batch_size": 64},
+    "vqvae": {"width": 16, "epochs": 1, "batch_size": 64},
+}
+
+
+@pytest.fixture(scope="session")
+def generator_checkpoints(project) -> dict[str, Path]:
+    """Both generators trained tiny (one epoch on the tiny project) into its models/generators."""
+    from spikemax.generators import NAMES, checkpoint_path, train
+
+    params, paths = project
+    tiny = P.validate({**params.model_dump(), "generators": TINY_GENERATORS})
+    out = {}
+    for name in NAMES:
+        train(name, tiny, paths)
+        out[name] = checkpoint_path(name, paths)
+    return out

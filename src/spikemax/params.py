@@ -72,6 +72,7 @@ class VQVAEParams(Section):
     codes: int = Field(32, ge=2)
     code_dim: int = Field(16, ge=1)
     width: int = Field(64, ge=4)
+    downsample: int = Field(2, ge=1, le=4)  # stride-2 stages: 28x28 -> 7x7, 32x32 -> 8x8 positions
     commitment: float = Field(0.25, ge=0.0)
     decay: float = Field(0.99, gt=0.0, lt=1.0)
     epochs: int = Field(10, ge=1)

@@ -1,0 +1,100 @@
+"""Shared training pieces: pixel-space DataModule, MLflow epoch logging, fit + checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.utils import save_image
+
+from spikemax.data import Prepared
+from spikemax.generators.grid import LatentGrid
+
+
+class PixelDataModule(L.LightningDataModule):
+    """Prepared splits as uint8 images; modules scale them to [0, 1] pixels per batch."""
+
+    def __init__(self, prepared: Prepared, batch_size: int, seed: int = 0) -> None:
+        super().__init__()
+        self.prepared = prepared
+        self.batch_size = batch_size
+        self.seed = seed
+        self.sets: dict[str, TensorDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val"):
+            if split not in self.sets:
+                self.sets[split] = TensorDataset(self.prepared.raw(split)[0])
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        # Dropping the ragged last batch keeps BatchNorm and GAN statistics stable.
+        drop = len(self.sets["train"]) > self.batch_size
+        return DataLoader(self.sets["train"], batch_size=self.batch_size, shuffle=True,
+                          generator=gen, drop_last=drop)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.sets["val"], batch_size=max(self.batch_size, 256), shuffle=False)
+
+
+def pixels(batch: Any) -> torch.Tensor:
+    """A batch of uint8 images as float32 pixels in [0, 1]."""
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return x.float() / 255.0
+
+
+def save_grid(grid: LatentGrid, path: Path, k: int = 64, seed: int = 0) -> Path:
+    """Decode `k` random grid points (fixed seed, so epochs compare) into one PNG."""
+    imgs = grid.decode_pixels(grid.random_indices(k, seed))
+    save_image(imgs.clamp(0, 1), path, nrow=int(round(k ** 0.5)), padding=1, pad_value=1.0)
+    return path
+
+
+class MlflowEpochLogger(L.Callback):
+    """Per-epoch losses and a sample-grid PNG into one MLflow run (the project's store)."""
+
+    def __init__(self, client: Any, run_id: str, make_grid: Callable[[], LatentGrid]) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.make_grid = make_grid
+        self.history: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning 2 runs the epoch's validation before this hook: train and val metrics are in.
+        from mlflow.entities import Metric
+
+        epoch = trainer.current_epoch
+        now = int(time.time() * 1000)
+        vals = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        self.history.append({"epoch": epoch, **vals})
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, epoch) for k, v in vals.items()])
+        was_training = pl_module.training
+        with tempfile.TemporaryDirectory() as tmp:
+            png = save_grid(self.make_grid(), Path(tmp) / f"samples_epoch{epoch:03d}.png")
+            self.client.log_artifact(self.run_id, str(png), "samples")
+        pl_module.train(was_training)
+
+
+def make_trainer(epochs: int, callbacks: list[L.Callback], max_steps: int = -1) -> L.Trainer:
+    """A CPU Trainer with a progress bar (rich on a terminal), no Lightning logger or checkpoints."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    bar = RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=20)
+    return L.Trainer(
+        max_epochs=epochs, max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[bar, *callbacks],
+    )
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write a metrics JSON file (creating its folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
