@@ -122,6 +122,11 @@ class AnalyzeParams(Section):
     """`analyze` stage: thresholds of the selectivity analysis."""
 
     csi_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    early_epoch: int = Field(1, ge=0)  # claim 1: units selective at or before this epoch count as "early"
+    concept_from_epoch: int = Field(1, ge=0)  # concept changes counted from here (epoch 0 = untrained)
+    batch_size: int = Field(500, ge=1)  # images per forward pass when reading dataset responses
+    grid_rows: int = Field(16, ge=1)  # neurons shown in the stimulus-evolution grids
+    mlflow: bool = True  # log the analysis run and tag the AM runs
 
 
 class TuneParams(Section):
