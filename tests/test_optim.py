@@ -18,7 +18,7 @@ from spikemax.optim.tt import (
     tt_sample,
 )
 
-FAST = ("tt", "random")
+FAST = ("tt", "random", "cma", "ngopt")
 
 
 def separable(d: int, n: int, seed: int = 1):
@@ -183,3 +183,26 @@ def test_bad_arguments_raise_value_error_naming_them():
     with pytest.raises(ValueError, match="init"):
         make_optimizer("tt", 3, 4, init=np.zeros((2, 5), dtype=int))
     assert opt.n_told == 0
+
+
+def test_protes_missing_package_gives_a_clear_error(monkeypatch):
+    import sys
+
+    from spikemax.optim import OptionalDependencyError
+
+    monkeypatch.setitem(sys.modules, "protes", None)
+    with pytest.raises(OptionalDependencyError, match="bench"):
+        make_optimizer("protes", 5, 4)
+    with pytest.raises(ImportError):
+        maximize(lambda I: I.sum(1), 5, 4, 10, method="protes")
+
+
+def test_protes_runs_when_installed():
+    pytest.importorskip("protes")
+    pytest.importorskip("jax")
+    f, fmax, _ = separable(6, 4)
+    res = maximize(f, 6, 4, 300, method="protes", seed=0, batch=50)
+    again = maximize(f, 6, 4, 300, method="protes", seed=0, batch=50)
+    assert res.n_queries == 300 and res.y_best <= fmax + 1e-12
+    np.testing.assert_array_equal(res.history, again.history)
+    assert res.y_best > np.median(res.history[:50])

@@ -50,6 +50,8 @@ def maximize(
     """Maximize f (int array (k, d) -> floats (k,)) over the grid with exactly `budget` queries."""
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
         raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
+    if method == "ngopt":
+        options.setdefault("budget", int(budget))  # NGOpt chooses its algorithm from the budget
     opt = make_optimizer(method, d, n, seed=seed, **options)
     return run_maximize(opt, f, int(budget))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,3 +21,227 @@ class RandomSearch(Optimizer):
 
     def _ask(self, k: int) -> np.ndarray:
         return self.rng.integers(0, self.n[None, :], size=(k, self.d))
+
+
+def row_keys(I: np.ndarray) -> list[bytes]:
+    """Hashable keys of grid points, to match told points with asked ones."""
+    I = np.ascontiguousarray(I, dtype=np.int64)
+    return [row.tobytes() for row in I]
+
+
+class CMAOptimizer(Optimizer):
+    """pycma CMA-ES on the relaxation x in [0, 1]^d, point j rounded to floor(x_j n_j) (clipped).
+
+    Options: batch (default: CMA's population size), sigma0=0.3 (initial step on [0, 1]),
+    popsize (default pycma's 4 + 3 ln d). Each CMA generation is updated once all its points
+    are told; NaN responses rank worst. Told points CMA never proposed only update `best`.
+    """
+
+    method = "cma"
+
+    def __init__(
+        self,
+        d: int,
+        n: int | Sequence[int],
+        seed: int = 0,
+        batch: int | None = None,
+        sigma0: float = 0.3,
+        popsize: int | None = None,
+    ) -> None:
+        import cma
+
+        super().__init__(d, n, seed, 1)
+        dim = max(self.d, 2)  # pycma needs at least 2 dimensions
+        opts: dict[str, Any] = {"seed": self.seed + 1, "verbose": -9, "CMA_diagonal": False}
+        if popsize is not None:
+            opts["popsize"] = int(popsize)
+        self.es = cma.CMAEvolutionStrategy(np.full(dim, 0.5), float(sigma0), opts)
+        self.batch = int(batch) if batch is not None else int(self.es.popsize)
+        self._gen: dict | None = None  # the open generation: X, I, y, told, served
+        self._where: dict[bytes, list[int]] = {}
+
+    def _to_grid(self, X: np.ndarray) -> np.ndarray:
+        return np.clip(np.floor(X[:, : self.d] * self.n[None, :]), 0, self.n[None, :] - 1).astype(np.int64)
+
+    def _ask(self, k: int) -> np.ndarray:
+        # pycma allows one tell per iteration: points asked before the tell join this generation.
+        if self._gen is None:
+            X = np.asarray(self.es.ask(), dtype=np.float64)
+            self._gen = {"X": X, "I": self._to_grid(X), "y": np.full(len(X), np.nan),
+                         "told": np.zeros(len(X), dtype=bool), "served": 0}
+        gen = self._gen
+        short = gen["served"] + k - len(gen["X"])
+        if short > 0:
+            X = np.asarray(self.es.ask(number=short), dtype=np.float64)
+            gen["X"] = np.concatenate([gen["X"], X])
+            gen["I"] = np.concatenate([gen["I"], self._to_grid(X)])
+            gen["y"] = np.concatenate([gen["y"], np.full(short, np.nan)])
+            gen["told"] = np.concatenate([gen["told"], np.zeros(short, dtype=bool)])
+        rows = np.arange(gen["served"], gen["served"] + k)
+        for row, key in zip(rows, row_keys(gen["I"][rows])):
+            self._where.setdefault(key, []).append(int(row))
+        gen["served"] += k
+        return gen["I"][rows]
+
+    def _tell(self, I: np.ndarray, y: np.ndarray) -> None:
+        gen = self._gen
+        if gen is None:
+            return
+        for key, v in zip(row_keys(I), y):
+            slots = self._where.get(key)
+            if slots:
+                row = slots.pop(0)
+                if not slots:
+                    del self._where[key]
+                gen["y"][row], gen["told"][row] = v, True
+        if gen["served"] == len(gen["X"]) and gen["told"].all():
+            loss = -gen["y"]
+            bad = ~np.isfinite(loss)
+            if bad.any():
+                loss[bad] = (loss[~bad].max() + 1.0) if (~bad).any() else 0.0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.es.tell(list(gen["X"]), loss.tolist())
+            self._gen, self._where = None, {}
+
+
+class NGOptOptimizer(Optimizer):
+    """nevergrad NGOpt on an integer-cast box [-0.5, n - 0.5]^d, batched ask/tell.
+
+    Options: batch=100 (also NGOpt's num_workers), budget=10000 (NGOpt picks its algorithm from
+    it; `maximize` passes its own budget). NaN responses are told as the worst loss seen.
+    """
+
+    method = "ngopt"
+
+    def __init__(
+        self,
+        d: int,
+        n: int | Sequence[int],
+        seed: int = 0,
+        batch: int = 100,
+        budget: int = 10_000,
+    ) -> None:
+        import nevergrad as ng
+
+        super().__init__(d, n, seed, batch)
+        param = ng.p.Array(shape=(self.d,), lower=-0.5, upper=self.n - 0.5).set_integer_casting()
+        param.random_state = np.random.RandomState(self.seed)
+        self.opt = ng.optimizers.NGOpt(parametrization=param, budget=int(budget), num_workers=self.batch)
+        self._asked: dict[bytes, list[Any]] = {}
+        self._worst = 0.0
+
+    def _grid(self, cand: Any) -> np.ndarray:
+        return np.clip(np.rint(np.asarray(cand.value, dtype=np.float64)), 0, self.n - 1).astype(np.int64)
+
+    def _ask(self, k: int) -> np.ndarray:
+        cands = [self.opt.ask() for _ in range(k)]
+        I = np.stack([self._grid(c) for c in cands])
+        for key, c in zip(row_keys(I), cands):
+            self._asked.setdefault(key, []).append(c)
+        return I
+
+    def _tell(self, I: np.ndarray, y: np.ndarray) -> None:
+        finite = y[np.isfinite(y)]
+        if finite.size:
+            self._worst = max(self._worst, float(-finite.min()))
+        for key, row, v in zip(row_keys(I), I, y):
+            loss = -float(v) if np.isfinite(v) else self._worst + 1.0
+            cands = self._asked.get(key)
+            if cands:
+                cand = cands.pop(0)
+                if not cands:
+                    del self._asked[key]
+            else:
+                cand = self.opt.parametrization.spawn_child(new_value=row.astype(np.float64))
+            try:
+                self.opt.tell(cand, loss)
+            except Exception:  # noqa: BLE001 - some NGOpt members refuse points they never asked
+                pass
+
+
+PROTES_HINT = (
+    "method 'protes' needs the reference `protes` package and JAX: install the bench extra "
+    "(pip install -e '.[bench]' && pip install --no-deps protes)"
+)
+
+
+def import_protes() -> Any:
+    """Import the reference protes module, or raise OptionalDependencyError with the fix."""
+    try:
+        import jax  # noqa: F401
+        import optax  # noqa: F401
+        from protes import protes as protes_module
+    except ImportError as err:
+        raise OptionalDependencyError(PROTES_HINT) from err
+    return protes_module
+
+
+class ProtesOptimizer(Optimizer):
+    """The reference PROTES (Batsheva et al. 2023, JAX) driven step by step as ask/tell.
+
+    Options (the package's defaults): batch=100 (k), k_top=10, k_gd=1, lr=0.05, r=5. Each `tell`
+    takes the k_top best finite responses of that batch and makes k_gd Adam steps, exactly as
+    `protes.protes` does. Needs one n for every dimension and d >= 3.
+    """
+
+    method = "protes"
+
+    def __init__(
+        self,
+        d: int,
+        n: int | Sequence[int],
+        seed: int = 0,
+        batch: int = 100,
+        k_top: int = 10,
+        k_gd: int = 1,
+        lr: float = 0.05,
+        r: int = 5,
+    ) -> None:
+        pm = import_protes()
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        super().__init__(d, n, seed, batch)
+        if np.any(self.n != self.n[0]) or self.d < 3:
+            raise ValueError("n must be the same in every dimension (and d >= 3) for method 'protes'")
+        self.k_top, self.k_gd = int(k_top), int(k_gd)
+        self._jnp, self._jax = jnp, jax
+        self.rng = jax.random.PRNGKey(self.seed)
+        self.rng, key = jax.random.split(self.rng)
+        self.P = pm._generate_initial(self.d, int(self.n[0]), int(r), key)
+        optim = optax.adam(float(lr))
+        self.state = optim.init(self.P)
+        interface = jax.jit(pm._interface_matrices)
+        self._sample = jax.jit(jax.vmap(pm._sample, (None, None, None, None, 0)))
+        likelihood = jax.jit(jax.vmap(pm._likelihood, (None, None, None, None, 0)))
+        self._interface = interface
+
+        def loss(P_cur, I_cur):
+            Pl, Pm, Pr = P_cur
+            return jnp.mean(-likelihood(Pl, Pm, Pr, interface(Pm, Pr), I_cur))
+
+        grad = jax.grad(loss)
+
+        @jax.jit
+        def step(state, P_cur, I_cur):
+            updates, state = optim.update(grad(P_cur, I_cur), state)
+            return state, jax.tree_util.tree_map(lambda p, u: p + u, P_cur, updates)
+
+        self._step = step
+
+    def _ask(self, k: int) -> np.ndarray:
+        Pl, Pm, Pr = self.P
+        self.rng, key = self._jax.random.split(self.rng)
+        I = self._sample(Pl, Pm, Pr, self._interface(Pm, Pr), self._jax.random.split(key, k))
+        return np.asarray(I, dtype=np.int64)
+
+    def _tell(self, I: np.ndarray, y: np.ndarray) -> None:
+        ok = np.flatnonzero(np.isfinite(y))
+        if ok.size == 0:
+            return
+        top = ok[np.argsort(-y[ok], kind="stable")[: self.k_top]]
+        I_top = self._jnp.asarray(I[top])
+        for _ in range(self.k_gd):
+            self.state, self.P = self._step(self.state, self.P, I_top)
