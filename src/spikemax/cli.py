@@ -145,12 +145,14 @@ def serve(
     params: Path = ParamsOpt,
     host: str = typer.Option("127.0.0.1", help="address to bind"),
     port: int = typer.Option(8765, help="port to bind"),
+    generator: str = typer.Option(None, help="generator (default: maximize.generators[0])"),
+    method: str = typer.Option(None, help="optimizer (default: maximize.methods[0])"),
 ) -> None:
     """Serve the ask/tell loop over HTTP for an external responder (a living neuron's rig)."""
     p, paths = _load(params)
     from spikemax.server import serve as run
 
-    run(p, paths, host=host, port=port)
+    run(p, paths, host=host, port=port, generator=generator, method=method)
 
 
 if __name__ == "__main__":
