@@ -1,0 +1,781 @@
+"""The `analyze` stage: selectivity across training epochs, concept changes, links to accuracy.
+
+Inputs: every SNN checkpoint (dataset responses -> CSI for all epochs, cheap), the maximize
+stage's `results/am/summary.csv` and run folders (optimal stimuli of the AM'd epochs), and
+`metrics/snn_epochs.csv` (accuracy per epoch). Outputs go under `results/analysis/` plus
+`metrics/analysis.json`; an MLflow run `analysis` in experiment `activation-maximization` carries
+the metrics and figures, and every AM run gets `selectivity.*` tags.
+
+The *optimal stimulus* of a neuron at an epoch (for one generator) is the best stimulus found by
+any method and seed for that (epoch, generator, target).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from spikemax import SpikemaxError
+from spikemax import selectivity as S
+from spikemax.params import Params, Paths
+
+EXPERIMENT = "activation-maximization"
+STIMULUS_KEYS = ["epoch", "generator", "target"]
+
+
+# ---- pure functions over sequences -------------------------------------------------------
+
+
+def pixel_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two images' pixels; 0 when either image is flat."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    a = a - a.mean()
+    b = b - b.mean()
+    den = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b / den) if den > 0 else 0.0
+
+
+def latent_distance(a: np.ndarray, b: np.ndarray, n: int | None = None) -> float:
+    """Distance of two latent grid points in [0, 1].
+
+    Ordinal grids (SN-GAN: index -> N(0,1) quantile) pass `n`: mean |a - b| / (n - 1).
+    Categorical latents (VQ-VAE codes) pass n=None: the fraction of positions whose code differs.
+    """
+    a = np.asarray(a, dtype=np.int64).ravel()
+    b = np.asarray(b, dtype=np.int64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"latent shapes differ: {a.shape} vs {b.shape}")
+    if n is None:
+        return float(np.mean(a != b))
+    return float(np.mean(np.abs(a - b)) / max(n - 1, 1))
+
+
+def concept_changes(epochs: Sequence[int], concepts: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """Change events (epoch_before, epoch_after, concept_before, concept_after) in epoch order."""
+    order = np.argsort(np.asarray(epochs), kind="stable")
+    ep = [int(epochs[i]) for i in order]
+    cs = [int(concepts[i]) for i in order]
+    return [(ep[i - 1], ep[i], cs[i - 1], cs[i]) for i in range(1, len(ep)) if cs[i] != cs[i - 1]]
+
+
+def first_selective_epoch(epochs: Sequence[int], csi_values: Sequence[float], threshold: float) -> int | None:
+    """First epoch (in epoch order) whose CSI is above `threshold`; None if never."""
+    for e, c in sorted(zip(epochs, csi_values)):
+        if c > threshold:
+            return int(e)
+    return None
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, float | int | None]:
+    """Spearman rho and p-value over the finite pairs; rho None with < 3 pairs or a constant side."""
+    from scipy.stats import spearmanr
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    n = int(ok.sum())
+    if n < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return {"rho": None, "p": None, "n": n}
+    res = spearmanr(x[ok], y[ok])
+    return {"rho": float(res.statistic), "p": float(res.pvalue), "n": n}
+
+
+def selective_fraction_by_epoch(first: Sequence[int | None], epochs: Sequence[int]) -> np.ndarray:
+    """Fraction of units that have become selective at or before each epoch (cumulative)."""
+    f = np.array([np.inf if v is None else v for v in first], dtype=np.float64)
+    if f.size == 0:
+        return np.zeros(len(epochs))
+    return np.array([float(np.mean(f <= e)) for e in epochs])
+
+
+# ---- dataset responses over all checkpoints ---------------------------------------------
+
+
+def batched_layer_rates(net: Any, images: Any, batch_size: int) -> dict[str, np.ndarray]:
+    """layer_rates over the images in batches (memory stays flat), concatenated per layer."""
+    from spikemax.neurons import layer_rates
+
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(images), batch_size):
+        for layer, r in layer_rates(net, images[i : i + batch_size]).items():
+            parts.setdefault(layer, []).append(np.asarray(r, dtype=np.float64))
+    return {layer: np.concatenate(v) for layer, v in parts.items()}
+
+
+def unit_stats(rates: dict[str, np.ndarray], labels: np.ndarray, num_classes: int) -> pd.DataFrame:
+    """One row per unit: CSI, preferred class, lifetime sparseness, dataset max and mean rate."""
+    frames = []
+    for layer, r in rates.items():
+        means = S.class_means(r, labels, num_classes)
+        frames.append(pd.DataFrame({
+            "layer": layer,
+            "unit": np.arange(r.shape[1]),
+            "csi": S.csi(means),
+            "preferred_class": S.preferred_class(means),
+            "sparseness": S.lifetime_sparseness(r),
+            "dataset_max": r.max(axis=0),
+            "mean_rate": r.mean(axis=0),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def dataset_selectivity(ckpts: dict[int, Path], images: Any, labels: np.ndarray, num_classes: int,
+                        batch_size: int) -> tuple[pd.DataFrame, list[str]]:
+    """Unit stats for every checkpoint epoch, and the spiking layers in depth order."""
+    import torch
+
+    from spikemax.snn import load_snn
+
+    frames, layers = [], []
+    for epoch in sorted(ckpts):
+        net = load_snn(ckpts[epoch])
+        net.eval()
+        layers = list(net.spiking_layers())
+        with torch.no_grad():
+            rates = batched_layer_rates(net, images, batch_size)
+        df = unit_stats(rates, labels, num_classes)
+        df.insert(0, "epoch", epoch)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True), layers
+
+
+# ---- AM results -----------------------------------------------------------------------------
+
+
+SUMMARY_COLUMNS = ["run_key", "run_id", "epoch", "generator", "target", "layer", "unit", "method", "seed",
+                   "best_activation", "run_dir"]
+
+
+def load_summary(paths: Paths) -> pd.DataFrame:
+    """The maximize stage's summary.csv, checked for the columns the analysis reads."""
+    path = paths.results / "am" / "summary.csv"
+    if not path.is_file():
+        raise SpikemaxError(f"{path} missing: run `spikemax maximize` (or `dvc repro maximize`) first")
+    df = pd.read_csv(path)
+    missing = [c for c in SUMMARY_COLUMNS if c not in df.columns]
+    if missing:
+        raise SpikemaxError(f"{path}: missing columns {', '.join(missing)}")
+    if df.empty:
+        raise SpikemaxError(f"{path} has no runs: the maximize stage finished nothing")
+    return df
+
+
+def load_best(am_dir: Path, run_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Best stimulus (C, H, W, normalized space) and its latent indices of one AM run."""
+    with np.load(am_dir / run_dir / "best.npz") as z:
+        return np.asarray(z["image"], dtype=np.float32), np.asarray(z["indices"], dtype=np.int64)
+
+
+def stimulus_stats(runs: pd.DataFrame, images: np.ndarray, final_net: Any, prepared: Any,
+                   units: pd.DataFrame) -> pd.DataFrame:
+    """Per AM run: concept under the final SNN, complexity, AM gain vs the dataset, the unit's CSI."""
+    import torch
+
+    x = torch.from_numpy(images)
+    probs = final_net.class_probs(x).detach().cpu().numpy()
+    cls, prob, ppl = S.concept(probs)
+    pixels = prepared.denormalize(x).clamp(0, 1).numpy()
+    out = runs.copy()
+    out["concept"] = cls
+    out["concept_name"] = [prepared.classes[c] for c in cls]
+    out["concept_prob"] = prob
+    out["perplexity"] = ppl
+    out["complexity"] = [S.png_complexity(p) for p in pixels]
+    stats = units[["epoch", "layer", "unit", "csi", "preferred_class", "sparseness", "dataset_max"]]
+    out = out.drop(columns=[c for c in ("csi", "preferred_class", "sparseness") if c in out.columns])
+    out = out.rename(columns={"dataset_max": "am_dataset_max"}).merge(stats, on=["epoch", "layer", "unit"], how="left")
+    out["am_gain_dataset"] = S.am_gain(out["best_activation"].to_numpy(), out["dataset_max"].to_numpy())
+    return out
+
+
+def optimal_stimuli(runs: pd.DataFrame) -> pd.DataFrame:
+    """Best run per (epoch, generator, target) over methods and seeds."""
+    idx = runs.sort_values("best_activation", ascending=False, kind="stable").groupby(STIMULUS_KEYS).head(1).index
+    return runs.loc[idx].sort_values(["generator", "layer", "unit", "epoch"], kind="stable").reset_index(drop=True)
+
+
+def grid_size(params: Params, generator: str) -> int | None:
+    """Grid resolution of an ordinal latent (SN-GAN); None for categorical codes (VQ-VAE)."""
+    if generator == "vqvae":
+        return None
+    section = getattr(params.generators, generator, None)
+    return getattr(section, "grid_n", None)
+
+
+def trajectories(optimal: pd.DataFrame, images: dict[str, np.ndarray], latents: dict[str, np.ndarray],
+                 params: Params, pixels: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Optimal stimuli with similarity to the previous AM'd epoch, to the last one, and concept changes."""
+    rows = []
+    from_epoch = params.analyze.concept_from_epoch
+    for (gen, target), g in optimal.groupby(["generator", "target"], sort=False):
+        g = g.sort_values("epoch")
+        n = grid_size(params, gen)
+        keys = g["run_key"].tolist()
+        last = keys[-1]
+        prev_key = None
+        prev_concept = None
+        for key, (_, row) in zip(keys, g.iterrows()):
+            r = row.to_dict()
+            r["pixel_corr_prev"] = pixel_correlation(pixels[prev_key], pixels[key]) if prev_key else np.nan
+            r["latent_dist_prev"] = (latent_distance(latents[prev_key], latents[key], n)
+                                     if prev_key and latents[prev_key].shape == latents[key].shape else np.nan)
+            r["pixel_corr_final"] = pixel_correlation(pixels[last], pixels[key])
+            tracked = row["epoch"] >= from_epoch
+            r["concept_changed"] = bool(tracked and prev_concept is not None and row["concept"] != prev_concept)
+            if tracked:
+                prev_concept = row["concept"]
+            prev_key = key
+            rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def neuron_changes(traj: pd.DataFrame, from_epoch: int) -> pd.DataFrame:
+    """Per tracked (generator, target): epochs tracked, concept sequence, change count."""
+    rows = []
+    for (gen, target), g in traj.groupby(["generator", "target"], sort=False):
+        g = g[g["epoch"] >= from_epoch].sort_values("epoch")
+        events = concept_changes(g["epoch"].tolist(), g["concept"].tolist())
+        rows.append({
+            "generator": gen, "target": target, "layer": g["layer"].iloc[0] if len(g) else None,
+            "unit": g["unit"].iloc[0] if len(g) else None, "epochs_tracked": len(g),
+            "concepts": " ".join(str(c) for c in g["concept"]),
+            "changes": len(events), "changed": len(events) > 0,
+            "distinct_concepts": int(g["concept"].nunique()),
+        })
+    return pd.DataFrame(rows)
+
+
+# ---- summaries --------------------------------------------------------------------------
+
+
+def first_selective_table(units: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Per unit: first epoch with CSI above the threshold (NaN if never), final CSI and preferred class."""
+    rows = []
+    final = units["epoch"].max()
+    for (layer, unit), g in units.groupby(["layer", "unit"], sort=False):
+        fe = first_selective_epoch(g["epoch"].tolist(), g["csi"].tolist(), threshold)
+        last = g[g["epoch"] == final].iloc[0]
+        rows.append({"layer": layer, "unit": unit, "first_selective_epoch": np.nan if fe is None else fe,
+                     "final_csi": last["csi"], "final_preferred_class": last["preferred_class"],
+                     "max_csi": g["csi"].max()})
+    return pd.DataFrame(rows)
+
+
+def epoch_table(units: pd.DataFrame, runs: pd.DataFrame, accuracy: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Per epoch: accuracy, mean CSI and fraction selective (all units), mean AM gain and concept prob."""
+    t = units.groupby("epoch").agg(mean_csi=("csi", "mean"),
+                                   frac_selective=("csi", lambda c: float(np.mean(c > threshold))),
+                                   mean_sparseness=("sparseness", "mean")).reset_index()
+    am = runs.groupby("epoch").agg(am_gain=("am_gain_dataset", "mean"),
+                                   concept_prob=("concept_prob", "mean"),
+                                   perplexity=("perplexity", "mean"),
+                                   complexity=("complexity", "mean")).reset_index()
+    t = t.merge(am, on="epoch", how="left")
+    if not accuracy.empty:
+        t = accuracy.merge(t, on="epoch", how="right")
+    return t.sort_values("epoch").reset_index(drop=True)
+
+
+def wide_by_layer(df: pd.DataFrame, value: str, layers: list[str]) -> pd.DataFrame:
+    """epoch x layer table of the mean of `value` (one column per layer, depth order)."""
+    w = df.groupby(["epoch", "layer"])[value].mean().unstack("layer")
+    return w.reindex(columns=[lay for lay in layers if lay in w.columns]).reset_index()
+
+
+def read_accuracy(paths: Paths) -> pd.DataFrame:
+    """metrics/snn_epochs.csv (epoch, ..., test_acc), or an empty frame if training wrote none."""
+    path = paths.metrics / "snn_epochs.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=["epoch", "test_acc"])
+    df = pd.read_csv(path)
+    return df[[c for c in ("epoch", "val_acc", "test_acc") if c in df.columns]]
+
+
+def _num(v: Any) -> float | None:
+    """A JSON-safe number: NaN / inf / missing become None."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def claims(units: pd.DataFrame, first: pd.DataFrame, runs: pd.DataFrame, traj: pd.DataFrame,
+           changes: pd.DataFrame, epochs_t: pd.DataFrame, layers: list[str], params: Params) -> dict:
+    """metrics/analysis.json: the three claims of the abstract as measured numbers, overall and per layer."""
+    a = params.analyze
+    epochs = sorted(units["epoch"].unique().tolist())
+    early = min((e for e in epochs if e >= a.early_epoch), default=epochs[-1])
+    final = epochs[-1]
+    acc = epochs_t["test_acc"] if "test_acc" in epochs_t else pd.Series(np.nan, index=epochs_t.index)
+
+    def csi_at(df: pd.DataFrame, e: int) -> pd.Series:
+        return df.loc[df["epoch"] == e, "csi"]
+
+    c1: dict[str, Any] = {"early_epoch": early, "final_epoch": final, "csi_threshold": a.csi_threshold}
+    frac = selective_fraction_by_epoch(
+        [None if np.isnan(v) else int(v) for v in first["first_selective_epoch"]], [early])[0]
+    c1["frac_selective_by_early_epoch"] = _num(frac)
+    c1["frac_selective_final"] = _num(np.mean(csi_at(units, final) > a.csi_threshold))
+    c1["max_csi_early"] = _num(csi_at(units, early).max())
+    c1["per_layer"] = {}
+    for lay in layers:
+        u, f = units[units["layer"] == lay], first[first["layer"] == lay]
+        fse = f["first_selective_epoch"].dropna()
+        c1["per_layer"][lay] = {
+            "units": int(len(f)),
+            "frac_selective_by_early_epoch": _num(np.mean(f["first_selective_epoch"] <= early)),
+            "frac_selective_final": _num(np.mean(csi_at(u, final) > a.csi_threshold)),
+            "mean_csi_early": _num(csi_at(u, early).mean()),
+            "mean_csi_final": _num(csi_at(u, final).mean()),
+            "max_csi_early": _num(csi_at(u, early).max()),
+            "median_first_selective_epoch": _num(fse.median()) if len(fse) else None,
+            "mean_sparseness_final": _num(u.loc[u["epoch"] == final, "sparseness"].mean()),
+        }
+
+    c2: dict[str, Any] = {
+        "spearman_mean_csi_vs_test_acc": spearman(epochs_t["mean_csi"], acc),
+        "spearman_am_gain_vs_test_acc": spearman(epochs_t["am_gain"], acc),
+        "spearman_concept_prob_vs_test_acc": spearman(epochs_t["concept_prob"], acc),
+        "test_acc_first": _num(acc.iloc[0]) if len(acc) else None,
+        "test_acc_final": _num(acc.iloc[-1]) if len(acc) else None,
+        "per_layer": {},
+    }
+    acc_by_epoch = dict(zip(epochs_t["epoch"], acc))
+    stim = traj.groupby("epoch")["pixel_corr_final"].mean() if len(traj) else pd.Series(dtype=float)
+    c2["spearman_similarity_to_final_vs_test_acc"] = spearman(stim.to_numpy(), [acc_by_epoch.get(e, np.nan) for e in stim.index])
+    for lay in layers:
+        m = units[units["layer"] == lay].groupby("epoch")["csi"].mean()
+        g = runs[runs["layer"] == lay].groupby("epoch")["am_gain_dataset"].mean()
+        t = traj[traj["layer"] == lay] if len(traj) else traj
+        c2["per_layer"][lay] = {
+            "spearman_mean_csi_vs_test_acc": spearman(m.to_numpy(), [acc_by_epoch.get(e, np.nan) for e in m.index]),
+            "spearman_am_gain_vs_test_acc": spearman(g.to_numpy(), [acc_by_epoch.get(e, np.nan) for e in g.index]),
+            "mean_am_gain": _num(g.mean()) if len(g) else None,
+            "mean_pixel_corr_consecutive": _num(t["pixel_corr_prev"].mean()) if len(t) else None,
+            "mean_latent_dist_consecutive": _num(t["latent_dist_prev"].mean()) if len(t) else None,
+        }
+
+    tracked = changes[changes["epochs_tracked"] >= 2] if len(changes) else changes
+    c3: dict[str, Any] = {
+        "from_epoch": a.concept_from_epoch,
+        "tracked_neurons": int(len(tracked)),
+        "frac_neurons_changing_concept": _num(tracked["changed"].mean()) if len(tracked) else None,
+        "mean_concept_changes": _num(tracked["changes"].mean()) if len(tracked) else None,
+        "spearman_layer_depth_vs_changes": spearman(
+            [layers.index(lay) for lay in tracked["layer"]] if len(tracked) else [], tracked["changes"] if len(tracked) else []),
+        "per_layer": {},
+    }
+    final_runs = traj[traj["epoch"] == traj["epoch"].max()] if len(traj) else traj
+    for lay in layers:
+        t = tracked[tracked["layer"] == lay] if len(tracked) else tracked
+        fr = final_runs[final_runs["layer"] == lay] if len(final_runs) else final_runs
+        c3["per_layer"][lay] = {
+            "tracked_neurons": int(len(t)),
+            "frac_neurons_changing_concept": _num(t["changed"].mean()) if len(t) else None,
+            "mean_concept_changes": _num(t["changes"].mean()) if len(t) else None,
+            "frac_concept_is_preferred_class_final": (
+                _num(np.mean(fr["concept"] == fr["preferred_class"])) if len(fr) else None),
+        }
+    return {"claim1_early_selectivity": c1, "claim2_selectivity_and_accuracy": c2, "claim3_concept_change": c3}
+
+
+def method_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (generator, method): runs, mean best activation and AM gain, queries to 95 %, win rate."""
+    task = ["epoch", "generator", "target", "seed"]
+    best = runs.groupby(task)["best_activation"].transform("max")
+    r = runs.assign(win=(runs["best_activation"] >= best).astype(float))
+    agg = {"runs": ("run_key", "count"), "mean_best_activation": ("best_activation", "mean"),
+           "mean_am_gain": ("am_gain_dataset", "mean"), "win_rate": ("win", "mean"),
+           "mean_concept_prob": ("concept_prob", "mean")}
+    if "queries_to_95" in r:
+        agg["median_queries_to_95"] = ("queries_to_95", "median")
+    if "n_queries" in r:
+        agg["mean_queries"] = ("n_queries", "mean")
+    return r.groupby(["generator", "method"]).agg(**agg).reset_index()
+
+
+def convergence_curves(runs: pd.DataFrame, am_dir: Path) -> pd.DataFrame:
+    """Best-so-far AM gain after every query, long format (run_key, generator, method, query, gain)."""
+    frames = []
+    for _, row in runs.iterrows():
+        path = am_dir / row["run_dir"] / "queries.parquet"
+        if not path.is_file():
+            continue
+        resp = pd.read_parquet(path, columns=["response"])["response"].to_numpy(dtype=np.float64)
+        resp = np.where(np.isfinite(resp), resp, -np.inf)
+        best = np.maximum.accumulate(resp)
+        scale = row["dataset_max"] if row["dataset_max"] > 0 else 1.0
+        frames.append(pd.DataFrame({"run_key": row["run_key"], "generator": row["generator"], "method": row["method"],
+                                    "query": np.arange(1, len(best) + 1), "gain": best / scale}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["run_key", "generator", "method", "query", "gain"])
+
+
+# ---- MLflow -----------------------------------------------------------------------------
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, float]:
+    """Nested claims dict -> {'a.b.c': number} keeping finite numbers only (MLflow metrics)."""
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and math.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+def log_mlflow(paths: Paths, summary: dict, out_dir: Path, runs: pd.DataFrame) -> dict[str, Any]:
+    """Log the analysis run (metrics + artifacts) and tag every AM run; returns ids for the report."""
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    from spikemax import tracking
+
+    uri = tracking.configure(paths.root)
+    exp_id = tracking.experiment_id(EXPERIMENT, paths.root)
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(exp_id, run_name="analysis", tags={"spikemax.stage": "analysis"})
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in flatten(summary).items()]
+    for i in range(0, len(metrics), 500):
+        client.log_batch(rid, metrics=metrics[i : i + 500])
+    client.log_batch(rid, params=[Param("csi_threshold", str(summary["claim1_early_selectivity"]["csi_threshold"]))])
+    for path in sorted(out_dir.rglob("*")):
+        if path.is_file() and path.suffix in (".png", ".csv"):
+            client.log_artifact(rid, str(path), artifact_path=str(path.parent.relative_to(out_dir)).strip(".") or None)
+    client.set_terminated(rid)
+    tagged = missing = 0
+    for _, row in runs.iterrows():
+        tags = {
+            "selectivity.csi": f"{row['csi']:.4f}", "selectivity.preferred_class": str(int(row["preferred_class"])),
+            "selectivity.sparseness": f"{row['sparseness']:.4f}", "selectivity.am_gain": f"{row['am_gain_dataset']:.4f}",
+            "selectivity.concept": str(row["concept_name"]), "selectivity.concept_prob": f"{row['concept_prob']:.4f}",
+            "selectivity.perplexity": f"{row['perplexity']:.4f}", "selectivity.complexity": str(int(row["complexity"])),
+            "analysis_run_id": rid,
+        }
+        try:
+            client.log_batch(str(row["run_id"]), tags=[RunTag(k, v) for k, v in tags.items()])
+            tagged += 1
+        except MlflowException:
+            missing += 1  # an AM run id absent from this store (e.g. a copied results tree)
+    return {"tracking_uri": uri, "experiment_id": exp_id, "experiment": EXPERIMENT, "run_id": rid,
+            "am_runs_tagged": tagged, "am_runs_missing": missing}
+
+
+# ---- the stage --------------------------------------------------------------------------
+
+
+def run_stage(params: Params, paths: Paths) -> dict:
+    """The `analyze` stage; returns the claims written to metrics/analysis.json."""
+    import torch
+
+    from spikemax.data import Prepared
+    from spikemax.snn import checkpoints, load_snn
+
+    a = params.analyze
+    prepared = Prepared.load(paths.prepared)
+    x_test, y_test = prepared.tensors("test")
+    ckpts = checkpoints(paths)
+    if not ckpts:
+        raise SpikemaxError(f"no SNN checkpoints under {paths.snn_dir}: run `spikemax train-snn` first")
+    summary_df = load_summary(paths)
+    am_dir = paths.results / "am"
+    out_dir = paths.results / "analysis"
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+
+    units, layers = dataset_selectivity(ckpts, x_test, y_test.numpy(), len(prepared.classes), a.batch_size)
+    final_net = load_snn(ckpts[max(ckpts)])
+    final_net.eval()
+    best = [load_best(am_dir, d) for d in summary_df["run_dir"]]
+    images = np.stack([b[0] for b in best])
+    with torch.no_grad():
+        runs = stimulus_stats(summary_df, images, final_net, prepared, units)
+        pixels = prepared.denormalize(torch.from_numpy(images)).clamp(0, 1).numpy()
+    by_key = dict(zip(runs["run_key"], range(len(runs))))
+    img_of = {k: images[i] for k, i in by_key.items()}
+    pix_of = {k: pixels[i] for k, i in by_key.items()}
+    lat_of = {k: best[i][1] for k, i in by_key.items()}
+
+    optimal = optimal_stimuli(runs)
+    traj = trajectories(optimal, img_of, lat_of, params, pix_of)
+    changes = neuron_changes(traj, a.concept_from_epoch)
+    first = first_selective_table(units, a.csi_threshold)
+    accuracy = read_accuracy(paths)
+    epochs_t = epoch_table(units, runs, accuracy, a.csi_threshold)
+    result = claims(units, first, runs, traj, changes, epochs_t, layers, params)
+    methods = method_table(runs)
+    curves = convergence_curves(runs, am_dir)
+
+    units.to_csv(out_dir / "units.csv", index=False)
+    runs.to_csv(out_dir / "runs.csv", index=False)
+    traj.to_csv(out_dir / "stimuli.csv", index=False)
+    changes.to_csv(out_dir / "concept_changes.csv", index=False)
+    first.to_csv(out_dir / "first_selective.csv", index=False)
+    methods.to_csv(out_dir / "methods.csv", index=False)
+    epochs_t.to_csv(out_dir / "accuracy_by_epoch.csv", index=False)
+    wide_by_layer(units, "csi", layers).to_csv(out_dir / "csi_by_epoch.csv", index=False)
+    wide_by_layer(runs, "am_gain_dataset", layers).to_csv(out_dir / "am_gain_by_epoch.csv", index=False)
+    layer_table(result, layers).to_csv(out_dir / "layers.csv", index=False)
+
+    write_figures(fig_dir, units=units, runs=runs, traj=traj, first=first, epochs_t=epochs_t, curves=curves,
+                layers=layers, prepared=prepared, pixels=pix_of, threshold=a.csi_threshold, grid_rows=a.grid_rows)
+
+    result["meta"] = {"epochs": sorted(int(e) for e in ckpts), "am_epochs": sorted(int(e) for e in runs["epoch"].unique()),
+                      "layers": layers, "am_runs": int(len(runs)), "classes": prepared.classes}
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    (paths.metrics / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    ids = log_mlflow(paths, result, out_dir, runs) if a.mlflow else {}
+    (out_dir / "mlflow.json").write_text(json.dumps(ids, indent=2) + "\n")
+    return result
+
+
+def layer_table(result: dict, layers: list[str]) -> pd.DataFrame:
+    """One row per layer with every per-layer number of the three claims (the report's layer table)."""
+    rows = []
+    for lay in layers:
+        row: dict[str, Any] = {"layer": lay}
+        for claim, body in result.items():
+            for k, v in body.get("per_layer", {}).get(lay, {}).items():
+                row[k] = v["rho"] if isinstance(v, dict) else v
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---- figures ----------------------------------------------------------------------------
+
+
+def _plt():
+    """pyplot on the non-interactive Agg backend (stages run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _show(ax: Any, pix: np.ndarray) -> None:
+    """Draw a (C, H, W) [0, 1] image without axes."""
+    if pix.shape[0] == 1:
+        ax.imshow(pix[0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(np.transpose(pix, (1, 2, 0)))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def fig_accuracy_selectivity(epochs_t: pd.DataFrame, units: pd.DataFrame, layers: list[str], threshold: float,
+                             path: Path) -> None:
+    """Claim 2: test accuracy, mean CSI per layer and fraction selective per layer vs epoch."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if "test_acc" in epochs_t:
+        axes[0].plot(epochs_t["epoch"], epochs_t["test_acc"], "k-o", label="test accuracy")
+    axes[0].plot(epochs_t["epoch"], epochs_t["mean_csi"], "b-s", label="mean CSI (all units)")
+    if epochs_t["am_gain"].notna().any():
+        ax2 = axes[0].twinx()
+        ax2.plot(epochs_t["epoch"], epochs_t["am_gain"], "r-^", label="mean AM gain")
+        ax2.set_ylabel("AM gain (AM best / dataset max)", color="r")
+    axes[0].set_xlabel("epoch")
+    axes[0].legend(loc="upper left", fontsize=8)
+    axes[0].set_title("accuracy, selectivity, AM gain")
+    for lay in layers:
+        u = units[units["layer"] == lay].groupby("epoch")["csi"]
+        axes[1].plot(u.mean().index, u.mean().values, "-o", label=lay)
+        axes[2].plot(u.mean().index, u.apply(lambda c: np.mean(c > threshold)).values, "-o", label=lay)
+    axes[1].set(xlabel="epoch", ylabel="mean CSI", title="mean CSI per layer")
+    axes[2].set(xlabel="epoch", ylabel=f"fraction CSI > {threshold}", title="selective units per layer")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def fig_first_selective(first: pd.DataFrame, epochs: list[int], layers: list[str], threshold: float,
+                        path: Path) -> None:
+    """Claim 1: cumulative fraction of units per layer that have become selective by each epoch."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for lay in layers:
+        f = first.loc[first["layer"] == lay, "first_selective_epoch"]
+        frac = selective_fraction_by_epoch([None if np.isnan(v) else v for v in f], epochs)
+        ax.plot(epochs, frac, "-o", label=f"{lay} ({len(f)} units)")
+    ax.set(xlabel="epoch", ylabel=f"fraction with CSI > {threshold} so far", ylim=(-0.02, 1.02),
+           title="first epoch of selectivity (cumulative)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def fig_am_gain(runs: pd.DataFrame, layers: list[str], path: Path) -> None:
+    """AM gain per layer and per method vs epoch."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for lay in layers:
+        g = runs[runs["layer"] == lay].groupby("epoch")["am_gain_dataset"].mean()
+        if len(g):
+            axes[0].plot(g.index, g.values, "-o", label=lay)
+    for (gen, method), r in runs.groupby(["generator", "method"]):
+        g = r.groupby("epoch")["am_gain_dataset"].mean()
+        axes[1].plot(g.index, g.values, "-o", label=f"{gen}/{method}")
+    for ax, title in zip(axes, ("per layer", "per generator / method")):
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set(xlabel="epoch", ylabel="AM best / dataset max", title=f"AM gain {title}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def pick_neurons(traj: pd.DataFrame, layers: list[str], rows: int) -> list[str]:
+    """Up to `rows` targets spread evenly over the layers, in depth then unit order."""
+    order = {lay: i for i, lay in enumerate(layers)}
+    t = traj[["target", "layer", "unit"]].drop_duplicates("target")
+    t = t.assign(d=t["layer"].map(order).fillna(len(layers))).sort_values(["d", "unit"])
+    groups = [g["target"].tolist() for _, g in t.groupby("d", sort=True)]
+    picked: list[str] = []
+    while len(picked) < rows and any(groups):
+        for g in groups:
+            if g and len(picked) < rows:
+                picked.append(g.pop(0))
+    return sorted(picked, key=lambda tg: (order.get(t.set_index("target").loc[tg, "layer"], len(layers)),
+                                          t.set_index("target").loc[tg, "unit"]))
+
+
+def fig_evolution(traj: pd.DataFrame, generator: str, targets: list[str], pixels: dict[str, np.ndarray],
+                  classes: list[str], path: Path) -> None:
+    """Stimulus evolution: rows = neurons, columns = AM'd epochs; titled with concept and activation."""
+    plt = _plt()
+    t = traj[(traj["generator"] == generator) & traj["target"].isin(targets)]
+    epochs = sorted(t["epoch"].unique())
+    fig, axes = plt.subplots(len(targets), len(epochs), figsize=(1.6 * len(epochs) + 0.8, 1.9 * len(targets)),
+                             squeeze=False)
+    cell = {(r["target"], r["epoch"]): r for _, r in t.iterrows()}
+    for i, tg in enumerate(targets):
+        for j, e in enumerate(epochs):
+            ax = axes[i, j]
+            r = cell.get((tg, e))
+            if r is None:
+                ax.axis("off")
+                continue
+            _show(ax, pixels[r["run_key"]])
+            mark = " *" if r["concept_changed"] else ""
+            ax.set_title(f"{classes[int(r['concept'])][:10]} {r['concept_prob']:.2f}{mark}\nact {r['best_activation']:.3g}",
+                         fontsize=7, color="red" if mark else "black")
+            if i == 0:
+                ax.text(0.5, 1.45, f"epoch {e}", transform=ax.transAxes, ha="center", fontsize=9, weight="bold")
+            if j == 0:
+                ax.set_ylabel(tg, fontsize=8)
+    fig.suptitle(f"{generator}: optimal stimulus per epoch (concept under the final SNN, its probability; "
+                 "* = concept changed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def fig_concepts(traj: pd.DataFrame, layers: list[str], classes: list[str], path: Path) -> None:
+    """Claim 3: concept of each tracked neuron's optimal stimulus over epochs (colour = class)."""
+    plt = _plt()
+    order = {lay: i for i, lay in enumerate(layers)}
+    seqs = traj.assign(d=traj["layer"].map(order)).sort_values(["d", "unit", "generator", "epoch"])
+    names = list(dict.fromkeys(zip(seqs["generator"], seqs["target"])))
+    epochs = sorted(seqs["epoch"].unique())
+    grid = np.full((len(names), len(epochs)), np.nan)
+    for _, r in seqs.iterrows():
+        grid[names.index((r["generator"], r["target"])), epochs.index(r["epoch"])] = r["concept"]
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(epochs), 1 + 0.22 * len(names)))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="tab10", vmin=-0.5, vmax=9.5, aspect="auto",
+                   interpolation="nearest")
+    ax.set_xticks(range(len(epochs)), [str(e) for e in epochs])
+    ax.set_yticks(range(len(names)), [f"{g}/{t}" for g, t in names], fontsize=6)
+    ax.set_xlabel("epoch")
+    cbar = fig.colorbar(im, ax=ax, ticks=range(len(classes)))
+    cbar.ax.set_yticklabels(classes, fontsize=7)
+    ax.set_title("concept of the optimal stimulus per neuron")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def fig_convergence(curves: pd.DataFrame, path: Path) -> None:
+    """Method comparison: median (IQR band) best-so-far AM gain vs queries, one panel per generator."""
+    plt = _plt()
+    gens = sorted(curves["generator"].unique()) or ["(none)"]
+    fig, axes = plt.subplots(1, len(gens), figsize=(5.5 * len(gens), 4), squeeze=False)
+    for ax, gen in zip(axes[0], gens):
+        for method, c in curves[curves["generator"] == gen].groupby("method"):
+            # Runs that stopped early keep their final best for the later queries.
+            wide = c.pivot(index="query", columns="run_key", values="gain").ffill()
+            q = wide.index.to_numpy()
+            med = wide.median(axis=1)
+            ax.plot(q, med, label=f"{method} ({wide.shape[1]} runs)")
+            ax.fill_between(q, wide.quantile(0.25, axis=1), wide.quantile(0.75, axis=1), alpha=0.2)
+        ax.set(xlabel="queries", ylabel="best-so-far / dataset max", title=f"convergence: {gen}")
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def fig_methods_best(runs: pd.DataFrame, pixels: dict[str, np.ndarray], targets: list[str], path: Path) -> None:
+    """Best stimuli side by side per (generator, method) at the last AM'd epoch, one row per neuron."""
+    plt = _plt()
+    last = runs[runs["epoch"] == runs["epoch"].max()]
+    cols = sorted(set(zip(last["generator"], last["method"])))
+    targets = [t for t in targets if t in set(last["target"])]
+    fig, axes = plt.subplots(max(len(targets), 1), max(len(cols), 1), squeeze=False,
+                             figsize=(1.7 * max(len(cols), 1) + 0.8, 1.8 * max(len(targets), 1)))
+    for i, tg in enumerate(targets):
+        for j, (gen, method) in enumerate(cols):
+            ax = axes[i, j]
+            r = last[(last["target"] == tg) & (last["generator"] == gen) & (last["method"] == method)]
+            if r.empty:
+                ax.axis("off")
+                continue
+            r = r.loc[r["best_activation"].idxmax()]
+            _show(ax, pixels[r["run_key"]])
+            ax.set_title(f"{gen}/{method}\nact {r['best_activation']:.3g}" if i == 0 else f"act {r['best_activation']:.3g}",
+                         fontsize=7)
+            if j == 0:
+                ax.set_ylabel(tg, fontsize=8)
+    fig.suptitle(f"best stimulus per method, epoch {int(last['epoch'].max()) if len(last) else '-'}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_figures(fig_dir: Path, *, units: pd.DataFrame, runs: pd.DataFrame, traj: pd.DataFrame, first: pd.DataFrame,
+                  epochs_t: pd.DataFrame, curves: pd.DataFrame, layers: list[str], prepared: Any,
+                  pixels: dict[str, np.ndarray], threshold: float, grid_rows: int) -> list[Path]:
+    """Every analysis figure under fig_dir; returns their paths."""
+    epochs = sorted(units["epoch"].unique().tolist())
+    written = []
+
+    def out(name: str) -> Path:
+        written.append(fig_dir / name)
+        return written[-1]
+
+    fig_accuracy_selectivity(epochs_t, units, layers, threshold, out("accuracy_selectivity.png"))
+    fig_first_selective(first, epochs, layers, threshold, out("first_selective.png"))
+    fig_am_gain(runs, layers, out("am_gain.png"))
+    targets = pick_neurons(traj, layers, grid_rows)
+    for gen in sorted(traj["generator"].unique()):
+        fig_evolution(traj, gen, targets, pixels, prepared.classes, out(f"evolution_{gen}.png"))
+    fig_concepts(traj, layers, prepared.classes, out("concepts.png"))
+    fig_convergence(curves, out("convergence.png"))
+    fig_methods_best(runs, pixels, targets, out("methods_best.png"))
+    return written
