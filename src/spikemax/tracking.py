@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 EXPERIMENTS = ("snn", "generators", "activation-maximization", "tuning")
 
@@ -45,3 +54,195 @@ def experiment_id(name: str, root: str | Path) -> str:
     if exp is not None:
         return exp.experiment_id
     return client.create_experiment(name, artifact_location=f"{artifact_root(root)}/{name}")
+
+
+# --- activation maximization: per-query logging and artifacts -------------------------------
+
+AM_EXPERIMENT = "activation-maximization"
+RUN_KEY_TAG = "spikemax.run_key"
+QUERY_COLUMNS = ("query", "batch", "indices", "response", "elapsed_s")
+_MAX_METRICS_PER_CALL = 1000  # MLflow's limit on metrics in one log_batch request
+
+
+def _query_frame(rows: dict[str, list]) -> "pd.DataFrame":
+    import pandas as pd
+
+    return pd.DataFrame({c: rows[c] for c in QUERY_COLUMNS})
+
+
+def read_queries(run_dir: str | Path) -> "pd.DataFrame":
+    """The query table of a run dir: queries.parquet, or the flushed batch parts of an unfinished run."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    table = run_dir / "queries.parquet"
+    if table.is_file():
+        return pd.read_parquet(table)
+    parts = sorted((run_dir / "queries.parts").glob("*.parquet"))
+    if not parts:
+        return _query_frame({c: [] for c in QUERY_COLUMNS})
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+
+class QueryLogger:
+    """Writes every query of one AM run, batch by batch, before the next batch is asked.
+
+    MLflow gets metrics `activation` and `best_activation` at step = query number (0-based) in one
+    `log_batch` call per batch; `run_dir` (optional) gets one parquet part per batch, merged into
+    `queries.parquet` by `close()`. Either may be omitted (client=None or run_dir=None).
+    """
+
+    def __init__(self, client: Any | None = None, run_id: str | None = None,
+                 run_dir: str | Path | None = None) -> None:
+        self.client, self.run_id = client, run_id
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.n_queries = 0
+        self.n_batches = 0
+        self.best = float("nan")
+        self.t0 = time.perf_counter()
+        if self.run_dir is not None:
+            # A rerun of an unfinished combination starts its table afresh (its MLflow run is new too).
+            parts = self.run_dir / "queries.parts"
+            if parts.exists():
+                shutil.rmtree(parts)
+            parts.mkdir(parents=True)
+
+    def log(self, indices: np.ndarray, responses: np.ndarray) -> None:
+        """Record one batch: indices (k, d) and responses (k,) (NaN = failed query)."""
+        from mlflow.entities import Metric
+
+        indices = np.asarray(indices, dtype=np.int64)
+        responses = np.asarray(responses, dtype=np.float64).reshape(-1)
+        k = len(responses)
+        elapsed = time.perf_counter() - self.t0
+        steps = np.arange(self.n_queries, self.n_queries + k)
+        # Running best ignores failed (NaN) queries; NaN until the first success.
+        prev = -np.inf if np.isnan(self.best) else self.best
+        best = np.fmax.accumulate(np.concatenate([[prev], np.where(np.isnan(responses), -np.inf, responses)]))[1:]
+        best = np.where(np.isneginf(best), np.nan, best)
+        if self.client is not None:
+            ts = int(time.time() * 1000)
+            metrics = [Metric("activation", float(v), ts, int(s)) for v, s in zip(responses, steps)]
+            metrics += [Metric("best_activation", float(v), ts, int(s)) for v, s in zip(best, steps)]
+            for i in range(0, len(metrics), _MAX_METRICS_PER_CALL):
+                self.client.log_batch(self.run_id, metrics=metrics[i:i + _MAX_METRICS_PER_CALL],
+                                      synchronous=True)
+        if self.run_dir is not None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.table({
+                "query": pa.array(steps, pa.int64()),
+                "batch": pa.array(np.full(k, self.n_batches), pa.int64()),
+                "indices": pa.array(list(indices), pa.list_(pa.int64())),
+                "response": pa.array(responses, pa.float64()),
+                "elapsed_s": pa.array(np.full(k, elapsed), pa.float64()),
+            })
+            path = self.run_dir / "queries.parts" / f"{self.n_batches:06d}.parquet"
+            tmp = path.with_suffix(".tmp")
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)  # a part is either whole or absent after a kill
+        self.n_queries += k
+        self.n_batches += 1
+        if k:
+            self.best = float(best[-1])
+
+    def log_stop(self, reason: str) -> None:
+        """Record why the run stopped before its budget (tag `spikemax.stopped_early`)."""
+        if self.client is not None:
+            self.client.set_tag(self.run_id, "spikemax.stopped_early", reason)
+        if self.run_dir is not None:
+            (self.run_dir / "STOPPED_EARLY").write_text(reason + "\n")
+
+    def close(self) -> "pd.DataFrame | None":
+        """Merge the batch parts into queries.parquet (and log it as an artifact); returns the table."""
+        if self.run_dir is None:
+            return None
+        df = read_queries(self.run_dir)
+        path = self.run_dir / "queries.parquet"
+        tmp = path.with_suffix(".tmp")
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+        shutil.rmtree(self.run_dir / "queries.parts", ignore_errors=True)
+        if self.client is not None:
+            self.client.log_artifact(self.run_id, str(path))
+        return df
+
+
+def save_image_png(image: "torch.Tensor | np.ndarray", path: str | Path, scale: int = 4) -> Path:
+    """Save one (C, H, W) image with values in [0, 1] as a PNG, upscaled for viewing."""
+    from PIL import Image
+
+    arr = np.asarray(image, dtype=np.float32)
+    arr = np.clip(arr, 0.0, 1.0)
+    arr = (arr * 255).round().astype(np.uint8)
+    arr = arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0))
+    img = Image.fromarray(arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    img.save(path)
+    return path
+
+
+def save_convergence_png(responses: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """Plot every query's response and the running best against the query number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(responses, dtype=np.float64)
+    q = np.arange(1, len(y) + 1)
+    best = np.fmax.accumulate(np.where(np.isnan(y), -np.inf, y)) if len(y) else y
+    fig, ax = plt.subplots(figsize=(4.5, 3.0), dpi=80)
+    ax.plot(q, y, ".", ms=2, alpha=0.35, color="tab:blue", label="activation")
+    ax.plot(q, np.where(np.isneginf(best), np.nan, best), "-", color="tab:red", label="best")
+    ax.set_xlabel("query")
+    ax.set_ylabel("activation")
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_image_grid_png(images: "list[np.ndarray | None]", nrows: int, ncols: int, path: str | Path,
+                        row_labels: list[str] | None = None, col_labels: list[str] | None = None,
+                        title: str = "") -> Path:
+    """A grid of (C, H, W) images in [0, 1] (row-major; None leaves a blank cell) with labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.0 * ncols + 1.2, 1.0 * nrows + 0.6), dpi=80,
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        img = images[i] if i < len(images) else None
+        if img is not None:
+            arr = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
+            if arr.shape[0] == 1:
+                ax.imshow(arr[0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(np.transpose(arr, (1, 2, 0)))
+        else:
+            ax.axis("off")
+    if row_labels:
+        for r, lab in enumerate(row_labels[:nrows]):
+            axes[r, 0].set_ylabel(lab, fontsize=6, rotation=0, ha="right", va="center")
+    if col_labels:
+        for c, lab in enumerate(col_labels[:ncols]):
+            axes[0, c].set_title(lab, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
