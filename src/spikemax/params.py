@@ -130,12 +130,17 @@ class AnalyzeParams(Section):
 
 
 class TuneParams(Section):
-    """`tune` stage: Optuna search over TT hyper-parameters."""
+    """`tune` stage: Optuna search over TT rank, grid resolution and step size."""
 
-    n_trials: int = Field(20, ge=1)
-    budget: int = Field(512, ge=1)
-    ranks: list[int] = Field(default_factory=lambda: [2, 3, 5, 8])
-    grid_n: list[int] = Field(default_factory=lambda: [8, 16, 32])
+    generator: Literal["sngan", "vqvae"] = "sngan"
+    epoch: Literal["last"] | int = "last"
+    neurons: int = Field(4, ge=1)
+    n_trials: int = Field(8, ge=1)
+    budget: int = Field(256, ge=1)
+    batch: int = Field(32, ge=1)
+    ranks: list[int] = Field(default_factory=lambda: [2, 3, 5, 8], min_length=1)
+    grid_n: list[int] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
+    lr: tuple[float, float] = (0.01, 0.3)
     seed: int = Field(0, ge=0)
 
 

@@ -1,0 +1,158 @@
+"""`tune` stage: Optuna search over the TT maximizer's rank, grid resolution and step size.
+
+A trial runs TT on a fixed panel of neurons of one SNN checkpoint and scores it by the mean AM
+gain (best activation / highest activation over the test images) at a fixed query budget. Trials
+go to a JournalStorage file (safe for parallel workers) and, through optuna-integration's
+MLflowCallback, to the MLflow experiment `tuning`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from spikemax import SpikemaxError
+from spikemax.params import Params, Paths
+
+TUNING_EXPERIMENT = "tuning"
+
+
+def with_resolution(grid: Any, n: int) -> Any:
+    """A copy of a continuous-latent grid placed at `n` N(0, 1) quantiles per dimension."""
+    from spikemax.generators.grid import normal_quantiles
+
+    if not hasattr(grid, "values"):
+        raise SpikemaxError(
+            f"tune.grid_n applies to continuous latents (sngan) only, not {grid.name!r}; "
+            "set tune.grid_n to a single value equal to the codebook size or tune sngan"
+        )
+    out = copy.copy(grid)
+    out.n = int(n)
+    out.values = normal_quantiles(int(n))
+    return out
+
+
+def study_name(params: Params, epoch: int) -> str:
+    """A name that changes whenever what a trial measures changes (so old trials never mix in)."""
+    t = params.tune
+    key = json.dumps({"tune": t.model_dump(exclude={"n_trials"}), "epoch": epoch,
+                      "snn": params.snn.model_dump(), "gen": params.generators.model_dump()},
+                     sort_keys=True)
+    return f"tt-{t.generator}-e{epoch}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def pick_panel(layers: dict[str, int], dataset_rates: dict[str, np.ndarray], k: int,
+               seed: int) -> list[tuple[str, int]]:
+    """k (layer, unit) pairs spread over the layers, each firing on some test image (gain defined)."""
+    rng = np.random.default_rng(seed)
+    pools = {name: [u for u in rng.permutation(units) if dataset_rates[name][:, u].max() > 0]
+             for name, units in layers.items()}
+    panel: list[tuple[str, int]] = []
+    while len(panel) < k and any(pools.values()):
+        for name in layers:
+            if pools[name] and len(panel) < k:
+                panel.append((name, int(pools[name].pop(0))))
+    if not panel:
+        raise SpikemaxError("no neuron of the tuning checkpoint fires on any test image")
+    return panel
+
+
+def make_objective(params: Params, paths: Paths, epoch: int):
+    """The Optuna objective: mean AM gain of TT over the neuron panel for the trial's settings."""
+    import torch
+
+    from spikemax.data import Prepared
+    from spikemax.generators import load_generator
+    from spikemax.loop import run_am_group
+    from spikemax.neurons import layer_rates, make_responder
+    from spikemax.optim import make_optimizer
+    from spikemax.snn import checkpoints, load_snn
+
+    t = params.tune
+    net = load_snn(checkpoints(paths)[epoch])
+    x_test, _ = Prepared.load(paths.prepared).tensors("test")
+    with torch.no_grad():
+        rates = layer_rates(net, x_test)
+    panel = pick_panel(net.spiking_layers(), rates, t.neurons, t.seed)
+    targets = [f"{layer}:{unit}" for layer, unit in panel]
+    dataset_max = np.array([rates[layer][:, unit].max() for layer, unit in panel])
+    responder = make_responder(net, targets)
+    base_grid = load_generator(t.generator, paths.generators_dir / f"{t.generator}.ckpt")
+
+    def objective(trial) -> float:
+        rank = trial.suggest_categorical("rank", t.ranks)
+        grid_n = trial.suggest_categorical("grid_n", t.grid_n)
+        lr = trial.suggest_float("lr", t.lr[0], t.lr[1], log=True)
+        grid = base_grid if grid_n == base_grid.n else with_resolution(base_grid, grid_n)
+        opts = [make_optimizer("tt", grid.d, grid.n, seed=t.seed + j, rank=rank, lr=lr, batch=t.batch)
+                for j in range(len(targets))]
+        results = run_am_group(opts, grid, responder, t.budget, t.batch)
+        gains = np.array([r.best_response for r in results]) / dataset_max
+        trial.set_user_attr("targets", targets)
+        trial.set_user_attr("gains", [float(g) for g in gains])
+        return float(np.mean(gains))
+
+    return objective, targets
+
+
+def storage(paths: Paths):
+    """Optuna JournalStorage in optuna/ (a file that parallel workers can share; never a DVC out)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    folder = paths.root / "optuna"
+    folder.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(folder / "journal.log")))
+
+
+def run_stage(params: Params, paths: Paths) -> dict:
+    """`spikemax tune`: complete the study to `tune.n_trials` trials; write metrics and a trials table."""
+    import optuna
+    from optuna_integration import MLflowCallback
+
+    from spikemax import tracking
+    from spikemax.snn import checkpoints
+
+    t = params.tune
+    ckpts = checkpoints(paths)
+    if not ckpts:
+        raise SpikemaxError(f"no SNN checkpoint under {paths.snn_dir}: run `spikemax train-snn` first")
+    epoch = max(ckpts) if t.epoch == "last" else int(t.epoch)
+    if epoch not in ckpts:
+        raise SpikemaxError(f"tune.epoch={epoch} has no checkpoint; available: {sorted(ckpts)}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=study_name(params, epoch), storage=storage(paths),
+                                direction="maximize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=t.seed))
+    done = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
+    todo = t.n_trials - len(done)
+    if todo > 0:
+        objective, _ = make_objective(params, paths, epoch)
+        uri = tracking.configure(paths.root)
+        callback = MLflowCallback(
+            tracking_uri=uri, metric_name="mean_am_gain", create_experiment=False,
+            mlflow_kwargs={"experiment_id": tracking.experiment_id(TUNING_EXPERIMENT, paths.root),
+                           "tags": {"spikemax.study": study.study_name}},
+        )
+        study.optimize(objective, n_trials=todo, callbacks=[callback], show_progress_bar=True)
+    return write_outputs(study, paths, epoch)
+
+
+def write_outputs(study: Any, paths: Paths, epoch: int) -> dict:
+    """metrics/tune.json (best settings) and results/tune/trials.csv (one row per trial)."""
+    df = study.trials_dataframe(attrs=("number", "value", "params", "state"))
+    df.columns = [c.removeprefix("params_") for c in df.columns]
+    out = paths.results / "tune"
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "trials.csv", index=False)
+    best = study.best_trial
+    summary = {"study": study.study_name, "epoch": epoch, "n_trials": int(len(df)),
+               "best_mean_am_gain": float(best.value), **{f"best_{k}": v for k, v in best.params.items()}}
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    (paths.metrics / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
