@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import Optimizer
+from .base import OptionalDependencyError, Optimizer
 
 
 class RandomSearch(Optimizer):
@@ -171,10 +171,11 @@ def import_protes() -> Any:
     try:
         import jax  # noqa: F401
         import optax  # noqa: F401
-        from protes import protes as protes_module
+        import importlib
+
+        return importlib.import_module("protes.protes")  # the module, not the function
     except ImportError as err:
         raise OptionalDependencyError(PROTES_HINT) from err
-    return protes_module
 
 
 class ProtesOptimizer(Optimizer):
