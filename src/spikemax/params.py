@@ -96,20 +96,25 @@ class TTOptions(Section):
     rank: int = Field(5, ge=1)
     elite: int = Field(10, ge=1)
     lr: float = Field(0.05, gt=0.0)
+    steps: int = Field(1, ge=1)
+    local: float = Field(0.0, ge=0.0, le=1.0)
     qtt: bool = False
 
 
 class MaximizeParams(Section):
     """`maximize` stage: which checkpoints, generators, targets, methods and budget."""
 
-    epochs: Literal["all"] | list[int] = "all"
-    generators: list[Literal["sngan", "vqvae"]] = Field(default_factory=lambda: ["sngan", "vqvae"])
+    # A list of checkpoint epochs (a negative entry counts from the last one: -1 = last) or "all".
+    epochs: Literal["all"] | list[int] = Field("all", min_length=1)
+    generators: list[Literal["sngan", "vqvae"]] = Field(default_factory=lambda: ["sngan", "vqvae"], min_length=1)
     targets: list[str] = Field(default_factory=lambda: ["class:*"])
     units_per_layer: int = Field(0, ge=0)
+    target_seed: int = Field(0, ge=0)
+    max_images: int = Field(512, ge=1)
     methods: list[Literal["tt", "random", "cma", "ngopt", "protes"]] = Field(
-        default_factory=lambda: ["tt", "cma"]
+        default_factory=lambda: ["tt", "cma"], min_length=1
     )
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     budget: int = Field(1024, ge=1)
     batch: int = Field(64, ge=1)
     target_value: float | None = None
