@@ -209,8 +209,8 @@ def grid_size(params: Params, generator: str) -> int | None:
     return getattr(section, "grid_n", None)
 
 
-def trajectories(optimal: pd.DataFrame, images: dict[str, np.ndarray], latents: dict[str, np.ndarray],
-                 params: Params, pixels: dict[str, np.ndarray]) -> pd.DataFrame:
+def trajectories(optimal: pd.DataFrame, latents: dict[str, np.ndarray], params: Params,
+                 pixels: dict[str, np.ndarray]) -> pd.DataFrame:
     """Optimal stimuli with similarity to the previous AM'd epoch, to the last one, and concept changes."""
     rows = []
     from_epoch = params.analyze.concept_from_epoch
@@ -491,9 +491,6 @@ def run_stage(params: Params, paths: Paths) -> dict:
         raise SpikemaxError(f"no SNN checkpoints under {paths.snn_dir}: run `spikemax train-snn` first")
     summary_df = load_summary(paths)
     am_dir = paths.results / "am"
-    out_dir = paths.results / "analysis"
-    fig_dir = out_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
 
     units, layers = dataset_selectivity(ckpts, x_test, y_test.numpy(), len(prepared.classes), a.batch_size)
     final_net = load_snn(ckpts[max(ckpts)])
@@ -504,18 +501,27 @@ def run_stage(params: Params, paths: Paths) -> dict:
         runs = stimulus_stats(summary_df, images, final_net, prepared, units)
         pixels = prepared.denormalize(torch.from_numpy(images)).clamp(0, 1).numpy()
     by_key = dict(zip(runs["run_key"], range(len(runs))))
-    img_of = {k: images[i] for k, i in by_key.items()}
     pix_of = {k: pixels[i] for k, i in by_key.items()}
     lat_of = {k: best[i][1] for k, i in by_key.items()}
+    return write_outputs(params, paths, units, layers, runs, pix_of, lat_of, prepared.classes,
+                         epochs=sorted(int(e) for e in ckpts))
 
+
+def write_outputs(params: Params, paths: Paths, units: pd.DataFrame, layers: list[str], runs: pd.DataFrame,
+                  pixels: dict[str, np.ndarray], latents: dict[str, np.ndarray], classes: list[str],
+                  epochs: list[int]) -> dict:
+    """Everything after the SNN readout: tables, claims, figures, metrics JSON and MLflow."""
+    a = params.analyze
+    am_dir = paths.results / "am"
+    out_dir = paths.results / "analysis"
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
     optimal = optimal_stimuli(runs)
-    traj = trajectories(optimal, img_of, lat_of, params, pix_of)
+    traj = trajectories(optimal, latents, params, pixels)
     changes = neuron_changes(traj, a.concept_from_epoch)
     first = first_selective_table(units, a.csi_threshold)
-    accuracy = read_accuracy(paths)
-    epochs_t = epoch_table(units, runs, accuracy, a.csi_threshold)
+    epochs_t = epoch_table(units, runs, read_accuracy(paths), a.csi_threshold)
     result = claims(units, first, runs, traj, changes, epochs_t, layers, params)
-    methods = method_table(runs)
     curves = convergence_curves(runs, am_dir)
 
     units.to_csv(out_dir / "units.csv", index=False)
@@ -523,17 +529,16 @@ def run_stage(params: Params, paths: Paths) -> dict:
     traj.to_csv(out_dir / "stimuli.csv", index=False)
     changes.to_csv(out_dir / "concept_changes.csv", index=False)
     first.to_csv(out_dir / "first_selective.csv", index=False)
-    methods.to_csv(out_dir / "methods.csv", index=False)
+    method_table(runs).to_csv(out_dir / "methods.csv", index=False)
     epochs_t.to_csv(out_dir / "accuracy_by_epoch.csv", index=False)
     wide_by_layer(units, "csi", layers).to_csv(out_dir / "csi_by_epoch.csv", index=False)
     wide_by_layer(runs, "am_gain_dataset", layers).to_csv(out_dir / "am_gain_by_epoch.csv", index=False)
     layer_table(result, layers).to_csv(out_dir / "layers.csv", index=False)
-
     write_figures(fig_dir, units=units, runs=runs, traj=traj, first=first, epochs_t=epochs_t, curves=curves,
-                layers=layers, prepared=prepared, pixels=pix_of, threshold=a.csi_threshold, grid_rows=a.grid_rows)
+                  layers=layers, classes=classes, pixels=pixels, threshold=a.csi_threshold, grid_rows=a.grid_rows)
 
-    result["meta"] = {"epochs": sorted(int(e) for e in ckpts), "am_epochs": sorted(int(e) for e in runs["epoch"].unique()),
-                      "layers": layers, "am_runs": int(len(runs)), "classes": prepared.classes}
+    result["meta"] = {"epochs": epochs, "am_epochs": sorted(int(e) for e in runs["epoch"].unique()),
+                      "layers": layers, "am_runs": int(len(runs)), "classes": list(classes)}
     paths.metrics.mkdir(parents=True, exist_ok=True)
     (paths.metrics / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
     ids = log_mlflow(paths, result, out_dir, runs) if a.mlflow else {}
@@ -586,7 +591,8 @@ def fig_accuracy_selectivity(epochs_t: pd.DataFrame, units: pd.DataFrame, layers
     axes[0].plot(epochs_t["epoch"], epochs_t["mean_csi"], "b-s", label="mean CSI (all units)")
     if epochs_t["am_gain"].notna().any():
         ax2 = axes[0].twinx()
-        ax2.plot(epochs_t["epoch"], epochs_t["am_gain"], "r-^", label="mean AM gain")
+        g = epochs_t.dropna(subset=["am_gain"])  # AM ran on some epochs only: join those points
+        ax2.plot(g["epoch"], g["am_gain"], "r-^", label="mean AM gain")
         ax2.set_ylabel("AM gain (AM best / dataset max)", color="r")
     axes[0].set_xlabel("epoch")
     axes[0].legend(loc="upper left", fontsize=8)
@@ -679,8 +685,8 @@ def fig_evolution(traj: pd.DataFrame, generator: str, targets: list[str], pixels
                 ax.text(0.5, 1.45, f"epoch {e}", transform=ax.transAxes, ha="center", fontsize=9, weight="bold")
             if j == 0:
                 ax.set_ylabel(tg, fontsize=8)
-    fig.suptitle(f"{generator}: optimal stimulus per epoch (concept under the final SNN, its probability; "
-                 "* = concept changed)", fontsize=9)
+    fig.suptitle(f"{generator}: optimal stimulus per epoch\n(concept under the final SNN, its probability; "
+                 "* = changed)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -759,7 +765,7 @@ def fig_methods_best(runs: pd.DataFrame, pixels: dict[str, np.ndarray], targets:
 
 
 def write_figures(fig_dir: Path, *, units: pd.DataFrame, runs: pd.DataFrame, traj: pd.DataFrame, first: pd.DataFrame,
-                  epochs_t: pd.DataFrame, curves: pd.DataFrame, layers: list[str], prepared: Any,
+                  epochs_t: pd.DataFrame, curves: pd.DataFrame, layers: list[str], classes: list[str],
                   pixels: dict[str, np.ndarray], threshold: float, grid_rows: int) -> list[Path]:
     """Every analysis figure under fig_dir; returns their paths."""
     epochs = sorted(units["epoch"].unique().tolist())
@@ -774,8 +780,8 @@ def write_figures(fig_dir: Path, *, units: pd.DataFrame, runs: pd.DataFrame, tra
     fig_am_gain(runs, layers, out("am_gain.png"))
     targets = pick_neurons(traj, layers, grid_rows)
     for gen in sorted(traj["generator"].unique()):
-        fig_evolution(traj, gen, targets, pixels, prepared.classes, out(f"evolution_{gen}.png"))
-    fig_concepts(traj, layers, prepared.classes, out("concepts.png"))
+        fig_evolution(traj, gen, targets, pixels, classes, out(f"evolution_{gen}.png"))
+    fig_concepts(traj, layers, classes, out("concepts.png"))
     fig_convergence(curves, out("convergence.png"))
     fig_methods_best(runs, pixels, targets, out("methods_best.png"))
     return written
