@@ -76,3 +76,18 @@ def generator_checkpoints(project) -> dict[str, Path]:
         train(name, tiny, paths)
         out[name] = checkpoint_path(name, paths)
     return out
+
+
+TINY_SNN = {"channels": [4, 8], "hidden": [32], "num_steps": 6, "epochs": 2, "batch_size": 64, "lr": 0.005}
+
+
+@pytest.fixture(scope="session")
+def snn_checkpoints(project) -> dict[int, Path]:
+    """A tiny ConvSNN trained 2 epochs on `project` (models/snn/epoch=000..002.ckpt): epoch -> path."""
+    from spikemax.snn import checkpoints, train
+
+    params, paths = project
+    if not checkpoints(paths):
+        tiny = params.model_copy(update={"snn": P.SNNParams(**TINY_SNN)})
+        train(tiny, paths)
+    return checkpoints(paths)

@@ -1,0 +1,395 @@
+"""ConvSNN: a convolutional spiking network (snntorch Leaky) with an exact, fast multi-step readout.
+
+Architecture: ``[conv -> maxpool -> Leaky] * len(channels)`` (layers ``lif1``, ``lif2``, ...),
+``[linear -> Leaky] * len(hidden)`` (``fc_lif1``, ...), ``linear -> Leaky`` (``out``, one unit per
+class). The static normalized image is the input current at each of ``num_steps`` (T) steps.
+
+Two forward paths give the same spikes bit for bit:
+
+* ``forward_spikes_steps``: the snntorch reference, every block called once per time step;
+* ``forward_spikes``: each block's synaptic part runs over all T steps in one batched call (the
+  first block, driven by a static image, runs once) and only the element-wise membrane recurrence
+  loops over time, with exactly snntorch's arithmetic (``beta * mem + I - reset * thr``).
+
+Training uses the fast path too (the surrogate gradient is snntorch's ``spike_grad``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import snntorch as snn
+import torch
+import torch.nn.functional as F
+from snntorch import surrogate
+from snntorch._neurons.neurons import SpikingNeuron
+from torch import Tensor, nn
+
+from spikemax import SpikemaxError
+from spikemax.params import Params, Paths
+
+CKPT_PATTERN = "epoch=*.ckpt"
+CSV_COLUMNS = ["epoch", "train_loss", "val_loss", "val_acc", "test_acc"]
+
+
+def _leaky(beta: float, threshold: float, slope: float) -> snn.Leaky:
+    """A composable Leaky neuron (hidden state inside, spikes out) with a fast-sigmoid surrogate."""
+    lif = snn.Leaky(
+        beta=beta, threshold=threshold, spike_grad=surrogate.fast_sigmoid(slope=slope), init_hidden=True
+    )
+    # snntorch keeps every neuron ever built in a class-level list; dropping it lets loaded
+    # checkpoints be garbage-collected when the AM stage walks through many epochs.
+    if SpikingNeuron.instances and SpikingNeuron.instances[-1] is lif:
+        SpikingNeuron.instances.pop()
+    return lif
+
+
+class ConvSNN(L.LightningModule):
+    """Convolutional SNN classifier whose spiking layers are the neurons activation maximization probes."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int] | list[int] = (1, 28, 28),
+        num_classes: int = 10,
+        channels: list[int] | tuple[int, ...] = (12, 32),
+        kernel: int = 5,
+        hidden: list[int] | tuple[int, ...] = (128,),
+        beta: float = 0.9,
+        threshold: float = 1.0,
+        slope: float = 25.0,
+        num_steps: int = 16,
+        loss: str = "ce_count",
+        optimizer: str = "adam",
+        lr: float = 2e-3,
+        classes: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        c, h, w = (int(v) for v in in_shape)
+        self.num_steps = int(num_steps)
+        self.num_classes = int(num_classes)
+        self.classes = list(classes) if classes else [str(i) for i in range(num_classes)]
+        self.blocks = nn.ModuleDict()
+        units: dict[str, int] = {}
+        for i, ch in enumerate(channels, start=1):
+            self.blocks[f"lif{i}"] = nn.Sequential(
+                nn.Conv2d(c, ch, kernel, padding=kernel // 2),
+                nn.MaxPool2d(2),
+                _leaky(beta, threshold, slope),
+            )
+            c, h, w = ch, h // 2, w // 2
+            units[f"lif{i}"] = ch
+            if h < 1 or w < 1:
+                raise SpikemaxError(
+                    f"snn.channels: {len(channels)} conv blocks pool a {in_shape[1]}x{in_shape[2]} "
+                    f"image to nothing; allowed: at most {int(math.log2(min(in_shape[1:])))} blocks"
+                )
+        features = c * h * w
+        for j, units_j in enumerate(hidden, start=1):
+            first = j == 1
+            linear = nn.Linear(features, units_j)
+            parts = [nn.Flatten(), linear] if first else [linear]
+            self.blocks[f"fc_lif{j}"] = nn.Sequential(*parts, _leaky(beta, threshold, slope))
+            features = units_j
+            units[f"fc_lif{j}"] = units_j
+        out_parts = [nn.Linear(features, num_classes)]
+        if not hidden:
+            out_parts.insert(0, nn.Flatten())
+        self.blocks["out"] = nn.Sequential(*out_parts, _leaky(beta, threshold, slope))
+        units["out"] = num_classes
+        self._units = units
+
+    # ---- spiking forward paths ------------------------------------------------------------
+
+    def spiking_layers(self) -> dict[str, int]:
+        """Spiking layer name -> unit count (conv: channels, dense: units, ``out``: classes), in order."""
+        return dict(self._units)
+
+    def forward_spikes(self, x: Tensor, upto: str | None = None) -> dict[str, Tensor]:
+        """Fast multi-step path: spikes (T, B, ...) of every spiking layer (up to ``upto``) for images x."""
+        T = self.num_steps
+        infer = not torch.is_grad_enabled()
+        out: dict[str, Tensor] = {}
+        h: Tensor | None = None
+        for name, block in self.blocks.items():
+            synapse, lif = block[:-1], block[-1]
+            if h is None:
+                # A static image drives the first block with the same current at every step.
+                spk = _lif_run(lif, _synapse(synapse, x, infer), T, static=True)
+            else:
+                current = _synapse(synapse, h.flatten(0, 1), infer)  # all T steps in one call
+                spk = _lif_run(lif, current.unflatten(0, (T, -1)), T, static=False)
+            out[name] = spk
+            h = spk
+            if name == upto:
+                break
+        return out
+
+    def forward_spikes_steps(self, x: Tensor) -> dict[str, Tensor]:
+        """Reference path: the snntorch step loop (state reset first); same result as forward_spikes."""
+        self.reset_state()
+        rec: dict[str, list[Tensor]] = {name: [] for name in self.blocks}
+        for _ in range(self.num_steps):
+            h = x
+            for name, block in self.blocks.items():
+                h = block(h)
+                rec[name].append(h)
+        self.reset_state()
+        return {name: torch.stack(v) for name, v in rec.items()}
+
+    def reset_state(self) -> None:
+        """Zero every Leaky membrane (the step loop would otherwise carry state between calls)."""
+        for module in self.modules():
+            if isinstance(module, snn.Leaky):
+                module.mem = torch.zeros(0, device=module.mem.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Output spikes (T, B, num_classes) of the fast path."""
+        return self.forward_spikes(x)["out"]
+
+    def spike_counts(self, x: Tensor) -> Tensor:
+        """Output spike counts over T steps, (B, num_classes): the logits of ``ce_count``."""
+        return self.forward(x).sum(0)
+
+    @torch.no_grad()
+    def class_probs(self, x: Tensor, batch_size: int = 256) -> Tensor:
+        """Class probabilities (B, num_classes): softmax over output spike counts, as trained by ce_count."""
+        parts = [torch.softmax(self.spike_counts(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+        return torch.cat(parts) if parts else torch.empty(0, self.num_classes)
+
+    # ---- Lightning ------------------------------------------------------------------------
+
+    def _loss(self, out_spikes: Tensor, y: Tensor) -> Tensor:
+        counts = out_spikes.sum(0)
+        if self.hparams.loss == "mse_count":
+            # snntorch's mse_count_loss: correct class fires on 80 %, others on 20 % of the steps.
+            target = torch.full_like(counts, 0.2 * self.num_steps)
+            target[torch.arange(len(y)), y] = 0.8 * self.num_steps
+            return F.mse_loss(counts, target)
+        return F.cross_entropy(counts, y)
+
+    def _step(self, batch: tuple[Tensor, Tensor], prefix: str) -> Tensor:
+        x, y = batch
+        out = self(x)
+        loss = self._loss(out, y)
+        acc = (out.sum(0).argmax(1) == y).float().mean()
+        self.log(f"{prefix}_loss", loss, on_epoch=True, on_step=False, prog_bar=True, batch_size=len(y),
+                 logger=False, add_dataloader_idx=False)
+        self.log(f"{prefix}_acc", acc, on_epoch=True, on_step=False, prog_bar=prefix != "train",
+                 batch_size=len(y), logger=False, add_dataloader_idx=False)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        # Loader 0 is the validation split, loader 1 the test split: test accuracy per epoch is
+        # what the analysis correlates with selectivity.
+        self._step(batch, "val" if dataloader_idx == 0 else "test")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        name, lr = self.hparams.optimizer, self.hparams.lr
+        if name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=lr)
+        if name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9)
+        return torch.optim.Adam(self.parameters(), lr=lr)
+
+
+def _synapse(seq: nn.Sequential, x: Tensor, infer: bool) -> Tensor:
+    """The non-spiking part of a block; at inference with faster kernels that give the same numbers."""
+    if not infer:
+        return seq(x)
+    for module in seq:
+        if isinstance(module, nn.Conv2d):
+            # oneDNN's channels-last kernel is ~2x faster on the (T*B)-image batch and sums in the
+            # same order (the exactness tests compare against the NCHW step loop).
+            x = module(x.contiguous(memory_format=torch.channels_last))
+        elif isinstance(module, nn.MaxPool2d) and _is_pool2(module):
+            x = _maxpool2(x)
+        else:
+            x = module(x)
+    return x
+
+
+def _is_pool2(pool: nn.MaxPool2d) -> bool:
+    """A plain 2x2, stride-2 max pool (the only one the element-wise maximum below replaces)."""
+    return (
+        pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
+        and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+    )
+
+
+def _maxpool2(x: Tensor) -> Tensor:
+    """2x2 max pool as three element-wise maxima (exact: max involves no rounding; ~7x faster on CPU)."""
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    x = x[..., :h, :w]
+    return torch.maximum(
+        torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
+        torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]),
+    )
+
+
+def _lif_run(lif: snn.Leaky, current: Tensor, num_steps: int, static: bool) -> Tensor:
+    """The membrane recurrence of ``snn.Leaky`` (subtractive reset, reset delay), op for op.
+
+    ``current`` is (B, ...) when static (same input every step), else (T, B, ...); returns
+    spikes (T, B, ...).
+    """
+    beta = lif.beta.clamp(0, 1)
+    thr = lif.threshold
+    like = current if static else current[0]
+    mem = torch.zeros_like(like, memory_format=torch.contiguous_format)
+    if torch.is_grad_enabled():
+        spike = lif.spike_grad
+        out = []
+        for t in range(num_steps):
+            reset = spike(mem - thr).detach()
+            mem = beta * mem + (current if static else current[t]) - reset * thr
+            out.append(spike(mem - thr) * lif.graded_spikes_factor)
+        return torch.stack(out)
+    # Inference: the same float operations in place. With reset delay the reset of step t is the
+    # spike of step t-1, and `mem - thr > 0` is exactly `mem > thr` (gradual underflow).
+    res = torch.empty((num_steps, *like.shape), dtype=like.dtype, device=like.device)
+    thr_f = float(thr)
+    for t in range(num_steps):
+        mem.mul_(beta).add_(current if static else current[t])
+        if t > 0:
+            mem.sub_(res[t - 1], alpha=thr_f)
+        torch.gt(mem, thr, out=res[t])
+    if lif.graded_spikes_factor != 1.0:
+        res.mul_(lif.graded_spikes_factor)
+    return res
+
+
+# ---- training stage ---------------------------------------------------------------------------
+
+
+class EpochRecorder(L.Callback):
+    """Saves `epoch=NNN.ckpt` after every epoch and keeps one metrics row per epoch (MLflow step = epoch)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.rows: list[dict[str, float]] = []
+
+    def record(self, trainer: L.Trainer, epoch: int) -> None:
+        """Checkpoint the current weights as `epoch` and log that epoch's metrics."""
+        trainer.save_checkpoint(self.out_dir / f"epoch={epoch:03d}.ckpt", weights_only=True)
+        got = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {"epoch": epoch, **{k: got.get(k, math.nan) for k in CSV_COLUMNS[1:]}}
+        if epoch == 0:
+            row["train_loss"] = math.nan  # no training has happened yet
+        self.rows.append(row)
+        if trainer.logger is not None:
+            metrics = {k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}
+            metrics.update({k: got[k] for k in ("train_acc", "test_loss") if k in got and epoch > 0})
+            trainer.logger.log_metrics(metrics, step=epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning 2 runs this hook after the epoch's validation, so val/test metrics are current.
+        self.record(trainer, trainer.current_epoch + 1)
+
+
+def _build(params: Params, meta: dict) -> ConvSNN:
+    """A fresh ConvSNN for the prepared dataset, sized by params.snn."""
+    s = params.snn
+    return ConvSNN(
+        in_shape=list(meta["shape"]), num_classes=int(meta["num_classes"]), channels=list(s.channels),
+        kernel=s.kernel, hidden=list(s.hidden), beta=s.beta, threshold=s.threshold, slope=s.slope,
+        num_steps=s.num_steps, loss=s.loss, optimizer=s.optimizer, lr=s.lr, classes=list(meta["classes"]),
+    )
+
+
+def train(params: Params, paths: Paths) -> None:
+    """The `train_snn` stage: checkpoints for epoch 0..N, metrics/snn.json and metrics/snn_epochs.csv."""
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from spikemax import tracking
+    from spikemax.data import Prepared, PreparedDataModule
+
+    s = params.snn
+    prepared = Prepared.load(paths.prepared)
+    L.seed_everything(s.seed, workers=True, verbose=False)
+    model = _build(params, prepared.meta)
+    dm = PreparedDataModule(prepared, batch_size=s.batch_size, seed=s.seed)
+    dm.setup()
+    eval_loaders = [dm.val_dataloader(), dm.test_dataloader()]
+
+    out_dir = paths.snn_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(CKPT_PATTERN):  # a previous run with more epochs must not leak in
+        stale.unlink()
+
+    uri = tracking.configure(paths.root)
+    tracking.experiment_id("snn", paths.root)
+    logger = MLFlowLogger(experiment_name="snn", tracking_uri=uri, run_name=f"snn-{prepared.meta['dataset']}")
+    recorder = EpochRecorder(out_dir)
+    trainer = L.Trainer(
+        max_epochs=s.epochs, accelerator="cpu", devices=1, deterministic=True, logger=logger,
+        callbacks=[RichProgressBar(leave=True), recorder], enable_checkpointing=False,
+        num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=10,
+    )
+    start = time.perf_counter()
+    trainer.validate(model, dataloaders=eval_loaders, verbose=False)
+    recorder.record(trainer, 0)
+    trainer.fit(model, train_dataloaders=dm.train_dataloader(), val_dataloaders=eval_loaders)
+    seconds = time.perf_counter() - start
+
+    rows = recorder.rows
+    last = rows[-1]
+    summary = {
+        "test_acc": last["test_acc"],
+        "val_acc": last["val_acc"],
+        "test_acc_epoch0": rows[0]["test_acc"],
+        "best_test_acc": max(r["test_acc"] for r in rows),
+        "epochs": s.epochs,
+        "num_steps": s.num_steps,
+        "train_seconds": round(seconds, 1),
+    }
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    (paths.metrics / "snn.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(paths.metrics / "snn_epochs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in CSV_COLUMNS})
+    logger.log_metrics({"train_seconds": seconds}, step=s.epochs)
+    logger.experiment.log_artifact(logger.run_id, str(paths.metrics / "snn_epochs.csv"))
+    logger.finalize("success")
+
+
+def checkpoints(paths: Paths) -> dict[int, Path]:
+    """Epoch -> checkpoint path of every `models/snn/epoch=NNN.ckpt`, sorted by epoch."""
+    found: dict[int, Path] = {}
+    for path in paths.snn_dir.glob(CKPT_PATTERN):
+        try:
+            found[int(path.stem.split("=", 1)[1])] = path
+        except ValueError:
+            continue
+    return dict(sorted(found.items()))
+
+
+def load_snn(path: str | Path) -> ConvSNN:
+    """Load a ConvSNN checkpoint on CPU in eval mode with gradients off; SpikemaxError if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpikemaxError(f"SNN checkpoint not found: {path} (run `spikemax train-snn` first)")
+    try:
+        net = ConvSNN.load_from_checkpoint(path, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any unpickling/shape failure is a bad file to the user
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise SpikemaxError(f"{path}: not a readable ConvSNN checkpoint ({reason})") from None
+    net.eval()
+    net.requires_grad_(False)
+    return net
