@@ -1,0 +1,298 @@
+"""Query efficiency of the grid maximizers on discretized functions with known maxima.
+
+Usage:
+  python benchmarks/bench_optimizers.py            # --quick suite (a few minutes on 2 cores)
+  python benchmarks/bench_optimizers.py --full     # d 10..768, n in {2,16,64}, budgets 1k/4k/10k, 5 seeds
+  python benchmarks/bench_optimizers.py --methods tt,cma --budgets 1000,4000 --seeds 3 --out r.json
+  python benchmarks/bench_optimizers.py --overhead # TT/PROTES ms per query at d=768, n=2, r=5, batch 100
+
+Normalized score of a run at budget B:
+  (best found in the first B queries - random_ref) / (known_max - random_ref)
+where random_ref is the mean of f over 1,000 uniform random grid points (the expected value of
+one random query), so 1 = the known maximum and 0 = a typical random stimulus. Every method runs
+once per (problem, seed) with the largest budget; the score at a smaller budget reads the prefix
+of the same run (NGOpt is told the largest budget). Overhead = optimizer time (ask + tell, no
+function evaluations) per query.
+
+Families (each with its maximum planted at a random grid point, so it is known exactly):
+  separable  random table W (d, n); f = sum_j W[j, i_j]
+  ackley, rastrigin, alpine   -F(x(i) - x(i*)) on the grid x = linspace(-a, a, n), shifted optimum
+  tt         log of a random rank-3 non-negative TT tensor with cores in [0, 1) and all-ones slices
+             at i* (every product of such cores is <= the all-ones product, so i* is a maximum)
+  qubo       sparse Mattis spin glass: sum_{(j,l)} |J_jl| s*_j s*_l s_j s_l with s = 2 x - 1,
+             x = i / (n - 1); the maximum sum |J| is reached at i* (and its mirror for n = 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from spikemax.optim import make_optimizer
+from spikemax.optim.base import run_maximize
+
+Func = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Problem:
+    """A discretized function with its known maximum and random reference."""
+
+    name: str
+    family: str
+    d: int
+    n: int
+    f: Func
+    known_max: float
+    random_ref: float
+
+
+def grid_shift(d: int, n: int, a: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Grid values linspace(-a, a, n) and a random optimum index i*."""
+    return np.linspace(-a, a, n), rng.integers(0, n, d)
+
+
+def make_continuous(family: str, d: int, n: int, rng: np.random.Generator) -> tuple[Func, float]:
+    """Ackley / Rastrigin / Alpine maximized at a random grid point (value 0)."""
+    a = {"ackley": 32.768, "rastrigin": 5.12, "alpine": 10.0}[family]
+    x, i_star = grid_shift(d, n, a, rng)
+    x_star = x[i_star]
+
+    def F(Z: np.ndarray) -> np.ndarray:
+        if family == "ackley":
+            return (
+                -20 * np.exp(-0.2 * np.sqrt(np.mean(Z**2, axis=1)))
+                - np.exp(np.mean(np.cos(2 * np.pi * Z), axis=1))
+                + 20
+                + np.e
+            )
+        if family == "rastrigin":
+            return 10 * Z.shape[1] + np.sum(Z**2 - 10 * np.cos(2 * np.pi * Z), axis=1)
+        return np.sum(np.abs(Z * np.sin(Z) + 0.1 * Z), axis=1)
+
+    return (lambda I: -F(x[I] - x_star)), 0.0
+
+
+def make_separable(d: int, n: int, rng: np.random.Generator) -> tuple[Func, float]:
+    """f = sum_j W[j, i_j] for a random table W."""
+    W = rng.random((d, n))
+    return (lambda I: W[np.arange(d), I].sum(axis=1)), float(W.max(axis=1).sum())
+
+
+def make_tt(d: int, n: int, rng: np.random.Generator, r: int = 3) -> tuple[Func, float]:
+    """log of a non-negative rank-r TT with all-ones slices at a planted i*."""
+    G = rng.random((d, r, n, r))
+    i_star = rng.integers(0, n, d)
+    G[np.arange(d), :, i_star, :] = 1.0
+
+    def f(I: np.ndarray) -> np.ndarray:
+        v = np.ones((I.shape[0], r))
+        logs = np.zeros(I.shape[0])
+        for k in range(d):
+            v = np.einsum("br,brq->bq", v, G[k][:, I[:, k], :].transpose(1, 0, 2))
+            s = v.sum(axis=1)
+            logs += np.log(s)
+            v /= s[:, None]
+        return logs
+
+    return f, float(f(i_star[None])[0])
+
+
+def make_qubo(d: int, n: int, rng: np.random.Generator, degree: int = 4) -> tuple[Func, float]:
+    """Sparse Mattis spin glass with a planted ground state."""
+    m = max(d * degree // 2, 1)
+    j, l = rng.integers(0, d, m), rng.integers(0, d, m)
+    keep = j != l
+    j, l = j[keep], l[keep]
+    w = rng.random(j.size) + 0.1
+    s_star = rng.choice([-1.0, 1.0], d)
+    i_star = np.where(s_star > 0, n - 1, 0)
+    J = w * s_star[j] * s_star[l]
+
+    def f(I: np.ndarray) -> np.ndarray:
+        s = 2.0 * I / (n - 1) - 1.0
+        return (s[:, j] * s[:, l]) @ J
+
+    return f, float(f(i_star[None])[0])
+
+
+FAMILIES = ("separable", "ackley", "rastrigin", "alpine", "tt", "qubo")
+
+
+def make_problem(family: str, d: int, n: int, seed: int) -> Problem:
+    """Build one problem instance (the instance depends on the seed too)."""
+    rng = np.random.default_rng([seed, d, n, FAMILIES.index(family)])
+    if family == "separable":
+        f, fmax = make_separable(d, n, rng)
+    elif family == "tt":
+        f, fmax = make_tt(d, n, rng)
+    elif family == "qubo":
+        f, fmax = make_qubo(d, n, rng)
+    else:
+        f, fmax = make_continuous(family, d, n, rng)
+    R = np.random.default_rng(12345).integers(0, n, (1000, d))
+    return Problem(f"{family}-d{d}-n{n}", family, d, n, f, fmax, float(np.mean(f(R))))
+
+
+def method_options(method: str, d: int, n: int, budget: int) -> dict:
+    """Per-method options for the benchmark (package defaults unless stated)."""
+    if method == "ngopt":
+        return {"budget": budget}
+    return {}
+
+
+def run_one(problem: Problem, method: str, seed: int, budgets: list[int]) -> dict:
+    """One run with the largest budget; scores at every budget from its prefix."""
+    B = max(budgets)
+    opt = make_optimizer(method, problem.d, problem.n, seed=seed, **method_options(method, problem.d, problem.n, B))
+    t0 = time.perf_counter()
+    res = run_maximize(opt, problem.f, B)
+    wall = time.perf_counter() - t0
+    best = np.maximum.accumulate(np.where(np.isfinite(res.history), res.history, -np.inf))
+    span = problem.known_max - problem.random_ref
+    scores = {str(b): float((best[b - 1] - problem.random_ref) / span) for b in budgets}
+    return {
+        "problem": problem.name,
+        "family": problem.family,
+        "d": problem.d,
+        "n": problem.n,
+        "method": method,
+        "seed": seed,
+        "scores": scores,
+        "y_best": float(res.y_best),
+        "known_max": problem.known_max,
+        "random_ref": problem.random_ref,
+        "ms_per_query": 1e3 * res.seconds_optimizer / B,
+        "wall_s": wall,
+    }
+
+
+SUITES = {
+    "quick": {
+        "configs": [(10, 16), (32, 2), (32, 64), (100, 2)],
+        "budgets": [1000, 4000],
+        "seeds": 2,
+    },
+    "full": {
+        "configs": [(10, 2), (10, 16), (10, 64), (64, 2), (64, 16), (64, 64), (256, 2), (256, 16), (768, 2)],
+        "budgets": [1000, 4000, 10000],
+        "seeds": 5,
+    },
+}
+
+
+def available_methods() -> list[str]:
+    """Every method; protes only when the reference package imports."""
+    methods = ["tt", "cma", "ngopt", "random"]
+    try:
+        from spikemax.optim.baselines import import_protes
+
+        import_protes()
+        methods.insert(3, "protes")
+    except ImportError:
+        print("note: protes not installed, skipping it", file=sys.stderr)
+    return methods
+
+
+def summarize(rows: list[dict], methods: list[str], budgets: list[int]) -> dict:
+    """Median normalized score per method x budget and median overhead per method."""
+    out = {}
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        if not rs:
+            continue
+        out[m] = {
+            "median_score": {str(b): float(np.median([r["scores"][str(b)] for r in rs])) for b in budgets},
+            "mean_score": {str(b): float(np.mean([r["scores"][str(b)] for r in rs])) for b in budgets},
+            "ms_per_query": float(np.median([r["ms_per_query"] for r in rs])),
+            "runs": len(rs),
+        }
+    return out
+
+
+def print_table(summary: dict, budgets: list[int]) -> None:
+    """Median (mean) normalized score per method and budget, and overhead."""
+    head = f"{'method':<8}" + "".join(f"{'B=' + str(b):>18}" for b in budgets) + f"{'ms/query':>11}"
+    print(head)
+    for m, s in summary.items():
+        cells = "".join(
+            f"{s['median_score'][str(b)]:>10.3f} ({s['mean_score'][str(b)]:.3f})" for b in budgets
+        )
+        print(f"{m:<8}{cells}{s['ms_per_query']:>11.3f}")
+    print("cells: median (mean) normalized score over problems x seeds")
+
+
+def overhead(methods: list[str], reps: int = 20) -> dict:
+    """Optimizer time per query at d=768, n=2, rank 5, batch 100 (f is free)."""
+    out = {}
+    for m in methods:
+        opts = {"tt": {"rank": 5, "batch": 100}, "protes": {"r": 5, "batch": 100}}.get(m)
+        if opts is None:
+            continue
+        opt = make_optimizer(m, 768, 2, seed=0, **opts)
+        f = lambda I: I.sum(axis=1).astype(float)  # noqa: E731
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            I = opt.ask()
+            opt.tell(I, f(I))
+        out[m] = 1e3 * (time.perf_counter() - t0) / (reps * 100)
+        print(f"overhead {m}: {out[m]:.3f} ms/query (d=768, n=2, r=5, batch 100, {reps} steps incl. warm-up)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a suite, print the table, write JSON."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="the issue's complete suite")
+    ap.add_argument("--quick", action="store_true", help="the default short suite")
+    ap.add_argument("--methods", default=None, help="comma list (default: all available)")
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--configs", default=None, help="e.g. 10x16,32x2 (d x n)")
+    ap.add_argument("--budgets", default=None, help="e.g. 1000,4000")
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--overhead", action="store_true", help="only the d=768 overhead measurement")
+    ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/optimizers-<suite>.json)")
+    args = ap.parse_args(argv)
+
+    suite_name = "full" if args.full else "quick"
+    suite = dict(SUITES[suite_name])
+    methods = args.methods.split(",") if args.methods else available_methods()
+    if args.overhead:
+        result = {"overhead_ms_per_query": overhead(methods)}
+    else:
+        if args.configs:
+            suite["configs"] = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+        if args.budgets:
+            suite["budgets"] = [int(b) for b in args.budgets.split(",")]
+        if args.seeds:
+            suite["seeds"] = args.seeds
+        budgets = suite["budgets"]
+        rows = []
+        for d, n in suite["configs"]:
+            for family in args.families.split(","):
+                for seed in range(suite["seeds"]):
+                    problem = make_problem(family, d, n, seed)
+                    for m in methods:
+                        row = run_one(problem, m, seed, budgets)
+                        rows.append(row)
+                        sc = " ".join(f"{row['scores'][str(b)]:.3f}" for b in budgets)
+                        print(f"{problem.name:<22} s{seed} {m:<7} {sc}  {row['ms_per_query']:.3f} ms/q", flush=True)
+        summary = summarize(rows, methods, budgets)
+        print_table(summary, budgets)
+        result = {"suite": suite_name, "config": {**suite, "methods": methods}, "summary": summary, "runs": rows}
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"optimizers-{suite_name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
