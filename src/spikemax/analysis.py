@@ -486,6 +486,8 @@ def run_stage(params: Params, paths: Paths) -> dict:
     a = params.analyze
     prepared = Prepared.load(paths.prepared)
     x_test, y_test = prepared.tensors("test")
+    if a.max_images:  # the prepared test split is shuffled and class-balanced: a prefix stays balanced
+        x_test, y_test = x_test[: a.max_images], y_test[: a.max_images]
     ckpts = checkpoints(paths)
     if not ckpts:
         raise SpikemaxError(f"no SNN checkpoints under {paths.snn_dir}: run `spikemax train-snn` first")

@@ -130,6 +130,7 @@ class AnalyzeParams(Section):
     early_epoch: int = Field(1, ge=0)  # claim 1: units selective at or before this epoch count as "early"
     concept_from_epoch: int = Field(1, ge=0)  # concept changes counted from here (epoch 0 = untrained)
     batch_size: int = Field(500, ge=1)  # images per forward pass when reading dataset responses
+    max_images: int = Field(0, ge=0)  # test images for dataset selectivity (0 = the whole prepared test set)
     grid_rows: int = Field(16, ge=1)  # neurons shown in the stimulus-evolution grids
     mlflow: bool = True  # log the analysis run and tag the AM runs
 

@@ -135,7 +135,11 @@ def section_claim1(a: dict, fig: Path) -> str:
     return (
         f'<div class="claim">Measured: {pct(c1.get("frac_selective_by_early_epoch"))} of all units had CSI > '
         f"{c1['csi_threshold']} by epoch {c1['early_epoch']} ({pct(c1.get('frac_selective_final'))} at the final "
-        f"epoch {c1['final_epoch']}); the highest CSI at epoch {c1['early_epoch']} was {fmt(c1.get('max_csi_early'))}.</div>"
+        f"epoch {c1['final_epoch']}); the highest CSI at epoch {c1['early_epoch']} was {fmt(c1.get('max_csi_early'))}. "
+        f"Per layer (input side first), selective by epoch {c1['early_epoch']}: "
+        + ", ".join(f"{html.escape(lay)} {pct(v.get('frac_selective_by_early_epoch'))}"
+                    for lay, v in c1.get("per_layer", {}).items())
+        + ".</div>"
         + table(df)
         + image(fig / "first_selective.png", "Cumulative fraction of units per layer whose CSI exceeded the threshold by each epoch.")
     )
