@@ -60,7 +60,7 @@ def prepared(project) -> Prepared:
 
 TINY_GENERATORS = {
     "sngan": {"width": 16, "epochs": 1, "batch_size": 64},
-    "vqvae": {"width": 16, "epochs": 1, "batch_size": 64},
+    "vqvae": {"width": 16, "epochs": 3, "batch_size": 32, "lr": 3e-3},
 }
 
 

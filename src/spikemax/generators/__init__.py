@@ -108,7 +108,7 @@ def train(name: str, params: Params, paths: Paths, max_steps: int = -1) -> dict:
             mlflow.entities.Param(k, str(v)) for k, v in {**sect.model_dump(), "dataset": prepared.meta["dataset"]}.items()
         ])
         logger = MlflowEpochLogger(client, run_id, model.grid)
-        trainer = make_trainer(sect.epochs, [logger], max_steps=max_steps)
+        trainer = make_trainer(sect.epochs, [logger], max_steps=max_steps, validate=name == "vqvae")
         t0 = time.perf_counter()
         trainer.fit(model, datamodule=dm)
         seconds = time.perf_counter() - t0

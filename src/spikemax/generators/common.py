@@ -82,7 +82,7 @@ class MlflowEpochLogger(L.Callback):
         pl_module.train(was_training)
 
 
-def make_trainer(epochs: int, callbacks: list[L.Callback], max_steps: int = -1) -> L.Trainer:
+def make_trainer(epochs: int, callbacks: list[L.Callback], max_steps: int = -1, validate: bool = True) -> L.Trainer:
     """A CPU Trainer with a progress bar (rich on a terminal), no Lightning logger or checkpoints."""
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
@@ -90,6 +90,7 @@ def make_trainer(epochs: int, callbacks: list[L.Callback], max_steps: int = -1) 
     return L.Trainer(
         max_epochs=epochs, max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=None if validate else 0,
         callbacks=[bar, *callbacks],
     )
 
