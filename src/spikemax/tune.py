@@ -3,7 +3,8 @@
 A trial runs TT on a fixed panel of neurons of one SNN checkpoint and scores it by the mean AM
 gain (best activation / highest activation over the test images) at a fixed query budget. Trials
 go to a JournalStorage file (safe for parallel workers) and, through optuna-integration's
-MLflowCallback, to the MLflow experiment `tuning`.
+a callback, to the MLflow experiment `tuning` (one run per trial: its settings, score and
+per-neuron gains; optuna-integration's MLflowCallback is deprecated since Optuna 4.9).
 """
 
 from __future__ import annotations
@@ -109,10 +110,34 @@ def storage(paths: Paths):
     return optuna.storages.JournalStorage(JournalFileBackend(str(folder / "journal.log")))
 
 
+def mlflow_callback(paths: Paths):
+    """An Optuna callback logging each finished trial as one run of the MLflow experiment `tuning`."""
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    from spikemax import tracking
+
+    client = mlflow.MlflowClient(tracking.configure(paths.root))
+    exp = tracking.experiment_id(TUNING_EXPERIMENT, paths.root)
+
+    def callback(study, trial) -> None:
+        run = client.create_run(exp, run_name=f"trial-{trial.number}",
+                                tags={"spikemax.study": study.study_name, "spikemax.trial": str(trial.number)})
+        ts = int(trial.datetime_complete.timestamp() * 1000) if trial.datetime_complete else 0
+        metrics = [Metric("mean_am_gain", float(trial.value), ts, 0)] if trial.value is not None else []
+        metrics += [Metric(f"gain_{t.replace(':', '_')}", float(g), ts, 0)
+                    for t, g in zip(trial.user_attrs.get("targets", []), trial.user_attrs.get("gains", []))]
+        client.log_batch(run.info.run_id, metrics=metrics,
+                         params=[Param(k, str(v)) for k, v in trial.params.items()],
+                         tags=[RunTag("state", trial.state.name)])
+        client.set_terminated(run.info.run_id, "FINISHED" if trial.value is not None else "FAILED")
+
+    return callback
+
+
 def run_stage(params: Params, paths: Paths) -> dict:
     """`spikemax tune`: complete the study to `tune.n_trials` trials; write metrics and a trials table."""
     import optuna
-    from optuna_integration import MLflowCallback
 
     from spikemax import tracking
     from spikemax.snn import checkpoints
@@ -132,12 +157,7 @@ def run_stage(params: Params, paths: Paths) -> dict:
     todo = t.n_trials - len(done)
     if todo > 0:
         objective, _ = make_objective(params, paths, epoch)
-        uri = tracking.configure(paths.root)
-        callback = MLflowCallback(
-            tracking_uri=uri, metric_name="mean_am_gain", create_experiment=False,
-            mlflow_kwargs={"experiment_id": tracking.experiment_id(TUNING_EXPERIMENT, paths.root),
-                           "tags": {"spikemax.study": study.study_name}},
-        )
+        callback = mlflow_callback(paths)
         study.optimize(objective, n_trials=todo, callbacks=[callback], show_progress_bar=True)
     return write_outputs(study, paths, epoch)
 
