@@ -17,37 +17,32 @@ import torch
 from PIL import Image
 
 from spikemax import analysis as A
+from spikemax import selectivity as S
 from spikemax import report as R
 from spikemax import params as P
 from spikemax.data import Prepared
+from tests.conftest import TINY_PREPARE, run_cli, write_params
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-LAYERS = {"lif1": 4, "out": 10}
-EPOCHS = [0, 1, 2, 3]
-AM_EPOCHS = [0, 1, 3]
-TARGETS = [("lif1:0", "lif1", 0), ("lif1:1", "lif1", 1), ("class:2", "out", 2), ("class:5", "out", 5)]
+TARGETS = [("lif1:0", "lif1", 0), ("lif2:3", "lif2", 3), ("fc_lif1:5", "fc_lif1", 5), ("class:1", "out", 1),
+           ("class:7", "out", 7)]
+GENERATORS = (("sngan", 8), ("vqvae", 16))
+METHODS = ("tt", "random")
 
 
-class LinearProbs:
-    """Stand-in for the final SNN's class_probs: softmax of a fixed random linear map."""
+def synthetic_am_tree(root: Path, prepared: Prepared, epochs: list[int], run_ids: list[str]) -> pd.DataFrame:
+    """results/am following the maximize contract: summary.csv + per-run queries.parquet and best.npz.
 
-    def __init__(self, dim: int, classes: int) -> None:
-        self.w = torch.from_numpy(np.random.default_rng(1).normal(size=(dim, classes))).float()
-
-    def class_probs(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(x.flatten(1) @ self.w / 10, dim=1)
-
-
-def synthetic_am_tree(root: Path, prepared: Prepared, mlflow_ids: list[str]) -> pd.DataFrame:
-    """results/am following the maximize contract: summary.csv + per-run queries.parquet and best.npz."""
+    Best stimuli are real test images plus noise, so the real SNN gives them real concepts.
+    """
     rng = np.random.default_rng(0)
     am = root / "results" / "am"
     x_test, _ = prepared.tensors("test")
     rows = []
-    for epoch in AM_EPOCHS:
-        for gen, d in (("sngan", 8), ("vqvae", 16)):
+    for epoch in epochs:
+        for gen, d in GENERATORS:
             for target, layer, unit in TARGETS:
-                for method in ("tt", "random"):
+                for method in METHODS:
                     key = f"e{epoch}-{gen}-{target.replace(':', '_')}-{method}-s0"
                     run_dir = am / key
                     run_dir.mkdir(parents=True)
@@ -56,10 +51,10 @@ def synthetic_am_tree(root: Path, prepared: Prepared, mlflow_ids: list[str]) -> 
                                   "indices": [rng.integers(0, 16, d).tolist() for _ in range(64)],
                                   "response": resp, "elapsed_s": np.linspace(0.01, 1, 64)}).to_parquet(
                         run_dir / "queries.parquet")
-                    image = x_test[rng.integers(len(x_test))].numpy() + rng.normal(0, 0.3, (1, 28, 28))
+                    image = x_test[rng.integers(len(x_test))].numpy() + rng.normal(0, 0.3, x_test.shape[1:])
                     np.savez(run_dir / "best.npz", image=image.astype(np.float32),
                              indices=rng.integers(0, 16, d).astype(np.int64))
-                    rows.append({"run_key": key, "run_id": mlflow_ids[len(rows)], "epoch": epoch, "generator": gen,
+                    rows.append({"run_key": key, "run_id": run_ids[len(rows)], "epoch": epoch, "generator": gen,
                                  "target": target, "layer": layer, "unit": unit, "method": method, "seed": 0,
                                  "budget": 64, "n_queries": 64, "best_activation": resp.max(),
                                  "queries_to_95": int(np.argmax(resp >= 0.95 * resp.max())) + 1,
@@ -70,61 +65,91 @@ def synthetic_am_tree(root: Path, prepared: Prepared, mlflow_ids: list[str]) -> 
     return summary
 
 
-def synthetic_units() -> pd.DataFrame:
-    """Dataset selectivity of 2 layers over 4 epochs, CSI growing with training."""
-    rng = np.random.default_rng(2)
-    frames = []
-    for e in EPOCHS:
-        for layer, n in LAYERS.items():
-            frames.append(pd.DataFrame({
-                "epoch": e, "layer": layer, "unit": np.arange(n),
-                "csi": np.clip(rng.uniform(0, 0.3, n) + 0.15 * e, 0, 1), "preferred_class": rng.integers(0, 10, n),
-                "sparseness": rng.uniform(0, 1, n), "dataset_max": rng.uniform(5, 15, n), "mean_rate": 1.0}))
-    return pd.concat(frames, ignore_index=True)
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, prepared) -> P.Paths:
-    """A project with a synthetic AM tree, analysed (with MLflow) and reported."""
+def tiny_run(tmp_path_factory, project, snn_checkpoints) -> P.Paths:
+    """The tiny project's real SNN checkpoints + a synthetic AM tree, through `spikemax analyze` and `report`."""
     import mlflow
 
     from spikemax import tracking
 
+    _, src = project
     root = tmp_path_factory.mktemp("report")
-    params = P.Params.model_validate({"analyze": {"csi_threshold": 0.5, "grid_rows": 4}})
     paths = P.Paths(root)
-    exp = tracking.experiment_id(A.EXPERIMENT, root)
-    client = mlflow.MlflowClient(tracking.tracking_uri(root))
-    n_runs = len(AM_EPOCHS) * 2 * len(TARGETS) * 2
-    ids = [client.create_run(exp, run_name=f"am-{i}").info.run_id for i in range(n_runs)]
-    summary = synthetic_am_tree(root, prepared, ids)
-    paths.metrics.mkdir(parents=True)
-    pd.DataFrame({"epoch": EPOCHS, "train_loss": 1.0, "val_loss": 1.0, "val_acc": [0.1, 0.6, 0.7, 0.75],
-                  "test_acc": [0.1, 0.62, 0.7, 0.74]}).to_csv(paths.metrics / "snn_epochs.csv", index=False)
-    units = synthetic_units()
-    best = [A.load_best(paths.results / "am", d) for d in summary["run_dir"]]
-    images = np.stack([b[0] for b in best])
-    runs = A.stimulus_stats(summary, images, LinearProbs(28 * 28, 10), prepared, units)
-    pixels = prepared.denormalize(torch.from_numpy(images)).clamp(0, 1).numpy()
-    A.write_outputs(params, paths, units, list(LAYERS), runs, dict(zip(runs["run_key"], pixels)),
-                    {k: b[1] for k, b in zip(runs["run_key"], best)}, prepared.classes, EPOCHS)
-    R.run_stage(params, paths)
+    for link, target in ((paths.prepared, src.prepared), (paths.snn_dir, src.snn_dir)):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target, target_is_directory=True)
+    paths.metrics.mkdir()
+    shutil.copy(src.metrics / "snn_epochs.csv", paths.metrics / "snn_epochs.csv")
+    write_params(root, {"prepare": TINY_PREPARE, "analyze": {"csi_threshold": 0.3, "grid_rows": 5}})
+    epochs = sorted(snn_checkpoints)
+    n_runs = len(epochs) * len(GENERATORS) * len(TARGETS) * len(METHODS)
+    with pytest.MonkeyPatch.context() as mp:
+        # mlflow.set_tracking_uri (called by in-process training) exports the URI; the CLI pops it.
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        exp = tracking.experiment_id(A.EXPERIMENT, root)
+        client = mlflow.MlflowClient(tracking.tracking_uri(root))
+        ids = [client.create_run(exp, run_name=f"am-{i}").info.run_id for i in range(n_runs)]
+    synthetic_am_tree(root, Prepared.load(paths.prepared), epochs, ids)
+    for stage in ("analyze", "report"):
+        proc = run_cli(stage, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return paths
 
 
-def test_analysis_outputs_follow_contract(tiny_run):
+def test_analysis_outputs_follow_contract(tiny_run, snn_checkpoints):
+    from spikemax.neurons import layer_rates
+    from spikemax.snn import load_snn
+
+    epochs = sorted(snn_checkpoints)
+    final = load_snn(snn_checkpoints[epochs[-1]])
+    layers = list(final.spiking_layers())
     a = json.loads((tiny_run.metrics / "analysis.json").read_text())
-    assert set(a) >= {"claim1_early_selectivity", "claim2_selectivity_and_accuracy", "claim3_concept_change"}
+    assert a["meta"]["layers"] == layers and a["meta"]["epochs"] == epochs
     for claim in ("claim1_early_selectivity", "claim2_selectivity_and_accuracy", "claim3_concept_change"):
-        assert set(a[claim]["per_layer"]) == set(LAYERS)
-    # CSI rises every epoch with accuracy in the synthetic run
-    assert a["claim2_selectivity_and_accuracy"]["spearman_mean_csi_vs_test_acc"]["rho"] == pytest.approx(1.0)
-    csi = pd.read_csv(tiny_run.results / "analysis" / "csi_by_epoch.csv")
-    assert list(csi.columns) == ["epoch", *LAYERS] and csi["epoch"].tolist() == EPOCHS
-    gain = pd.read_csv(tiny_run.results / "analysis" / "am_gain_by_epoch.csv")
-    assert gain["epoch"].tolist() == AM_EPOCHS
-    stimuli = pd.read_csv(tiny_run.results / "analysis" / "stimuli.csv")
-    assert len(stimuli) == len(AM_EPOCHS) * 2 * len(TARGETS)  # best over methods per (epoch, generator, target)
+        assert list(a[claim]["per_layer"]) == layers
+    out = tiny_run.results / "analysis"
+    # CSI for every unit at every checkpoint epoch, not only the AM'd ones
+    units = pd.read_csv(out / "units.csv")
+    assert len(units) == len(epochs) * sum(final.spiking_layers().values())
+    assert units["csi"].between(0, 1).all()
+    # ... and equal to CSI recomputed here from the final net's rates on the test set
+    prepared = Prepared.load(tiny_run.prepared)
+    x, y = prepared.tensors("test")
+    rates = layer_rates(final, x)["lif2"]
+    want = S.csi(S.class_means(rates, y.numpy(), len(prepared.classes)))
+    got = units[(units["epoch"] == epochs[-1]) & (units["layer"] == "lif2")].sort_values("unit")["csi"]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    csi = pd.read_csv(out / "csi_by_epoch.csv")
+    assert list(csi.columns) == ["epoch", *layers] and csi["epoch"].tolist() == epochs
+    assert pd.read_csv(out / "am_gain_by_epoch.csv")["epoch"].tolist() == epochs
+    acc = pd.read_csv(out / "accuracy_by_epoch.csv")
+    assert acc["test_acc"].notna().all() and acc["epoch"].tolist() == epochs
+    # concept = the final net's class for the best stimulus
+    runs = pd.read_csv(out / "runs.csv")
+    with np.load(tiny_run.results / "am" / runs["run_dir"].iloc[0] / "best.npz") as z:
+        probs = final.class_probs(torch.from_numpy(z["image"])[None]).numpy()[0]
+    assert runs["concept"].iloc[0] == probs.argmax()
+    assert runs["concept_prob"].iloc[0] == pytest.approx(probs.max(), rel=1e-5)
+    stimuli = pd.read_csv(out / "stimuli.csv")
+    assert len(stimuli) == len(epochs) * len(GENERATORS) * len(TARGETS)  # best over methods
+    best = runs.groupby(["epoch", "generator", "target"])["best_activation"].max()
+    np.testing.assert_allclose(stimuli.set_index(["epoch", "generator", "target"])["best_activation"],
+                               best.loc[stimuli.set_index(["epoch", "generator", "target"]).index])
+
+
+def test_analyze_without_am_results_is_one_line_error(project, snn_checkpoints, tmp_path):
+    _, src = project
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepared").symlink_to(src.prepared, target_is_directory=True)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "snn").symlink_to(src.snn_dir, target_is_directory=True)
+    write_params(tmp_path, {"prepare": TINY_PREPARE})
+    proc = run_cli("analyze", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "summary.csv" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("report", cwd=tmp_path)
+    assert proc.returncode == 2 and "spikemax analyze" in proc.stderr
 
 
 def test_mlflow_analysis_run_and_am_tags(tiny_run):
@@ -133,7 +158,8 @@ def test_mlflow_analysis_run_and_am_tags(tiny_run):
     from spikemax import tracking
 
     ids = json.loads((tiny_run.results / "analysis" / "mlflow.json").read_text())
-    client = mlflow.MlflowClient(tracking.tracking_uri(tiny_run.root))
+    assert ids["tracking_uri"] == f"sqlite:///{(tiny_run.root / 'mlruns' / 'mlflow.db').resolve()}"
+    client = mlflow.MlflowClient(ids["tracking_uri"])
     run = client.get_run(ids["run_id"])
     assert "claim1_early_selectivity.frac_selective_by_early_epoch" in run.data.metrics
     assert ids["am_runs_missing"] == 0 and ids["am_runs_tagged"] > 0

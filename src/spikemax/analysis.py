@@ -98,17 +98,6 @@ def selective_fraction_by_epoch(first: Sequence[int | None], epochs: Sequence[in
 # ---- dataset responses over all checkpoints ---------------------------------------------
 
 
-def batched_layer_rates(net: Any, images: Any, batch_size: int) -> dict[str, np.ndarray]:
-    """layer_rates over the images in batches (memory stays flat), concatenated per layer."""
-    from spikemax.neurons import layer_rates
-
-    parts: dict[str, list[np.ndarray]] = {}
-    for i in range(0, len(images), batch_size):
-        for layer, r in layer_rates(net, images[i : i + batch_size]).items():
-            parts.setdefault(layer, []).append(np.asarray(r, dtype=np.float64))
-    return {layer: np.concatenate(v) for layer, v in parts.items()}
-
-
 def unit_stats(rates: dict[str, np.ndarray], labels: np.ndarray, num_classes: int) -> pd.DataFrame:
     """One row per unit: CSI, preferred class, lifetime sparseness, dataset max and mean rate."""
     frames = []
@@ -131,6 +120,7 @@ def dataset_selectivity(ckpts: dict[int, Path], images: Any, labels: np.ndarray,
     """Unit stats for every checkpoint epoch, and the spiking layers in depth order."""
     import torch
 
+    from spikemax.neurons import layer_rates
     from spikemax.snn import load_snn
 
     frames, layers = [], []
@@ -139,7 +129,7 @@ def dataset_selectivity(ckpts: dict[int, Path], images: Any, labels: np.ndarray,
         net.eval()
         layers = list(net.spiking_layers())
         with torch.no_grad():
-            rates = batched_layer_rates(net, images, batch_size)
+            rates = {k: np.asarray(v, dtype=np.float64) for k, v in layer_rates(net, images, batch_size=batch_size).items()}
         df = unit_stats(rates, labels, num_classes)
         df.insert(0, "epoch", epoch)
         frames.append(df)
