@@ -563,7 +563,9 @@ class _Stage:
         summary = {"best_activation": res.best_response, "queries_to_95": q95, "dataset_max": dataset_max,
                    "am_gain": gain, "queries_saved": saved, "n_queries": res.n_queries, "wall_s": res.wall_s,
                    **extras}
-        self.client.log_batch(op.run_id, metrics=_metric_batch(summary))
+        # best_activation is already the last point of its per-query curve (MLflow shows the latest).
+        self.client.log_batch(op.run_id, metrics=_metric_batch(
+            {k: v for k, v in summary.items() if k != "best_activation"}))
         for name in ("best_stimulus.png", "convergence.png"):
             if (run_dir / name).is_file():
                 self.client.log_artifact(op.run_id, str(run_dir / name))

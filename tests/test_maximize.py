@@ -1,0 +1,211 @@
+"""The `maximize` stage on real tiny checkpoints: outputs, MLflow layout, resume, SIGKILL, bad params."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from spikemax import params as P
+from spikemax import tracking
+from spikemax.loop import SUMMARY_COLUMNS, plan, run_stage
+
+from .conftest import write_params
+
+
+def _project_copy(root: Path, project, maximize: dict) -> tuple[P.Params, P.Paths]:
+    """A fresh project dir sharing the fixture's prepared data and models, with its own outputs."""
+    params, paths = project
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    for link, target in ((root / "data" / "prepared", paths.prepared), (root / "models", paths.root / "models")):
+        if not link.exists():
+            link.symlink_to(target)
+    path = write_params(root, {"prepare": params.prepare.model_dump(), "maximize": maximize})
+    return P.load(path, root=root)
+
+
+@pytest.fixture(autouse=True)
+def _own_store(monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: keep one test's store out of the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def models(project, snn_checkpoints, generator_checkpoints):
+    """Both tiny generators and the tiny SNN's checkpoints (epochs 0..2) in `project`."""
+    return project
+
+
+def _runs(root: Path) -> list:
+    uri = tracking.tracking_uri(root)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], max_results=10000)
+
+
+SMALL = {"epochs": [0, -1], "generators": ["sngan", "vqvae"], "targets": ["class:0", "class:3"],
+         "units_per_layer": 1, "methods": ["tt", "random"], "seeds": [0], "budget": 48, "batch": 16}
+
+
+@pytest.mark.slow
+def test_stage_outputs_mlflow_layout_and_rerun_skips(tmp_path, models):
+    params, paths = _project_copy(tmp_path / "p", models, SMALL)
+    pl = plan(params, paths)
+    n_targets = len(pl.targets)
+    assert pl.epochs == [0, 2] and n_targets == 2 + 4  # 2 classes + 1 unit from each of 4 layers (out:K may dedupe)
+    metrics = run_stage(params, paths)
+    n = 2 * 2 * n_targets * 2
+    assert metrics["n_runs"] == n and metrics["n_failed"] == 0
+
+    am = paths.results / "am"
+    df = pd.read_csv(am / "summary.csv")
+    assert list(df.columns) == SUMMARY_COLUMNS and len(df) == n and df["run_key"].is_unique
+    assert (df["n_queries"] == 48).all() and (df["budget"] == 48).all()
+    assert set(df["layer"]) == {"out", "lif1", "lif2", "fc_lif1"}
+    for _, row in df.iterrows():
+        d = am / row["run_dir"]
+        q = pd.read_parquet(d / "queries.parquet")
+        assert list(q.columns) == ["query", "batch", "indices", "response", "elapsed_s"]
+        assert q["query"].tolist() == list(range(48)) and q["batch"].max() == 2
+        assert row["best_activation"] == pytest.approx(q["response"].max())
+        with np.load(d / "best.npz") as z:
+            assert z["image"].dtype == np.float32 and z["image"].shape == (1, 28, 28)
+            assert z["indices"].dtype == np.int64
+        assert (d / "best_stimulus.png").is_file() and (d / "convergence.png").is_file()
+        assert row["dataset_max"] >= 0 and 1 <= row["queries_to_95"] <= 48
+    for g in ("sngan", "vqvae"):
+        for m in ("tt", "random"):
+            assert (am / f"stimuli_{g}_{m}.png").is_file()
+    assert json.loads((paths.metrics / "am.json").read_text())["n_runs"] == n
+    # Warm start: every epoch-2 TT run starts from its epoch-0 state; the others start cold.
+    warm = {json.loads((am / r / "summary.json").read_text())["warm_start_from"] for r in
+            df[(df.method == "tt") & (df.epoch == 2)]["run_dir"]}
+    assert "" not in warm and len(warm) == 2 * n_targets
+    assert (df[(df.method != "tt") | (df.epoch == 0)]["queries_saved"] == 0).all()
+
+    runs = _runs(paths.root)
+    parents = [r for r in runs if tracking.RUN_KEY_TAG not in r.data.tags]
+    nested = [r for r in runs if tracking.RUN_KEY_TAG in r.data.tags]
+    assert len(parents) == 1 and len(nested) == n
+    client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
+    r = next(r for r in nested if r.info.run_id == df.iloc[0]["run_id"])
+    assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    for k in ("method", "rank", "grid_n", "budget", "batch", "epoch", "target", "generator", "seed"):
+        assert k in r.data.params
+    for k in ("best_activation", "queries_to_95", "dataset_max", "am_gain"):
+        assert k in r.data.metrics
+    for key in ("activation", "best_activation"):
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key))[-1] == 47
+        assert len(client.get_metric_history(r.info.run_id, key)) == 48
+    assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {
+        "queries.parquet", "best_stimulus.png", "convergence.png"}
+
+    # A rerun finds every combination finished (by run tag) and runs nothing.
+    again = run_stage(params, paths)
+    assert again["queries_run"] == 0 and again["n_runs"] == n
+    assert len([r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]) == n
+    pd.testing.assert_frame_equal(pd.read_csv(am / "summary.csv"), df)
+
+
+def test_bad_params_fail_before_any_run(tmp_path, models):
+    base = {**SMALL, "epochs": [0]}
+    cases = {
+        "unknown target": ({"targets": ["lif9:0"]}, "lif9"),
+        "unit out of range": ({"targets": ["class:99"]}, "class:99"),
+        "epoch without checkpoint": ({"epochs": [0, 7]}, "epoch 7"),
+    }
+    for i, (case, (change, needle)) in enumerate(cases.items()):
+        params, paths = _project_copy(tmp_path / f"p{i}", models, {**base, **change})
+        with pytest.raises(P.ParamsError) as err:
+            run_stage(params, paths)
+        msg = str(err.value)
+        assert needle in msg and "\n" not in msg, case
+        assert not paths.mlruns.exists() and not paths.results.exists(), case
+    for change, needle in (({"methods": ["tt", "hillclimb"]}, "methods"), ({"generators": ["biggan"]}, "generators"),
+                           ({"budget": 0}, "budget")):
+        with pytest.raises(P.ParamsError, match=needle):
+            P.validate({"maximize": {**base, **change}})
+
+
+def test_bad_params_via_cli_is_one_line(tmp_path, models):
+    from .conftest import run_cli
+
+    _project_copy(tmp_path / "p", models, {**SMALL, "targets": ["nope:1"]})
+    res = run_cli("maximize", cwd=tmp_path / "p")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0]
+    assert not (tmp_path / "p" / "mlruns").exists()
+    write_params(tmp_path / "p", {"maximize": {**SMALL, "budget": -5}})
+    res = run_cli("maximize", cwd=tmp_path / "p")
+    assert res.returncode == 2 and "budget" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
+    budget, batch = 300, 10
+    cfg = {"epochs": [-1], "generators": ["vqvae"], "targets": ["class:1", "class:2", "lif2:0"],
+           "methods": ["random", "tt"], "seeds": [0], "budget": budget, "batch": batch}
+    params, paths = _project_copy(tmp_path / "p", models, cfg)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "spikemax.cli", "maximize"], cwd=paths.root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    am = paths.results / "am"
+    deadline = time.time() + 240
+    try:
+        # Kill once the first group (random) has finished and the second (tt) has flushed a few batches.
+        while time.time() < deadline and proc.poll() is None:
+            finished = list(am.glob("runs/*/summary.json"))
+            parts = list(am.glob("runs/*_tt_*/queries.parts/*.parquet"))
+            if len(finished) >= 3 and len(parts) >= 3 * 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"stage ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
+    runs = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
+    finished_before = {r.data.tags[tracking.RUN_KEY_TAG]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
+    killed = [r for r in runs if r.info.status == "RUNNING"]
+    assert len(finished_before) == 3 and killed
+    n_checked = 0
+    for r in killed:
+        table = tracking.read_queries(am / "runs" / r.data.tags[tracking.RUN_KEY_TAG])
+        stored = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "activation")}
+        # Every query in the table is in the store with the same value; the store may be one batch
+        # ahead (killed between its write and the table's), never behind.
+        assert set(table["query"]) <= set(stored)
+        assert len(stored) - len(table) in (0, batch)
+        assert len(stored) < budget
+        np.testing.assert_allclose([stored[q] for q in table["query"]], table["response"])
+        n_checked += len(table)
+    assert n_checked >= 3 * batch
+
+    metrics = run_stage(params, paths)  # resume
+    assert metrics["n_runs"] == 6 and metrics["n_failed"] == 0
+    runs = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags[tracking.RUN_KEY_TAG] for r in done) == sorted(
+        pd.read_csv(am / "summary.csv")["run_key"])  # one FINISHED run per combination
+    assert {r.data.tags[tracking.RUN_KEY_TAG]: r.info.run_id for r in done if
+            r.data.tags[tracking.RUN_KEY_TAG] in finished_before} == finished_before  # not rerun
+    for r in killed:
+        assert client.get_run(r.info.run_id).info.status == "FAILED"
+    df = pd.read_csv(am / "summary.csv")
+    assert len(df) == 6 and (df["n_queries"] == budget).all()
