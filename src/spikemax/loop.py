@@ -310,7 +310,7 @@ def resolve_targets(m: Any, layers: dict[str, int]) -> list[Target]:
 
 def _optimizer_options(m: Any, method: str) -> dict[str, Any]:
     if method == "tt":
-        return {k: getattr(m.tt, k) for k in ("rank", "elite", "lr", "steps", "local", "qtt")}
+        return m.tt.model_dump()
     if method == "ngopt":
         return {"budget": m.budget}
     return {}

@@ -93,11 +93,13 @@ class GeneratorsParams(Section):
 class TTOptions(Section):
     """Options of the Tensor-Train maximizer used by the AM stage."""
 
+    # Defaults = the TT optimizer's own (tuned on benchmarks/bench_optimizers.py).
     rank: int = Field(5, ge=1)
-    elite: int = Field(10, ge=1)
-    lr: float = Field(0.05, gt=0.0)
+    elite: int = Field(4, ge=1)
+    lr: float = Field(0.2, gt=0.0)
     steps: int = Field(1, ge=1)
-    local: float = Field(0.0, ge=0.0, le=1.0)
+    local: float = Field(0.8, ge=0.0, le=1.0)
+    ordinal: float = Field(0.5, ge=0.0, le=1.0)
     qtt: bool = False
 
 
