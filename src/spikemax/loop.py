@@ -632,6 +632,15 @@ class _Stage:
                 out.append(path)
         return out
 
+    def prune(self) -> None:
+        """Drop run dirs of other params (results/am mirrors the current plan; MLflow keeps them all)."""
+        import shutil
+
+        keys = {c.key for c in self.plan.combos}
+        for d in (self.am_dir / "runs").glob("*"):
+            if d.is_dir() and d.name not in keys:
+                shutil.rmtree(d, ignore_errors=True)
+
     def write_metrics(self, df: Any, wall_s: float, n_queries_run: int) -> dict:
         out: dict[str, Any] = {"n_runs": int(len(df)), "n_planned": len(self.plan.combos),
                                "n_failed": len(self.failed), "wall_s": round(wall_s, 2),
@@ -745,6 +754,7 @@ def run_stage(params: "Params", paths: "Paths") -> dict:
         wall = time.perf_counter() - t0
         if status == "FINISHED":
             st.write_grids()
+            st.prune()
         metrics = st.write_metrics(df, wall, n_run)
         st.client.log_batch(st.parent_id, metrics=_metric_batch(
             {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}))
