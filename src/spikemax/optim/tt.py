@@ -86,10 +86,15 @@ def tt_sample(G: np.ndarray, Z: np.ndarray, u: np.ndarray) -> np.ndarray:
     I = np.empty((b, d), dtype=np.int64)
     Q = np.ones((b, r))
     rows = np.arange(b)
+    binary = N == 2
     for k in range(d):
         A = (Q @ Gflat[k]).reshape(b, N, r)
-        c = np.cumsum(A @ Z[k + 1], axis=1)
-        i = np.minimum((c < u[:, k : k + 1] * c[:, -1:]).sum(axis=1), N - 1)
+        p = A @ Z[k + 1]
+        if binary:  # one comparison instead of a cumulative sum
+            i = (u[:, k] * (p[:, 0] + p[:, 1]) >= p[:, 0]).astype(np.int64)
+        else:
+            c = p.cumsum(axis=1)
+            i = np.minimum((c < u[:, k : k + 1] * c[:, -1:]).sum(axis=1), N - 1)
         I[:, k] = i
         Q = A[rows, i]
         if k % _RENORM_EVERY == 0:
@@ -143,9 +148,16 @@ def tt_grad_loglik(
 
 def elite_rows(X: np.ndarray, v: np.ndarray, k: int) -> np.ndarray:
     """Rows of the k largest v among distinct points of X (a repeated point would collapse the model)."""
-    order = np.argsort(-v, kind="stable")
-    _, first = np.unique(X[order], axis=0, return_index=True)
-    return order[np.sort(first)[:k]]
+    seen: set[bytes] = set()
+    keep = []
+    for j in np.argsort(-v, kind="stable"):
+        key = X[j].tobytes()
+        if key not in seen:
+            seen.add(key)
+            keep.append(j)
+            if len(keep) == k:
+                break
+    return np.asarray(keep, dtype=np.int64)
 
 
 class Adam:
@@ -278,9 +290,9 @@ class TTOptimizer(Optimizer):
         P = parents[pick].copy()
         d, n = self.d, self.n[None, :]
         # Power-law count of changed coordinates: mostly 1-2, occasionally many (escapes).
-        m = np.minimum(np.floor(self.rng.pareto(1.0, k) + 1), d).astype(np.int64)
-        ranks = np.argsort(self.rng.random((k, d)), axis=1).argsort(axis=1)
-        change = ranks < m[:, None]
+        m = np.minimum(np.floor(self.rng.pareto(1.0, k) + 1), d)
+        change = self.rng.random((k, d)) < ((m - 1) / d)[:, None]  # about m coordinates:
+        change[np.arange(k), self.rng.integers(0, d, k)] = True  # m - 1 by chance, one surely
         span = np.log(np.maximum(n // 2, 1))
         step = np.maximum(np.floor(np.exp(self.rng.random((k, d)) * span)), 1).astype(np.int64)
         step *= self.rng.choice(np.array([-1, 1]), (k, d))
