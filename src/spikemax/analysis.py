@@ -573,6 +573,14 @@ def _show(ax: Any, pix: np.ndarray) -> None:
     ax.set_yticks([])
 
 
+def _integer_epochs(*axes: Any) -> None:
+    """Epoch axes show whole epochs only."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def fig_accuracy_selectivity(epochs_t: pd.DataFrame, units: pd.DataFrame, layers: list[str], threshold: float,
                              path: Path) -> None:
     """Claim 2: test accuracy, mean CSI per layer and fraction selective per layer vs epoch."""
@@ -596,6 +604,7 @@ def fig_accuracy_selectivity(epochs_t: pd.DataFrame, units: pd.DataFrame, layers
     axes[1].set(xlabel="epoch", ylabel="mean CSI", title="mean CSI per layer")
     axes[2].set(xlabel="epoch", ylabel=f"fraction CSI > {threshold}", title="selective units per layer")
     axes[1].legend(fontsize=8)
+    _integer_epochs(*axes)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -613,6 +622,7 @@ def fig_first_selective(first: pd.DataFrame, epochs: list[int], layers: list[str
     ax.set(xlabel="epoch", ylabel=f"fraction with CSI > {threshold} so far", ylim=(-0.02, 1.02),
            title="first epoch of selectivity (cumulative)")
     ax.legend(fontsize=8)
+    _integer_epochs(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -633,6 +643,7 @@ def fig_am_gain(runs: pd.DataFrame, layers: list[str], path: Path) -> None:
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set(xlabel="epoch", ylabel="AM best / dataset max", title=f"AM gain {title}")
         ax.legend(fontsize=8)
+        _integer_epochs(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -671,15 +682,13 @@ def fig_evolution(traj: pd.DataFrame, generator: str, targets: list[str], pixels
                 continue
             _show(ax, pixels[r["run_key"]])
             mark = " *" if r["concept_changed"] else ""
-            ax.set_title(f"{classes[int(r['concept'])][:10]} {r['concept_prob']:.2f}{mark}\nact {r['best_activation']:.3g}",
-                         fontsize=7, color="red" if mark else "black")
-            if i == 0:
-                ax.text(0.5, 1.45, f"epoch {e}", transform=ax.transAxes, ha="center", fontsize=9, weight="bold")
+            ax.set_title(f"e{e}: {classes[int(r['concept'])][:10]} {r['concept_prob']:.2f}{mark}\n"
+                         f"act {r['best_activation']:.3g}", fontsize=7, color="red" if mark else "black")
             if j == 0:
                 ax.set_ylabel(tg, fontsize=8)
     fig.suptitle(f"{generator}: optimal stimulus per epoch\n(concept under the final SNN, its probability; "
                  "* = changed)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the two-line suptitle
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
