@@ -17,7 +17,7 @@ import pytest
 
 from spikemax import params as P
 from spikemax import tracking
-from spikemax.loop import SUMMARY_COLUMNS, plan, run_stage
+from spikemax.loop import SUMMARY_COLUMNS, plan, resolve_targets, run_stage
 
 from .conftest import write_params
 
@@ -55,8 +55,9 @@ def _runs(root: Path) -> list:
     return client.search_runs([exp.experiment_id], max_results=10000)
 
 
-SMALL = {"epochs": [0, -1], "generators": ["sngan", "vqvae"], "targets": ["class:0", "class:3"],
-         "units_per_layer": 1, "methods": ["tt", "random"], "seeds": [0], "budget": 48, "batch": 16}
+SMALL = {"epochs": [0, -1], "generators": ["sngan", "vqvae"], "targets": ["class:0", "lif1:0"],
+         "units_per_layer": 0, "methods": ["tt", "random"], "seeds": [0], "budget": 48,
+         "batch": 16}
 
 
 @pytest.mark.slow
@@ -64,7 +65,7 @@ def test_stage_outputs_mlflow_layout_and_rerun_skips(tmp_path, models):
     params, paths = _project_copy(tmp_path / "p", models, SMALL)
     pl = plan(params, paths)
     n_targets = len(pl.targets)
-    assert pl.epochs == [0, 2] and n_targets == 2 + 4  # 2 classes + 1 unit from each of 4 layers (out:K may dedupe)
+    assert pl.epochs == [0, 2] and n_targets == 2
     metrics = run_stage(params, paths)
     n = 2 * 2 * n_targets * 2
     assert metrics["n_runs"] == n and metrics["n_failed"] == 0
@@ -73,7 +74,7 @@ def test_stage_outputs_mlflow_layout_and_rerun_skips(tmp_path, models):
     df = pd.read_csv(am / "summary.csv")
     assert list(df.columns) == SUMMARY_COLUMNS and len(df) == n and df["run_key"].is_unique
     assert (df["n_queries"] == 48).all() and (df["budget"] == 48).all()
-    assert set(df["layer"]) == {"out", "lif1", "lif2", "fc_lif1"}
+    assert set(df["layer"]) == {"out", "lif1"}
     for _, row in df.iterrows():
         d = am / row["run_dir"]
         q = pd.read_parquet(d / "queries.parquet")
@@ -119,6 +120,22 @@ def test_stage_outputs_mlflow_layout_and_rerun_skips(tmp_path, models):
     pd.testing.assert_frame_equal(pd.read_csv(am / "summary.csv"), df)
 
 
+def test_targets_class_star_sampled_units_and_dedup():
+    layers = {"lif1": 4, "lif2": 8, "fc_lif1": 32, "out": 10}
+    m = P.MaximizeParams(targets=["class:*", "out:3", "lif2:5"], units_per_layer=3, target_seed=1)
+    ts = resolve_targets(m, layers)
+    names = [t.name for t in ts]
+    assert names[:10] == [f"class:{k}" for k in range(10)] and names[10] == "lif2:5"
+    assert len(names) == len(set(names))  # out:3 is class:3; a sampled lif2:5 is not repeated
+    for layer in ("lif1", "lif2", "fc_lif1"):
+        assert 3 <= sum(t.layer == layer for t in ts) <= 4
+    assert [t.name for t in resolve_targets(m, layers)] == names  # the seed fixes the sample
+    other = resolve_targets(m.model_copy(update={"target_seed": 2}), layers)
+    assert [t.name for t in other] != names
+    with pytest.raises(P.ParamsError, match="lif3"):
+        resolve_targets(P.MaximizeParams(targets=["lif3:0"]), layers)
+
+
 def test_bad_params_fail_before_any_run(tmp_path, models):
     base = {**SMALL, "epochs": [0]}
     cases = {
@@ -148,15 +165,12 @@ def test_bad_params_via_cli_is_one_line(tmp_path, models):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0]
     assert not (tmp_path / "p" / "mlruns").exists()
-    write_params(tmp_path / "p", {"maximize": {**SMALL, "budget": -5}})
-    res = run_cli("maximize", cwd=tmp_path / "p")
-    assert res.returncode == 2 and "budget" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
 def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
-    budget, batch = 300, 10
-    cfg = {"epochs": [-1], "generators": ["vqvae"], "targets": ["class:1", "class:2", "lif2:0"],
+    budget, batch = 200, 8
+    cfg = {"epochs": [-1], "generators": ["vqvae"], "targets": ["class:1", "lif2:0"],
            "methods": ["random", "tt"], "seeds": [0], "budget": budget, "batch": batch}
     params, paths = _project_copy(tmp_path / "p", models, cfg)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -169,7 +183,7 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
         while time.time() < deadline and proc.poll() is None:
             finished = list(am.glob("runs/*/summary.json"))
             parts = list(am.glob("runs/*_tt_*/queries.parts/*.parquet"))
-            if len(finished) >= 3 and len(parts) >= 3 * 3:
+            if len(finished) >= 2 and len(parts) >= 2 * 3:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, f"stage ended before it could be killed: {proc.stderr.read()[-2000:]}"
@@ -183,7 +197,7 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
     runs = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
     finished_before = {r.data.tags[tracking.RUN_KEY_TAG]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
     killed = [r for r in runs if r.info.status == "RUNNING"]
-    assert len(finished_before) == 3 and killed
+    assert len(finished_before) == 2 and killed
     n_checked = 0
     for r in killed:
         table = tracking.read_queries(am / "runs" / r.data.tags[tracking.RUN_KEY_TAG])
@@ -195,10 +209,10 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
         assert len(stored) < budget
         np.testing.assert_allclose([stored[q] for q in table["query"]], table["response"])
         n_checked += len(table)
-    assert n_checked >= 3 * batch
+    assert n_checked >= 2 * 2 * batch
 
     metrics = run_stage(params, paths)  # resume
-    assert metrics["n_runs"] == 6 and metrics["n_failed"] == 0
+    assert metrics["n_runs"] == 4 and metrics["n_failed"] == 0
     runs = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
     done = [r for r in runs if r.info.status == "FINISHED"]
     assert sorted(r.data.tags[tracking.RUN_KEY_TAG] for r in done) == sorted(
@@ -208,4 +222,4 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
     for r in killed:
         assert client.get_run(r.info.run_id).info.status == "FAILED"
     df = pd.read_csv(am / "summary.csv")
-    assert len(df) == 6 and (df["n_queries"] == budget).all()
+    assert len(df) == 4 and (df["n_queries"] == budget).all()
