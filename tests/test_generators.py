@@ -165,3 +165,34 @@ def test_check_scores_generators_with_final_snn(request, project, generator_chec
         assert 0.0 < res["mean_top_prob"] <= 1.0
     assert 0 < saved["vqvae"]["test_recon_mse"] < 0.2
     assert out["snn_epoch"] == saved["snn_epoch"]
+
+
+PAPER_SCALE = {
+    "sngan": {"latent_dim": 128, "grid_n": 64, "width": 128},
+    "vqvae": {"codes": 512, "code_dim": 64, "width": 128, "downsample": 2},
+}
+
+
+@pytest.mark.parametrize("name, d, n", [("sngan", 128, 64), ("vqvae", 64, 512)])
+def test_paper_scale_cifar10_settings_build_the_paper_grids(name, d, n):
+    from spikemax import params as P
+    from spikemax.generators import build
+
+    params = P.validate({"prepare": {"dataset": "cifar10"}, "generators": PAPER_SCALE})
+    meta = {"shape": [3, 32, 32], "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
+    g = build(name, params, meta).eval().grid()
+    assert (g.d, g.n) == (d, n)
+    x = g.decode(g.random_indices(2))
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    if name == "vqvae":
+        assert g.encode(x).shape == (2, 64)
+
+
+def test_image_sides_must_fit_the_architecture():
+    from spikemax import params as P
+    from spikemax.generators import build
+
+    meta = {"shape": [1, 30, 30], "mean": [0.5], "std": [0.5]}
+    for name in NAMES:
+        with pytest.raises(SpikemaxError, match="divisible by 4"):
+            build(name, P.validate({}), meta)

@@ -59,10 +59,11 @@ class SNGANParams(Section):
 
     latent_dim: int = Field(16, ge=1)
     grid_n: int = Field(16, ge=2)
-    width: int = Field(64, ge=4)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-4, gt=0.0)
+    width: int = Field(32, ge=4)
+    ema: float = Field(0.995, ge=0.0, lt=1.0)  # decode with an EMA of generator weights (0: off)
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-4, gt=0.0)  # generator; the critic uses 2x
     seed: int = Field(0, ge=0)
 
 

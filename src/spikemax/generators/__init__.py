@@ -77,7 +77,7 @@ def build(name: str, params: Params, meta: dict) -> Any:
     common = {"shape": list(meta["shape"]), "mean": list(meta["mean"]), "std": list(meta["std"]), "name": name}
     if _check_name(name) == "sngan":
         s = g.sngan
-        return _module_class(name)(latent_dim=s.latent_dim, grid_n=s.grid_n, width=s.width, lr=s.lr, **common)
+        return _module_class(name)(latent_dim=s.latent_dim, grid_n=s.grid_n, width=s.width, lr=s.lr, ema=s.ema, **common)
     v = g.vqvae
     return _module_class(name)(codes=v.codes, code_dim=v.code_dim, width=v.width, downsample=v.downsample,
                                commitment=v.commitment, decay=v.decay, lr=v.lr, **common)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import copy
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -32,8 +34,9 @@ class Generator(nn.Module):
         self.fc = nn.Linear(latent_dim, 2 * width * (h // 4) * (w // 4))
         self.body = nn.Sequential(
             nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.ConvTranspose2d(width, width // 2, 4, 2, 1), nn.BatchNorm2d(width // 2), nn.ReLU(),
+            # Nearest upsampling + 3x3 conv: no checkerboard artifacts of strided transposed convs.
+            nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Upsample(scale_factor=2), nn.Conv2d(width, width // 2, 3, 1, 1), nn.BatchNorm2d(width // 2), nn.ReLU(),
             nn.Conv2d(width // 2, c, 3, 1, 1), nn.Sigmoid(),
         )
 
@@ -64,14 +67,22 @@ class Discriminator(nn.Module):
 class SNGAN(L.LightningModule):
     """Hinge-loss GAN with one D step per G step (manual optimization)."""
 
-    def __init__(self, latent_dim: int = 16, grid_n: int = 16, width: int = 64, lr: float = 2e-4,
-                 shape: Sequence[int] = (1, 28, 28), mean: Sequence[float] = (0.0,),
+    def __init__(self, latent_dim: int = 16, grid_n: int = 16, width: int = 32, lr: float = 5e-4,
+                 ema: float = 0.995, shape: Sequence[int] = (1, 28, 28), mean: Sequence[float] = (0.0,),
                  std: Sequence[float] = (1.0,), name: str = "sngan") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.generator = Generator(latent_dim, width, shape)
-        self.discriminator = Discriminator(width, shape)
+        self.discriminator = Discriminator(2 * width, shape)
+        # Decoding uses an exponential moving average of the generator's weights: on a short CPU
+        # budget it is far smoother than the last iterate (ema = 0 decodes the raw generator).
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
+
+    @property
+    def decoder(self) -> Generator:
+        """The network the grid decodes with: the EMA generator unless ema = 0."""
+        return self.generator_ema if self.hparams.ema > 0 else self.generator
 
     def configure_optimizers(self):
         lr = self.hparams.lr
@@ -96,23 +107,35 @@ class SNGAN(L.LightningModule):
         opt_g.zero_grad()
         self.manual_backward(loss_g)
         opt_g.step()
+        self._update_ema()
         self.log_dict({"loss_d": loss_d, "loss_g": loss_g}, on_step=False, on_epoch=True, prog_bar=True)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.hparams.ema
+        # Early on a 0.999 average would mostly remember the random init: warm it up.
+        decay = min(decay, (1 + self.global_step) / (10 + self.global_step))
+        for pe, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            pe.lerp_(p, 1 - decay)
+        for be, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            be.copy_(b)  # BatchNorm stats for per-epoch samples; recalibrate() sets exact ones
 
     @torch.no_grad()
     def recalibrate(self, batches: int = 20, batch_size: int = 256) -> None:
         """Recompute BatchNorm running stats as exact means over fresh latents (eval-mode decode)."""
-        bns = [m for m in self.generator.modules() if isinstance(m, nn.BatchNorm2d)]
+        net = self.decoder
+        bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
         old = [m.momentum for m in bns]
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # cumulative average
-        self.generator.train()
+        net.train()
         gen = torch.Generator().manual_seed(12345)
         for _ in range(batches):
-            self.generator(torch.randn(batch_size, self.hparams.latent_dim, generator=gen))
+            net(torch.randn(batch_size, self.hparams.latent_dim, generator=gen))
         for m, mom in zip(bns, old):
             m.momentum = mom
-        self.generator.eval()
+        net.eval()
 
     def grid(self) -> "SNGANGrid":
         """The searchable grid of this model's current weights."""
@@ -126,7 +149,7 @@ class SNGANGrid(LatentGrid):
 
     def __init__(self, model: SNGAN) -> None:
         hp = model.hparams
-        super().__init__(model.generator, hp.latent_dim, hp.grid_n, hp.shape, hp.mean, hp.std)
+        super().__init__(model.decoder, hp.latent_dim, hp.grid_n, hp.shape, hp.mean, hp.std)
         self.values = normal_quantiles(hp.grid_n)
 
     def latents(self, indices: Tensor) -> Tensor:
