@@ -31,6 +31,7 @@ CONFIGS = [
     dict(num_steps=16),
     dict(in_shape=(3, 17, 15), num_classes=4, channels=[5, 6, 7], kernel=3, hidden=[], num_steps=9, beta=0.7),
     dict(in_shape=(1, 12, 12), channels=[3], hidden=[20, 11], num_steps=5, threshold=0.6),
+    dict(in_shape=(2, 13, 13), channels=[4, 5], kernel=4, hidden=[9], num_steps=7),
 ]
 
 
@@ -114,6 +115,8 @@ def test_surrogate_gradient_reaches_first_layer(loss):
 def test_bad_architecture_is_a_one_line_error():
     with pytest.raises(SpikemaxError, match="snn.channels"):
         ConvSNN(in_shape=(1, 8, 8), channels=[2, 2, 2, 2])
+    with pytest.raises(SpikemaxError, match=r"snn.hidden=\[0\]"):
+        ConvSNN(hidden=[0])
 
 
 def test_training_writes_epoch_checkpoints_metrics_and_mlflow_run(project, snn_checkpoints):

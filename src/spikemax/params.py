@@ -39,7 +39,7 @@ class PrepareParams(Section):
 class SNNParams(Section):
     """`train_snn` stage: architecture, neuron model and optimisation of the ConvSNN."""
 
-    channels: list[int] = Field(default_factory=lambda: [12, 32], min_length=1)
+    channels: list[int] = Field(default_factory=lambda: [8, 16], min_length=1)
     kernel: int = Field(5, ge=1)
     hidden: list[int] = Field(default_factory=lambda: [128])
     beta: float = Field(0.9, gt=0.0, le=1.0)

@@ -76,26 +76,31 @@ class ConvSNN(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        for key, sizes in (("channels", channels), ("hidden", hidden)):
+            if any(int(v) < 1 for v in sizes):
+                raise SpikemaxError(f"snn.{key}={list(sizes)}: every size must be >= 1")
         c, h, w = (int(v) for v in in_shape)
         self.num_steps = int(num_steps)
         self.num_classes = int(num_classes)
         self.classes = list(classes) if classes else [str(i) for i in range(num_classes)]
         self.blocks = nn.ModuleDict()
         units: dict[str, int] = {}
+        probe = torch.zeros(1, c, h, w)
         for i, ch in enumerate(channels, start=1):
-            self.blocks[f"lif{i}"] = nn.Sequential(
-                nn.Conv2d(c, ch, kernel, padding=kernel // 2),
-                nn.MaxPool2d(2),
-                _leaky(beta, threshold, slope),
-            )
-            c, h, w = ch, h // 2, w // 2
-            units[f"lif{i}"] = ch
-            if h < 1 or w < 1:
+            conv = nn.Conv2d(probe.shape[1], ch, kernel, padding=kernel // 2)
+            pool = nn.MaxPool2d(2)
+            with torch.no_grad():
+                size = conv(probe).shape[-2:]
+            if min(size) < 2:
                 raise SpikemaxError(
-                    f"snn.channels: {len(channels)} conv blocks pool a {in_shape[1]}x{in_shape[2]} "
-                    f"image to nothing; allowed: at most {int(math.log2(min(in_shape[1:])))} blocks"
+                    f"snn.channels: {len(channels)} conv blocks (kernel {kernel}) shrink a "
+                    f"{in_shape[1]}x{in_shape[2]} image to nothing; use fewer blocks or a smaller kernel"
                 )
-        features = c * h * w
+            with torch.no_grad():
+                probe = pool(conv(probe))
+            self.blocks[f"lif{i}"] = nn.Sequential(conv, pool, _leaky(beta, threshold, slope))
+            units[f"lif{i}"] = ch
+        features = probe[0].numel()
         for j, units_j in enumerate(hidden, start=1):
             first = j == 1
             linear = nn.Linear(features, units_j)
@@ -210,36 +215,33 @@ class ConvSNN(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=lr)
 
 
+SYNAPSE_CHUNK = 512  # images per conv call at inference: keeps each call's data in cache
+
+
 def _synapse(seq: nn.Sequential, x: Tensor, infer: bool) -> Tensor:
-    """The non-spiking part of a block, with faster CPU kernels that give the same numbers."""
+    """The non-spiking part of a block on channels-last tensors (same numbers, faster CPU kernels).
+
+    oneDNN's channels-last convolution sums in the same order as the NCHW one and per image
+    independently of the batch (the exactness tests compare against the NCHW step loop), and
+    a max pool involves no rounding; so the (T*B)-image batch may run in cache-sized chunks.
+    """
+    if infer and len(x) > SYNAPSE_CHUNK:
+        parts = x.split(SYNAPSE_CHUNK)
+        first = _synapse(seq, parts[0], infer)
+        fmt = torch.channels_last if first.dim() == 4 else torch.contiguous_format
+        out = torch.empty((len(x), *first.shape[1:]), dtype=first.dtype, device=first.device, memory_format=fmt)
+        out[: len(first)] = first
+        start = len(first)
+        for part in parts[1:]:
+            out[start : start + len(part)] = _synapse(seq, part, infer)
+            start += len(part)
+        return out
     for module in seq:
         if isinstance(module, nn.Conv2d):
-            # oneDNN's channels-last kernel is ~2x faster here and sums in the same order as the
-            # NCHW one (the exactness tests compare against the NCHW step loop).
             x = module(x.contiguous(memory_format=torch.channels_last))
-        elif infer and isinstance(module, nn.MaxPool2d) and _is_pool2(module):
-            x = _maxpool2(x)
         else:
             x = module(x)
     return x
-
-
-def _is_pool2(pool: nn.MaxPool2d) -> bool:
-    """A plain 2x2, stride-2 max pool (the only one the element-wise maximum below replaces)."""
-    return (
-        pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
-        and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
-    )
-
-
-def _maxpool2(x: Tensor) -> Tensor:
-    """2x2 max pool as three element-wise maxima (exact: a max involves no rounding)."""
-    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
-    x = x[..., :h, :w]
-    return torch.maximum(
-        torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
-        torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]),
-    )
 
 
 def _steps_like(like: Tensor, num_steps: int) -> Tensor:
