@@ -49,6 +49,7 @@ class SNNParams(Section):
     loss: Literal["ce_count", "mse_count"] = "ce_count"
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(2e-3, gt=0.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)
     seed: int = Field(0, ge=0)
