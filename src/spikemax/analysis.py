@@ -376,11 +376,14 @@ def claims(units: pd.DataFrame, first: pd.DataFrame, runs: pd.DataFrame, traj: p
     return {"claim1_early_selectivity": c1, "claim2_selectivity_and_accuracy": c2, "claim3_concept_change": c3}
 
 
-def method_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per (generator, method): runs, mean best activation and AM gain, queries to 95 %, win rate."""
+def method_table(runs: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per (generator, method): runs, mean best activation and AM gain, queries to 95 %, win rate, wall time."""
     task = ["epoch", "generator", "target", "seed"]
     best = runs.groupby(task)["best_activation"].transform("max")
     r = runs.assign(win=(runs["best_activation"] >= best).astype(float))
+    if curves is not None and len(curves):
+        # elapsed_s is cumulative per run (lock-step groups share it): the last value is the run's wall time
+        r = r.merge(curves.groupby("run_key")["elapsed_s"].max().rename("wall_s"), on="run_key", how="left")
     agg = {"runs": ("run_key", "count"), "mean_best_activation": ("best_activation", "mean"),
            "mean_am_gain": ("am_gain_dataset", "mean"), "win_rate": ("win", "mean"),
            "mean_concept_prob": ("concept_prob", "mean")}
@@ -388,6 +391,8 @@ def method_table(runs: pd.DataFrame) -> pd.DataFrame:
         agg["median_queries_to_95"] = ("queries_to_95", "median")
     if "n_queries" in r:
         agg["mean_queries"] = ("n_queries", "mean")
+    if "wall_s" in r:
+        agg["mean_wall_s"] = ("wall_s", "mean")
     return r.groupby(["generator", "method"]).agg(**agg).reset_index()
 
 
@@ -398,14 +403,21 @@ def convergence_curves(runs: pd.DataFrame, am_dir: Path) -> pd.DataFrame:
         path = am_dir / row["run_dir"] / "queries.parquet"
         if not path.is_file():
             continue
-        resp = pd.read_parquet(path, columns=["response"])["response"].to_numpy(dtype=np.float64)
+        import pyarrow.parquet as pq
+
+        # The indices column is the bulk of the file and is not needed here.
+        cols = [c for c in ("response", "elapsed_s") if c in pq.read_schema(path).names]
+        q = pd.read_parquet(path, columns=cols)
+        resp = q["response"].to_numpy(dtype=np.float64)
         resp = np.where(np.isfinite(resp), resp, -np.inf)
         best = np.maximum.accumulate(resp)
         scale = row["dataset_max"] if row["dataset_max"] > 0 else 1.0
+        elapsed = q["elapsed_s"].to_numpy(dtype=np.float64) if "elapsed_s" in q else np.full(len(q), np.nan)
         frames.append(pd.DataFrame({"run_key": row["run_key"], "generator": row["generator"], "method": row["method"],
-                                    "query": np.arange(1, len(best) + 1), "gain": best / scale}))
+                                    "query": np.arange(1, len(best) + 1), "gain": best / scale,
+                                    "elapsed_s": elapsed}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["run_key", "generator", "method", "query", "gain"])
+        columns=["run_key", "generator", "method", "query", "gain", "elapsed_s"])
 
 
 # ---- MLflow -----------------------------------------------------------------------------
@@ -521,7 +533,7 @@ def write_outputs(params: Params, paths: Paths, units: pd.DataFrame, layers: lis
     traj.to_csv(out_dir / "stimuli.csv", index=False)
     changes.to_csv(out_dir / "concept_changes.csv", index=False)
     first.to_csv(out_dir / "first_selective.csv", index=False)
-    method_table(runs).to_csv(out_dir / "methods.csv", index=False)
+    method_table(runs, curves).to_csv(out_dir / "methods.csv", index=False)
     epochs_t.to_csv(out_dir / "accuracy_by_epoch.csv", index=False)
     wide_by_layer(units, "csi", layers).to_csv(out_dir / "csi_by_epoch.csv", index=False)
     wide_by_layer(runs, "am_gain_dataset", layers).to_csv(out_dir / "am_gain_by_epoch.csv", index=False)
