@@ -1,0 +1,182 @@
+"""The activation-maximization loop on real checkpoints: logging overhead and method comparison.
+
+Run from a project root that has run `dvc repro` up to train_generator (models/snn, models/generators):
+  python benchmarks/bench_am.py --out benchmarks/results/am.json
+  python benchmarks/bench_am.py --quick            # smaller budgets, fewer neurons (smoke run)
+
+1. Overhead: the same lock-step AM loop (same seeds, so the same queries) with every query logged
+   (MLflow `log_batch` to a fresh sqlite store + the parquet query table) and with logging off;
+   overhead % = (t_logged - t_off) / t_logged, best of `--repeats` alternated runs each.
+2. Methods: `--neurons` units sampled over all spiking layers of the default (last) checkpoint, one
+   run per (method, neuron) with budget max(--budgets). Normalized best activation of a run at B
+   queries = best in its first B queries / best over every method's full run for that neuron
+   (Wang & Ponce 2022), so 1 = the best any method found. Medians per method and budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _setup(params_path: str, generator: str):
+    from spikemax import params as P
+    from spikemax import snn
+    from spikemax.data import Prepared
+    from spikemax.generators import checkpoint_path, load_generator
+
+    params, paths = P.load(params_path)
+    ckpts = snn.checkpoints(paths)
+    if not ckpts:
+        sys.exit(f"no SNN checkpoints under {paths.snn_dir}: run `dvc repro` first")
+    epoch = max(ckpts)
+    net = snn.load_snn(ckpts[epoch]).eval()
+    grid = load_generator(generator, checkpoint_path(generator, paths))
+    return params, paths, net, grid, epoch, Prepared.load(paths.prepared)
+
+
+def _neurons(net, k: int, seed: int) -> list[str]:
+    """k targets spread over every spiking layer (round-robin), reproducible."""
+    rng = np.random.default_rng(seed)
+    layers = net.spiking_layers()
+    per = {name: list(rng.permutation(units)) for name, units in layers.items()}
+    out, names = [], list(layers)
+    while len(out) < k and any(per.values()):
+        for name in names:
+            if per[name] and len(out) < k:
+                u = int(per[name].pop(0))
+                out.append(f"class:{u}" if name == "out" else f"{name}:{u}")
+    return out
+
+
+def bench_overhead(net, grid, targets, budget, batch, repeats, root: Path) -> dict:
+    """Wall time of the loop with and without per-query logging (same queries either way)."""
+    import mlflow
+
+    from spikemax import tracking
+    from spikemax.loop import run_am_group
+    from spikemax.neurons import make_responder
+    from spikemax.optim import make_optimizer
+
+    tracking.enable_fast_sqlite()  # as the maximize stage does
+    uri = tracking.configure(root)
+    client = mlflow.MlflowClient(uri)
+    eid = tracking.experiment_id(tracking.AM_EXPERIMENT, root)
+    responder = make_responder(net, targets)
+
+    def once(logged: bool) -> float:
+        opts = [make_optimizer("tt", grid.d, grid.n, seed=i) for i in range(len(targets))]
+        loggers = None
+        if logged:
+            loggers = [tracking.QueryLogger(client, client.create_run(eid).info.run_id, root / f"r{i}_{time.time_ns()}")
+                       for i in range(len(targets))]
+        t = time.perf_counter()
+        run_am_group(opts, grid, responder, budget, batch, loggers=loggers)
+        if loggers:
+            for lg in loggers:
+                lg.close()
+        return time.perf_counter() - t
+
+    once(False)  # warm-up (allocator, lazy imports)
+    on, off = [], []
+    for _ in range(repeats):
+        off.append(once(False))
+        on.append(once(True))
+    t_on, t_off = min(on), min(off)
+    n = budget * len(targets)
+    return {"targets": len(targets), "budget": budget, "batch": batch, "queries": n,
+            "wall_logged_s": round(t_on, 3), "wall_off_s": round(t_off, 3),
+            "queries_per_s_logged": round(n / t_on, 1), "queries_per_s_off": round(n / t_off, 1),
+            "overhead_pct": round(100 * (t_on - t_off) / t_on, 2),
+            "logging_ms_per_query": round(1000 * (t_on - t_off) / n, 4)}
+
+
+def bench_methods(net, grid, targets, methods, budgets, batch, seed) -> dict:
+    """Normalized best activation per method at each budget (prefixes of one run per neuron)."""
+    from spikemax.loop import run_am_group
+    from spikemax.neurons import make_responder
+
+    from spikemax.optim import make_optimizer
+
+    top = max(budgets)
+    responder = make_responder(net, targets)
+    curves: dict[str, np.ndarray] = {}
+    walls = {}
+    for method in methods:
+        opts = {"budget": top} if method == "ngopt" else {}
+        optimizers = [make_optimizer(method, grid.d, grid.n, seed=seed, **opts) for _ in targets]
+        t = time.perf_counter()
+        results = run_am_group(optimizers, grid, responder, top, batch)
+        walls[method] = round(time.perf_counter() - t, 2)
+        best = np.stack([np.fmax.accumulate(np.nan_to_num(r.responses, nan=-np.inf)) for r in results])
+        curves[method] = best  # (neurons, top)
+        print(f"  {method}: {walls[method]} s", file=sys.stderr)
+    ref = np.max(np.stack([c[:, -1] for c in curves.values()]), axis=0)  # per neuron
+    ok = ref > 0  # a neuron no method could make fire has no scale
+    out = {}
+    for method, c in curves.items():
+        out[method] = {"wall_s": walls[method]}
+        for b in budgets:
+            norm = c[ok, b - 1] / ref[ok]
+            out[method][str(b)] = {"median": round(float(np.median(norm)), 4) if ok.any() else None,
+                                   "mean": round(float(np.mean(norm)), 4) if ok.any() else None}
+    return {"targets": targets, "n_scored": int(ok.sum()), "budgets": budgets, "methods": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--generator", default="sngan")
+    ap.add_argument("--methods", default="tt,cma,random")
+    ap.add_argument("--neurons", type=int, default=None, help="default 20 (8 with --quick)")
+    ap.add_argument("--budgets", default=None, help="default 256,1024,4096 (256,1024 with --quick)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--overhead-targets", type=int, default=8)
+    ap.add_argument("--overhead-budget", type=int, default=None, help="default 512 (256 with --quick)")
+    ap.add_argument("--repeats", type=int, default=None, help="default 2 (1 with --quick)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the target machine has 2 cores)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="budgets 256,1024; 8 neurons; 1 repeat")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: overhead,methods")
+    ap.add_argument("--out", default=None, help="write results JSON here")
+    a = ap.parse_args()
+    for name, full, quick in (("budgets", "256,1024,4096", "256,1024"), ("neurons", 20, 8), ("repeats", 2, 1),
+                              ("overhead_budget", 512, 256)):
+        if getattr(a, name) is None:
+            setattr(a, name, quick if a.quick else full)
+    torch.set_num_threads(a.threads)
+    budgets = [int(b) for b in a.budgets.split(",")]
+    params, paths, net, grid, epoch, _ = _setup(a.params, a.generator)
+    targets = _neurons(net, a.neurons, a.seed)
+    result = {"checkpoint_epoch": epoch, "generator": a.generator, "grid": {"d": grid.d, "n": grid.n},
+              "threads": a.threads, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+    skip = set(filter(None, a.skip.split(",")))
+    if "overhead" not in skip:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["overhead"] = bench_overhead(net, grid, targets[: a.overhead_targets], a.overhead_budget,
+                                                a.batch, a.repeats, Path(tmp))
+        o = result["overhead"]
+        print(f"loop: {o['queries_per_s_off']} q/s without logging, {o['queries_per_s_logged']} q/s logged "
+              f"-> overhead {o['overhead_pct']} % ({o['logging_ms_per_query']} ms/query)")
+    if "methods" not in skip:
+        result["methods"] = bench_methods(net, grid, targets, a.methods.split(","), budgets, a.batch, a.seed)
+        print(f"normalized best activation (median over {result['methods']['n_scored']} neurons):")
+        print("method  " + "  ".join(f"{b:>7}" for b in budgets) + "   wall_s")
+        for m, r in result["methods"]["methods"].items():
+            print(f"{m:7} " + "  ".join(f"{r[str(b)]['median']:>7}" for b in budgets) + f"   {r['wall_s']}")
+    result["load_avg_1m_end"] = os.getloadavg()[0]
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
