@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spikemax import params as P
+
 from tests.conftest import REPO, write_params
 
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -19,7 +21,9 @@ DVC = str(Path(sys.executable).with_name("dvc"))
 def sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=600, check=True)
+    res = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, f"{' '.join(args)} -> {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
 
 
 @pytest.fixture
@@ -46,3 +50,42 @@ def test_prepare_stage_repro_then_noop(dvc_repo):
     write_params(dvc_repo, {"prepare": {"train_size": 300, "test_size": 100}})
     third = sh(DVC, "repro", cwd=dvc_repo)
     assert "Running stage 'prepare'" in third.stdout
+
+
+def tiny_pipeline_params() -> dict:
+    """Every stage of dvc.yaml at toy size: the whole pipeline in about a minute."""
+    from tests.conftest import TINY_GENERATORS, TINY_SNN
+
+    return {
+        "prepare": {"train_size": 500, "test_size": 200, "val_fraction": 0.2},
+        "snn": TINY_SNN,
+        "generators": {**TINY_GENERATORS, "check_samples": 64},
+        "maximize": {"epochs": [0, -1], "targets": ["class:1", "lif1:0"], "methods": ["tt", "random"],
+                     "budget": 32, "batch": 16},
+        "analyze": {"grid_rows": 4},
+        "tune": {"n_trials": 2, "budget": 16, "batch": 8, "neurons": 1, "grid_n": [8]},
+    }
+
+
+@pytest.mark.slow
+def test_whole_pipeline_repro_on_a_fresh_repo(dvc_repo):
+    shutil.copy(REPO / "dvc.yaml", dvc_repo / "dvc.yaml")
+    shutil.copytree(REPO / "src", dvc_repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    # DVC wants every tracked param key spelled out in params.yaml: write the defaults too.
+    write_params(dvc_repo, P.validate(tiny_pipeline_params()).model_dump(mode="json"))
+    sh("git", "add", "-A", cwd=dvc_repo)
+    sh("git", "commit", "-qm", "tiny pipeline", cwd=dvc_repo)
+    first = sh(DVC, "repro", cwd=dvc_repo)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in stages:
+        assert f"Running stage '{stage}" in first.stdout, stage
+    html = (dvc_repo / "reports" / "index.html").read_text()
+    assert "<html" in html.lower()
+    for name in ("snn.json", "generators.json", "am.json", "analysis.json", "tune.json"):
+        assert (dvc_repo / "metrics" / name).is_file(), name
+    assert (dvc_repo / "mlruns" / "mlflow.db").is_file()
+    second = sh(DVC, "repro", cwd=dvc_repo)
+    assert "Running stage" not in second.stdout
+    # DVC sees the declared metrics.
+    shown = sh(DVC, "metrics", "show", cwd=dvc_repo).stdout
+    assert "metrics/am.json" in shown and "metrics/snn.json" in shown
