@@ -21,75 +21,32 @@ from spikemax import selectivity as S
 from spikemax import report as R
 from spikemax import params as P
 from spikemax.data import Prepared
-from tests.conftest import TINY_PREPARE, run_cli, write_params
+from .conftest import TINY_GENERATORS, TINY_PREPARE, run_cli, write_params
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-TARGETS = [("lif1:0", "lif1", 0), ("lif2:3", "lif2", 3), ("fc_lif1:5", "fc_lif1", 5), ("class:1", "out", 1),
-           ("class:7", "out", 7)]
-GENERATORS = (("sngan", 8), ("vqvae", 16))
-METHODS = ("tt", "random")
-
-
-def synthetic_am_tree(root: Path, prepared: Prepared, epochs: list[int], run_ids: list[str]) -> pd.DataFrame:
-    """results/am following the maximize contract: summary.csv + per-run queries.parquet and best.npz.
-
-    Best stimuli are real test images plus noise, so the real SNN gives them real concepts.
-    """
-    rng = np.random.default_rng(0)
-    am = root / "results" / "am"
-    x_test, _ = prepared.tensors("test")
-    rows = []
-    for epoch in epochs:
-        for gen, d in GENERATORS:
-            for target, layer, unit in TARGETS:
-                for method in METHODS:
-                    key = f"e{epoch}-{gen}-{target.replace(':', '_')}-{method}-s0"
-                    run_dir = am / key
-                    run_dir.mkdir(parents=True)
-                    resp = rng.gamma(2.0, 1.0 + epoch, size=64) * (1.2 if method == "tt" else 1.0)
-                    pd.DataFrame({"query": np.arange(64), "batch": np.arange(64) // 16,
-                                  "indices": [rng.integers(0, 16, d).tolist() for _ in range(64)],
-                                  "response": resp, "elapsed_s": np.linspace(0.01, 1, 64)}).to_parquet(
-                        run_dir / "queries.parquet")
-                    image = x_test[rng.integers(len(x_test))].numpy() + rng.normal(0, 0.3, x_test.shape[1:])
-                    np.savez(run_dir / "best.npz", image=image.astype(np.float32),
-                             indices=rng.integers(0, 16, d).astype(np.int64))
-                    rows.append({"run_key": key, "run_id": run_ids[len(rows)], "epoch": epoch, "generator": gen,
-                                 "target": target, "layer": layer, "unit": unit, "method": method, "seed": 0,
-                                 "budget": 64, "n_queries": 64, "best_activation": resp.max(),
-                                 "queries_to_95": int(np.argmax(resp >= 0.95 * resp.max())) + 1,
-                                 "dataset_max": 10.0, "am_gain": resp.max() / 10.0, "queries_saved": 0,
-                                 "run_dir": key})
-    summary = pd.DataFrame(rows)
-    summary.to_csv(am / "summary.csv", index=False)
-    return summary
+AM = {"epochs": "all", "generators": ["sngan", "vqvae"], "targets": ["class:0", "class:3", "lif1:0", "fc_lif1:2"],
+      "methods": ["tt", "random"], "seeds": [0], "budget": 48, "batch": 16}
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, project, snn_checkpoints) -> P.Paths:
-    """The tiny project's real SNN checkpoints + a synthetic AM tree, through `spikemax analyze` and `report`."""
-    import mlflow
+def tiny_run(tmp_path_factory, project, snn_checkpoints, generator_checkpoints) -> P.Paths:
+    """A real tiny pipeline: the fixtures' SNN checkpoints and generators, `maximize`, then `analyze` and `report`."""
+    from spikemax.loop import run_stage as maximize
 
-    from spikemax import tracking
-
-    _, src = project
+    prep, src = project
     root = tmp_path_factory.mktemp("report")
     paths = P.Paths(root)
-    for link, target in ((paths.prepared, src.prepared), (paths.snn_dir, src.snn_dir)):
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(target, target_is_directory=True)
+    paths.prepared.parent.mkdir(parents=True)
+    paths.prepared.symlink_to(src.prepared, target_is_directory=True)
+    (root / "models").symlink_to(src.root / "models", target_is_directory=True)
     paths.metrics.mkdir()
     shutil.copy(src.metrics / "snn_epochs.csv", paths.metrics / "snn_epochs.csv")
-    write_params(root, {"prepare": TINY_PREPARE, "analyze": {"csi_threshold": 0.3, "grid_rows": 5}})
-    epochs = sorted(snn_checkpoints)
-    n_runs = len(epochs) * len(GENERATORS) * len(TARGETS) * len(METHODS)
+    path = write_params(root, {"prepare": TINY_PREPARE, "generators": TINY_GENERATORS, "maximize": AM,
+                               "analyze": {"csi_threshold": 0.3, "grid_rows": 4}})
     with pytest.MonkeyPatch.context() as mp:
-        # mlflow.set_tracking_uri (called by in-process training) exports the URI; the CLI pops it.
+        # mlflow.set_tracking_uri (in-process training) exports the URI; this project uses its own store.
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        exp = tracking.experiment_id(A.EXPERIMENT, root)
-        client = mlflow.MlflowClient(tracking.tracking_uri(root))
-        ids = [client.create_run(exp, run_name=f"am-{i}").info.run_id for i in range(n_runs)]
-    synthetic_am_tree(root, Prepared.load(paths.prepared), epochs, ids)
+        maximize(*P.load(path, root=root))
     for stage in ("analyze", "report"):
         proc = run_cli(stage, cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,7 +88,7 @@ def test_analysis_outputs_follow_contract(tiny_run, snn_checkpoints):
     assert runs["concept"].iloc[0] == probs.argmax()
     assert runs["concept_prob"].iloc[0] == pytest.approx(probs.max(), rel=1e-5)
     stimuli = pd.read_csv(out / "stimuli.csv")
-    assert len(stimuli) == len(epochs) * len(GENERATORS) * len(TARGETS)  # best over methods
+    assert len(stimuli) == len(epochs) * len(AM["generators"]) * len(AM["targets"])  # best over methods
     best = runs.groupby(["epoch", "generator", "target"])["best_activation"].max()
     np.testing.assert_allclose(stimuli.set_index(["epoch", "generator", "target"])["best_activation"],
                                best.loc[stimuli.set_index(["epoch", "generator", "target"]).index])
