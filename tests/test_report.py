@@ -8,7 +8,6 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,10 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from spikemax import analysis as A
-from spikemax import selectivity as S
-from spikemax import report as R
 from spikemax import params as P
+from spikemax import report as R
+from spikemax import selectivity as S
 from spikemax.data import Prepared
 from .conftest import TINY_GENERATORS, TINY_PREPARE, run_cli, write_params
 
@@ -111,8 +109,6 @@ def test_analyze_without_am_results_is_one_line_error(project, snn_checkpoints, 
 
 def test_mlflow_analysis_run_and_am_tags(tiny_run):
     import mlflow
-
-    from spikemax import tracking
 
     ids = json.loads((tiny_run.results / "analysis" / "mlflow.json").read_text())
     assert ids["tracking_uri"] == f"sqlite:///{(tiny_run.root / 'mlruns' / 'mlflow.db').resolve()}"
