@@ -221,5 +221,7 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
             r.data.tags[tracking.RUN_KEY_TAG] in finished_before} == finished_before  # not rerun
     for r in killed:
         assert client.get_run(r.info.run_id).info.status == "FAILED"
+    parents = [r for r in _runs(paths.root) if r.data.tags.get("spikemax.stage") == "maximize"]
+    assert sorted(r.info.status for r in parents) == ["FAILED", "FINISHED"]  # the killed one, the resume
     df = pd.read_csv(am / "summary.csv")
     assert len(df) == 4 and (df["n_queries"] == budget).all()

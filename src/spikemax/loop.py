@@ -421,6 +421,9 @@ def _finished(client: Any, eid: str, plan_: Plan, am_dir: Path) -> dict[str, dic
                 done[key] = row
         elif run.info.status == "RUNNING":
             stale.append(run.info.run_id)
+    parents = client.search_runs([eid], filter_string="tags.`spikemax.stage` = 'maximize' and status = 'RUNNING'",
+                                 max_results=1000)
+    stale += [r.info.run_id for r in parents]
     for run_id in stale:
         # Only this stage writes these runs and it is not running twice: they were interrupted.
         client.set_tag(run_id, "spikemax.failure", "interrupted (process killed before the run ended)")
