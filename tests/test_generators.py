@@ -123,6 +123,7 @@ def test_training_wrote_checkpoint_metrics_and_mlflow_run(generator_checkpoints,
     assert {"loss_d", "loss_g"} <= set(by_gen["sngan"].data.metrics)
     pngs = [a.path for a in client.list_artifacts(vq_run.info.run_id, "samples")]
     assert pngs and all(p.endswith(".png") for p in pngs)
+    assert client.list_artifacts(vq_run.info.run_id, "reconstructions")
 
 
 def test_load_generator_errors(tmp_path, generator_checkpoints):
@@ -196,3 +197,21 @@ def test_image_sides_must_fit_the_architecture():
     for name in NAMES:
         with pytest.raises(SpikemaxError, match="divisible by 4"):
             build(name, P.validate({}), meta)
+
+
+@pytest.mark.slow
+def test_cli_train_generator_end_to_end(tmp_path, project):
+    """`spikemax train-generator vqvae` as DVC runs it: checkpoint, metrics JSON, sample PNG."""
+    import shutil
+
+    from tests.conftest import TINY_GENERATORS, TINY_PREPARE, write_params
+
+    _, paths = project
+    shutil.copytree(paths.prepared, tmp_path / "data" / "prepared")
+    write_params(tmp_path, {"prepare": TINY_PREPARE, "generators": TINY_GENERATORS})
+    res = run_cli("train-generator", "vqvae", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    g = load_generator("vqvae", tmp_path / "models" / "generators" / "vqvae.ckpt")
+    assert g.d == 49 and g.n == 32
+    assert json.loads((tmp_path / "metrics" / "generator_vqvae.json").read_text())["val_recon_mse"] > 0
+    assert (tmp_path / "metrics" / "generator_vqvae_samples.png").stat().st_size > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -163,7 +164,7 @@ def check(params: Params, paths: Paths) -> dict:
 
     from spikemax import snn, tracking
     from spikemax.data import Prepared
-    from spikemax.generators.common import write_json
+    from spikemax.generators.common import save_grid, write_json
 
     g = params.generators
     ckpts = snn.checkpoints(paths)
@@ -186,6 +187,9 @@ def check(params: Params, paths: Paths) -> dict:
             if name == "vqvae":
                 res.update(_vqvae_eval(load_module(name, checkpoint_path(name, paths)), prepared, "test"))
             out[name] = res
+            with tempfile.TemporaryDirectory() as tmp:
+                png = save_grid(grid, Path(tmp) / f"{name}_check_samples.png")
+                client.log_artifact(run_id, str(png), "check")
             client.log_batch(run_id, metrics=[
                 mlflow.entities.Metric(f"{name}_{k}", float(v), int(time.time() * 1000), 0)
                 for k, v in res.items() if isinstance(v, (int, float))

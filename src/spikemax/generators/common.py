@@ -57,6 +57,18 @@ def save_grid(grid: LatentGrid, path: Path, k: int = 64, seed: int = 0) -> Path:
     return path
 
 
+@torch.no_grad()
+def save_reconstructions(model: Any, x01: torch.Tensor, path: Path) -> Path:
+    """Originals (odd rows) above their reconstructions (even rows), 8 per row, into one PNG."""
+    was_training = model.training
+    model.eval()
+    recon = model.reconstruct(x01).clamp(0, 1)
+    model.train(was_training)
+    rows = [t for i in range(0, len(x01), 8) for t in (x01[i : i + 8], recon[i : i + 8])]
+    save_image(torch.cat(rows), path, nrow=8, padding=1, pad_value=1.0)
+    return path
+
+
 class MlflowEpochLogger(L.Callback):
     """Per-epoch losses and a sample-grid PNG into one MLflow run (the project's store)."""
 
@@ -79,6 +91,10 @@ class MlflowEpochLogger(L.Callback):
         with tempfile.TemporaryDirectory() as tmp:
             png = save_grid(self.make_grid(), Path(tmp) / f"samples_epoch{epoch:03d}.png")
             self.client.log_artifact(self.run_id, str(png), "samples")
+            if hasattr(pl_module, "reconstruct") and trainer.datamodule is not None:
+                png = Path(tmp) / f"recon_epoch{epoch:03d}.png"
+                save_reconstructions(pl_module, pixels(trainer.datamodule.sets["val"].tensors)[:32], png)
+                self.client.log_artifact(self.run_id, str(png), "reconstructions")
         pl_module.train(was_training)
 
 

@@ -167,6 +167,11 @@ class VQVAE(L.LightningModule):
         zq, idx, commit, perplexity = self.quantizer(self.encoder(x01))
         return self.decoder(zq), idx, commit, perplexity
 
+    @torch.no_grad()
+    def reconstruct(self, x01: Tensor) -> Tensor:
+        """Decoded nearest-code reconstruction of [0, 1] pixels."""
+        return self.decoder(self.quantizer.lookup(self.quantizer.indices(self.encoder(x01))))
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         x = pixels(batch)
         recon, _, commit, perplexity = self(x)
