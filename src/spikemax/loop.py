@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -316,11 +317,27 @@ def _optimizer_options(m: Any, method: str) -> dict[str, Any]:
     return {}
 
 
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """Hash of the code a run's responses and queries depend on (readout, networks, optimizers)."""
+    import spikemax
+
+    pkg = Path(spikemax.__file__).parent
+    files = [pkg / "neurons.py", pkg / "snn.py", *sorted((pkg / "generators").glob("*.py")),
+             *sorted((pkg / "optim").glob("*.py"))]
+    h = hashlib.sha1()
+    for f in files:
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _config_hash(m: Any, method: str, snn_ckpt: Path, gen_ckpt: Path) -> str:
-    """Hash of everything that changes a run's result besides its key fields."""
+    """Hash of everything that changes a run's result besides its key fields (so DVC's rerun after
+    a code, checkpoint or params change never reuses a stale result, while a resume does)."""
     cfg = {"budget": m.budget, "batch": m.batch, "noise": m.noise, "target_value": m.target_value,
            "options": _optimizer_options(m, method), "warm": bool(m.warm_start and method == "tt"),
-           "snn": _digest(snn_ckpt), "gen": _digest(gen_ckpt)}
+           "snn": _digest(snn_ckpt), "gen": _digest(gen_ckpt), "code": _code_digest()}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
 
 
