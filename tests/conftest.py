@@ -78,7 +78,8 @@ def generator_checkpoints(project) -> dict[str, Path]:
     return out
 
 
-TINY_SNN = {"channels": [4, 8], "hidden": [32], "num_steps": 6, "epochs": 2, "batch_size": 64, "lr": 0.005}
+TINY_SNN = {"channels": [4, 8], "hidden": [32], "num_steps": 6, "epochs": 2, "batch_size": 64, "lr": 0.005,
+            "threads": 1}
 
 
 @pytest.fixture(scope="session")

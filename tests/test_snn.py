@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from spikemax import SpikemaxError
-from spikemax import params as P
-from spikemax.snn import ConvSNN, checkpoints, load_snn, train
+from spikemax.snn import ConvSNN, checkpoints, load_snn
 from spikemax.tracking import tracking_uri
 
-from tests.conftest import TINY_SNN, run_cli
+from tests.conftest import TINY_SNN, run_cli, write_params
 
 
 def active_net(seed: int = 0, gain: float = 2.5, **kw) -> ConvSNN:
@@ -153,15 +152,16 @@ def test_checkpoint_reproduces_recorded_test_accuracy(project, prepared, snn_che
 
 
 @pytest.mark.slow
-def test_training_is_deterministic(project, snn_checkpoints, tmp_path):
+def test_cli_training_is_deterministic(project, snn_checkpoints, tmp_path):
     params, paths = project
-    other = P.Paths(tmp_path)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "prepared").symlink_to(paths.prepared)
-    one_epoch = params.model_copy(update={"snn": P.SNNParams(**{**TINY_SNN, "epochs": 1})})
-    train(one_epoch, other)
+    write_params(tmp_path, {"prepare": params.prepare.model_dump(), "snn": {**TINY_SNN, "epochs": 1}})
+    res = run_cli("train-snn", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "models" / "snn").iterdir()) == ["epoch=000.ckpt", "epoch=001.ckpt"]
     a = torch.load(snn_checkpoints[1], weights_only=False)["state_dict"]
-    b = torch.load(checkpoints(other)[1], weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "models" / "snn" / "epoch=001.ckpt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

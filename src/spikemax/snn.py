@@ -359,6 +359,17 @@ def _build(params: Params, meta: dict) -> ConvSNN:
 
 def train(params: Params, paths: Paths) -> None:
     """The `train_snn` stage: checkpoints for epoch 0..N, metrics/snn.json and metrics/snn_epochs.csv."""
+    threads = torch.get_num_threads()
+    # Float sums (hence the trained weights) depend on the thread count: fix it for reproducibility.
+    torch.set_num_threads(params.snn.threads)
+    try:
+        _train(params, paths)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(params: Params, paths: Paths) -> None:
+    """Body of `train` (runs with the configured thread count)."""
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.loggers import MLFlowLogger
 
