@@ -31,3 +31,13 @@ def test_env_var_overrides_store(tmp_path, monkeypatch):
     other = f"sqlite:///{tmp_path}/elsewhere.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
     assert tracking.tracking_uri(tmp_path) == other
+
+
+def test_two_stores_in_one_process_stay_apart(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = tracking.configure(tmp_path / "a")
+    second = tracking.configure(tmp_path / "b")
+    assert first != second and "/b/mlruns/" in second
+    import os
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -32,13 +32,16 @@ def artifact_root(root: str | Path) -> str:
 
 
 def configure(root: str | Path) -> str:
-    """Point MLflow at the project store, creating the database once; returns the tracking URI."""
+    """Create the project store once and return its tracking URI (pass it to every client).
+
+    MLflow's global `set_tracking_uri` is left alone: it exports MLFLOW_TRACKING_URI, which would
+    pin every later store of the same process (and its subprocesses) to this one.
+    """
     import mlflow
 
     uri = tracking_uri(root)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
     # Creating the schema here, once, keeps later parallel writers from racing on migrations.
     mlflow.MlflowClient(uri).search_experiments(max_results=1)
     return uri
