@@ -493,6 +493,7 @@ class _Stage:
         self.done = _finished(self.client, self.eid, plan_, self.am_dir)
         self.failed: list[str] = []
         self.parent_id: str | None = None
+        self.logging_s = 0.0  # time inside the query loggers (the cost of logging every query)
 
     # -- runs ---------------------------------------------------------------------------------
     def open_run(self, combo: Combo, grid: Any, snn_ckpt: Path) -> _Open:
@@ -559,6 +560,7 @@ class _Stage:
         c = op.combo
         run_dir = self.am_dir / c.run_dir
         op.logger.close()
+        self.logging_s += op.logger.seconds
         q95 = res.queries_to(0.95)
         saved = 0
         if op.warm_from:
@@ -665,7 +667,9 @@ class _Stage:
         out: dict[str, Any] = {"n_runs": int(len(df)), "n_planned": len(self.plan.combos),
                                "n_failed": len(self.failed), "wall_s": round(wall_s, 2),
                                "queries_run": n_queries_run,
-                               "queries_per_s": round(n_queries_run / wall_s, 1) if wall_s > 0 else None}
+                               "queries_per_s": round(n_queries_run / wall_s, 1) if wall_s > 0 else None,
+                               "logging_s": round(self.logging_s, 2),
+                               "logging_share_pct": round(100 * self.logging_s / wall_s, 2) if wall_s > 0 else None}
         if len(df):
             out["queries_saved_warm_start"] = int(df["queries_saved"].sum())
             out["methods"] = {}

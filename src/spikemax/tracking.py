@@ -129,6 +129,7 @@ class QueryLogger:
         self.n_queries = 0
         self.n_batches = 0
         self.best = float("nan")
+        self.seconds = 0.0  # wall time spent writing (the logging overhead)
         self.t0 = time.perf_counter()
         if self.run_dir is not None:
             # A rerun of an unfinished combination starts its table afresh (its MLflow run is new too).
@@ -141,6 +142,7 @@ class QueryLogger:
         """Record one batch: indices (k, d) and responses (k,) (NaN = failed query)."""
         from mlflow.entities import Metric
 
+        t_start = time.perf_counter()
         indices = np.asarray(indices, dtype=np.int64)
         responses = np.asarray(responses, dtype=np.float64).reshape(-1)
         k = len(responses)
@@ -176,6 +178,7 @@ class QueryLogger:
         self.n_batches += 1
         if k:
             self.best = float(best[-1])
+        self.seconds += time.perf_counter() - t_start
 
     def log_stop(self, reason: str) -> None:
         """Record why the run stopped before its budget (tag `spikemax.stopped_early`)."""
@@ -188,6 +191,7 @@ class QueryLogger:
         """Merge the batch parts into queries.parquet (and log it as an artifact); returns the table."""
         if self.run_dir is None:
             return None
+        t_start = time.perf_counter()
         df = read_queries(self.run_dir)
         path = self.run_dir / "queries.parquet"
         tmp = path.with_suffix(".tmp")
@@ -196,6 +200,7 @@ class QueryLogger:
         shutil.rmtree(self.run_dir / "queries.parts", ignore_errors=True)
         if self.client is not None:
             self.client.log_artifact(self.run_id, str(path))
+        self.seconds += time.perf_counter() - t_start
         return df
 
 
