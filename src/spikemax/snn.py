@@ -245,7 +245,9 @@ def _synapse(seq: nn.Sequential, x: Tensor, infer: bool) -> Tensor:
         return out
     for module in seq:
         if isinstance(module, nn.Conv2d):
-            x = module(x.contiguous(memory_format=torch.channels_last))
+            # A 1-channel input counts as NCHW and so would its output: force channels-last, whose
+            # max-pool kernel is several times faster than the NCHW one.
+            x = module(x.contiguous(memory_format=torch.channels_last)).contiguous(memory_format=torch.channels_last)
         else:
             x = module(x)
     return x
