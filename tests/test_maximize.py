@@ -169,7 +169,7 @@ def test_bad_params_via_cli_is_one_line(tmp_path, models):
 
 @pytest.mark.slow
 def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
-    budget, batch = 200, 8
+    budget, batch = 320, 8
     cfg = {"epochs": [-1], "generators": ["vqvae"], "targets": ["class:1", "lif2:0"],
            "methods": ["random", "tt"], "seeds": [0], "budget": budget, "batch": batch}
     params, paths = _project_copy(tmp_path / "p", models, cfg)
