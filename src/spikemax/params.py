@@ -63,7 +63,7 @@ class SNGANParams(Section):
     grid_n: int = Field(16, ge=2)
     width: int = Field(32, ge=4)
     ema: float = Field(0.995, ge=0.0, lt=1.0)  # decode with an EMA of generator weights (0: off)
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(5e-4, gt=0.0)  # generator; the critic uses 2x
     seed: int = Field(0, ge=0)
@@ -74,11 +74,11 @@ class VQVAEParams(Section):
 
     codes: int = Field(32, ge=2)
     code_dim: int = Field(16, ge=1)
-    width: int = Field(64, ge=4)
+    width: int = Field(32, ge=4)
     downsample: int = Field(2, ge=1, le=4)  # stride-2 stages: 28x28 -> 7x7, 32x32 -> 8x8 positions
     commitment: float = Field(0.25, ge=0.0)
     decay: float = Field(0.99, gt=0.0, lt=1.0)
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     seed: int = Field(0, ge=0)
