@@ -53,7 +53,7 @@ class SNNParams(Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)
     seed: int = Field(0, ge=0)
-    threads: int = Field(2, ge=1)
+    threads: int = Field(1, ge=1)
 
 
 class SNGANParams(Section):

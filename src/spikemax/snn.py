@@ -62,7 +62,7 @@ class ConvSNN(L.LightningModule):
         self,
         in_shape: tuple[int, int, int] | list[int] = (1, 28, 28),
         num_classes: int = 10,
-        channels: list[int] | tuple[int, ...] = (12, 32),
+        channels: list[int] | tuple[int, ...] = (8, 16),
         kernel: int = 5,
         hidden: list[int] | tuple[int, ...] = (128,),
         beta: float = 0.9,
@@ -123,7 +123,7 @@ class ConvSNN(L.LightningModule):
         return dict(self._units)
 
     def forward_spikes(self, x: Tensor, upto: str | None = None) -> dict[str, Tensor]:
-        """Fast multi-step path: spikes (T, B, ...) of every spiking layer (up to ``upto``) for images x."""
+        """Fast multi-step path: spikes (T, B, ...) of every spiking layer (up to ``upto``), from zero state."""
         T = self.num_steps
         infer = not torch.is_grad_enabled()
         out: dict[str, Tensor] = {}
