@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import tempfile
 import time
 import zipfile
@@ -55,7 +56,7 @@ def load_module(name: str, checkpoint: str | Path) -> Any:
         hp = dict(ckpt["hyper_parameters"])
         state = ckpt["state_dict"]
     except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError, zipfile.BadZipFile,
-            __import__("pickle").UnpicklingError) as err:
+            pickle.UnpicklingError) as err:
         raise SpikemaxError(f"generator checkpoint {path} is unreadable or corrupt ({type(err).__name__})") from None
     if hp.get("name") != name:
         raise SpikemaxError(f"{path} holds a {hp.get('name')!r} generator, not {name!r}; allowed: {', '.join(NAMES)}")

@@ -216,6 +216,8 @@ class VQVAEGrid(LatentGrid):
                 f"vqvae: encode expects float images of shape (k, {', '.join(map(str, self.shape))}), "
                 f"got {x.dtype} {tuple(x.shape)}"
             )
+        if len(x) == 0:
+            return torch.empty((0, self.d), dtype=torch.long)
         x01 = self.denormalize(x.float())
         idx = torch.cat([self.net.quantizer.indices(self.net.encoder(part)) for part in x01.split(self.chunk)])
         return idx.view(len(x), -1)
