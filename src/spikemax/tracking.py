@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from filelock import FileLock
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,10 +41,14 @@ def configure(root: str | Path) -> str:
     import mlflow
 
     uri = tracking_uri(root)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    # Creating the schema here, once, keeps later parallel writers from racing on migrations.
-    mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    if not uri.startswith("sqlite:///"):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        return uri
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes creating the schema at once crash one of them: the first creates, the rest wait.
+    with FileLock(str(db) + ".lock"):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
     return uri
 
 
@@ -56,7 +61,14 @@ def experiment_id(name: str, root: str | Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=f"{artifact_root(root)}/{name}")
+    try:
+        return client.create_experiment(name, artifact_location=f"{artifact_root(root)}/{name}")
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our look-up and our create.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 # --- activation maximization: per-query logging and artifacts -------------------------------
