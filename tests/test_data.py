@@ -133,3 +133,12 @@ def test_datamodule_serves_normalized_batches(prepared):
 def test_prepared_missing_is_a_clear_error(tmp_path):
     with pytest.raises(SpikemaxError, match="spikemax prepare"):
         D.Prepared.load(tmp_path)
+
+
+def test_datamodule_pixel_mode_and_drop_last(prepared):
+    dm = D.PreparedDataModule(prepared, batch_size=300, pixels=True, drop_last=True)
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2 and all(len(b[0]) == 300 for b in batches)  # 800 -> 2 full, ragged dropped
+    assert batches[0][0].dtype == torch.uint8
+    assert len(list(dm.val_dataloader())) == 1  # only the shuffled train split drops

@@ -286,23 +286,31 @@ class Prepared:
 
 
 class PreparedDataModule(L.LightningDataModule):
-    """Serves the prepared train / val / test splits as normalized in-memory tensors."""
+    """Serves the prepared splits from memory: normalized float images (the SNN's input) or
+    uint8 pixels (`pixels=True`, for generators that work in pixel space) with labels."""
 
-    def __init__(self, prepared: Prepared, batch_size: int, seed: int = 0) -> None:
+    def __init__(self, prepared: Prepared, batch_size: int, seed: int = 0, pixels: bool = False,
+                 drop_last: bool = False) -> None:
         super().__init__()
         self.prepared = prepared
         self.batch_size = batch_size
         self.seed = seed
+        self.pixels = pixels
+        self.drop_last = drop_last
         self.sets: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
             if split not in self.sets:
-                self.sets[split] = TensorDataset(*self.prepared.tensors(split))
+                load = self.prepared.raw if self.pixels else self.prepared.tensors
+                self.sets[split] = TensorDataset(*load(split))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=shuffle, generator=gen)
+        # Only the shuffled train split drops a ragged last batch, and only when asked and non-empty.
+        drop = shuffle and self.drop_last and len(self.sets[split]) > self.batch_size
+        return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=shuffle,
+                          generator=gen, drop_last=drop)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

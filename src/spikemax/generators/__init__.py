@@ -91,15 +91,16 @@ def train(name: str, params: Params, paths: Paths, max_steps: int = -1) -> dict:
     import mlflow
 
     from spikemax import tracking
-    from spikemax.data import Prepared
-    from spikemax.generators.common import MlflowEpochLogger, PixelDataModule, make_trainer, save_grid, write_json
+    from spikemax.data import Prepared, PreparedDataModule
+    from spikemax.generators.common import MlflowEpochLogger, make_trainer, save_grid, write_json
 
     _check_name(name)
     sect = getattr(params.generators, name)
     prepared = Prepared.load(paths.prepared)
     L.seed_everything(sect.seed, workers=False, verbose=False)
     model = build(name, params, prepared.meta)
-    dm = PixelDataModule(prepared, sect.batch_size, sect.seed)
+    # Dropping the ragged last batch keeps BatchNorm and GAN statistics stable.
+    dm = PreparedDataModule(prepared, sect.batch_size, sect.seed, pixels=True, drop_last=True)
 
     client = mlflow.MlflowClient(tracking.configure(paths.root))
     exp = tracking.experiment_id("generators", paths.root)

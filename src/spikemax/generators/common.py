@@ -1,4 +1,4 @@
-"""Shared training pieces: pixel-space DataModule, MLflow epoch logging, fit + checkpoint."""
+"""Shared training pieces: MLflow epoch logging, sample grids, fit + checkpoint."""
 
 from __future__ import annotations
 
@@ -11,37 +11,9 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 
-from spikemax.data import Prepared
 from spikemax.generators.grid import LatentGrid
-
-
-class PixelDataModule(L.LightningDataModule):
-    """Prepared splits as uint8 images; modules scale them to [0, 1] pixels per batch."""
-
-    def __init__(self, prepared: Prepared, batch_size: int, seed: int = 0) -> None:
-        super().__init__()
-        self.prepared = prepared
-        self.batch_size = batch_size
-        self.seed = seed
-        self.sets: dict[str, TensorDataset] = {}
-
-    def setup(self, stage: str | None = None) -> None:
-        for split in ("train", "val"):
-            if split not in self.sets:
-                self.sets[split] = TensorDataset(self.prepared.raw(split)[0])
-
-    def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        # Dropping the ragged last batch keeps BatchNorm and GAN statistics stable.
-        drop = len(self.sets["train"]) > self.batch_size
-        return DataLoader(self.sets["train"], batch_size=self.batch_size, shuffle=True,
-                          generator=gen, drop_last=drop)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.sets["val"], batch_size=max(self.batch_size, 256), shuffle=False)
 
 
 def pixels(batch: Any) -> torch.Tensor:
