@@ -48,7 +48,7 @@ class SNNParams(Section):
     num_steps: int = Field(16, ge=1)
     loss: Literal["ce_count", "mse_count"] = "ce_count"
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(2e-3, gt=0.0)
+    lr: float = Field(3e-3, gt=0.0)
     schedule: Literal["cosine", "constant"] = "cosine"
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)

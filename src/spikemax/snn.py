@@ -71,7 +71,7 @@ class ConvSNN(L.LightningModule):
         num_steps: int = 16,
         loss: str = "ce_count",
         optimizer: str = "adam",
-        lr: float = 2e-3,
+        lr: float = 3e-3,
         schedule: str = "cosine",
         classes: list[str] | None = None,
     ) -> None:
