@@ -59,3 +59,18 @@ def test_parallel_first_writers_share_one_new_store(tmp_path):
 
     client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
     assert [e.name for e in client.search_experiments() if e.name == "snn"] == ["snn"]
+
+
+def test_terminated_marks_finished_or_failed(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    client = mlflow.MlflowClient(tracking.configure(tmp_path))
+    exp = tracking.experiment_id("snn", tmp_path)
+    ok, bad = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
+    with tracking.terminated(client, ok):
+        pass
+    with pytest.raises(KeyError), tracking.terminated(client, bad):
+        raise KeyError("boom")
+    assert client.get_run(ok).info.status == "FINISHED"
+    assert client.get_run(bad).info.status == "FAILED"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 from filelock import FileLock
@@ -50,6 +51,17 @@ def configure(root: str | Path) -> str:
     with FileLock(str(db) + ".lock"):
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
     return uri
+
+
+@contextmanager
+def terminated(client: Any, run_id: str) -> Iterator[str]:
+    """Mark an MLflow run FINISHED when the block ends and FAILED when it raises (then re-raise)."""
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
 
 
 def experiment_id(name: str, root: str | Path) -> str:

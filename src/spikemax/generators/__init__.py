@@ -106,7 +106,7 @@ def train(name: str, params: Params, paths: Paths, max_steps: int = -1) -> dict:
     exp = tracking.experiment_id("generators", paths.root)
     run = client.create_run(exp, run_name=f"train-{name}", tags={"generator": name, "stage": "train_generator"})
     run_id = run.info.run_id
-    try:
+    with tracking.terminated(client, run_id):
         client.log_batch(run_id, params=[
             mlflow.entities.Param(k, str(v)) for k, v in {**sect.model_dump(), "dataset": prepared.meta["dataset"]}.items()
         ])
@@ -138,10 +138,6 @@ def train(name: str, params: Params, paths: Paths, max_steps: int = -1) -> dict:
         save_grid(grid, samples)
         client.log_artifact(run_id, str(samples))
         write_json(paths.metrics / f"generator_{name}.json", metrics)
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
     return metrics
 
 
@@ -180,7 +176,7 @@ def check(params: Params, paths: Paths) -> dict:
     exp = tracking.experiment_id("generators", paths.root)
     run_id = client.create_run(exp, run_name="check", tags={"stage": "check_generators"}).info.run_id
     out: dict[str, Any] = {"snn_epoch": final_epoch, "samples": g.check_samples}
-    try:
+    with tracking.terminated(client, run_id):
         for name in g.names:
             grid = load_generator(name, checkpoint_path(name, paths))
             idx = grid.random_indices(g.check_samples, seed=0)
@@ -198,10 +194,6 @@ def check(params: Params, paths: Paths) -> dict:
             ])
         write_json(paths.metrics / "generators.json", out)
         client.log_artifact(run_id, str(paths.metrics / "generators.json"))
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
     return out
 
 
