@@ -182,8 +182,8 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
         # Kill once the first group (random) has finished and the second (tt) has flushed a few batches.
         while time.time() < deadline and proc.poll() is None:
             finished = list(am.glob("runs/*/summary.json"))
-            parts = list(am.glob("runs/*_tt_*/queries.parts/*.parquet"))
-            if len(finished) >= 2 and len(parts) >= 2 * 3:
+            tables = [tracking.read_queries(d) for d in am.glob("runs/*_tt_*")] if len(finished) >= 2 else []
+            if len(tables) == 2 and min(len(t) for t in tables) >= 3 * batch:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, f"stage ended before it could be killed: {proc.stderr.read()[-2000:]}"

@@ -34,7 +34,7 @@ def test_unclosed_logger_leaves_every_flushed_batch_readable(tmp_path):
     lg = tracking.QueryLogger(None, None, tmp_path / "r")
     for b in range(3):
         lg.log(np.full((4, 3), b), np.arange(4) + 10 * b)
-    # No close(): as after a kill. The parts are the table.
+    # No close(): as after a kill. The stream is the table.
     df = tracking.read_queries(tmp_path / "r")
     assert list(df.columns) == list(tracking.QUERY_COLUMNS)
     assert df["query"].tolist() == list(range(12)) and df["batch"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
@@ -44,12 +44,55 @@ def test_unclosed_logger_leaves_every_flushed_batch_readable(tmp_path):
     assert len(tracking.read_queries(tmp_path / "r")) == 0
 
 
-def test_close_merges_parts_into_queries_parquet(tmp_path):
+def test_a_batch_cut_short_by_a_kill_is_dropped_whole(tmp_path):
+    lg = tracking.QueryLogger(None, None, tmp_path / "r")
+    for b in range(3):
+        lg.log(np.full((5, 2), b), np.arange(5.0))
+    stream = tmp_path / "r" / "queries.arrows"
+    data = stream.read_bytes()
+    stream.write_bytes(data[:-40])  # the last batch's write was interrupted
+    df = tracking.read_queries(tmp_path / "r")
+    assert df["query"].tolist() == list(range(10)) and df["batch"].max() == 1
+    stream.write_bytes(data[:3])  # killed while writing the schema
+    assert len(tracking.read_queries(tmp_path / "r")) == 0
+
+
+def test_close_turns_the_stream_into_queries_parquet(tmp_path):
     lg = tracking.QueryLogger(None, None, tmp_path / "r")
     lg.log(np.zeros((2, 2), int), np.array([1.0, 2.0]))
     df = lg.close()
-    assert not (tmp_path / "r" / "queries.parts").exists()
+    assert not (tmp_path / "r" / "queries.arrows").exists()
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "r" / "queries.parquet"), df)
+    assert df["response"].tolist() == [1.0, 2.0]
+
+
+def _history(client, run_id, key):
+    return [(m.step, m.value, m.timestamp) for m in sorted(client.get_metric_history(run_id, key),
+                                                          key=lambda m: m.step)]
+
+
+def test_bulk_metric_writes_read_back_like_log_batch(tmp_path):
+    client, bulk_run = _run(tmp_path)
+    plain_run = client.create_run(tracking.experiment_id(tracking.AM_EXPERIMENT, tmp_path)).info.run_id
+    bulk = tracking.MetricWriter(client, bulk_run)
+    plain = tracking.MetricWriter(client, plain_run)
+    plain._store = None  # the public log_batch path, as on an HTTP store
+    assert bulk.bulk and not plain.bulk
+    series = [{"a": np.array([0.5, np.nan, np.inf]), "b": np.array([-np.inf, 2.0, 1.0])},
+              {"a": np.array([3.0]), "b": np.array([np.nan])}]
+    for w in (bulk, plain):
+        w.write(series[0], 0, 1000)
+        w.write(series[1], 3, 2000)
+    for key in ("a", "b"):
+        got, want = _history(client, bulk_run, key), _history(client, plain_run, key)
+        assert [s for s, _, _ in got] == [0, 1, 2, 3]
+        np.testing.assert_array_equal([v for _, v, _ in got], [v for _, v, _ in want])
+        assert [t for _, _, t in got] == [t for _, _, t in want] == [1000, 1000, 1000, 2000]
+    # Latest values (the runs table, search_runs) are the last step's, as log_batch leaves them.
+    for run_id in (bulk_run, plain_run):
+        m = client.get_run(run_id).data.metrics
+        assert m["a"] == 3.0 and np.isnan(m["b"])
+    assert np.isclose(_history(client, bulk_run, "a")[2][1], np.finfo(np.float64).max)
 
 
 def test_image_and_plot_helpers_write_pngs(tmp_path):

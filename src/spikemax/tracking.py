@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,6 +116,7 @@ AM_EXPERIMENT = "activation-maximization"
 RUN_KEY_TAG = "spikemax.run_key"
 QUERY_COLUMNS = ("query", "batch", "indices", "response", "elapsed_s")
 _MAX_METRICS_PER_CALL = 1000  # MLflow's limit on metrics in one log_batch request
+_STREAM = "queries.arrows"  # the live query table: one Arrow IPC record batch per AM batch
 
 
 def _query_frame(rows: dict[str, list]) -> "pd.DataFrame":
@@ -124,48 +125,131 @@ def _query_frame(rows: dict[str, list]) -> "pd.DataFrame":
     return pd.DataFrame({c: rows[c] for c in QUERY_COLUMNS})
 
 
+def _read_stream(path: Path) -> "pd.DataFrame":
+    """Every whole record batch of an Arrow IPC stream; a kill can cut the last one short."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    batches = []
+    try:
+        with pa.OSFile(str(path)) as f:
+            for b in ipc.open_stream(f):
+                batches.append(b)
+    except (pa.ArrowInvalid, OSError):
+        pass
+    if not batches:
+        return _query_frame({c: [] for c in QUERY_COLUMNS})
+    return pa.Table.from_batches(batches).to_pandas()
+
+
 def read_queries(run_dir: str | Path) -> "pd.DataFrame":
-    """The query table of a run dir: queries.parquet, or the flushed batch parts of an unfinished run."""
+    """The query table of a run dir: queries.parquet, or the flushed batches of an unfinished run."""
     import pandas as pd
 
     run_dir = Path(run_dir)
     table = run_dir / "queries.parquet"
     if table.is_file():
         return pd.read_parquet(table)
-    parts = sorted((run_dir / "queries.parts").glob("*.parquet"))
-    if not parts:
-        return _query_frame({c: [] for c in QUERY_COLUMNS})
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    return _read_stream(run_dir / _STREAM)
+
+
+class MetricWriter:
+    """Writes long per-step metric series to one MLflow run, one transaction per call.
+
+    On a SQLAlchemy store (sqlite, PostgreSQL, MySQL) the rows go in as one bulk INSERT through
+    MLflow's own table models and latest-metric bookkeeping: `log_batch` builds an ORM object per
+    row, which made logging every query cost a quarter of the AM loop. Other stores (HTTP) get
+    plain `log_batch` calls. Both are read back identically by `get_metric_history`.
+    """
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self._store = None
+        try:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = client._tracking_client.store
+            if isinstance(store, SqlAlchemyStore) and hasattr(store, "_update_latest_metrics_if_necessary") \
+                    and "read_only" in inspect.signature(store.ManagedSessionMaker).parameters:
+                self._store = store
+        except (ImportError, AttributeError):  # a future MLflow without these internals: public API
+            self._store = None
+
+    @property
+    def bulk(self) -> bool:
+        """Whether rows go in as one bulk INSERT (else through `log_batch`)."""
+        return self._store is not None
+
+    def write(self, series: dict[str, np.ndarray], first_step: int, timestamp_ms: int) -> None:
+        """Log series[key][i] at step first_step + i for every key (NaN allowed)."""
+        if self._store is None:
+            self._log_batch(series, first_step, timestamp_ms)
+            return
+        from mlflow.store.tracking.dbmodels.models import SqlMetric
+        from sqlalchemy import insert
+
+        rows, last = [], []
+        for key, values in series.items():
+            v = np.asarray(values, dtype=np.float64).reshape(-1)
+            if not len(v):
+                continue
+            # As MLflow stores them: NaN as 0 with is_nan set, +-inf clipped to the largest float.
+            is_nan = np.isnan(v)
+            stored = np.where(is_nan, 0.0, np.clip(v, -np.finfo(np.float64).max, np.finfo(np.float64).max))
+            steps = range(int(first_step), int(first_step) + len(v))
+            rows += [{"run_uuid": self.run_id, "key": key, "value": float(x), "timestamp": int(timestamp_ms),
+                      "step": s, "is_nan": bool(n)} for x, s, n in zip(stored, steps, is_nan)]
+            last.append(SqlMetric(**rows[-1]))
+        if not rows:
+            return
+        # read_only=False: a routing store sends writes to the primary database.
+        with self._store.ManagedSessionMaker(read_only=False) as session:
+            session.execute(insert(SqlMetric.__table__), rows)
+            self._store._update_latest_metrics_if_necessary(last, session)
+
+    def _log_batch(self, series: dict[str, np.ndarray], first_step: int, timestamp_ms: int) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(key, float(v), int(timestamp_ms), int(first_step) + i)
+                   for key, values in series.items() for i, v in enumerate(np.asarray(values).reshape(-1))]
+        for i in range(0, len(metrics), _MAX_METRICS_PER_CALL):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + _MAX_METRICS_PER_CALL], synchronous=True)
 
 
 class QueryLogger:
     """Writes every query of one AM run, batch by batch, before the next batch is asked.
 
     MLflow gets metrics `activation` and `best_activation` at step = query number (0-based) in one
-    `log_batch` call per batch; `run_dir` (optional) gets one parquet part per batch, merged into
-    `queries.parquet` by `close()`. Either may be omitted (client=None or run_dir=None).
+    transaction per batch (`MetricWriter`); `run_dir` (optional) gets the batch appended to an Arrow
+    IPC stream, turned into `queries.parquet` by `close()`. Either may be omitted (client=None or
+    run_dir=None). A kill between batches loses nothing: both writes are complete before `log`
+    returns (the store first, so it is never behind the table).
     """
 
     def __init__(self, client: Any | None = None, run_id: str | None = None,
                  run_dir: str | Path | None = None) -> None:
         self.client, self.run_id = client, run_id
+        self.writer = MetricWriter(client, run_id) if client is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.n_queries = 0
         self.n_batches = 0
         self.best = float("nan")
         self.seconds = 0.0  # wall time spent writing (the logging overhead)
         self.t0 = time.perf_counter()
+        self._sink: Any = None
+        self._stream: Any = None
         if self.run_dir is not None:
+            import pyarrow as pa
+            import pyarrow.ipc as ipc
+
             # A rerun of an unfinished combination starts its table afresh (its MLflow run is new too).
-            parts = self.run_dir / "queries.parts"
-            if parts.exists():
-                shutil.rmtree(parts)
-            parts.mkdir(parents=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "queries.parquet").unlink(missing_ok=True)
+            self._sink = open(self.run_dir / _STREAM, "wb", buffering=0)
+            self._stream = ipc.new_stream(self._sink, _query_schema(pa))
 
     def log(self, indices: np.ndarray, responses: np.ndarray) -> None:
         """Record one batch: indices (k, d) and responses (k,) (NaN = failed query)."""
-        from mlflow.entities import Metric
-
         t_start = time.perf_counter()
         indices = np.asarray(indices, dtype=np.int64)
         responses = np.asarray(responses, dtype=np.float64).reshape(-1)
@@ -176,28 +260,19 @@ class QueryLogger:
         prev = -np.inf if np.isnan(self.best) else self.best
         best = np.fmax.accumulate(np.concatenate([[prev], np.where(np.isnan(responses), -np.inf, responses)]))[1:]
         best = np.where(np.isneginf(best), np.nan, best)
-        if self.client is not None:
-            ts = int(time.time() * 1000)
-            metrics = [Metric("activation", float(v), ts, int(s)) for v, s in zip(responses, steps)]
-            metrics += [Metric("best_activation", float(v), ts, int(s)) for v, s in zip(best, steps)]
-            for i in range(0, len(metrics), _MAX_METRICS_PER_CALL):
-                self.client.log_batch(self.run_id, metrics=metrics[i:i + _MAX_METRICS_PER_CALL],
-                                      synchronous=True)
-        if self.run_dir is not None:
+        if self.writer is not None:
+            self.writer.write({"activation": responses, "best_activation": best}, self.n_queries,
+                              int(time.time() * 1000))
+        if self._stream is not None:
             import pyarrow as pa
-            import pyarrow.parquet as pq
 
-            table = pa.table({
-                "query": pa.array(steps, pa.int64()),
-                "batch": pa.array(np.full(k, self.n_batches), pa.int64()),
-                "indices": pa.array(list(indices), pa.list_(pa.int64())),
-                "response": pa.array(responses, pa.float64()),
-                "elapsed_s": pa.array(np.full(k, elapsed), pa.float64()),
-            })
-            path = self.run_dir / "queries.parts" / f"{self.n_batches:06d}.parquet"
-            tmp = path.with_suffix(".tmp")
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)  # a part is either whole or absent after a kill
+            self._stream.write_batch(pa.record_batch([
+                pa.array(steps, pa.int64()),
+                pa.array(np.full(k, self.n_batches), pa.int64()),
+                pa.array(list(indices), pa.list_(pa.int64())),
+                pa.array(responses, pa.float64()),
+                pa.array(np.full(k, elapsed), pa.float64()),
+            ], schema=_query_schema(pa)))
         self.n_queries += k
         self.n_batches += 1
         if k:
@@ -212,20 +287,30 @@ class QueryLogger:
             (self.run_dir / "STOPPED_EARLY").write_text(reason + "\n")
 
     def close(self) -> "pd.DataFrame | None":
-        """Merge the batch parts into queries.parquet (and log it as an artifact); returns the table."""
+        """Turn the stream into queries.parquet (and log it as an artifact); returns the table."""
         if self.run_dir is None:
             return None
         t_start = time.perf_counter()
+        if self._stream is not None:
+            self._stream.close()
+            self._sink.close()
+            self._stream = self._sink = None
         df = read_queries(self.run_dir)
         path = self.run_dir / "queries.parquet"
         tmp = path.with_suffix(".tmp")
         df.to_parquet(tmp, index=False)
         os.replace(tmp, path)
-        shutil.rmtree(self.run_dir / "queries.parts", ignore_errors=True)
+        (self.run_dir / _STREAM).unlink(missing_ok=True)
         if self.client is not None:
             self.client.log_artifact(self.run_id, str(path))
         self.seconds += time.perf_counter() - t_start
         return df
+
+
+def _query_schema(pa: Any) -> Any:
+    """Arrow schema of the query table (QUERY_COLUMNS)."""
+    return pa.schema([("query", pa.int64()), ("batch", pa.int64()), ("indices", pa.list_(pa.int64())),
+                      ("response", pa.float64()), ("elapsed_s", pa.float64())])
 
 
 def save_image_png(image: "torch.Tensor | np.ndarray", path: str | Path, scale: int = 4) -> Path:
