@@ -64,6 +64,22 @@ def test_close_turns_the_stream_into_queries_parquet(tmp_path):
     assert not (tmp_path / "r" / "queries.arrows").exists()
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "r" / "queries.parquet"), df)
     assert df["response"].tolist() == [1.0, 2.0]
+    pd.testing.assert_frame_equal(lg.close(), df)  # a second close changes nothing
+
+
+def test_artifacts_go_to_the_runs_repository(tmp_path):
+    client, run_id = _run(tmp_path)
+    run = client.get_run(run_id)
+    lg = tracking.QueryLogger(client, run_id, tmp_path / "r", artifact_uri=run.info.artifact_uri)
+    lg.log(np.zeros((3, 2), int), np.array([1.0, 2.0, 0.5]))
+    png = tmp_path / "best_stimulus.png"
+    tracking.save_image_png(np.zeros((1, 4, 4)), png)
+    lg.log_artifact(png)
+    lg.close()
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["best_stimulus.png", "queries.parquet"]
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="queries.parquet",
+                                                tracking_uri=client.tracking_uri, dst_path=str(tmp_path / "dl"))
+    assert pd.read_parquet(local)["response"].tolist() == [1.0, 2.0, 0.5]
 
 
 def _history(client, run_id, key):
@@ -106,3 +122,18 @@ def test_image_and_plot_helpers_write_pngs(tmp_path):
                                      row_labels=["a", "b"], col_labels=["x", "y"])
     for path in (c, g):
         assert Image.open(path).size[0] > 100
+
+
+def test_log_batches_writes_each_runs_own_series(tmp_path):
+    client, r1 = _run(tmp_path)
+    r2 = client.create_run(tracking.experiment_id(tracking.AM_EXPERIMENT, tmp_path)).info.run_id
+    loggers = [tracking.QueryLogger(client, r, tmp_path / r) for r in (r1, r2)]
+    tracking.log_batches(loggers, [np.zeros((2, 3), int), np.ones((3, 3), int)],
+                         [np.array([1.0, 0.5]), np.array([np.nan, 2.0, 3.0])])
+    tracking.log_batches(loggers[1:], [np.ones((1, 3), int)], [np.array([0.1])])
+    assert [m.value for m in sorted(client.get_metric_history(r1, "best_activation"), key=lambda m: m.step)] == [1.0, 1.0]
+    act = {m.step: m.value for m in client.get_metric_history(r2, "activation")}
+    assert sorted(act) == [0, 1, 2, 3] and np.isnan(act[0]) and act[3] == 0.1
+    assert client.get_run(r2).data.metrics["best_activation"] == 3.0
+    assert [lg.n_queries for lg in loggers] == [2, 4] and [lg.n_batches for lg in loggers] == [1, 2]
+    assert tracking.read_queries(tmp_path / r2)["batch"].tolist() == [0, 0, 0, 1]

@@ -136,16 +136,24 @@ def run_am_group(
         if y_all.ndim == 1:
             y_all = y_all[:, None]
         row = 0
+        ys, rows = [], []
         for j, idx in zip(active, asked):
+            col = j if y_all.shape[1] == m else 0
+            ys.append(y_all[row:row + len(idx), col].copy())
+            rows.append(row)
+            row += len(idx)
+        # Every run's batch is in the store and its table before any optimizer sees it.
+        logged = [i for i, j in enumerate(active) if tracks[j].logger is not None]
+        if logged:
+            from spikemax.tracking import log_batches
+
+            log_batches([tracks[active[i]].logger for i in logged], [asked[i] for i in logged],
+                        [ys[i] for i in logged])
+        for j, idx, y, row in zip(active, asked, ys, rows):
             t = tracks[j]
             k = len(idx)
-            col = j if y_all.shape[1] == m else 0
-            y = y_all[row:row + k, col].copy()
             imgs = images[row:row + k]
-            row += k
             t.optimizer.tell(idx, y)
-            if t.logger is not None:
-                t.logger.log(idx, y)
             if not np.all(np.isnan(y)):
                 b = int(np.nanargmax(y))
                 if y[b] > t.best:
@@ -522,7 +530,7 @@ class _Stage:
             import shutil
 
             shutil.rmtree(run_dir)  # leftovers of an unfinished attempt
-        logger = tracking.QueryLogger(self.client, run_id, run_dir)
+        logger = tracking.QueryLogger(self.client, run_id, run_dir, artifact_uri=run.info.artifact_uri)
         return _Open(combo, run_id, logger, warm_from)
 
     def _prev_combo(self, combo: Combo) -> Combo | None:
@@ -590,7 +598,7 @@ class _Stage:
             {k: v for k, v in summary.items() if k != "best_activation"}))
         for name in ("best_stimulus.png", "convergence.png"):
             if (run_dir / name).is_file():
-                self.client.log_artifact(op.run_id, str(run_dir / name))
+                op.logger.log_artifact(run_dir / name)
         row = {"run_key": c.key, "run_id": op.run_id, "epoch": c.epoch, "generator": c.generator,
                "target": c.target.name, "layer": c.target.layer, "unit": c.target.unit, "method": c.method,
                "seed": c.seed, "budget": self.m.budget, "n_queries": res.n_queries,
