@@ -57,6 +57,23 @@ def test_decode_shape_dtype_range_and_determinism(grids, prepared, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_ordered_flag_matches_whether_a_one_index_step_is_a_small_change(grids, name):
+    # What optimizers rely on (TT's ordinal "auto"): on an ordered grid, moving one coordinate by
+    # one index changes the image much less than moving it to a random other index.
+    g = grids[name]
+    rng = np.random.default_rng(0)
+    base = g.random_indices(256, seed=5)
+    rows, cols = torch.arange(len(base)), torch.as_tensor(rng.integers(0, g.d, len(base)))
+    near, far = base.clone(), base.clone()
+    near[rows, cols] = torch.where(base[rows, cols] > 0, base[rows, cols] - 1, 1)
+    far[rows, cols] = (base[rows, cols] + torch.as_tensor(rng.integers(1, g.n, len(base)))) % g.n
+    x = g.decode(base)
+    ratio = float((g.decode(near) - x).norm() / (g.decode(far) - x).norm())
+    assert g.ordered == (name == "sngan")
+    assert ratio < 0.5 if g.ordered else ratio > 0.7
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_decode_uses_prepared_normalization(grids, prepared, name):
     g = grids[name]
     idx = g.random_indices(4)

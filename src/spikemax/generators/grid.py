@@ -27,6 +27,9 @@ class LatentGrid:
     """
 
     name: str = "grid"
+    # Whether neighbouring indices of a dimension decode to similar values, so that a step of a
+    # few indices is a small change of the stimulus (optimizers can then take ordinal steps).
+    ordered: bool = False
 
     def __init__(self, net: nn.Module, d: int, n: int, shape: Sequence[int],
                  mean: Sequence[float], std: Sequence[float], chunk: int = 1024) -> None:

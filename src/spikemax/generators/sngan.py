@@ -146,6 +146,7 @@ class SNGANGrid(LatentGrid):
     """SN-GAN latent gridded per dimension at the N(0, 1) quantiles (i + 0.5) / n."""
 
     name = "sngan"
+    ordered = True  # quantiles increase with the index
 
     def __init__(self, model: SNGAN) -> None:
         hp = model.hparams

@@ -196,6 +196,7 @@ class VQVAEGrid(LatentGrid):
     """VQ-VAE grid: d = latent positions (row-major h x w), n = codebook size."""
 
     name = "vqvae"
+    ordered = False  # codebook entries i and i + 1 are unrelated vectors
 
     def __init__(self, model: VQVAE) -> None:
         hp = model.hparams
