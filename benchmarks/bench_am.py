@@ -108,9 +108,11 @@ def bench_overhead(net, grid, targets, budget, batch, repeats, root: Path) -> di
             "logging_ms_per_query": round(1000 * (t_on - t_off) / n, 4)}
 
 
-def bench_methods(net, grid, targets, methods, budgets, batch, seed) -> dict:
-    """Normalized best activation per method at each budget (prefixes of one run per neuron)."""
-    from spikemax.loop import run_am_group
+def bench_methods(net, grid, targets, methods, budgets, batch, seed, m) -> dict:
+    """Normalized best activation per method at each budget (prefixes of one run per neuron);
+    each method gets the maximize stage's options from params `m` (TT: `maximize.tt`, resolved
+    for this grid as the stage resolves it)."""
+    from spikemax.loop import _optimizer_options, run_am_group
     from spikemax.neurons import make_responder
 
     from spikemax.optim import make_optimizer
@@ -118,9 +120,12 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed) -> dict:
     top = max(budgets)
     responder = make_responder(net, targets)
     curves: dict[str, np.ndarray] = {}
-    walls = {}
+    walls, options = {}, {}
     for method in methods:
-        opts = {"budget": top} if method == "ngopt" else {}
+        opts = _optimizer_options(m, method, grid.ordered)
+        if method == "ngopt":
+            opts["budget"] = top
+        options[method] = dict(opts)
         optimizers = [make_optimizer(method, grid.d, grid.n, seed=seed, **opts) for _ in targets]
         t = time.perf_counter()
         results = run_am_group(optimizers, grid, responder, top, batch)
@@ -132,7 +137,7 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed) -> dict:
     ok = ref > 0  # a neuron no method could make fire has no scale
     out = {}
     for method, c in curves.items():
-        out[method] = {"wall_s": walls[method]}
+        out[method] = {"wall_s": walls[method], "options": options[method]}
         for b in budgets:
             norm = c[ok, b - 1] / ref[ok]
             out[method][str(b)] = {"median": round(float(np.median(norm)), 4) if ok.any() else None,
@@ -177,7 +182,8 @@ def main() -> None:
               f"-> overhead {o['overhead_pct']} % by wall difference; time inside the logger "
               f"{o['logging_share_pct']} % of the logged loop ({o['logging_ms_per_query_measured']} ms/query)")
     if "methods" not in skip:
-        result["methods"] = bench_methods(net, grid, targets, a.methods.split(","), budgets, a.batch, a.seed)
+        result["methods"] = bench_methods(net, grid, targets, a.methods.split(","), budgets, a.batch, a.seed,
+                                          params.maximize)
         print(f"normalized best activation (median over {result['methods']['n_scored']} neurons):")
         print("method  " + "  ".join(f"{b:>7}" for b in budgets) + "   wall_s")
         for m, r in result["methods"]["methods"].items():

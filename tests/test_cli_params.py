@@ -49,6 +49,23 @@ def test_malformed_yaml_names_the_line(tmp_path):
     assert res.returncode == 2 and "not valid YAML" in res.stderr and len(res.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize("ordinal", ["high", 1.5, -0.5, None])
+def test_bad_tt_ordinal_gives_one_line(tmp_path, ordinal):
+    path = write_params(tmp_path, {"maximize": {"tt": {"ordinal": ordinal}}})
+    res = run_cli("maximize", "--params", str(path), cwd=tmp_path)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == (f"error: params.yaml: maximize.tt.ordinal: Input should be 'auto' or a number "
+                                  f"in [0, 1] (got {ordinal!r})")
+
+
+def test_tt_ordinal_is_auto_by_default_and_accepts_a_probability():
+    assert P.validate({}).maximize.tt.ordinal == "auto"
+    assert P.validate({"maximize": {"tt": {"ordinal": 1}}}).maximize.tt.ordinal == 1.0
+    for config in ("params.yaml", "configs/paper-cifar10.yaml"):
+        params, _ = P.load(P.Path(__file__).resolve().parents[1] / config)
+        assert params.maximize.tt.ordinal == "auto"
+
+
 def test_defaults_validate_and_repo_params_are_valid():
     P.validate({})
     params, _ = P.load(P.Path(__file__).resolve().parents[1] / "params.yaml")

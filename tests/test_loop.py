@@ -146,3 +146,24 @@ def test_run_am_logs_every_query_to_sqlite_store(tmp_path):
     assert df["batch"].max() == 4 and df["elapsed_s"].is_monotonic_increasing
     arts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "queries.parquet" in arts
+
+
+def test_stage_options_resolve_tt_ordinal_for_the_grid(monkeypatch):
+    from spikemax import params as P
+    from spikemax.loop import _config_hash, _optimizer_options
+
+    m = P.validate({}).maximize
+    assert m.tt.ordinal == "auto"
+    assert _optimizer_options(m, "tt", ordered=True)["ordinal"] == 1.0
+    assert _optimizer_options(m, "tt", ordered=False)["ordinal"] == 0.0
+    # The resolved options build the optimizer the stage runs.
+    assert make_optimizer("tt", D, N, **_optimizer_options(m, "tt", ordered=True)).ordinal == 1.0
+    fixed = P.validate({"maximize": {"tt": {"ordinal": 0.25}}}).maximize
+    assert _optimizer_options(fixed, "tt", True)["ordinal"] == _optimizer_options(fixed, "tt", False)["ordinal"] == 0.25
+    # Without a grid (the config hash) "auto" stays, so an explicit value gets its own run key.
+    assert _optimizer_options(m, "tt")["ordinal"] == "auto"
+    explicit = P.validate({"maximize": {"tt": {"ordinal": 1.0}}}).maximize
+    monkeypatch.setattr("spikemax.loop._digest", lambda path: "x")
+    assert _config_hash(m, "tt", "a", "b") != _config_hash(explicit, "tt", "a", "b")
+    assert _optimizer_options(m, "cma", ordered=True) == {}
+

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import teneva
 
-from spikemax.optim import make_optimizer, maximize
+from spikemax.optim import make_optimizer, maximize, resolve_ordinal
 from spikemax.optim.tt import (
     ind_qtt_to_tt,
     ind_tt_to_qtt,
@@ -265,3 +265,27 @@ def run_to(opt, f, budget: int) -> float:
     from spikemax.optim.base import run_maximize
 
     return run_maximize(opt, f, budget).y_best
+
+
+def test_auto_ordinal_steps_on_ordered_grids_and_resamples_on_codebooks():
+    assert resolve_ordinal("auto", ordered=True) == 1.0
+    assert resolve_ordinal("auto", ordered=False) == 0.0
+    for value in (0.0, 0.3, 1):
+        assert resolve_ordinal(value, True) == resolve_ordinal(value, False) == float(value)
+    for bad in ("high", "Auto", 1.5, -0.1, None, True):
+        with pytest.raises(ValueError, match="ordinal must be 'auto' or a number in \\[0, 1\\]"):
+            resolve_ordinal(bad, True)
+
+
+@pytest.mark.parametrize("ordinal", [1.0, 0.0])
+def test_ordinal_controls_how_far_a_mutation_moves(ordinal):
+    opt = make_optimizer("tt", 1, 32, seed=0, ordinal=ordinal, local=1.0, batch=400)
+    opt.tell(np.array([[16]]), [1.0])
+    moved = np.abs(opt.ask(400)[:, 0] - 16)
+    if ordinal == 1.0:  # log-uniform steps of 1..n/2 - 1: mostly small, never to the far end
+        assert 1 <= moved.min() and moved.max() <= 15
+        assert (moved <= 2).mean() > 0.3
+    else:  # uniform resampling: about 5 of 32 values lie within 2 of the parent
+        assert moved.max() == 16
+        assert (moved <= 2).mean() < 0.25
+

@@ -317,9 +317,17 @@ def resolve_targets(m: Any, layers: dict[str, int]) -> list[Target]:
     return unique
 
 
-def _optimizer_options(m: Any, method: str) -> dict[str, Any]:
+def _optimizer_options(m: Any, method: str, ordered: bool | None = None) -> dict[str, Any]:
+    """make_optimizer options of `method` from the maximize params, TT's ordinal "auto" resolved
+    for a grid that is `ordered` or not (None keeps "auto": the config hash, whose key names the
+    generator, so it still tells apart "auto" from an explicit value)."""
     if method == "tt":
-        return m.tt.model_dump()
+        from spikemax.optim import resolve_ordinal
+
+        opts = m.tt.model_dump()
+        if ordered is not None:
+            opts["ordinal"] = resolve_ordinal(opts["ordinal"], ordered)
+        return opts
     if method == "ngopt":
         return {"budget": m.budget}
     return {}
@@ -383,7 +391,7 @@ def plan(params: "Params", paths: "Paths") -> Plan:
         gen_ckpts[g] = path
     for method in m.methods:
         try:
-            make_optimizer(method, 2, 4, seed=0, **_optimizer_options(m, method))
+            make_optimizer(method, 2, 4, seed=0, **_optimizer_options(m, method, ordered=False))
         except SpikemaxError as err:
             raise _stage_error(f"method {method!r}: {err}") from None
         except (ValueError, TypeError, ImportError) as err:
@@ -523,7 +531,7 @@ class _Stage:
             "epoch": combo.epoch, "target": combo.target.name, "generator": combo.generator,
             "seed": combo.seed, "layer": combo.target.layer, "unit": combo.target.unit,
             "noise": m.noise, "target_value": m.target_value, "warm_start": bool(warm_from),
-            "checkpoint": snn_ckpt.name, "options": json.dumps(_optimizer_options(m, combo.method)),
+            "checkpoint": snn_ckpt.name, "options": json.dumps(_optimizer_options(m, combo.method, grid.ordered)),
         }))
         run_dir = self.am_dir / combo.run_dir
         if run_dir.exists():
@@ -554,7 +562,7 @@ class _Stage:
     def make_optimizer(self, op: _Open, grid: Any) -> Any:
         from spikemax.optim import make_optimizer
 
-        opts = _optimizer_options(self.m, op.combo.method)
+        opts = _optimizer_options(self.m, op.combo.method, grid.ordered)
         if op.warm_from:
             with open(self.am_dir / "runs" / op.warm_from / "tt_state.pkl", "rb") as f:
                 opts["init"] = pickle.load(f)

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from spikemax import SpikemaxError
 
@@ -96,14 +97,26 @@ class GeneratorsParams(Section):
 class TTOptions(Section):
     """Options of the Tensor-Train maximizer used by the AM stage."""
 
-    # Defaults = the TT optimizer's own (tuned on benchmarks/bench_optimizers.py).
+    # Defaults = the TT optimizer's own (tuned on benchmarks/bench_optimizers.py), but for ordinal.
     rank: int = Field(5, ge=1)
     elite: int = Field(4, ge=1)
     lr: float = Field(0.2, gt=0.0)
     steps: int = Field(1, ge=1)
     local: float = Field(0.8, ge=0.0, le=1.0)
-    ordinal: float = Field(0.5, ge=0.0, le=1.0)
+    # "auto": chosen per generator from whether its grid's index order is meaningful
+    # (spikemax.optim.tt.resolve_ordinal), since ordinal steps only help on ordered grids.
+    ordinal: float | Literal["auto"] = "auto"
     qtt: bool = False
+
+    @field_validator("ordinal", mode="before")
+    @classmethod
+    def _check_ordinal(cls, value: Any) -> Any:
+        """Accept "auto" or a probability in [0, 1] (one message for both forms)."""
+        if value == "auto":
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
+            return float(value)
+        raise PydanticCustomError("ordinal", "Input should be 'auto' or a number in [0, 1]")
 
 
 class MaximizeParams(Section):

@@ -41,7 +41,8 @@ def study_name(params: Params, epoch: int) -> str:
     """A name that changes whenever what a trial measures changes (so old trials never mix in)."""
     t = params.tune
     key = json.dumps({"tune": t.model_dump(exclude={"n_trials"}), "epoch": epoch,
-                      "snn": params.snn.model_dump(), "gen": params.generators.model_dump()},
+                      "snn": params.snn.model_dump(), "gen": params.generators.model_dump(),
+                      "ordinal": params.maximize.tt.ordinal},
                      sort_keys=True)
     return f"tt-{t.generator}-e{epoch}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
@@ -70,7 +71,7 @@ def make_objective(params: Params, paths: Paths, epoch: int):
     from spikemax.generators import load_generator
     from spikemax.loop import run_am_group
     from spikemax.neurons import layer_rates, make_responder
-    from spikemax.optim import make_optimizer
+    from spikemax.optim import make_optimizer, resolve_ordinal
     from spikemax.snn import checkpoints, load_snn
 
     t = params.tune
@@ -83,13 +84,16 @@ def make_objective(params: Params, paths: Paths, epoch: int):
     dataset_max = np.array([rates[layer][:, unit].max() for layer, unit in panel])
     responder = make_responder(net, targets)
     base_grid = load_generator(t.generator, paths.generators_dir / f"{t.generator}.ckpt")
+    # Trials search with the ordinal the maximize stage would use on this grid.
+    ordinal = resolve_ordinal(params.maximize.tt.ordinal, base_grid.ordered)
 
     def objective(trial) -> float:
         rank = trial.suggest_categorical("rank", t.ranks)
         grid_n = trial.suggest_categorical("grid_n", t.grid_n)
         lr = trial.suggest_float("lr", t.lr[0], t.lr[1], log=True)
         grid = base_grid if grid_n == base_grid.n else with_resolution(base_grid, grid_n)
-        opts = [make_optimizer("tt", grid.d, grid.n, seed=t.seed + j, rank=rank, lr=lr, batch=t.batch)
+        opts = [make_optimizer("tt", grid.d, grid.n, seed=t.seed + j, rank=rank, lr=lr, batch=t.batch,
+                               ordinal=ordinal)
                 for j in range(len(targets))]
         results = run_am_group(opts, grid, responder, t.budget, t.batch)
         gains = np.array([r.best_response for r in results]) / dataset_max

@@ -12,7 +12,7 @@ import numpy as np
 
 from .base import MaximizeResult, OptionalDependencyError, Optimizer, run_maximize
 from .baselines import RandomSearch
-from .tt import TTOptimizer
+from .tt import TTOptimizer, resolve_ordinal
 
 METHODS = ("tt", "random", "cma", "ngopt", "protes")
 
@@ -65,4 +65,5 @@ __all__ = [
     "TTOptimizer",
     "make_optimizer",
     "maximize",
+    "resolve_ordinal",
 ]

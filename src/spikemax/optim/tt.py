@@ -21,6 +21,19 @@ from .base import Optimizer, check_positive_float, check_positive_int
 _RENORM_EVERY = 8
 _THETA_CLIP = 30.0
 
+# `ordinal` for "auto", by whether the grid is ordered (neighbouring indices = similar values):
+# ordinal steps are local moves there, while on a codebook they are just a biased resampling.
+ORDINAL_AUTO = {True: 1.0, False: 0.0}
+
+
+def resolve_ordinal(ordinal: float | str, ordered: bool) -> float:
+    """TT's `ordinal` for a grid: "auto" -> ORDINAL_AUTO[ordered], a number in [0, 1] as given."""
+    if isinstance(ordinal, str) and ordinal == "auto":
+        return ORDINAL_AUTO[bool(ordered)]
+    if isinstance(ordinal, bool) or not isinstance(ordinal, (int, float)) or not 0.0 <= ordinal <= 1.0:
+        raise ValueError(f"ordinal must be 'auto' or a number in [0, 1], got {ordinal!r}")
+    return float(ordinal)
+
 
 def qtt_sizes(n: np.ndarray) -> np.ndarray:
     """Number of binary modes q_j for each n_j = 2^q_j; ValueError if some n_j is not a power of 2."""
@@ -197,7 +210,8 @@ class TTOptimizer(Optimizer):
       qtt=False  for n = 2^q, model d*q binary modes (index mapping as teneva.ind_qtt_to_tt).
       archive=True  elite = best points told so far (False: best of the last told batch, as PROTES).
       local=0.8  fraction of each ask drawn as mutations of elite points instead of TT samples.
-      ordinal=0.5  probability that a mutated coordinate takes an ordinal step (else uniform value).
+      ordinal=0.5  probability that a mutated coordinate takes an ordinal step (else uniform value);
+                   the AM stage's "auto" picks it per grid (`resolve_ordinal`).
       init=None  a `state_dict()` of an earlier run, or an int array (m, d) of good points.
       init_values=None  responses of the `init` points (used for the elite, not for `best`).
       init_steps=20     Adam steps fitting the model to `init` points.
