@@ -289,3 +289,14 @@ def test_ordinal_controls_how_far_a_mutation_moves(ordinal):
         assert moved.max() == 16
         assert (moved <= 2).mean() < 0.25
 
+
+def test_tt_elite_moves_to_an_equally_good_new_point():
+    # Integer spike counts make plateaus: the elite must drift along them, not stall on the first point.
+    opt = make_optimizer("tt", 2, 8, seed=0, elite=1)
+    opt.tell(np.array([[1, 1]]), [3.0])
+    opt.tell(np.array([[5, 6], [2, 2]]), [3.0, 2.0])
+    assert opt.state_dict()["elite_I"].tolist() == [[5, 6]]
+    opt.tell(np.array([[0, 0]]), [2.5])
+    assert opt.state_dict()["elite_I"].tolist() == [[5, 6]]
+    assert opt.best[1] == 3.0 and opt.best[0].tolist() == [1, 1]  # the reported best stays the first
+

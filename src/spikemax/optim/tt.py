@@ -197,7 +197,8 @@ class TTOptimizer(Optimizer):
 
     Each ask draws a `local` fraction as mutations of the elite (heavy-tailed number of changed
     coordinates, log-uniform ordinal steps or uniform resampling) and the rest from the TT model;
-    each tell raises the model's likelihood of the best distinct points told so far. Defaults were
+    each tell raises the model's likelihood of the best distinct points told so far (a tie goes to
+    the newer point). Defaults were
     chosen on benchmarks/bench_optimizers.py (small batches, a sharp lr and mostly local moves beat
     the PROTES defaults k=100, k_top=10, lr=0.05 at 1k-4k queries).
 
@@ -335,8 +336,11 @@ class TTOptimizer(Optimizer):
             return
         X, v = self._to_model(I[ok]), y[ok]
         if self.archive:
-            X = np.concatenate([self._elite_I, X])
-            v = np.concatenate([self._elite_y, v])
+            # New points first, so a tie goes to the newer point: spike counts are integers, so
+            # plateaus are common, and keeping the old elite there would stall the local moves
+            # (accepting equal offspring lets the elite drift across a plateau, as in a (1+1)-EA).
+            X = np.concatenate([X, self._elite_I])
+            v = np.concatenate([v, self._elite_y])
         top = elite_rows(X, v, self.elite)
         self._elite_I, self._elite_y = X[top], v[top]
         self._fit(self._elite_I, np.ones(top.size), self.steps)
