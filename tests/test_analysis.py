@@ -70,6 +70,16 @@ def test_unit_stats_match_selectivity_functions():
     assert df["sparseness"].tolist() == pytest.approx([1.0, 0.0])
 
 
+def test_nearly_silent_units_are_not_selective():
+    # Unit 0: one spike on one image of class 0 (mean rate 0.02); unit 1 fires for class 0 only.
+    rates = {"out": np.array([[0.1, 0.8], [0.0, 0.9]] + [[0.0, 0.0]] * 3)}
+    labels = np.array([0, 0, 1, 2, 2])
+    df = A.unit_stats(rates, labels, 3, min_rate=0.05)
+    assert df["csi_raw"].tolist() == pytest.approx([1.0, 1.0])
+    assert df["csi"].tolist() == pytest.approx([0.0, 1.0])
+    assert A.unit_stats(rates, labels, 3)["csi"].tolist() == pytest.approx([1.0, 1.0])
+
+
 def _synthetic_tables(threshold: float = 0.5):
     """Units of 2 layers over epochs 0..3 and tracked optimal stimuli of 2 neurons."""
     units = pd.DataFrame([

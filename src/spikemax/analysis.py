@@ -119,15 +119,22 @@ def selective_fraction_by_epoch(first: Sequence[int | None], epochs: Sequence[in
 # ---- dataset responses over all checkpoints ---------------------------------------------
 
 
-def unit_stats(rates: dict[str, np.ndarray], labels: np.ndarray, num_classes: int) -> pd.DataFrame:
-    """One row per unit: CSI, preferred class, lifetime sparseness, dataset max and mean rate."""
+def unit_stats(rates: dict[str, np.ndarray], labels: np.ndarray, num_classes: int,
+               min_rate: float = 0.0) -> pd.DataFrame:
+    """One row per unit: CSI, preferred class, lifetime sparseness, dataset max and mean rate.
+
+    `csi` is 0 for a unit whose mean rate is below `min_rate`: a few stray spikes on one class
+    would make a nearly silent unit look perfectly selective. `csi_raw` keeps the unfiltered value.
+    """
     frames = []
     for layer, r in rates.items():
         means = S.class_means(r, labels, num_classes)
+        raw = S.csi(means)
         frames.append(pd.DataFrame({
             "layer": layer,
             "unit": np.arange(r.shape[1]),
-            "csi": S.csi(means),
+            "csi": np.where(r.mean(axis=0) >= min_rate, raw, 0.0),
+            "csi_raw": raw,
             "preferred_class": S.preferred_class(means),
             "sparseness": S.lifetime_sparseness(r),
             "dataset_max": r.max(axis=0),
@@ -137,7 +144,7 @@ def unit_stats(rates: dict[str, np.ndarray], labels: np.ndarray, num_classes: in
 
 
 def dataset_selectivity(ckpts: dict[int, Path], images: Any, labels: np.ndarray, num_classes: int,
-                        batch_size: int) -> tuple[pd.DataFrame, list[str]]:
+                        batch_size: int, min_rate: float = 0.0) -> tuple[pd.DataFrame, list[str]]:
     """Unit stats for every checkpoint epoch, and the spiking layers in depth order."""
     import torch
 
@@ -151,7 +158,7 @@ def dataset_selectivity(ckpts: dict[int, Path], images: Any, labels: np.ndarray,
         layers = list(net.spiking_layers())
         with torch.no_grad():
             rates = {k: np.asarray(v, dtype=np.float64) for k, v in layer_rates(net, images, batch_size=batch_size).items()}
-        df = unit_stats(rates, labels, num_classes)
+        df = unit_stats(rates, labels, num_classes, min_rate)
         df.insert(0, "epoch", epoch)
         frames.append(df)
     return pd.concat(frames, ignore_index=True), layers
@@ -517,7 +524,8 @@ def run_stage(params: Params, paths: Paths) -> dict:
     summary_df = load_summary(paths)
     am_dir = paths.results / "am"
 
-    units, layers = dataset_selectivity(ckpts, x_test, y_test.numpy(), len(prepared.classes), a.batch_size)
+    units, layers = dataset_selectivity(ckpts, x_test, y_test.numpy(), len(prepared.classes), a.batch_size,
+                                        a.min_rate)
     final_net = load_snn(ckpts[max(ckpts)])
     final_net.eval()
     best = [load_best(am_dir, d) for d in summary_df["run_dir"]]

@@ -145,6 +145,7 @@ class AnalyzeParams(Section):
     """`analyze` stage: thresholds of the selectivity analysis."""
 
     csi_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    min_rate: float = Field(0.001, ge=0.0, le=1.0)  # mean test-set rate (spikes/step) below which CSI counts as 0
     early_epoch: int = Field(1, ge=0)  # claim 1: units selective at or before this epoch count as "early"
     concept_from_epoch: int = Field(1, ge=0)  # concept changes counted from here (epoch 0 = untrained)
     batch_size: int = Field(500, ge=1)  # images per forward pass when reading dataset responses
