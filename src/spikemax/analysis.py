@@ -336,7 +336,8 @@ def claims(units: pd.DataFrame, first: pd.DataFrame, runs: pd.DataFrame, traj: p
     def csi_at(df: pd.DataFrame, e: int) -> pd.Series:
         return df.loc[df["epoch"] == e, "csi"]
 
-    c1: dict[str, Any] = {"early_epoch": early, "final_epoch": final, "csi_threshold": a.csi_threshold}
+    c1: dict[str, Any] = {"early_epoch": early, "final_epoch": final, "csi_threshold": a.csi_threshold,
+                          "min_rate": a.min_rate}
     frac = selective_fraction_by_epoch(
         [None if np.isnan(v) else int(v) for v in first["first_selective_epoch"]], [early])[0]
     c1["frac_selective_by_early_epoch"] = _num(frac)
@@ -480,7 +481,8 @@ def log_mlflow(paths: Paths, summary: dict, out_dir: Path, runs: pd.DataFrame) -
     metrics = [Metric(k, v, now, 0) for k, v in flatten(summary).items()]
     for i in range(0, len(metrics), 500):
         client.log_batch(rid, metrics=metrics[i : i + 500])
-    client.log_batch(rid, params=[Param("csi_threshold", str(summary["claim1_early_selectivity"]["csi_threshold"]))])
+    c1 = summary["claim1_early_selectivity"]
+    client.log_batch(rid, params=[Param("csi_threshold", str(c1["csi_threshold"])), Param("min_rate", str(c1["min_rate"]))])
     for path in sorted(out_dir.rglob("*")):
         if path.is_file() and path.suffix in (".png", ".csv"):
             client.log_artifact(rid, str(path), artifact_path=str(path.parent.relative_to(out_dir)).strip(".") or None)

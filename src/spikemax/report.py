@@ -112,6 +112,8 @@ def pct(v: float | None) -> str:
 def section_overview(a: dict, meta: dict, paths: Paths, ids: dict) -> str:
     """Setting of the run: data, epochs, layers, AM runs."""
     c2 = a["claim2_selectivity_and_accuracy"]
+    min_rate = a["claim1_early_selectivity"].get("min_rate")
+    silent = f"silent unit, or mean rate below {min_rate:g} spikes/step: 0" if min_rate else "silent unit: 0"
     return (
         f"<p>Checkpoint epochs analysed: {', '.join(map(str, meta.get('epochs', [])))} "
         f"(selectivity from the prepared test set at every epoch); AM'd epochs: "
@@ -119,7 +121,7 @@ def section_overview(a: dict, meta: dict, paths: Paths, ids: dict) -> str:
         f"{', '.join(meta.get('layers', []))}. Test accuracy {fmt(c2.get('test_acc_first'))} (first epoch) → "
         f"{fmt(c2.get('test_acc_final'))} (final). Project: <code>{html.escape(str(paths.root.resolve()))}</code>.</p>"
         "<p>CSI = (μ<sub>max</sub> − μ<sub>rest</sub>)/(μ<sub>max</sub> + μ<sub>rest</sub>) over class-mean firing "
-        "rates (silent unit: 0); AM gain = best AM activation / highest activation over the test set; concept = class "
+        f"rates ({silent}); AM gain = best AM activation / highest activation over the test set; concept = class "
         "the final-epoch SNN assigns to the optimal stimulus (the best stimulus over methods and seeds).</p>"
     )
 
