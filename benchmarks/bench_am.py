@@ -90,7 +90,9 @@ def bench_overhead(net, grid, targets, budget, batch, repeats, root: Path) -> di
             spent.append((sum(lg.seconds for lg in loggers), time.perf_counter() - t))
         return time.perf_counter() - t
 
-    once(False)  # warm-up (allocator, lazy imports)
+    once(False)  # warm-up (allocator, lazy imports of both paths)
+    once(True)
+    spent.clear()
     on, off = [], []
     for _ in range(repeats):
         off.append(once(False))
