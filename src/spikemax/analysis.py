@@ -130,15 +130,16 @@ def unit_stats(rates: dict[str, np.ndarray], labels: np.ndarray, num_classes: in
     for layer, r in rates.items():
         means = S.class_means(r, labels, num_classes)
         raw = S.csi(means)
+        mean_rate = r.mean(axis=0)
         frames.append(pd.DataFrame({
             "layer": layer,
             "unit": np.arange(r.shape[1]),
-            "csi": np.where(r.mean(axis=0) >= min_rate, raw, 0.0),
+            "csi": np.where(mean_rate >= min_rate, raw, 0.0),
             "csi_raw": raw,
             "preferred_class": S.preferred_class(means),
             "sparseness": S.lifetime_sparseness(r),
             "dataset_max": r.max(axis=0),
-            "mean_rate": r.mean(axis=0),
+            "mean_rate": mean_rate,
         }))
     return pd.concat(frames, ignore_index=True)
 

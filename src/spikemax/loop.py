@@ -116,6 +116,8 @@ def run_am_group(
     best reaches `target_value` (then it stops, and its logger records why). Every batch is logged
     before the next one is asked, so an exception or kill loses nothing already measured.
     """
+    from spikemax.tracking import log_batches
+
     if budget <= 0 or batch <= 0:
         raise ValueError(f"budget and batch must be positive (got {budget}, {batch})")
     loggers = list(loggers) if loggers is not None else [None] * len(optimizers)
@@ -145,8 +147,6 @@ def run_am_group(
         # Every run's batch is in the store and its table before any optimizer sees it.
         logged = [i for i, j in enumerate(active) if tracks[j].logger is not None]
         if logged:
-            from spikemax.tracking import log_batches
-
             log_batches([tracks[active[i]].logger for i in logged], [asked[i] for i in logged],
                         [ys[i] for i in logged])
         for j, idx, y, row in zip(active, asked, ys, rows):

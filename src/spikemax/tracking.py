@@ -263,7 +263,8 @@ class QueryLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "queries.parquet").unlink(missing_ok=True)
             self._sink = open(self.run_dir / _STREAM, "wb", buffering=0)
-            self._stream = ipc.new_stream(self._sink, _query_schema(pa))
+            self._schema = _query_schema(pa)
+            self._stream = ipc.new_stream(self._sink, self._schema)
 
     def log(self, indices: np.ndarray, responses: np.ndarray) -> None:
         """Record one batch: indices (k, d) and responses (k,) (NaN = failed query)."""
@@ -290,7 +291,7 @@ class QueryLogger:
                 pa.array(list(indices), pa.list_(pa.int64())),
                 pa.array(responses, pa.float64()),
                 pa.array(np.full(k, elapsed), pa.float64()),
-            ], schema=_query_schema(pa)))
+            ], schema=self._schema))
         self.n_queries += k
         self.n_batches += 1
         if k:
