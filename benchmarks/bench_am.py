@@ -80,8 +80,10 @@ def bench_overhead(net, grid, targets, budget, batch, repeats, root: Path) -> di
         opts = [make_optimizer("tt", grid.d, grid.n, seed=i) for i in range(len(targets))]
         loggers = None
         if logged:
-            loggers = [tracking.QueryLogger(client, client.create_run(eid).info.run_id, root / f"r{i}_{time.time_ns()}")
-                       for i in range(len(targets))]
+            loggers = [
+                tracking.QueryLogger(client, client.create_run(eid).info.run_id, root / f"r{i}_{time.time_ns()}")
+                for i in range(len(targets))
+            ]
         t = time.perf_counter()
         run_am_group(opts, grid, responder, budget, batch, loggers=loggers)
         if loggers:
@@ -101,13 +103,20 @@ def bench_overhead(net, grid, targets, budget, batch, repeats, root: Path) -> di
     n = budget * len(targets)
     # Robust to a shared machine's changing load: the logged runs' own time inside the logger.
     frac = [s / w for s, w in spent]
-    return {"targets": len(targets), "budget": budget, "batch": batch, "queries": n,
-            "logging_share_pct": round(100 * float(np.median(frac)), 2),
-            "logging_ms_per_query_measured": round(1000 * float(np.median([s for s, _ in spent])) / n, 4),
-            "wall_logged_s": round(t_on, 3), "wall_off_s": round(t_off, 3),
-            "queries_per_s_logged": round(n / t_on, 1), "queries_per_s_off": round(n / t_off, 1),
-            "overhead_pct": round(100 * (t_on - t_off) / t_on, 2),
-            "logging_ms_per_query": round(1000 * (t_on - t_off) / n, 4)}
+    return {
+        "targets": len(targets),
+        "budget": budget,
+        "batch": batch,
+        "queries": n,
+        "logging_share_pct": round(100 * float(np.median(frac)), 2),
+        "logging_ms_per_query_measured": round(1000 * float(np.median([s for s, _ in spent])) / n, 4),
+        "wall_logged_s": round(t_on, 3),
+        "wall_off_s": round(t_off, 3),
+        "queries_per_s_logged": round(n / t_on, 1),
+        "queries_per_s_off": round(n / t_off, 1),
+        "overhead_pct": round(100 * (t_on - t_off) / t_on, 2),
+        "logging_ms_per_query": round(1000 * (t_on - t_off) / n, 4),
+    }
 
 
 def bench_methods(net, grid, targets, methods, budgets, batch, seed, m) -> dict:
@@ -116,7 +125,6 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m) -> dict:
     for this grid as the stage resolves it)."""
     from spikemax.loop import _optimizer_options, run_am_group
     from spikemax.neurons import make_responder
-
     from spikemax.optim import make_optimizer
 
     top = max(budgets)
@@ -142,8 +150,10 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m) -> dict:
         out[method] = {"wall_s": walls[method], "options": options[method]}
         for b in budgets:
             norm = c[ok, b - 1] / ref[ok]
-            out[method][str(b)] = {"median": round(float(np.median(norm)), 4) if ok.any() else None,
-                                   "mean": round(float(np.mean(norm)), 4) if ok.any() else None}
+            out[method][str(b)] = {
+                "median": round(float(np.median(norm)), 4) if ok.any() else None,
+                "mean": round(float(np.mean(norm)), 4) if ok.any() else None,
+            }
     return {"targets": targets, "n_scored": int(ok.sum()), "budgets": budgets, "methods": out}
 
 
@@ -164,28 +174,42 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: overhead,methods")
     ap.add_argument("--out", default=None, help="write results JSON here")
     a = ap.parse_args()
-    for name, full, quick in (("budgets", "256,1024,4096", "256,1024"), ("neurons", 20, 8), ("repeats", 2, 1),
-                              ("overhead_budget", 512, 256)):
+    for name, full, quick in (
+        ("budgets", "256,1024,4096", "256,1024"),
+        ("neurons", 20, 8),
+        ("repeats", 2, 1),
+        ("overhead_budget", 512, 256),
+    ):
         if getattr(a, name) is None:
             setattr(a, name, quick if a.quick else full)
     torch.set_num_threads(a.threads)
     budgets = [int(b) for b in a.budgets.split(",")]
     params, paths, net, grid, epoch, _ = _setup(a.params, a.generator)
     targets = _neurons(net, a.neurons, a.seed)
-    result = {"checkpoint_epoch": epoch, "generator": a.generator, "grid": {"d": grid.d, "n": grid.n},
-              "threads": a.threads, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+    result = {
+        "checkpoint_epoch": epoch,
+        "generator": a.generator,
+        "grid": {"d": grid.d, "n": grid.n},
+        "threads": a.threads,
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+    }
     skip = set(filter(None, a.skip.split(",")))
     if "overhead" not in skip:
         with tempfile.TemporaryDirectory() as tmp:
-            result["overhead"] = bench_overhead(net, grid, targets[: a.overhead_targets], a.overhead_budget,
-                                                a.batch, a.repeats, Path(tmp))
+            result["overhead"] = bench_overhead(
+                net, grid, targets[: a.overhead_targets], a.overhead_budget, a.batch, a.repeats, Path(tmp)
+            )
         o = result["overhead"]
-        print(f"loop: {o['queries_per_s_off']} q/s without logging, {o['queries_per_s_logged']} q/s logged "
-              f"-> overhead {o['overhead_pct']} % by wall difference; time inside the logger "
-              f"{o['logging_share_pct']} % of the logged loop ({o['logging_ms_per_query_measured']} ms/query)")
+        print(
+            f"loop: {o['queries_per_s_off']} q/s without logging, {o['queries_per_s_logged']} q/s logged "
+            f"-> overhead {o['overhead_pct']} % by wall difference; time inside the logger "
+            f"{o['logging_share_pct']} % of the logged loop ({o['logging_ms_per_query_measured']} ms/query)"
+        )
     if "methods" not in skip:
-        result["methods"] = bench_methods(net, grid, targets, a.methods.split(","), budgets, a.batch, a.seed,
-                                          params.maximize)
+        result["methods"] = bench_methods(
+            net, grid, targets, a.methods.split(","), budgets, a.batch, a.seed, params.maximize
+        )
         print(f"normalized best activation (median over {result['methods']['n_scored']} neurons):")
         print("method  " + "  ".join(f"{b:>7}" for b in budgets) + "   wall_s")
         for m, r in result["methods"]["methods"].items():

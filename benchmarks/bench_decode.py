@@ -50,8 +50,16 @@ def main() -> None:
         t_dec = best_time(lambda: grid.decode(idx), args.repeats)
         with torch.no_grad():
             t_snn = best_time(lambda: net.class_probs(x), args.repeats)
-        rows.append({"generator": name, "batch": args.batch, "decode_s": t_dec, "snn_readout_s": t_snn,
-                     "ratio": t_dec / t_snn, "threads": torch.get_num_threads()})
+        rows.append(
+            {
+                "generator": name,
+                "batch": args.batch,
+                "decode_s": t_dec,
+                "snn_readout_s": t_snn,
+                "ratio": t_dec / t_snn,
+                "threads": torch.get_num_threads(),
+            }
+        )
     print(f"{'generator':<10}{'decode ms':>12}{'SNN ms':>10}{'ratio':>8}")
     for r in rows:
         print(f"{r['generator']:<10}{1e3 * r['decode_s']:>12.1f}{1e3 * r['snn_readout_s']:>10.1f}{r['ratio']:>8.2f}")

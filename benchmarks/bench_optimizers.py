@@ -29,9 +29,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -222,9 +222,7 @@ def print_table(summary: dict, budgets: list[int]) -> None:
     head = f"{'method':<8}" + "".join(f"{'B=' + str(b):>18}" for b in budgets) + f"{'ms/query':>11}"
     print(head)
     for m, s in summary.items():
-        cells = "".join(
-            f"{s['median_score'][str(b)]:>10.3f} ({s['mean_score'][str(b)]:.3f})" for b in budgets
-        )
+        cells = "".join(f"{s['median_score'][str(b)]:>10.3f} ({s['mean_score'][str(b)]:.3f})" for b in budgets)
         print(f"{m:<8}{cells}{s['ms_per_query']:>11.3f}")
     print("cells: median (mean) normalized score over problems x seeds")
 

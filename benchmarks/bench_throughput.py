@@ -63,8 +63,18 @@ def best_time(fn, repeats: int) -> tuple[float, float]:
 
 def child_peak_mib(args: argparse.Namespace, mode: str, batch: int, steps: int) -> float:
     """Peak memory one readout adds in a fresh process (no allocator cache from earlier runs)."""
-    cmd = [sys.executable, __file__, "--memory-child", mode, str(batch), str(steps), "--threads", str(args.threads),
-           "--params", args.params] + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        mode,
+        str(batch),
+        str(steps),
+        "--threads",
+        str(args.threads),
+        "--params",
+        args.params,
+    ] + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(res.stdout.strip().splitlines()[-1])
 
@@ -88,8 +98,15 @@ def build(checkpoint: str | None, params_file: str, num_steps: int) -> ConvSNN:
 
         s = P.load(params_file)[0].snn if Path(params_file).is_file() else P.SNNParams()
         torch.manual_seed(0)
-        net = ConvSNN(channels=s.channels, kernel=s.kernel, hidden=s.hidden, beta=s.beta,
-                      threshold=s.threshold, slope=s.slope, num_steps=num_steps).eval()
+        net = ConvSNN(
+            channels=s.channels,
+            kernel=s.kernel,
+            hidden=s.hidden,
+            beta=s.beta,
+            threshold=s.threshold,
+            slope=s.slope,
+            num_steps=num_steps,
+        ).eval()
     net.num_steps = num_steps
     return net
 
@@ -127,32 +144,60 @@ def main() -> None:
                 t_fast, c_fast = best_time(lambda: net.forward_spikes(x), args.repeats)
             mem_step = child_peak_mib(args, "step", B, T)
             mem_fast = child_peak_mib(args, "fast", B, T)
-            rows.append({
-                "batch": B, "num_steps": T,
-                "step_loop_img_s": B / t_step, "fast_img_s": B / t_fast, "speedup": t_step / t_fast,
-                "step_loop_img_cpu_s": B / c_step, "fast_img_cpu_s": B / c_fast, "speedup_cpu": c_step / c_fast,
-                "identical": identical, "peak_mib_step_loop": mem_step, "peak_mib_fast": mem_fast,
-                "spike_density": density,
-            })
+            rows.append(
+                {
+                    "batch": B,
+                    "num_steps": T,
+                    "step_loop_img_s": B / t_step,
+                    "fast_img_s": B / t_fast,
+                    "speedup": t_step / t_fast,
+                    "step_loop_img_cpu_s": B / c_step,
+                    "fast_img_cpu_s": B / c_fast,
+                    "speedup_cpu": c_step / c_fast,
+                    "identical": identical,
+                    "peak_mib_step_loop": mem_step,
+                    "peak_mib_fast": mem_fast,
+                    "spike_density": density,
+                }
+            )
 
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"ConvSNN readout throughput ({args.threads} threads, best of {args.repeats})")
-    for col in ["batch", "T", "step img/s", "fast img/s", "speedup", "speedup (CPU time)", "identical",
-                "peak MiB step / fast"]:
+    for col in [
+        "batch",
+        "T",
+        "step img/s",
+        "fast img/s",
+        "speedup",
+        "speedup (CPU time)",
+        "identical",
+        "peak MiB step / fast",
+    ]:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            str(r["batch"]), str(r["num_steps"]), f"{r['step_loop_img_s']:.0f}", f"{r['fast_img_s']:.0f}",
-            f"{r['speedup']:.2f}x", f"{r['speedup_cpu']:.2f}x", "yes" if r["identical"] else "NO",
+            str(r["batch"]),
+            str(r["num_steps"]),
+            f"{r['step_loop_img_s']:.0f}",
+            f"{r['fast_img_s']:.0f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['speedup_cpu']:.2f}x",
+            "yes" if r["identical"] else "NO",
             f"{r['peak_mib_step_loop']:.0f} / {r['peak_mib_fast']:.0f}",
         )
     Console().print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"threads": args.threads, "repeats": args.repeats, "checkpoint": args.checkpoint,
-            "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor()}
+    meta = {
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "checkpoint": args.checkpoint,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 

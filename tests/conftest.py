@@ -38,7 +38,11 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(
         [sys.executable, "-m", "spikemax.cli", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -78,8 +82,15 @@ def generator_checkpoints(project) -> dict[str, Path]:
     return out
 
 
-TINY_SNN = {"channels": [4, 8], "hidden": [32], "num_steps": 6, "epochs": 2, "batch_size": 64, "lr": 0.005,
-            "threads": 1}
+TINY_SNN = {
+    "channels": [4, 8],
+    "hidden": [32],
+    "num_steps": 6,
+    "epochs": 2,
+    "batch_size": 64,
+    "lr": 0.005,
+    "threads": 1,
+}
 
 
 @pytest.fixture(scope="session")

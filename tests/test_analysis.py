@@ -82,21 +82,40 @@ def test_nearly_silent_units_are_not_selective():
 
 def _synthetic_tables(threshold: float = 0.5):
     """Units of 2 layers over epochs 0..3 and tracked optimal stimuli of 2 neurons."""
-    units = pd.DataFrame([
-        # lif1 unit 0 selective from epoch 1; out unit 0 from epoch 3; out unit 1 never
-        {"epoch": e, "layer": lay, "unit": u, "csi": c, "preferred_class": 0, "sparseness": 0.2, "dataset_max": 1.0}
-        for e in range(4)
-        for lay, u, c in [("lif1", 0, [0.1, 0.6, 0.7, 0.8][e]), ("out", 0, [0.0, 0.2, 0.3, 0.9][e]),
-                          ("out", 1, [0.0, 0.1, 0.1, 0.1][e])]
-    ])
-    traj = pd.DataFrame([
-        {"generator": "sngan", "target": tg, "layer": lay, "unit": 0, "epoch": e, "concept": c,
-         "preferred_class": 0, "pixel_corr_prev": np.nan if e == 0 else 0.5, "latent_dist_prev": 0.1,
-         "pixel_corr_final": 1.0 if e == 3 else 0.2, "concept_prob": 0.5 + 0.1 * e, "am_gain_dataset": 1.0 + e,
-         "perplexity": 0.3, "complexity": 100}
-        for tg, lay, seq in [("lif1:0", "lif1", [4, 0, 0, 0]), ("class:0", "out", [1, 2, 3, 0])]
-        for e, c in enumerate(seq)
-    ])
+    units = pd.DataFrame(
+        [
+            # lif1 unit 0 selective from epoch 1; out unit 0 from epoch 3; out unit 1 never
+            {"epoch": e, "layer": lay, "unit": u, "csi": c, "preferred_class": 0, "sparseness": 0.2, "dataset_max": 1.0}
+            for e in range(4)
+            for lay, u, c in [
+                ("lif1", 0, [0.1, 0.6, 0.7, 0.8][e]),
+                ("out", 0, [0.0, 0.2, 0.3, 0.9][e]),
+                ("out", 1, [0.0, 0.1, 0.1, 0.1][e]),
+            ]
+        ]
+    )
+    traj = pd.DataFrame(
+        [
+            {
+                "generator": "sngan",
+                "target": tg,
+                "layer": lay,
+                "unit": 0,
+                "epoch": e,
+                "concept": c,
+                "preferred_class": 0,
+                "pixel_corr_prev": np.nan if e == 0 else 0.5,
+                "latent_dist_prev": 0.1,
+                "pixel_corr_final": 1.0 if e == 3 else 0.2,
+                "concept_prob": 0.5 + 0.1 * e,
+                "am_gain_dataset": 1.0 + e,
+                "perplexity": 0.3,
+                "complexity": 100,
+            }
+            for tg, lay, seq in [("lif1:0", "lif1", [4, 0, 0, 0]), ("class:0", "out", [1, 2, 3, 0])]
+            for e, c in enumerate(seq)
+        ]
+    )
     return units, traj
 
 
@@ -105,7 +124,8 @@ def test_claims_on_synthetic_tables():
     units, traj = _synthetic_tables()
     first = A.first_selective_table(units, 0.5)
     assert first.set_index(["layer", "unit"])["first_selective_epoch"].to_dict() == pytest.approx(
-        {("lif1", 0): 1, ("out", 0): 3, ("out", 1): np.nan}, nan_ok=True)
+        {("lif1", 0): 1, ("out", 0): 3, ("out", 1): np.nan}, nan_ok=True
+    )
     changes = A.neuron_changes(traj, from_epoch=1)
     by_target = changes.set_index("target")
     # epoch 0 excluded: lif1 keeps concept 0 (no change); class:0 goes 2 -> 3 -> 0 (two changes)

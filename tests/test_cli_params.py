@@ -11,8 +11,16 @@ from tests.conftest import run_cli, write_params
 def test_help_lists_every_stage_command():
     res = run_cli("--help")
     assert res.returncode == 0
-    for cmd in ("prepare", "train-snn", "train-generator", "check-generators", "maximize",
-                "analyze", "report", "neurons"):
+    for cmd in (
+        "prepare",
+        "train-snn",
+        "train-generator",
+        "check-generators",
+        "maximize",
+        "analyze",
+        "report",
+        "neurons",
+    ):
         assert cmd in res.stdout
 
 
@@ -54,8 +62,9 @@ def test_bad_tt_ordinal_gives_one_line(tmp_path, ordinal):
     path = write_params(tmp_path, {"maximize": {"tt": {"ordinal": ordinal}}})
     res = run_cli("maximize", "--params", str(path), cwd=tmp_path)
     assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert res.stderr.strip() == (f"error: params.yaml: maximize.tt.ordinal: Input should be 'auto' or a number "
-                                  f"in [0, 1] (got {ordinal!r})")
+    assert res.stderr.strip() == (
+        f"error: params.yaml: maximize.tt.ordinal: Input should be 'auto' or a number in [0, 1] (got {ordinal!r})"
+    )
 
 
 def test_tt_ordinal_is_auto_by_default_and_accepts_a_probability():

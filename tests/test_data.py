@@ -87,8 +87,15 @@ def write_cifar_fixture(root, per_batch: int = 20) -> np.ndarray:
         data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         labels = [i % 10 for i in range(per_batch)]
         with open(folder / name, "wb") as fh:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                         b"filenames": [b"f%d.png" % i for i in range(per_batch)]}, fh)
+            pickle.dump(
+                {
+                    b"batch_label": name.encode(),
+                    b"labels": labels,
+                    b"data": data,
+                    b"filenames": [b"f%d.png" % i for i in range(per_batch)],
+                },
+                fh,
+            )
         first = data if first is None else first
     names = [c.encode() for c in D.CIFAR10_CLASSES]
     with open(folder / "batches.meta", "wb") as fh:
@@ -108,8 +115,10 @@ def test_cifar10_reader_on_real_format_fixture(tmp_path):
 
 def test_prepare_cifar10(tmp_path):
     write_cifar_fixture(tmp_path / "raw")
-    path = write_params(tmp_path, {"prepare": {"dataset": "cifar10", "root": "raw", "train_size": 50,
-                                               "test_size": 20, "download": False}})
+    path = write_params(
+        tmp_path,
+        {"prepare": {"dataset": "cifar10", "root": "raw", "train_size": 50, "test_size": 20, "download": False}},
+    )
     params, paths = P.load(path, root=tmp_path)
     meta = D.prepare(params, paths)
     assert meta["shape"] == [3, 32, 32] and len(meta["mean"]) == 3

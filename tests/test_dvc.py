@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from spikemax import params as P
-
 from tests.conftest import REPO, write_params
 
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -60,8 +59,13 @@ def tiny_pipeline_params() -> dict:
         "prepare": {"train_size": 500, "test_size": 200, "val_fraction": 0.2},
         "snn": TINY_SNN,
         "generators": {**TINY_GENERATORS, "check_samples": 64},
-        "maximize": {"epochs": [0, -1], "targets": ["class:1", "lif1:0"], "methods": ["tt", "random"],
-                     "budget": 32, "batch": 16},
+        "maximize": {
+            "epochs": [0, -1],
+            "targets": ["class:1", "lif1:0"],
+            "methods": ["tt", "random"],
+            "budget": 32,
+            "batch": 16,
+        },
         "analyze": {"grid_rows": 4},
         "tune": {"n_trials": 2, "budget": 16, "batch": 8, "neurons": 1, "grid_n": [8]},
     }

@@ -35,7 +35,7 @@ def test_random_grid_latents_have_typical_norm(grids):
     g = grids["sngan"]
     z = g.latents(g.random_indices(2000, seed=1))
     # ||z|| of a N(0, I_d) sample is about sqrt(d); MANGO's uniform box gave ~2.3 x that.
-    ratio = float(z.norm(dim=1).mean()) / g.d ** 0.5
+    ratio = float(z.norm(dim=1).mean()) / g.d**0.5
     assert 0.8 < ratio < 1.1
 
 
@@ -131,8 +131,9 @@ def test_training_wrote_checkpoint_metrics_and_mlflow_run(generator_checkpoints,
     vq = json.loads((paths.metrics / "generator_vqvae.json").read_text())
     assert 1.0 <= vq["val_perplexity"] <= 32 and 0 < vq["val_recon_mse"] < 0.2
     client = mlflow.MlflowClient(tracking.configure(paths.root))
-    runs = client.search_runs([tracking.experiment_id("generators", paths.root)],
-                              filter_string="tags.stage = 'train_generator'")
+    runs = client.search_runs(
+        [tracking.experiment_id("generators", paths.root)], filter_string="tags.stage = 'train_generator'"
+    )
     by_gen = {r.data.tags["generator"]: r for r in runs}
     assert set(NAMES) <= set(by_gen)
     vq_run = by_gen["vqvae"]

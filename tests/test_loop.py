@@ -65,16 +65,22 @@ def test_failed_queries_count_against_budget_and_never_win():
 
 def test_early_stop_only_on_target_value_and_recorded(tmp_path):
     logger = tracking.QueryLogger(run_dir=tmp_path / "run")
-    res = run_am(make_optimizer("tt", D, N, seed=0), IndexGrid(), peak_responder, budget=5000,
-                 batch=25, logger=logger, target_value=0.5)
+    res = run_am(
+        make_optimizer("tt", D, N, seed=0),
+        IndexGrid(),
+        peak_responder,
+        budget=5000,
+        batch=25,
+        logger=logger,
+        target_value=0.5,
+    )
     logger.close()
     assert res.stopped_early and "target_value" in res.stop_reason
     assert res.best_response >= 0.5 and res.n_queries < 5000 and res.n_queries % 25 == 0
     assert (tmp_path / "run" / "STOPPED_EARLY").is_file()
     assert len(tracking.read_queries(tmp_path / "run")) == res.n_queries
     # A saturated response is no reason to stop without a target_value (MANGO lost runs that way).
-    sat = run_am(make_optimizer("random", D, N, seed=0), IndexGrid(), lambda x: np.ones(len(x)),
-                 budget=60, batch=20)
+    sat = run_am(make_optimizer("random", D, N, seed=0), IndexGrid(), lambda x: np.ones(len(x)), budget=60, batch=20)
     assert sat.n_queries == 60 and not sat.stopped_early
 
 
@@ -130,8 +136,9 @@ def test_run_am_logs_every_query_to_sqlite_store(tmp_path):
     run = client.create_run(eid)
     logger = tracking.QueryLogger(client, run.info.run_id, tmp_path / "run")
     budget = 130
-    res = run_am(make_optimizer("tt", D, N, seed=3), IndexGrid(), peak_responder, budget=budget,
-                 batch=32, logger=logger)
+    res = run_am(
+        make_optimizer("tt", D, N, seed=3), IndexGrid(), peak_responder, budget=budget, batch=32, logger=logger
+    )
     df = logger.close()
     act = client.get_metric_history(run.info.run_id, "activation")
     best = client.get_metric_history(run.info.run_id, "best_activation")
@@ -166,4 +173,3 @@ def test_stage_options_resolve_tt_ordinal_for_the_grid(monkeypatch):
     monkeypatch.setattr("spikemax.loop._digest", lambda path: "x")
     assert _config_hash(m, "tt", "a", "b") != _config_hash(explicit, "tt", "a", "b")
     assert _optimizer_options(m, "cma", ordered=True) == {}
-

@@ -55,9 +55,16 @@ def _runs(root: Path) -> list:
     return client.search_runs([exp.experiment_id], max_results=10000)
 
 
-SMALL = {"epochs": [0, -1], "generators": ["sngan", "vqvae"], "targets": ["class:0", "lif1:0"],
-         "units_per_layer": 0, "methods": ["tt", "random"], "seeds": [0], "budget": 48,
-         "batch": 16}
+SMALL = {
+    "epochs": [0, -1],
+    "generators": ["sngan", "vqvae"],
+    "targets": ["class:0", "lif1:0"],
+    "units_per_layer": 0,
+    "methods": ["tt", "random"],
+    "seeds": [0],
+    "budget": 48,
+    "batch": 16,
+}
 
 
 @pytest.mark.slow
@@ -91,8 +98,10 @@ def test_stage_outputs_mlflow_layout_and_rerun_skips(tmp_path, models):
             assert (am / f"stimuli_{g}_{m}.png").is_file()
     assert json.loads((paths.metrics / "am.json").read_text())["n_runs"] == n
     # Warm start: every epoch-2 TT run starts from its epoch-0 state; the others start cold.
-    warm = {json.loads((am / r / "summary.json").read_text())["warm_start_from"] for r in
-            df[(df.method == "tt") & (df.epoch == 2)]["run_dir"]}
+    warm = {
+        json.loads((am / r / "summary.json").read_text())["warm_start_from"]
+        for r in df[(df.method == "tt") & (df.epoch == 2)]["run_dir"]
+    }
     assert "" not in warm and len(warm) == 2 * n_targets
     assert (df[(df.method != "tt") | (df.epoch == 0)]["queries_saved"] == 0).all()
 
@@ -111,7 +120,10 @@ def test_stage_outputs_mlflow_layout_and_rerun_skips(tmp_path, models):
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key))[-1] == 47
         assert len(client.get_metric_history(r.info.run_id, key)) == 48
     assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {
-        "queries.parquet", "best_stimulus.png", "convergence.png"}
+        "queries.parquet",
+        "best_stimulus.png",
+        "convergence.png",
+    }
 
     # A rerun finds every combination finished (by run tag) and runs nothing.
     again = run_stage(params, paths)
@@ -150,8 +162,11 @@ def test_bad_params_fail_before_any_run(tmp_path, models):
         msg = str(err.value)
         assert needle in msg and "\n" not in msg, case
         assert not paths.mlruns.exists() and not paths.results.exists(), case
-    for change, needle in (({"methods": ["tt", "hillclimb"]}, "methods"), ({"generators": ["biggan"]}, "generators"),
-                           ({"budget": 0}, "budget")):
+    for change, needle in (
+        ({"methods": ["tt", "hillclimb"]}, "methods"),
+        ({"generators": ["biggan"]}, "generators"),
+        ({"budget": 0}, "budget"),
+    ):
         with pytest.raises(P.ParamsError, match=needle):
             P.validate({"maximize": {**base, **change}})
 
@@ -170,12 +185,24 @@ def test_bad_params_via_cli_is_one_line(tmp_path, models):
 @pytest.mark.slow
 def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
     budget, batch = 320, 8
-    cfg = {"epochs": [-1], "generators": ["vqvae"], "targets": ["class:1", "lif2:0"],
-           "methods": ["random", "tt"], "seeds": [0], "budget": budget, "batch": batch}
+    cfg = {
+        "epochs": [-1],
+        "generators": ["vqvae"],
+        "targets": ["class:1", "lif2:0"],
+        "methods": ["random", "tt"],
+        "seeds": [0],
+        "budget": budget,
+        "batch": batch,
+    }
     params, paths = _project_copy(tmp_path / "p", models, cfg)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([sys.executable, "-m", "spikemax.cli", "maximize"], cwd=paths.root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spikemax.cli", "maximize"],
+        cwd=paths.root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     am = paths.results / "am"
     deadline = time.time() + 240
     try:
@@ -216,9 +243,13 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
     runs = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
     done = [r for r in runs if r.info.status == "FINISHED"]
     assert sorted(r.data.tags[tracking.RUN_KEY_TAG] for r in done) == sorted(
-        pd.read_csv(am / "summary.csv")["run_key"])  # one FINISHED run per combination
-    assert {r.data.tags[tracking.RUN_KEY_TAG]: r.info.run_id for r in done if
-            r.data.tags[tracking.RUN_KEY_TAG] in finished_before} == finished_before  # not rerun
+        pd.read_csv(am / "summary.csv")["run_key"]
+    )  # one FINISHED run per combination
+    assert {
+        r.data.tags[tracking.RUN_KEY_TAG]: r.info.run_id
+        for r in done
+        if r.data.tags[tracking.RUN_KEY_TAG] in finished_before
+    } == finished_before  # not rerun
     for r in killed:
         assert client.get_run(r.info.run_id).info.status == "FAILED"
     parents = [r for r in _runs(paths.root) if r.data.tags.get("spikemax.stage") == "maximize"]

@@ -49,8 +49,12 @@ def reference_rates(net: ConvSNN, images: torch.Tensor) -> dict[str, np.ndarray]
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("class:3", Target("out", 3)), ("lif2:7", Target("lif2", 7)), (" fc_lif1 : 0 ", Target("fc_lif1", 0)),
-     ("out:9", Target("out", 9))],
+    [
+        ("class:3", Target("out", 3)),
+        ("lif2:7", Target("lif2", 7)),
+        (" fc_lif1 : 0 ", Target("fc_lif1", 0)),
+        ("out:9", Target("out", 9)),
+    ],
 )
 def test_parse_valid_targets(text, expected):
     assert parse_target(text, LAYERS) == expected
@@ -58,9 +62,15 @@ def test_parse_valid_targets(text, expected):
 
 @pytest.mark.parametrize(
     "text, fragment",
-    [("lif9:1", "unknown layer 'lif9'"), ("lif1:4", "out of range 0..3"), ("class:10", "out of range 0..9"),
-     ("class:-1", "out of range"), ("lif1", "expected class:K or LAYER:UNIT"), ("lif1:x", "expected"),
-     ("", "expected")],
+    [
+        ("lif9:1", "unknown layer 'lif9'"),
+        ("lif1:4", "out of range 0..3"),
+        ("class:10", "out of range 0..9"),
+        ("class:-1", "out of range"),
+        ("lif1", "expected class:K or LAYER:UNIT"),
+        ("lif1:x", "expected"),
+        ("", "expected"),
+    ],
 )
 def test_bad_targets_name_the_valid_layers_and_ranges(text, fragment):
     with pytest.raises(SpikemaxError) as err:

@@ -19,11 +19,19 @@ from spikemax import params as P
 from spikemax import report as R
 from spikemax import selectivity as S
 from spikemax.data import Prepared
+
 from .conftest import TINY_GENERATORS, TINY_PREPARE, run_cli, write_params
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-AM = {"epochs": "all", "generators": ["sngan", "vqvae"], "targets": ["class:0", "class:3", "lif1:0", "fc_lif1:2"],
-      "methods": ["tt", "random"], "seeds": [0], "budget": 48, "batch": 16}
+AM = {
+    "epochs": "all",
+    "generators": ["sngan", "vqvae"],
+    "targets": ["class:0", "class:3", "lif1:0", "fc_lif1:2"],
+    "methods": ["tt", "random"],
+    "seeds": [0],
+    "budget": 48,
+    "batch": 16,
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +47,15 @@ def tiny_run(tmp_path_factory, project, snn_checkpoints, generator_checkpoints) 
     (root / "models").symlink_to(src.root / "models", target_is_directory=True)
     paths.metrics.mkdir()
     shutil.copy(src.metrics / "snn_epochs.csv", paths.metrics / "snn_epochs.csv")
-    path = write_params(root, {"prepare": TINY_PREPARE, "generators": TINY_GENERATORS, "maximize": AM,
-                               "analyze": {"csi_threshold": 0.3, "grid_rows": 4}})
+    path = write_params(
+        root,
+        {
+            "prepare": TINY_PREPARE,
+            "generators": TINY_GENERATORS,
+            "maximize": AM,
+            "analyze": {"csi_threshold": 0.3, "grid_rows": 4},
+        },
+    )
     with pytest.MonkeyPatch.context() as mp:
         # mlflow.set_tracking_uri (in-process training) exports the URI; this project uses its own store.
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -88,8 +103,10 @@ def test_analysis_outputs_follow_contract(tiny_run, snn_checkpoints):
     stimuli = pd.read_csv(out / "stimuli.csv")
     assert len(stimuli) == len(epochs) * len(AM["generators"]) * len(AM["targets"])  # best over methods
     best = runs.groupby(["epoch", "generator", "target"])["best_activation"].max()
-    np.testing.assert_allclose(stimuli.set_index(["epoch", "generator", "target"])["best_activation"],
-                               best.loc[stimuli.set_index(["epoch", "generator", "target"]).index])
+    np.testing.assert_allclose(
+        stimuli.set_index(["epoch", "generator", "target"])["best_activation"],
+        best.loc[stimuli.set_index(["epoch", "generator", "target"]).index],
+    )
 
 
 def test_analyze_without_am_results_is_one_line_error(project, snn_checkpoints, tmp_path):
@@ -142,10 +159,21 @@ def test_report_has_every_section_and_image(tiny_run):
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package `chromium`)")
 def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     shot = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
-           (tiny_run.reports / "index.html").resolve().as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2000",
+        (tiny_run.reports / "index.html").resolve().as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert shot.is_file(), proc.stderr[-2000:]
     img = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)

@@ -12,14 +12,16 @@ from spikemax import selectivity as S
 def responses() -> tuple[np.ndarray, np.ndarray]:
     """6 stimuli of 3 classes (2 each) x 4 units: selective, flat, silent, one-class-only."""
     labels = np.array([0, 0, 1, 1, 2, 2])
-    rates = np.array([
-        [3.0, 2.0, 0.0, 0.0],
-        [5.0, 2.0, 0.0, 0.0],
-        [1.0, 2.0, 0.0, 0.0],
-        [1.0, 2.0, 0.0, 0.0],
-        [0.5, 2.0, 0.0, 2.0],
-        [1.5, 2.0, 0.0, 4.0],
-    ])
+    rates = np.array(
+        [
+            [3.0, 2.0, 0.0, 0.0],
+            [5.0, 2.0, 0.0, 0.0],
+            [1.0, 2.0, 0.0, 0.0],
+            [1.0, 2.0, 0.0, 0.0],
+            [0.5, 2.0, 0.0, 2.0],
+            [1.5, 2.0, 0.0, 4.0],
+        ]
+    )
     return rates, labels
 
 

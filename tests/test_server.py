@@ -14,7 +14,7 @@ from PIL import Image
 from spikemax import SpikemaxError, tracking
 from spikemax.generators import load_generator
 from spikemax.optim import make_optimizer
-from spikemax.server import ClosedLoop, Client, make_server
+from spikemax.server import Client, ClosedLoop, make_server
 
 
 def brightness(png_b64: str) -> float:

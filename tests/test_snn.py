@@ -12,7 +12,6 @@ import torch
 from spikemax import SpikemaxError
 from spikemax.snn import ConvSNN, checkpoints, load_snn
 from spikemax.tracking import tracking_uri
-
 from tests.conftest import TINY_SNN, run_cli, write_params
 
 

@@ -48,11 +48,18 @@ def test_parallel_first_writers_share_one_new_store(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from spikemax import tracking; "
-            "tracking.experiment_id('snn', sys.argv[1]); print('ok')")
+    code = "import sys; from spikemax import tracking; tracking.experiment_id('snn', sys.argv[1]); print('ok')"
     env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-800:] for o in outs]
     import mlflow

@@ -77,14 +77,16 @@ def test_artifacts_go_to_the_runs_repository(tmp_path):
     lg.log_artifact(png)
     lg.close()
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ["best_stimulus.png", "queries.parquet"]
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="queries.parquet",
-                                                tracking_uri=client.tracking_uri, dst_path=str(tmp_path / "dl"))
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="queries.parquet", tracking_uri=client.tracking_uri, dst_path=str(tmp_path / "dl")
+    )
     assert pd.read_parquet(local)["response"].tolist() == [1.0, 2.0, 0.5]
 
 
 def _history(client, run_id, key):
-    return [(m.step, m.value, m.timestamp) for m in sorted(client.get_metric_history(run_id, key),
-                                                          key=lambda m: m.step)]
+    return [
+        (m.step, m.value, m.timestamp) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+    ]
 
 
 def test_bulk_metric_writes_read_back_like_log_batch(tmp_path):
@@ -94,8 +96,10 @@ def test_bulk_metric_writes_read_back_like_log_batch(tmp_path):
     plain = tracking.MetricWriter(client, plain_run)
     plain._store = None  # the public log_batch path, as on an HTTP store
     assert bulk.bulk and not plain.bulk
-    series = [{"a": np.array([0.5, np.nan, np.inf]), "b": np.array([-np.inf, 2.0, 1.0])},
-              {"a": np.array([3.0]), "b": np.array([np.nan])}]
+    series = [
+        {"a": np.array([0.5, np.nan, np.inf]), "b": np.array([-np.inf, 2.0, 1.0])},
+        {"a": np.array([3.0]), "b": np.array([np.nan])},
+    ]
     for w in (bulk, plain):
         w.write(series[0], 0, 1000)
         w.write(series[1], 3, 2000)
@@ -118,8 +122,9 @@ def test_image_and_plot_helpers_write_pngs(tmp_path):
     gray = tracking.save_image_png(img[:1], tmp_path / "g.png", scale=1)
     assert Image.open(gray).mode == "L"
     c = tracking.save_convergence_png(np.array([0.1, np.nan, 0.3, 0.2]), tmp_path / "c.png", title="t")
-    g = tracking.save_image_grid_png([img, None, img[:1]], 2, 2, tmp_path / "grid.png",
-                                     row_labels=["a", "b"], col_labels=["x", "y"])
+    g = tracking.save_image_grid_png(
+        [img, None, img[:1]], 2, 2, tmp_path / "grid.png", row_labels=["a", "b"], col_labels=["x", "y"]
+    )
     for path in (c, g):
         assert Image.open(path).size[0] > 100
 
@@ -128,10 +133,14 @@ def test_log_batches_writes_each_runs_own_series(tmp_path):
     client, r1 = _run(tmp_path)
     r2 = client.create_run(tracking.experiment_id(tracking.AM_EXPERIMENT, tmp_path)).info.run_id
     loggers = [tracking.QueryLogger(client, r, tmp_path / r) for r in (r1, r2)]
-    tracking.log_batches(loggers, [np.zeros((2, 3), int), np.ones((3, 3), int)],
-                         [np.array([1.0, 0.5]), np.array([np.nan, 2.0, 3.0])])
+    tracking.log_batches(
+        loggers, [np.zeros((2, 3), int), np.ones((3, 3), int)], [np.array([1.0, 0.5]), np.array([np.nan, 2.0, 3.0])]
+    )
     tracking.log_batches(loggers[1:], [np.ones((1, 3), int)], [np.array([0.1])])
-    assert [m.value for m in sorted(client.get_metric_history(r1, "best_activation"), key=lambda m: m.step)] == [1.0, 1.0]
+    assert [m.value for m in sorted(client.get_metric_history(r1, "best_activation"), key=lambda m: m.step)] == [
+        1.0,
+        1.0,
+    ]
     act = {m.step: m.value for m in client.get_metric_history(r2, "activation")}
     assert sorted(act) == [0, 1, 2, 3] and np.isnan(act[0]) and act[3] == 0.1
     assert client.get_run(r2).data.metrics["best_activation"] == 3.0

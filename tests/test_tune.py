@@ -24,8 +24,9 @@ def tune_project(project, snn_checkpoints, generator_checkpoints, tmp_path):
 
 
 def tiny(n_trials: int) -> P.Params:
-    return P.validate({"tune": {"n_trials": n_trials, "budget": 32, "batch": 16, "neurons": 2,
-                                "ranks": [2, 3], "grid_n": [4, 8]}})
+    return P.validate(
+        {"tune": {"n_trials": n_trials, "budget": 32, "batch": 16, "neurons": 2, "ranks": [2, 3], "grid_n": [4, 8]}}
+    )
 
 
 @pytest.mark.slow

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -119,8 +120,9 @@ def selective_fraction_by_epoch(first: Sequence[int | None], epochs: Sequence[in
 # ---- dataset responses over all checkpoints ---------------------------------------------
 
 
-def unit_stats(rates: dict[str, np.ndarray], labels: np.ndarray, num_classes: int,
-               min_rate: float = 0.0) -> pd.DataFrame:
+def unit_stats(
+    rates: dict[str, np.ndarray], labels: np.ndarray, num_classes: int, min_rate: float = 0.0
+) -> pd.DataFrame:
     """One row per unit: CSI, preferred class, lifetime sparseness, dataset max and mean rate.
 
     `csi` is 0 for a unit whose mean rate is below `min_rate`: a few stray spikes on one class
@@ -131,21 +133,26 @@ def unit_stats(rates: dict[str, np.ndarray], labels: np.ndarray, num_classes: in
         means = S.class_means(r, labels, num_classes)
         raw = S.csi(means)
         mean_rate = r.mean(axis=0)
-        frames.append(pd.DataFrame({
-            "layer": layer,
-            "unit": np.arange(r.shape[1]),
-            "csi": np.where(mean_rate >= min_rate, raw, 0.0),
-            "csi_raw": raw,
-            "preferred_class": S.preferred_class(means),
-            "sparseness": S.lifetime_sparseness(r),
-            "dataset_max": r.max(axis=0),
-            "mean_rate": mean_rate,
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "unit": np.arange(r.shape[1]),
+                    "csi": np.where(mean_rate >= min_rate, raw, 0.0),
+                    "csi_raw": raw,
+                    "preferred_class": S.preferred_class(means),
+                    "sparseness": S.lifetime_sparseness(r),
+                    "dataset_max": r.max(axis=0),
+                    "mean_rate": mean_rate,
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
-def dataset_selectivity(ckpts: dict[int, Path], images: Any, labels: np.ndarray, num_classes: int,
-                        batch_size: int, min_rate: float = 0.0) -> tuple[pd.DataFrame, list[str]]:
+def dataset_selectivity(
+    ckpts: dict[int, Path], images: Any, labels: np.ndarray, num_classes: int, batch_size: int, min_rate: float = 0.0
+) -> tuple[pd.DataFrame, list[str]]:
     """Unit stats for every checkpoint epoch, and the spiking layers in depth order."""
     import torch
 
@@ -158,7 +165,9 @@ def dataset_selectivity(ckpts: dict[int, Path], images: Any, labels: np.ndarray,
         net.eval()
         layers = list(net.spiking_layers())
         with torch.no_grad():
-            rates = {k: np.asarray(v, dtype=np.float64) for k, v in layer_rates(net, images, batch_size=batch_size).items()}
+            rates = {
+                k: np.asarray(v, dtype=np.float64) for k, v in layer_rates(net, images, batch_size=batch_size).items()
+            }
         df = unit_stats(rates, labels, num_classes, min_rate)
         df.insert(0, "epoch", epoch)
         frames.append(df)
@@ -168,8 +177,19 @@ def dataset_selectivity(ckpts: dict[int, Path], images: Any, labels: np.ndarray,
 # ---- AM results -----------------------------------------------------------------------------
 
 
-SUMMARY_COLUMNS = ["run_key", "run_id", "epoch", "generator", "target", "layer", "unit", "method", "seed",
-                   "best_activation", "run_dir"]
+SUMMARY_COLUMNS = [
+    "run_key",
+    "run_id",
+    "epoch",
+    "generator",
+    "target",
+    "layer",
+    "unit",
+    "method",
+    "seed",
+    "best_activation",
+    "run_dir",
+]
 
 
 def load_summary(paths: Paths) -> pd.DataFrame:
@@ -192,8 +212,9 @@ def load_best(am_dir: Path, run_dir: str) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(z["image"], dtype=np.float32), np.asarray(z["indices"], dtype=np.int64)
 
 
-def stimulus_stats(runs: pd.DataFrame, images: np.ndarray, final_net: Any, prepared: Any,
-                   units: pd.DataFrame) -> pd.DataFrame:
+def stimulus_stats(
+    runs: pd.DataFrame, images: np.ndarray, final_net: Any, prepared: Any, units: pd.DataFrame
+) -> pd.DataFrame:
     """Per AM run: concept under the final SNN, complexity, AM gain vs the dataset, the unit's CSI."""
     import torch
 
@@ -228,8 +249,9 @@ def grid_size(params: Params, generator: str) -> int | None:
     return getattr(section, "grid_n", None)
 
 
-def trajectories(optimal: pd.DataFrame, latents: dict[str, np.ndarray], params: Params,
-                 pixels: dict[str, np.ndarray]) -> pd.DataFrame:
+def trajectories(
+    optimal: pd.DataFrame, latents: dict[str, np.ndarray], params: Params, pixels: dict[str, np.ndarray]
+) -> pd.DataFrame:
     """Optimal stimuli with similarity to the previous AM'd epoch, to the last one, and concept changes."""
     rows = []
     from_epoch = params.analyze.concept_from_epoch
@@ -243,8 +265,11 @@ def trajectories(optimal: pd.DataFrame, latents: dict[str, np.ndarray], params: 
         for key, (_, row) in zip(keys, g.iterrows()):
             r = row.to_dict()
             r["pixel_corr_prev"] = pixel_correlation(pixels[prev_key], pixels[key]) if prev_key else np.nan
-            r["latent_dist_prev"] = (latent_distance(latents[prev_key], latents[key], n)
-                                     if prev_key and latents[prev_key].shape == latents[key].shape else np.nan)
+            r["latent_dist_prev"] = (
+                latent_distance(latents[prev_key], latents[key], n)
+                if prev_key and latents[prev_key].shape == latents[key].shape
+                else np.nan
+            )
             r["pixel_corr_final"] = pixel_correlation(pixels[last], pixels[key])
             tracked = row["epoch"] >= from_epoch
             r["concept_changed"] = bool(tracked and prev_concept is not None and row["concept"] != prev_concept)
@@ -261,13 +286,19 @@ def neuron_changes(traj: pd.DataFrame, from_epoch: int) -> pd.DataFrame:
     for (gen, target), g in traj.groupby(["generator", "target"], sort=False):
         g = g[g["epoch"] >= from_epoch].sort_values("epoch")
         events = concept_changes(g["epoch"].tolist(), g["concept"].tolist())
-        rows.append({
-            "generator": gen, "target": target, "layer": g["layer"].iloc[0] if len(g) else None,
-            "unit": g["unit"].iloc[0] if len(g) else None, "epochs_tracked": len(g),
-            "concepts": " ".join(str(c) for c in g["concept"]),
-            "changes": len(events), "changed": len(events) > 0,
-            "distinct_concepts": int(g["concept"].nunique()),
-        })
+        rows.append(
+            {
+                "generator": gen,
+                "target": target,
+                "layer": g["layer"].iloc[0] if len(g) else None,
+                "unit": g["unit"].iloc[0] if len(g) else None,
+                "epochs_tracked": len(g),
+                "concepts": " ".join(str(c) for c in g["concept"]),
+                "changes": len(events),
+                "changed": len(events) > 0,
+                "distinct_concepts": int(g["concept"].nunique()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -281,21 +312,40 @@ def first_selective_table(units: pd.DataFrame, threshold: float) -> pd.DataFrame
     for (layer, unit), g in units.groupby(["layer", "unit"], sort=False):
         fe = first_selective_epoch(g["epoch"].tolist(), g["csi"].tolist(), threshold)
         last = g[g["epoch"] == final].iloc[0]
-        rows.append({"layer": layer, "unit": unit, "first_selective_epoch": np.nan if fe is None else fe,
-                     "final_csi": last["csi"], "final_preferred_class": last["preferred_class"],
-                     "max_csi": g["csi"].max()})
+        rows.append(
+            {
+                "layer": layer,
+                "unit": unit,
+                "first_selective_epoch": np.nan if fe is None else fe,
+                "final_csi": last["csi"],
+                "final_preferred_class": last["preferred_class"],
+                "max_csi": g["csi"].max(),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def epoch_table(units: pd.DataFrame, runs: pd.DataFrame, accuracy: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Per epoch: accuracy, mean CSI and fraction selective (all units), mean AM gain and concept prob."""
-    t = units.groupby("epoch").agg(mean_csi=("csi", "mean"),
-                                   frac_selective=("csi", lambda c: float(np.mean(c > threshold))),
-                                   mean_sparseness=("sparseness", "mean")).reset_index()
-    am = runs.groupby("epoch").agg(am_gain=("am_gain_dataset", "mean"),
-                                   concept_prob=("concept_prob", "mean"),
-                                   perplexity=("perplexity", "mean"),
-                                   complexity=("complexity", "mean")).reset_index()
+    t = (
+        units.groupby("epoch")
+        .agg(
+            mean_csi=("csi", "mean"),
+            frac_selective=("csi", lambda c: float(np.mean(c > threshold))),
+            mean_sparseness=("sparseness", "mean"),
+        )
+        .reset_index()
+    )
+    am = (
+        runs.groupby("epoch")
+        .agg(
+            am_gain=("am_gain_dataset", "mean"),
+            concept_prob=("concept_prob", "mean"),
+            perplexity=("perplexity", "mean"),
+            complexity=("complexity", "mean"),
+        )
+        .reset_index()
+    )
     t = t.merge(am, on="epoch", how="left")
     if not accuracy.empty:
         t = accuracy.merge(t, on="epoch", how="right")
@@ -325,8 +375,16 @@ def _num(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def claims(units: pd.DataFrame, first: pd.DataFrame, runs: pd.DataFrame, traj: pd.DataFrame,
-           changes: pd.DataFrame, epochs_t: pd.DataFrame, layers: list[str], params: Params) -> dict:
+def claims(
+    units: pd.DataFrame,
+    first: pd.DataFrame,
+    runs: pd.DataFrame,
+    traj: pd.DataFrame,
+    changes: pd.DataFrame,
+    epochs_t: pd.DataFrame,
+    layers: list[str],
+    params: Params,
+) -> dict:
     """metrics/analysis.json: the three claims of the abstract as measured numbers, overall and per layer."""
     a = params.analyze
     epochs = sorted(units["epoch"].unique().tolist())
@@ -337,10 +395,15 @@ def claims(units: pd.DataFrame, first: pd.DataFrame, runs: pd.DataFrame, traj: p
     def csi_at(df: pd.DataFrame, e: int) -> pd.Series:
         return df.loc[df["epoch"] == e, "csi"]
 
-    c1: dict[str, Any] = {"early_epoch": early, "final_epoch": final, "csi_threshold": a.csi_threshold,
-                          "min_rate": a.min_rate}
+    c1: dict[str, Any] = {
+        "early_epoch": early,
+        "final_epoch": final,
+        "csi_threshold": a.csi_threshold,
+        "min_rate": a.min_rate,
+    }
     frac = selective_fraction_by_epoch(
-        [None if np.isnan(v) else int(v) for v in first["first_selective_epoch"]], [early])[0]
+        [None if np.isnan(v) else int(v) for v in first["first_selective_epoch"]], [early]
+    )[0]
     c1["frac_selective_by_early_epoch"] = _num(frac)
     c1["frac_selective_final"] = _num(np.mean(csi_at(units, final) > a.csi_threshold))
     c1["max_csi_early"] = _num(csi_at(units, early).max())
@@ -349,7 +412,7 @@ def claims(units: pd.DataFrame, first: pd.DataFrame, runs: pd.DataFrame, traj: p
         u, f = units[units["layer"] == lay], first[first["layer"] == lay]
         fse = f["first_selective_epoch"].dropna()
         c1["per_layer"][lay] = {
-            "units": int(len(f)),
+            "units": len(f),
             "frac_selective_by_early_epoch": _num(np.mean(f["first_selective_epoch"] <= early)),
             "frac_selective_final": _num(np.mean(csi_at(u, final) > a.csi_threshold)),
             "mean_csi_early": _num(csi_at(u, early).mean()),
@@ -369,7 +432,9 @@ def claims(units: pd.DataFrame, first: pd.DataFrame, runs: pd.DataFrame, traj: p
     }
     acc_by_epoch = dict(zip(epochs_t["epoch"], acc))
     stim = traj.groupby("epoch")["pixel_corr_final"].mean() if len(traj) else pd.Series(dtype=float)
-    c2["spearman_similarity_to_final_vs_test_acc"] = spearman(stim.to_numpy(), [acc_by_epoch.get(e, np.nan) for e in stim.index])
+    c2["spearman_similarity_to_final_vs_test_acc"] = spearman(
+        stim.to_numpy(), [acc_by_epoch.get(e, np.nan) for e in stim.index]
+    )
     for lay in layers:
         m = units[units["layer"] == lay].groupby("epoch")["csi"].mean()
         g = runs[runs["layer"] == lay].groupby("epoch")["am_gain_dataset"].mean()
@@ -385,11 +450,13 @@ def claims(units: pd.DataFrame, first: pd.DataFrame, runs: pd.DataFrame, traj: p
     tracked = changes[changes["epochs_tracked"] >= 2] if len(changes) else changes
     c3: dict[str, Any] = {
         "from_epoch": a.concept_from_epoch,
-        "tracked_neurons": int(len(tracked)),
+        "tracked_neurons": len(tracked),
         "frac_neurons_changing_concept": _num(tracked["changed"].mean()) if len(tracked) else None,
         "mean_concept_changes": _num(tracked["changes"].mean()) if len(tracked) else None,
         "spearman_layer_depth_vs_changes": spearman(
-            [layers.index(lay) for lay in tracked["layer"]] if len(tracked) else [], tracked["changes"] if len(tracked) else []),
+            [layers.index(lay) for lay in tracked["layer"]] if len(tracked) else [],
+            tracked["changes"] if len(tracked) else [],
+        ),
         "per_layer": {},
     }
     final_runs = traj[traj["epoch"] == traj["epoch"].max()] if len(traj) else traj
@@ -397,11 +464,12 @@ def claims(units: pd.DataFrame, first: pd.DataFrame, runs: pd.DataFrame, traj: p
         t = tracked[tracked["layer"] == lay] if len(tracked) else tracked
         fr = final_runs[final_runs["layer"] == lay] if len(final_runs) else final_runs
         c3["per_layer"][lay] = {
-            "tracked_neurons": int(len(t)),
+            "tracked_neurons": len(t),
             "frac_neurons_changing_concept": _num(t["changed"].mean()) if len(t) else None,
             "mean_concept_changes": _num(t["changes"].mean()) if len(t) else None,
             "frac_concept_is_preferred_class_final": (
-                _num(np.mean(fr["concept"] == fr["preferred_class"])) if len(fr) else None),
+                _num(np.mean(fr["concept"] == fr["preferred_class"])) if len(fr) else None
+            ),
         }
     return {"claim1_early_selectivity": c1, "claim2_selectivity_and_accuracy": c2, "claim3_concept_change": c3}
 
@@ -414,9 +482,13 @@ def method_table(runs: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.D
     if curves is not None and len(curves):
         # elapsed_s is cumulative per run (lock-step groups share it): the last value is the run's wall time
         r = r.merge(curves.groupby("run_key")["elapsed_s"].max().rename("wall_s"), on="run_key", how="left")
-    agg = {"runs": ("run_key", "count"), "mean_best_activation": ("best_activation", "mean"),
-           "mean_am_gain": ("am_gain_dataset", "mean"), "win_rate": ("win", "mean"),
-           "mean_concept_prob": ("concept_prob", "mean")}
+    agg = {
+        "runs": ("run_key", "count"),
+        "mean_best_activation": ("best_activation", "mean"),
+        "mean_am_gain": ("am_gain_dataset", "mean"),
+        "win_rate": ("win", "mean"),
+        "mean_concept_prob": ("concept_prob", "mean"),
+    }
     if "queries_to_95" in r:
         agg["median_queries_to_95"] = ("queries_to_95", "median")
     if "n_queries" in r:
@@ -443,11 +515,23 @@ def convergence_curves(runs: pd.DataFrame, am_dir: Path) -> pd.DataFrame:
         best = np.maximum.accumulate(resp)
         scale = row["dataset_max"] if row["dataset_max"] > 0 else 1.0
         elapsed = q["elapsed_s"].to_numpy(dtype=np.float64) if "elapsed_s" in q else np.full(len(q), np.nan)
-        frames.append(pd.DataFrame({"run_key": row["run_key"], "generator": row["generator"], "method": row["method"],
-                                    "query": np.arange(1, len(best) + 1), "gain": best / scale,
-                                    "elapsed_s": elapsed}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["run_key", "generator", "method", "query", "gain", "elapsed_s"])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "run_key": row["run_key"],
+                    "generator": row["generator"],
+                    "method": row["method"],
+                    "query": np.arange(1, len(best) + 1),
+                    "gain": best / scale,
+                    "elapsed_s": elapsed,
+                }
+            )
+        )
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["run_key", "generator", "method", "query", "gain", "elapsed_s"])
+    )
 
 
 # ---- MLflow -----------------------------------------------------------------------------
@@ -483,7 +567,9 @@ def log_mlflow(paths: Paths, summary: dict, out_dir: Path, runs: pd.DataFrame) -
     for i in range(0, len(metrics), 500):
         client.log_batch(rid, metrics=metrics[i : i + 500])
     c1 = summary["claim1_early_selectivity"]
-    client.log_batch(rid, params=[Param("csi_threshold", str(c1["csi_threshold"])), Param("min_rate", str(c1["min_rate"]))])
+    client.log_batch(
+        rid, params=[Param("csi_threshold", str(c1["csi_threshold"])), Param("min_rate", str(c1["min_rate"]))]
+    )
     for path in sorted(out_dir.rglob("*")):
         if path.is_file() and path.suffix in (".png", ".csv"):
             client.log_artifact(rid, str(path), artifact_path=str(path.parent.relative_to(out_dir)).strip(".") or None)
@@ -491,10 +577,14 @@ def log_mlflow(paths: Paths, summary: dict, out_dir: Path, runs: pd.DataFrame) -
     tagged = missing = 0
     for _, row in runs.iterrows():
         tags = {
-            "selectivity.csi": f"{row['csi']:.4f}", "selectivity.preferred_class": str(int(row["preferred_class"])),
-            "selectivity.sparseness": f"{row['sparseness']:.4f}", "selectivity.am_gain": f"{row['am_gain_dataset']:.4f}",
-            "selectivity.concept": str(row["concept_name"]), "selectivity.concept_prob": f"{row['concept_prob']:.4f}",
-            "selectivity.perplexity": f"{row['perplexity']:.4f}", "selectivity.complexity": str(int(row["complexity"])),
+            "selectivity.csi": f"{row['csi']:.4f}",
+            "selectivity.preferred_class": str(int(row["preferred_class"])),
+            "selectivity.sparseness": f"{row['sparseness']:.4f}",
+            "selectivity.am_gain": f"{row['am_gain_dataset']:.4f}",
+            "selectivity.concept": str(row["concept_name"]),
+            "selectivity.concept_prob": f"{row['concept_prob']:.4f}",
+            "selectivity.perplexity": f"{row['perplexity']:.4f}",
+            "selectivity.complexity": str(int(row["complexity"])),
             "analysis_run_id": rid,
         }
         try:
@@ -502,8 +592,14 @@ def log_mlflow(paths: Paths, summary: dict, out_dir: Path, runs: pd.DataFrame) -
             tagged += 1
         except MlflowException:
             missing += 1  # an AM run id absent from this store (e.g. a copied results tree)
-    return {"tracking_uri": uri, "experiment_id": exp_id, "experiment": EXPERIMENT, "run_id": rid,
-            "am_runs_tagged": tagged, "am_runs_missing": missing}
+    return {
+        "tracking_uri": uri,
+        "experiment_id": exp_id,
+        "experiment": EXPERIMENT,
+        "run_id": rid,
+        "am_runs_tagged": tagged,
+        "am_runs_missing": missing,
+    }
 
 
 # ---- the stage --------------------------------------------------------------------------
@@ -527,8 +623,7 @@ def run_stage(params: Params, paths: Paths) -> dict:
     summary_df = load_summary(paths)
     am_dir = paths.results / "am"
 
-    units, layers = dataset_selectivity(ckpts, x_test, y_test.numpy(), len(prepared.classes), a.batch_size,
-                                        a.min_rate)
+    units, layers = dataset_selectivity(ckpts, x_test, y_test.numpy(), len(prepared.classes), a.batch_size, a.min_rate)
     final_net = load_snn(ckpts[max(ckpts)])
     final_net.eval()
     best = [load_best(am_dir, d) for d in summary_df["run_dir"]]
@@ -539,13 +634,22 @@ def run_stage(params: Params, paths: Paths) -> dict:
     by_key = dict(zip(runs["run_key"], range(len(runs))))
     pix_of = {k: pixels[i] for k, i in by_key.items()}
     lat_of = {k: best[i][1] for k, i in by_key.items()}
-    return write_outputs(params, paths, units, layers, runs, pix_of, lat_of, prepared.classes,
-                         epochs=sorted(int(e) for e in ckpts))
+    return write_outputs(
+        params, paths, units, layers, runs, pix_of, lat_of, prepared.classes, epochs=sorted(int(e) for e in ckpts)
+    )
 
 
-def write_outputs(params: Params, paths: Paths, units: pd.DataFrame, layers: list[str], runs: pd.DataFrame,
-                  pixels: dict[str, np.ndarray], latents: dict[str, np.ndarray], classes: list[str],
-                  epochs: list[int]) -> dict:
+def write_outputs(
+    params: Params,
+    paths: Paths,
+    units: pd.DataFrame,
+    layers: list[str],
+    runs: pd.DataFrame,
+    pixels: dict[str, np.ndarray],
+    latents: dict[str, np.ndarray],
+    classes: list[str],
+    epochs: list[int],
+) -> dict:
     """Everything after the SNN readout: tables, claims, figures, metrics JSON and MLflow."""
     a = params.analyze
     am_dir = paths.results / "am"
@@ -570,11 +674,28 @@ def write_outputs(params: Params, paths: Paths, units: pd.DataFrame, layers: lis
     wide_by_layer(units, "csi", layers).to_csv(out_dir / "csi_by_epoch.csv", index=False)
     wide_by_layer(runs, "am_gain_dataset", layers).to_csv(out_dir / "am_gain_by_epoch.csv", index=False)
     layer_table(result, layers).to_csv(out_dir / "layers.csv", index=False)
-    write_figures(fig_dir, units=units, runs=runs, traj=traj, first=first, epochs_t=epochs_t, curves=curves,
-                  layers=layers, classes=classes, pixels=pixels, threshold=a.csi_threshold, grid_rows=a.grid_rows)
+    write_figures(
+        fig_dir,
+        units=units,
+        runs=runs,
+        traj=traj,
+        first=first,
+        epochs_t=epochs_t,
+        curves=curves,
+        layers=layers,
+        classes=classes,
+        pixels=pixels,
+        threshold=a.csi_threshold,
+        grid_rows=a.grid_rows,
+    )
 
-    result["meta"] = {"epochs": epochs, "am_epochs": sorted(int(e) for e in runs["epoch"].unique()),
-                      "layers": layers, "am_runs": int(len(runs)), "classes": list(classes)}
+    result["meta"] = {
+        "epochs": epochs,
+        "am_epochs": sorted(int(e) for e in runs["epoch"].unique()),
+        "layers": layers,
+        "am_runs": len(runs),
+        "classes": list(classes),
+    }
     paths.metrics.mkdir(parents=True, exist_ok=True)
     (paths.metrics / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
     ids = log_mlflow(paths, result, out_dir, runs) if a.mlflow else {}
@@ -625,8 +746,9 @@ def _integer_epochs(*axes: Any) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def fig_accuracy_selectivity(epochs_t: pd.DataFrame, units: pd.DataFrame, layers: list[str], threshold: float,
-                             path: Path) -> None:
+def fig_accuracy_selectivity(
+    epochs_t: pd.DataFrame, units: pd.DataFrame, layers: list[str], threshold: float, path: Path
+) -> None:
     """Claim 2: test accuracy, mean CSI per layer and fraction selective per layer vs epoch."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -654,8 +776,9 @@ def fig_accuracy_selectivity(epochs_t: pd.DataFrame, units: pd.DataFrame, layers
     plt.close(fig)
 
 
-def fig_first_selective(first: pd.DataFrame, epochs: list[int], layers: list[str], threshold: float,
-                        path: Path) -> None:
+def fig_first_selective(
+    first: pd.DataFrame, epochs: list[int], layers: list[str], threshold: float, path: Path
+) -> None:
     """Claim 1: cumulative fraction of units per layer that have become selective by each epoch."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -663,8 +786,12 @@ def fig_first_selective(first: pd.DataFrame, epochs: list[int], layers: list[str
         f = first.loc[first["layer"] == lay, "first_selective_epoch"]
         frac = selective_fraction_by_epoch([None if np.isnan(v) else v for v in f], epochs)
         ax.plot(epochs, frac, "-o", label=f"{lay} ({len(f)} units)")
-    ax.set(xlabel="epoch", ylabel=f"fraction with CSI > {threshold} so far", ylim=(-0.02, 1.02),
-           title="first epoch of selectivity (cumulative)")
+    ax.set(
+        xlabel="epoch",
+        ylabel=f"fraction with CSI > {threshold} so far",
+        ylim=(-0.02, 1.02),
+        title="first epoch of selectivity (cumulative)",
+    )
     ax.legend(fontsize=8)
     _integer_epochs(ax)
     fig.tight_layout()
@@ -704,18 +831,30 @@ def pick_neurons(traj: pd.DataFrame, layers: list[str], rows: int) -> list[str]:
         for g in groups:
             if g and len(picked) < rows:
                 picked.append(g.pop(0))
-    return sorted(picked, key=lambda tg: (order.get(t.set_index("target").loc[tg, "layer"], len(layers)),
-                                          t.set_index("target").loc[tg, "unit"]))
+    return sorted(
+        picked,
+        key=lambda tg: (
+            order.get(t.set_index("target").loc[tg, "layer"], len(layers)),
+            t.set_index("target").loc[tg, "unit"],
+        ),
+    )
 
 
-def fig_evolution(traj: pd.DataFrame, generator: str, targets: list[str], pixels: dict[str, np.ndarray],
-                  classes: list[str], path: Path) -> None:
+def fig_evolution(
+    traj: pd.DataFrame,
+    generator: str,
+    targets: list[str],
+    pixels: dict[str, np.ndarray],
+    classes: list[str],
+    path: Path,
+) -> None:
     """Stimulus evolution: rows = neurons, columns = AM'd epochs; titled with concept and activation."""
     plt = _plt()
     t = traj[(traj["generator"] == generator) & traj["target"].isin(targets)]
     epochs = sorted(t["epoch"].unique())
-    fig, axes = plt.subplots(len(targets), len(epochs), figsize=(1.6 * len(epochs) + 0.8, 1.9 * len(targets)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(targets), len(epochs), figsize=(1.6 * len(epochs) + 0.8, 1.9 * len(targets)), squeeze=False
+    )
     cell = {(r["target"], r["epoch"]): r for _, r in t.iterrows()}
     for i, tg in enumerate(targets):
         for j, e in enumerate(epochs):
@@ -726,12 +865,18 @@ def fig_evolution(traj: pd.DataFrame, generator: str, targets: list[str], pixels
                 continue
             _show(ax, pixels[r["run_key"]])
             mark = " *" if r["concept_changed"] else ""
-            ax.set_title(f"e{e}: {classes[int(r['concept'])][:10]} {r['concept_prob']:.2f}{mark}\n"
-                         f"act {r['best_activation']:.3g}", fontsize=7, color="red" if mark else "black")
+            ax.set_title(
+                f"e{e}: {classes[int(r['concept'])][:10]} {r['concept_prob']:.2f}{mark}\n"
+                f"act {r['best_activation']:.3g}",
+                fontsize=7,
+                color="red" if mark else "black",
+            )
             if j == 0:
                 ax.set_ylabel(tg, fontsize=8)
-    fig.suptitle(f"{generator}: optimal stimulus per epoch\n(concept under the final SNN, its probability; "
-                 "* = changed)", fontsize=9)
+    fig.suptitle(
+        f"{generator}: optimal stimulus per epoch\n(concept under the final SNN, its probability; * = changed)",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the two-line suptitle
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -748,8 +893,9 @@ def fig_concepts(traj: pd.DataFrame, layers: list[str], classes: list[str], path
     for _, r in seqs.iterrows():
         grid[names.index((r["generator"], r["target"])), epochs.index(r["epoch"])] = r["concept"]
     fig, ax = plt.subplots(figsize=(2 + 0.6 * len(epochs), 1 + 0.22 * len(names)))
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap="tab10", vmin=-0.5, vmax=9.5, aspect="auto",
-                   interpolation="nearest")
+    im = ax.imshow(
+        np.ma.masked_invalid(grid), cmap="tab10", vmin=-0.5, vmax=9.5, aspect="auto", interpolation="nearest"
+    )
     ax.set_xticks(range(len(epochs)), [str(e) for e in epochs])
     ax.set_yticks(range(len(names)), [f"{g}/{t}" for g, t in names], fontsize=6)
     ax.set_xlabel("epoch")
@@ -788,8 +934,12 @@ def fig_methods_best(runs: pd.DataFrame, pixels: dict[str, np.ndarray], targets:
     last = runs[runs["epoch"] == runs["epoch"].max()]
     cols = sorted(set(zip(last["generator"], last["method"])))
     targets = [t for t in targets if t in set(last["target"])]
-    fig, axes = plt.subplots(max(len(targets), 1), max(len(cols), 1), squeeze=False,
-                             figsize=(1.7 * max(len(cols), 1) + 0.8, 1.8 * max(len(targets), 1)))
+    fig, axes = plt.subplots(
+        max(len(targets), 1),
+        max(len(cols), 1),
+        squeeze=False,
+        figsize=(1.7 * max(len(cols), 1) + 0.8, 1.8 * max(len(targets), 1)),
+    )
     for i, tg in enumerate(targets):
         for j, (gen, method) in enumerate(cols):
             ax = axes[i, j]
@@ -799,8 +949,10 @@ def fig_methods_best(runs: pd.DataFrame, pixels: dict[str, np.ndarray], targets:
                 continue
             r = r.loc[r["best_activation"].idxmax()]
             _show(ax, pixels[r["run_key"]])
-            ax.set_title(f"{gen}/{method}\nact {r['best_activation']:.3g}" if i == 0 else f"act {r['best_activation']:.3g}",
-                         fontsize=7)
+            ax.set_title(
+                f"{gen}/{method}\nact {r['best_activation']:.3g}" if i == 0 else f"act {r['best_activation']:.3g}",
+                fontsize=7,
+            )
             if j == 0:
                 ax.set_ylabel(tg, fontsize=8)
     fig.suptitle(f"best stimulus per method, epoch {int(last['epoch'].max()) if len(last) else '-'}", fontsize=9)
@@ -809,9 +961,21 @@ def fig_methods_best(runs: pd.DataFrame, pixels: dict[str, np.ndarray], targets:
     plt.close(fig)
 
 
-def write_figures(fig_dir: Path, *, units: pd.DataFrame, runs: pd.DataFrame, traj: pd.DataFrame, first: pd.DataFrame,
-                  epochs_t: pd.DataFrame, curves: pd.DataFrame, layers: list[str], classes: list[str],
-                  pixels: dict[str, np.ndarray], threshold: float, grid_rows: int) -> list[Path]:
+def write_figures(
+    fig_dir: Path,
+    *,
+    units: pd.DataFrame,
+    runs: pd.DataFrame,
+    traj: pd.DataFrame,
+    first: pd.DataFrame,
+    epochs_t: pd.DataFrame,
+    curves: pd.DataFrame,
+    layers: list[str],
+    classes: list[str],
+    pixels: dict[str, np.ndarray],
+    threshold: float,
+    grid_rows: int,
+) -> list[Path]:
     """Every analysis figure under fig_dir; returns their paths."""
     epochs = sorted(units["epoch"].unique().tolist())
     written = []

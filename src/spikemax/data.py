@@ -18,12 +18,28 @@ from spikemax.params import Params, Paths
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 CIFAR10_CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 ]
 FASHION_FILES = {
     "train_x": "train-images-idx3-ubyte.gz",
@@ -85,7 +101,7 @@ def load_fashion_mnist(root: Path, download: bool = True) -> RawData:
 
             FashionMNIST(str(root), train=True, download=True)
             FashionMNIST(str(root), train=False, download=True)
-        except Exception:  # noqa: BLE001 - any download failure ends in the message below
+        except Exception:
             pass
         folder = find_fashion_mnist(root)
     if folder is None:
@@ -123,7 +139,7 @@ def load_cifar10(root: Path, download: bool = True) -> RawData:
             from torchvision.datasets import CIFAR10
 
             CIFAR10(str(root), train=True, download=True)
-        except Exception:  # noqa: BLE001 - reported below
+        except Exception:
             pass
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
@@ -215,8 +231,7 @@ def prepare(params: Params, paths: Paths) -> dict:
     out = paths.prepared
     out.mkdir(parents=True, exist_ok=True)
     for name, (x, y) in splits.items():
-        torch.save({"x": torch.from_numpy(np.ascontiguousarray(x)), "y": torch.from_numpy(y)},
-                   out / f"{name}.pt")
+        torch.save({"x": torch.from_numpy(np.ascontiguousarray(x)), "y": torch.from_numpy(y)}, out / f"{name}.pt")
     c, h, w = raw.train_x.shape[1:]
     meta = {
         "dataset": p.dataset,
@@ -225,7 +240,7 @@ def prepare(params: Params, paths: Paths) -> dict:
         "shape": [int(c), int(h), int(w)],
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
-        "sizes": {k: int(len(v[1])) for k, v in splits.items()},
+        "sizes": {k: len(v[1]) for k, v in splits.items()},
         "seed": p.seed,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -240,7 +255,7 @@ class Prepared:
     meta: dict
 
     @classmethod
-    def load(cls, root: Path) -> "Prepared":
+    def load(cls, root: Path) -> Prepared:
         """Open a prepared folder; a clear error when `prepare` has not run."""
         meta_file = Path(root) / "meta.json"
         if not meta_file.is_file():
@@ -289,8 +304,9 @@ class PreparedDataModule(L.LightningDataModule):
     """Serves the prepared splits from memory: normalized float images (the SNN's input) or
     uint8 pixels (`pixels=True`, for generators that work in pixel space) with labels."""
 
-    def __init__(self, prepared: Prepared, batch_size: int, seed: int = 0, pixels: bool = False,
-                 drop_last: bool = False) -> None:
+    def __init__(
+        self, prepared: Prepared, batch_size: int, seed: int = 0, pixels: bool = False, drop_last: bool = False
+    ) -> None:
         super().__init__()
         self.prepared = prepared
         self.batch_size = batch_size
@@ -309,8 +325,7 @@ class PreparedDataModule(L.LightningDataModule):
         gen = torch.Generator().manual_seed(self.seed)
         # Only the shuffled train split drops a ragged last batch, and only when asked and non-empty.
         drop = shuffle and self.drop_last and len(self.sets[split]) > self.batch_size
-        return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          generator=gen, drop_last=drop)
+        return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=shuffle, generator=gen, drop_last=drop)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -9,9 +9,10 @@ import math
 import pickle
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ class AMResult:
 
     @property
     def n_queries(self) -> int:
-        return int(len(self.responses))
+        return len(self.responses)
 
     @property
     def history(self) -> np.ndarray:
@@ -70,7 +71,7 @@ class _Track:
     """Per-optimizer state inside a lock-step group."""
 
     optimizer: Any
-    logger: "QueryLogger | None"
+    logger: QueryLogger | None
     target_value: float | None
     indices: list = field(default_factory=list)
     responses: list = field(default_factory=list)
@@ -86,15 +87,18 @@ class _Track:
 
 def _respond(responder: Responder, images: torch.Tensor, max_images: int) -> np.ndarray:
     """Responses to many images in chunks (bounded memory); (K,) or (K, m)."""
-    outs = [np.asarray(responder(images[i:i + max_images]), dtype=np.float64)
-            for i in range(0, len(images), max_images)]
+    outs = [
+        np.asarray(responder(images[i : i + max_images]), dtype=np.float64) for i in range(0, len(images), max_images)
+    ]
     return np.concatenate(outs, axis=0)
 
 
 def _decode(grid: Any, indices: np.ndarray, max_images: int) -> torch.Tensor:
     with torch.no_grad():
-        parts = [grid.decode(torch.as_tensor(indices[i:i + max_images], dtype=torch.long))
-                 for i in range(0, len(indices), max_images)]
+        parts = [
+            grid.decode(torch.as_tensor(indices[i : i + max_images], dtype=torch.long))
+            for i in range(0, len(indices), max_images)
+        ]
     return torch.cat(parts, dim=0)
 
 
@@ -104,7 +108,7 @@ def run_am_group(
     responder: Responder,
     budget: int,
     batch: int,
-    loggers: Sequence["QueryLogger | None"] | None = None,
+    loggers: Sequence[QueryLogger | None] | None = None,
     target_value: float | None = None,
     on_batch: Callable[[int], None] | None = None,
     max_images: int = 512,
@@ -141,18 +145,17 @@ def run_am_group(
         ys, rows = [], []
         for j, idx in zip(active, asked):
             col = j if y_all.shape[1] == m else 0
-            ys.append(y_all[row:row + len(idx), col].copy())
+            ys.append(y_all[row : row + len(idx), col].copy())
             rows.append(row)
             row += len(idx)
         # Every run's batch is in the store and its table before any optimizer sees it.
         logged = [i for i, j in enumerate(active) if tracks[j].logger is not None]
         if logged:
-            log_batches([tracks[active[i]].logger for i in logged], [asked[i] for i in logged],
-                        [ys[i] for i in logged])
+            log_batches([tracks[active[i]].logger for i in logged], [asked[i] for i in logged], [ys[i] for i in logged])
         for j, idx, y, row in zip(active, asked, ys, rows):
             t = tracks[j]
             k = len(idx)
-            imgs = images[row:row + k]
+            imgs = images[row : row + k]
             t.optimizer.tell(idx, y)
             if not np.all(np.isnan(y)):
                 b = int(np.nanargmax(y))
@@ -174,17 +177,19 @@ def run_am_group(
     results = []
     for t in tracks:
         d = t.indices[0].shape[1] if t.indices else 0
-        results.append(AMResult(
-            best_indices=t.best_indices,
-            best_response=t.best if t.best_indices is not None else float("nan"),
-            best_image=t.best_image,
-            indices=np.concatenate(t.indices) if t.indices else np.zeros((0, d), np.int32),
-            responses=np.concatenate(t.responses) if t.responses else np.zeros(0),
-            batches=np.concatenate(t.batches) if t.batches else np.zeros(0, np.int32),
-            stopped_early=bool(t.stopped),
-            stop_reason=t.stopped,
-            wall_s=t.wall,
-        ))
+        results.append(
+            AMResult(
+                best_indices=t.best_indices,
+                best_response=t.best if t.best_indices is not None else float("nan"),
+                best_image=t.best_image,
+                indices=np.concatenate(t.indices) if t.indices else np.zeros((0, d), np.int32),
+                responses=np.concatenate(t.responses) if t.responses else np.zeros(0),
+                batches=np.concatenate(t.batches) if t.batches else np.zeros(0, np.int32),
+                stopped_early=bool(t.stopped),
+                stop_reason=t.stopped,
+                wall_s=t.wall,
+            )
+        )
     return results
 
 
@@ -194,7 +199,7 @@ def run_am(
     responder: Responder,
     budget: int,
     batch: int,
-    logger: "QueryLogger | None" = None,
+    logger: QueryLogger | None = None,
     target_value: float | None = None,
     on_batch: Callable[[int], None] | None = None,
     max_images: int = 512,
@@ -205,15 +210,30 @@ def run_am(
         y = np.asarray(responder(images), dtype=np.float64)
         return y.reshape(len(images), -1)[:, :1]
 
-    return run_am_group([optimizer], grid, single, budget, batch, [logger], target_value,
-                        on_batch, max_images)[0]
+    return run_am_group([optimizer], grid, single, budget, batch, [logger], target_value, on_batch, max_images)[0]
 
 
 # ---- the `maximize` stage -------------------------------------------------------------------
 
-SUMMARY_COLUMNS = ["run_key", "run_id", "epoch", "generator", "target", "layer", "unit", "method", "seed",
-                   "budget", "n_queries", "best_activation", "queries_to_95", "dataset_max", "am_gain",
-                   "queries_saved", "run_dir"]
+SUMMARY_COLUMNS = [
+    "run_key",
+    "run_id",
+    "epoch",
+    "generator",
+    "target",
+    "layer",
+    "unit",
+    "method",
+    "seed",
+    "budget",
+    "n_queries",
+    "best_activation",
+    "queries_to_95",
+    "dataset_max",
+    "am_gain",
+    "queries_saved",
+    "run_dir",
+]
 OUTPUT_LAYER = "out"  # the SNN's class layer: its unit K is target `class:K`
 
 
@@ -339,8 +359,12 @@ def _code_digest() -> str:
     import spikemax
 
     pkg = Path(spikemax.__file__).parent
-    files = [pkg / "neurons.py", pkg / "snn.py", *sorted((pkg / "generators").glob("*.py")),
-             *sorted((pkg / "optim").glob("*.py"))]
+    files = [
+        pkg / "neurons.py",
+        pkg / "snn.py",
+        *sorted((pkg / "generators").glob("*.py")),
+        *sorted((pkg / "optim").glob("*.py")),
+    ]
     h = hashlib.sha1()
     for f in files:
         if f.is_file():
@@ -351,13 +375,21 @@ def _code_digest() -> str:
 def _config_hash(m: Any, method: str, snn_ckpt: Path, gen_ckpt: Path) -> str:
     """Hash of everything that changes a run's result besides its key fields (so DVC's rerun after
     a code, checkpoint or params change never reuses a stale result, while a resume does)."""
-    cfg = {"budget": m.budget, "batch": m.batch, "noise": m.noise, "target_value": m.target_value,
-           "options": _optimizer_options(m, method), "warm": bool(m.warm_start and method == "tt"),
-           "snn": _digest(snn_ckpt), "gen": _digest(gen_ckpt), "code": _code_digest()}
+    cfg = {
+        "budget": m.budget,
+        "batch": m.batch,
+        "noise": m.noise,
+        "target_value": m.target_value,
+        "options": _optimizer_options(m, method),
+        "warm": bool(m.warm_start and method == "tt"),
+        "snn": _digest(snn_ckpt),
+        "gen": _digest(gen_ckpt),
+        "code": _code_digest(),
+    }
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def plan(params: "Params", paths: "Paths") -> Plan:
+def plan(params: Params, paths: Paths) -> Plan:
     """Validate the maximize params against what exists on disk; one-line error on anything wrong."""
     from spikemax import snn
     from spikemax.generators import checkpoint_path
@@ -420,8 +452,9 @@ def _search_runs(client: Any, eid: str) -> list[Any]:
 
     runs, token = [], None
     while True:
-        page = client.search_runs([eid], filter_string=f"tags.`{RUN_KEY_TAG}` LIKE '%'",
-                                  max_results=5000, page_token=token)
+        page = client.search_runs(
+            [eid], filter_string=f"tags.`{RUN_KEY_TAG}` LIKE '%'", max_results=5000, page_token=token
+        )
         runs += list(page)
         token = page.token
         if not token:
@@ -454,8 +487,9 @@ def _finished(client: Any, eid: str, plan_: Plan, am_dir: Path) -> dict[str, dic
                 done[key] = row
         elif run.info.status == "RUNNING":
             stale.append(run.info.run_id)
-    parents = client.search_runs([eid], filter_string="tags.`spikemax.stage` = 'maximize' and status = 'RUNNING'",
-                                 max_results=1000)
+    parents = client.search_runs(
+        [eid], filter_string="tags.`spikemax.stage` = 'maximize' and status = 'RUNNING'", max_results=1000
+    )
     stale += [r.info.run_id for r in parents]
     for run_id in stale:
         # Only this stage writes these runs and it is not running twice: they were interrupted.
@@ -490,7 +524,7 @@ class _Open:
 class _Stage:
     """State of one `maximize` invocation."""
 
-    def __init__(self, params: "Params", paths: "Paths", plan_: Plan) -> None:
+    def __init__(self, params: Params, paths: Paths, plan_: Plan) -> None:
         import mlflow
 
         from spikemax import tracking
@@ -521,18 +555,38 @@ class _Stage:
             prev = self._prev_combo(combo)
             if prev is not None and (self.am_dir / prev.run_dir / "tt_state.pkl").is_file():
                 warm_from = prev.key
-        tags = {"mlflow.parentRunId": self.parent_id, tracking.RUN_KEY_TAG: combo.key,
-                "spikemax.layer": combo.target.layer, "spikemax.warm_start_from": warm_from or "none"}
+        tags = {
+            "mlflow.parentRunId": self.parent_id,
+            tracking.RUN_KEY_TAG: combo.key,
+            "spikemax.layer": combo.target.layer,
+            "spikemax.warm_start_from": warm_from or "none",
+        }
         run = self.client.create_run(self.eid, run_name=combo.key, tags=tags)
         run_id = run.info.run_id
-        self.client.log_batch(run_id, params=_param_batch({
-            "method": combo.method, "rank": m.tt.rank if combo.method == "tt" else "none",
-            "grid_n": grid.n, "grid_d": grid.d, "budget": m.budget, "batch": m.batch,
-            "epoch": combo.epoch, "target": combo.target.name, "generator": combo.generator,
-            "seed": combo.seed, "layer": combo.target.layer, "unit": combo.target.unit,
-            "noise": m.noise, "target_value": m.target_value, "warm_start": bool(warm_from),
-            "checkpoint": snn_ckpt.name, "options": json.dumps(_optimizer_options(m, combo.method, grid.ordered)),
-        }))
+        self.client.log_batch(
+            run_id,
+            params=_param_batch(
+                {
+                    "method": combo.method,
+                    "rank": m.tt.rank if combo.method == "tt" else "none",
+                    "grid_n": grid.n,
+                    "grid_d": grid.d,
+                    "budget": m.budget,
+                    "batch": m.batch,
+                    "epoch": combo.epoch,
+                    "target": combo.target.name,
+                    "generator": combo.generator,
+                    "seed": combo.seed,
+                    "layer": combo.target.layer,
+                    "unit": combo.target.unit,
+                    "noise": m.noise,
+                    "target_value": m.target_value,
+                    "warm_start": bool(warm_from),
+                    "checkpoint": snn_ckpt.name,
+                    "options": json.dumps(_optimizer_options(m, combo.method, grid.ordered)),
+                }
+            ),
+        )
         run_dir = self.am_dir / combo.run_dir
         if run_dir.exists():
             import shutil
@@ -555,7 +609,12 @@ class _Stage:
     def _chain_first(self, combo: Combo) -> Combo | None:
         for c in self.plan.combos:
             if (c.epoch, c.generator, c.target, c.method, c.seed) == (
-                    self.plan.epochs[0], combo.generator, combo.target, combo.method, combo.seed):
+                self.plan.epochs[0],
+                combo.generator,
+                combo.target,
+                combo.method,
+                combo.seed,
+            ):
                 return c
         return None
 
@@ -568,8 +627,9 @@ class _Stage:
                 opts["init"] = pickle.load(f)
         return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
 
-    def finish_run(self, op: _Open, res: AMResult, optimizer: Any, dataset_max: float,
-                   extras: dict[str, float]) -> dict:
+    def finish_run(
+        self, op: _Open, res: AMResult, optimizer: Any, dataset_max: float, extras: dict[str, float]
+    ) -> dict:
         from spikemax import selectivity as S
         from spikemax import tracking
 
@@ -586,33 +646,60 @@ class _Stage:
                 # Estimate: the cold start's queries to 95 % at the chain's first epoch minus this run's.
                 saved = int(first_row["queries_to_95"]) - q95
         image = res.best_image if res.best_image is not None else None
-        np.savez(run_dir / "best.npz",
-                 image=(image.numpy() if image is not None else np.full(self.prepared.shape, np.nan)).astype(np.float32),
-                 indices=(res.best_indices if res.best_indices is not None else np.full(1, -1)).astype(np.int64))
+        np.savez(
+            run_dir / "best.npz",
+            image=(image.numpy() if image is not None else np.full(self.prepared.shape, np.nan)).astype(np.float32),
+            indices=(res.best_indices if res.best_indices is not None else np.full(1, -1)).astype(np.int64),
+        )
         if image is not None:
             pixels = self.prepared.denormalize(image[None])[0].clamp(0, 1)
             tracking.save_image_png(pixels, run_dir / "best_stimulus.png")
-        tracking.save_convergence_png(res.responses, run_dir / "convergence.png",
-                                      title=f"{c.target.name} e{c.epoch} {c.generator} {c.method}")
+        tracking.save_convergence_png(
+            res.responses, run_dir / "convergence.png", title=f"{c.target.name} e{c.epoch} {c.generator} {c.method}"
+        )
         if hasattr(optimizer, "state_dict") and c.method == "tt":
             with open(run_dir / "tt_state.pkl", "wb") as f:
                 pickle.dump(optimizer.state_dict(), f)
         gain = S.am_gain(res.best_response, dataset_max)
-        summary = {"best_activation": res.best_response, "queries_to_95": q95, "dataset_max": dataset_max,
-                   "am_gain": gain, "queries_saved": saved, "n_queries": res.n_queries, "wall_s": res.wall_s,
-                   **extras}
+        summary = {
+            "best_activation": res.best_response,
+            "queries_to_95": q95,
+            "dataset_max": dataset_max,
+            "am_gain": gain,
+            "queries_saved": saved,
+            "n_queries": res.n_queries,
+            "wall_s": res.wall_s,
+            **extras,
+        }
         # best_activation is already the last point of its per-query curve (MLflow shows the latest).
-        self.client.log_batch(op.run_id, metrics=_metric_batch(
-            {k: v for k, v in summary.items() if k != "best_activation"}))
+        self.client.log_batch(
+            op.run_id, metrics=_metric_batch({k: v for k, v in summary.items() if k != "best_activation"})
+        )
         for name in ("best_stimulus.png", "convergence.png"):
             if (run_dir / name).is_file():
                 op.logger.log_artifact(run_dir / name)
-        row = {"run_key": c.key, "run_id": op.run_id, "epoch": c.epoch, "generator": c.generator,
-               "target": c.target.name, "layer": c.target.layer, "unit": c.target.unit, "method": c.method,
-               "seed": c.seed, "budget": self.m.budget, "n_queries": res.n_queries,
-               "best_activation": res.best_response, "queries_to_95": q95, "dataset_max": dataset_max,
-               "am_gain": gain, "queries_saved": saved, "run_dir": c.run_dir,
-               "stopped_early": res.stop_reason, "warm_start_from": op.warm_from, **extras}
+        row = {
+            "run_key": c.key,
+            "run_id": op.run_id,
+            "epoch": c.epoch,
+            "generator": c.generator,
+            "target": c.target.name,
+            "layer": c.target.layer,
+            "unit": c.target.unit,
+            "method": c.method,
+            "seed": c.seed,
+            "budget": self.m.budget,
+            "n_queries": res.n_queries,
+            "best_activation": res.best_response,
+            "queries_to_95": q95,
+            "dataset_max": dataset_max,
+            "am_gain": gain,
+            "queries_saved": saved,
+            "run_dir": c.run_dir,
+            "stopped_early": res.stop_reason,
+            "warm_start_from": op.warm_from,
+            **extras,
+        }
         tmp = run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(row, default=float))
         tmp.replace(run_dir / "summary.json")
@@ -626,12 +713,12 @@ class _Stage:
         try:
             self.client.set_tag(op.run_id, "spikemax.failure", msg)
             self.client.set_terminated(op.run_id, "FAILED")
-        except Exception:  # noqa: BLE001 - the store itself may be the failure; the error is re-raised
+        except Exception:
             pass
         self.failed.append(f"{op.combo.key}: {msg}")
 
     # -- outputs ------------------------------------------------------------------------------
-    def write_summary(self) -> "Any":
+    def write_summary(self) -> Any:
         import pandas as pd
 
         rows = [self.done[c.key] for c in self.plan.combos if c.key in self.done]
@@ -652,8 +739,14 @@ class _Stage:
                 images = []
                 for t in targets:
                     for e in self.plan.epochs:
-                        c = next((c for c in self.plan.combos if (c.epoch, c.generator, c.target, c.method, c.seed)
-                                  == (e, g, t, method, seed)), None)
+                        c = next(
+                            (
+                                c
+                                for c in self.plan.combos
+                                if (c.epoch, c.generator, c.target, c.method, c.seed) == (e, g, t, method, seed)
+                            ),
+                            None,
+                        )
                         img = None
                         path = self.am_dir / c.run_dir / "best.npz" if c is not None else None
                         if c is not None and c.key in self.done and path.is_file():
@@ -663,10 +756,15 @@ class _Stage:
                                 img = self.prepared.denormalize(x[None])[0].clamp(0, 1).numpy()
                         images.append(img)
                 path = self.am_dir / f"stimuli_{g}_{method}.png"
-                tracking.save_image_grid_png(images, len(targets), len(self.plan.epochs), path,
-                                             row_labels=[t.name for t in targets],
-                                             col_labels=[f"epoch {e}" for e in self.plan.epochs],
-                                             title=f"best stimuli: {g}, {method}, seed {seed}")
+                tracking.save_image_grid_png(
+                    images,
+                    len(targets),
+                    len(self.plan.epochs),
+                    path,
+                    row_labels=[t.name for t in targets],
+                    col_labels=[f"epoch {e}" for e in self.plan.epochs],
+                    title=f"best stimuli: {g}, {method}, seed {seed}",
+                )
                 out.append(path)
         return out
 
@@ -680,12 +778,16 @@ class _Stage:
                 shutil.rmtree(d, ignore_errors=True)
 
     def write_metrics(self, df: Any, wall_s: float, n_queries_run: int) -> dict:
-        out: dict[str, Any] = {"n_runs": int(len(df)), "n_planned": len(self.plan.combos),
-                               "n_failed": len(self.failed), "wall_s": round(wall_s, 2),
-                               "queries_run": n_queries_run,
-                               "queries_per_s": round(n_queries_run / wall_s, 1) if wall_s > 0 else None,
-                               "logging_s": round(self.logging_s, 2),
-                               "logging_share_pct": round(100 * self.logging_s / wall_s, 2) if wall_s > 0 else None}
+        out: dict[str, Any] = {
+            "n_runs": len(df),
+            "n_planned": len(self.plan.combos),
+            "n_failed": len(self.failed),
+            "wall_s": round(wall_s, 2),
+            "queries_run": n_queries_run,
+            "queries_per_s": round(n_queries_run / wall_s, 1) if wall_s > 0 else None,
+            "logging_s": round(self.logging_s, 2),
+            "logging_share_pct": round(100 * self.logging_s / wall_s, 2) if wall_s > 0 else None,
+        }
         if len(df):
             out["queries_saved_warm_start"] = int(df["queries_saved"].sum())
             out["methods"] = {}
@@ -710,11 +812,14 @@ def _dataset_stats(net: Any, prepared: Any, targets: list[Target], max_images: i
     x, labels = prepared.tensors("test")
     names = [t.name for t in targets]
     with torch.no_grad():
-        rates = np.concatenate([np.asarray(firing_rates(net, x[i:i + max_images], names), dtype=np.float64)
-                                .reshape(-1, len(names)) for i in range(0, len(x), max_images)])
+        rates = np.concatenate(
+            [
+                np.asarray(firing_rates(net, x[i : i + max_images], names), dtype=np.float64).reshape(-1, len(names))
+                for i in range(0, len(x), max_images)
+            ]
+        )
     means = S.class_means(rates, labels.numpy(), len(prepared.classes))
-    return {"dataset_max": rates.max(axis=0), "csi": S.csi(means),
-            "sparseness": S.lifetime_sparseness(rates)}
+    return {"dataset_max": rates.max(axis=0), "csi": S.csi(means), "sparseness": S.lifetime_sparseness(rates)}
 
 
 def _stimulus_stats(net: Any, prepared: Any, results: list[AMResult]) -> list[dict[str, float]]:
@@ -730,17 +835,27 @@ def _stimulus_stats(net: Any, prepared: Any, results: list[AMResult]) -> list[di
     cls, prob, ppl = S.concept(probs)
     pixels = prepared.denormalize(x).clamp(0, 1).numpy()
     for j, i in enumerate(have):
-        out[i] = {"concept": int(cls[j]), "concept_prob": float(prob[j]), "perplexity": float(ppl[j]),
-                  "complexity": S.png_complexity(pixels[j])}
+        out[i] = {
+            "concept": int(cls[j]),
+            "concept_prob": float(prob[j]),
+            "perplexity": float(ppl[j]),
+            "complexity": S.png_complexity(pixels[j]),
+        }
     return out
 
 
-def run_stage(params: "Params", paths: "Paths") -> dict:
+def run_stage(params: Params, paths: Paths) -> dict:
     """The `maximize` stage: every (epoch, generator, target, method, seed) run, resumable; returns metrics."""
     import zlib
 
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from spikemax import snn
     from spikemax.generators import load_generator
@@ -751,20 +866,39 @@ def run_stage(params: "Params", paths: "Paths") -> dict:
     m = st.m
     todo = [c for c in plan_.combos if c.key not in st.done]
     t0 = time.perf_counter()
-    parent = st.client.create_run(st.eid, run_name=f"maximize-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  tags={"spikemax.stage": "maximize"})
+    parent = st.client.create_run(
+        st.eid, run_name=f"maximize-{time.strftime('%Y%m%d-%H%M%S')}", tags={"spikemax.stage": "maximize"}
+    )
     st.parent_id = parent.info.run_id
-    st.client.log_batch(st.parent_id, params=_param_batch({
-        "epochs": ",".join(map(str, plan_.epochs)), "generators": ",".join(m.generators),
-        "methods": ",".join(m.methods), "seeds": ",".join(map(str, m.seeds)),
-        "n_targets": len(plan_.targets), "budget": m.budget, "batch": m.batch, "noise": m.noise,
-        "n_planned": len(plan_.combos), "n_skipped_finished": len(plan_.combos) - len(todo)}))
+    st.client.log_batch(
+        st.parent_id,
+        params=_param_batch(
+            {
+                "epochs": ",".join(map(str, plan_.epochs)),
+                "generators": ",".join(m.generators),
+                "methods": ",".join(m.methods),
+                "seeds": ",".join(map(str, m.seeds)),
+                "n_targets": len(plan_.targets),
+                "budget": m.budget,
+                "batch": m.batch,
+                "noise": m.noise,
+                "n_planned": len(plan_.combos),
+                "n_skipped_finished": len(plan_.combos) - len(todo),
+            }
+        ),
+    )
     grids = {g: load_generator(g, p) for g, p in plan_.gen_ckpts.items()}
     n_run = 0
     status = "FINISHED"
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TimeRemainingColumn(), transient=False) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        ) as progress:
             runs_task = progress.add_task("AM runs", total=len(todo))
             q_task = progress.add_task("queries", total=len(todo) * m.budget)
             for e in plan_.epochs:
@@ -782,9 +916,20 @@ def run_stage(params: "Params", paths: "Paths") -> dict:
                             if not group:
                                 continue
                             progress.update(q_task, description=f"e{e} {g} {method} s{seed} ({len(group)} targets)")
-                            n_run += _run_group(st, group, grids[g], net, stats, col, plan_.snn_ckpts[e],
-                                                make_responder, zlib.crc32(f"{e}/{g}/{method}/{seed}".encode()),
-                                                progress, q_task, runs_task)
+                            n_run += _run_group(
+                                st,
+                                group,
+                                grids[g],
+                                net,
+                                stats,
+                                col,
+                                plan_.snn_ckpts[e],
+                                make_responder,
+                                zlib.crc32(f"{e}/{g}/{method}/{seed}".encode()),
+                                progress,
+                                q_task,
+                                runs_task,
+                            )
                             st.write_summary()
     except BaseException:
         status = "FAILED"
@@ -796,8 +941,10 @@ def run_stage(params: "Params", paths: "Paths") -> dict:
             st.write_grids()
             st.prune()
         metrics = st.write_metrics(df, wall, n_run)
-        st.client.log_batch(st.parent_id, metrics=_metric_batch(
-            {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}))
+        st.client.log_batch(
+            st.parent_id,
+            metrics=_metric_batch({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}),
+        )
         if status == "FINISHED" and st.failed:
             status = "FAILED"
         st.client.set_terminated(st.parent_id, status)
@@ -806,9 +953,20 @@ def run_stage(params: "Params", paths: "Paths") -> dict:
     return metrics
 
 
-def _run_group(st: _Stage, group: list[Combo], grid: Any, net: Any, stats: dict[str, np.ndarray],
-               col: dict[Target, int], snn_ckpt: Path, make_responder: Callable, noise_seed: int,
-               progress: Any, q_task: Any, runs_task: Any) -> int:
+def _run_group(
+    st: _Stage,
+    group: list[Combo],
+    grid: Any,
+    net: Any,
+    stats: dict[str, np.ndarray],
+    col: dict[Target, int],
+    snn_ckpt: Path,
+    make_responder: Callable,
+    noise_seed: int,
+    progress: Any,
+    q_task: Any,
+    runs_task: Any,
+) -> int:
     """Run the targets of one (epoch, generator, method, seed) in lock step; returns queries run."""
     m = st.m
     opens: list[_Open] = []
@@ -816,9 +974,17 @@ def _run_group(st: _Stage, group: list[Combo], grid: Any, net: Any, stats: dict[
         opens = [st.open_run(c, grid, snn_ckpt) for c in group]
         optimizers = [st.make_optimizer(op, grid) for op in opens]
         responder = make_responder(net, [c.target.name for c in group], noise=m.noise, seed=noise_seed)
-        results = run_am_group(optimizers, grid, responder, m.budget, m.batch,
-                               loggers=[op.logger for op in opens], target_value=m.target_value,
-                               on_batch=lambda k: progress.advance(q_task, k), max_images=m.max_images)
+        results = run_am_group(
+            optimizers,
+            grid,
+            responder,
+            m.budget,
+            m.batch,
+            loggers=[op.logger for op in opens],
+            target_value=m.target_value,
+            on_batch=lambda k: progress.advance(q_task, k),
+            max_images=m.max_images,
+        )
         extras = _stimulus_stats(net, st.prepared, results)
         for op, opt, res, ex in zip(opens, optimizers, results, extras):
             j = col[op.combo.target]
@@ -826,7 +992,7 @@ def _run_group(st: _Stage, group: list[Combo], grid: Any, net: Any, stats: dict[
             st.finish_run(op, res, opt, float(stats["dataset_max"][j]), ex)
             progress.advance(runs_task, 1)
         return sum(r.n_queries for r in results)
-    except Exception as err:  # noqa: BLE001 - mark the group FAILED, go on with the others
+    except Exception as err:
         for op in opens:
             if op.combo.key not in st.done:
                 st.fail_run(op, err)

@@ -10,9 +10,9 @@ responses do not depend on its order or on earlier calls.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -84,7 +84,9 @@ def _rates(spikes: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def layer_rates(net, images: Tensor, layers: Sequence[str] | None = None, batch_size: int = READ_BATCH) -> dict[str, np.ndarray]:
+def layer_rates(
+    net, images: Tensor, layers: Sequence[str] | None = None, batch_size: int = READ_BATCH
+) -> dict[str, np.ndarray]:
     """Firing rates of all units of every (or the named) spiking layer: name -> (k, units)."""
     names = list(net.spiking_layers()) if layers is None else list(layers)
     order = list(net.spiking_layers())

@@ -83,8 +83,10 @@ def image(path: Path, caption: str) -> str:
     if not path.is_file():
         return f"<p><em>figure {html.escape(path.name)} was not produced.</em></p>"
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def run_url(exp_id: str, run_id: str) -> str:
@@ -129,31 +131,50 @@ def section_overview(a: dict, meta: dict, paths: Paths, ids: dict) -> str:
 def section_claim1(a: dict, fig: Path) -> str:
     """Claim 1 numbers and figures."""
     c1 = a["claim1_early_selectivity"]
-    df = per_layer_frame(c1, {
-        "units": "units", "frac_selective_by_early_epoch": f"selective by epoch {c1['early_epoch']}",
-        "frac_selective_final": "selective at final epoch", "mean_csi_early": "mean CSI early",
-        "mean_csi_final": "mean CSI final", "max_csi_early": "max CSI early",
-        "median_first_selective_epoch": "median first selective epoch", "mean_sparseness_final": "sparseness final"})
+    df = per_layer_frame(
+        c1,
+        {
+            "units": "units",
+            "frac_selective_by_early_epoch": f"selective by epoch {c1['early_epoch']}",
+            "frac_selective_final": "selective at final epoch",
+            "mean_csi_early": "mean CSI early",
+            "mean_csi_final": "mean CSI final",
+            "max_csi_early": "max CSI early",
+            "median_first_selective_epoch": "median first selective epoch",
+            "mean_sparseness_final": "sparseness final",
+        },
+    )
     return (
         f'<div class="claim">Measured: {pct(c1.get("frac_selective_by_early_epoch"))} of all units had CSI > '
         f"{c1['csi_threshold']} by epoch {c1['early_epoch']} ({pct(c1.get('frac_selective_final'))} at the final "
         f"epoch {c1['final_epoch']}); the highest CSI at epoch {c1['early_epoch']} was {fmt(c1.get('max_csi_early'))}. "
         f"Per layer (input side first), selective by epoch {c1['early_epoch']}: "
-        + ", ".join(f"{html.escape(lay)} {pct(v.get('frac_selective_by_early_epoch'))}"
-                    for lay, v in c1.get("per_layer", {}).items())
+        + ", ".join(
+            f"{html.escape(lay)} {pct(v.get('frac_selective_by_early_epoch'))}"
+            for lay, v in c1.get("per_layer", {}).items()
+        )
         + ".</div>"
         + table(df)
-        + image(fig / "first_selective.png", "Cumulative fraction of units per layer whose CSI exceeded the threshold by each epoch.")
+        + image(
+            fig / "first_selective.png",
+            "Cumulative fraction of units per layer whose CSI exceeded the threshold by each epoch.",
+        )
     )
 
 
 def section_claim2(a: dict, fig: Path, analysis_dir: Path) -> str:
     """Claim 2 numbers, per-epoch table and figures."""
     c2 = a["claim2_selectivity_and_accuracy"]
-    df = per_layer_frame(c2, {
-        "spearman_mean_csi_vs_test_acc": "ρ(mean CSI, test acc)", "spearman_am_gain_vs_test_acc": "ρ(AM gain, test acc)",
-        "mean_am_gain": "mean AM gain", "mean_pixel_corr_consecutive": "pixel corr. consecutive stimuli",
-        "mean_latent_dist_consecutive": "latent dist. consecutive stimuli"})
+    df = per_layer_frame(
+        c2,
+        {
+            "spearman_mean_csi_vs_test_acc": "ρ(mean CSI, test acc)",
+            "spearman_am_gain_vs_test_acc": "ρ(AM gain, test acc)",
+            "mean_am_gain": "mean AM gain",
+            "mean_pixel_corr_consecutive": "pixel corr. consecutive stimuli",
+            "mean_latent_dist_consecutive": "latent dist. consecutive stimuli",
+        },
+    )
     epochs = analysis_dir / "accuracy_by_epoch.csv"
     ep_table = table(pd.read_csv(epochs)) if epochs.is_file() else ""
     return (
@@ -161,8 +182,13 @@ def section_claim2(a: dict, fig: Path, analysis_dir: Path) -> str:
         f"mean CSI {rho(c2.get('spearman_mean_csi_vs_test_acc'))}; mean AM gain {rho(c2.get('spearman_am_gain_vs_test_acc'))}; "
         f"concept probability of the optimal stimuli {rho(c2.get('spearman_concept_prob_vs_test_acc'))}; similarity of the "
         f"optimal stimulus to its final-epoch version {rho(c2.get('spearman_similarity_to_final_vs_test_acc'))}.</div>"
-        + table(df) + "<h3>Per epoch</h3>" + ep_table
-        + image(fig / "accuracy_selectivity.png", "Test accuracy, mean CSI and AM gain vs epoch; mean CSI and selective fraction per layer.")
+        + table(df)
+        + "<h3>Per epoch</h3>"
+        + ep_table
+        + image(
+            fig / "accuracy_selectivity.png",
+            "Test accuracy, mean CSI and AM gain vs epoch; mean CSI and selective fraction per layer.",
+        )
         + image(fig / "am_gain.png", "AM gain (AM best / dataset max) vs epoch, per layer and per generator/method.")
     )
 
@@ -170,18 +196,31 @@ def section_claim2(a: dict, fig: Path, analysis_dir: Path) -> str:
 def section_claim3(a: dict, fig: Path) -> str:
     """Claim 3 numbers and figures (concept map and stimulus evolution grids)."""
     c3 = a["claim3_concept_change"]
-    df = per_layer_frame(c3, {
-        "tracked_neurons": "tracked (generator, neuron)", "frac_neurons_changing_concept": "changing concept",
-        "mean_concept_changes": "mean changes", "frac_concept_is_preferred_class_final": "final concept = preferred class"})
-    grids = "".join(image(p, f"Stimulus evolution ({p.stem.removeprefix('evolution_')}): rows = neurons, columns = "
-                          "epochs; title = concept under the final SNN, its probability (* = changed), activation.")
-                    for p in sorted(fig.glob("evolution_*.png")))
+    df = per_layer_frame(
+        c3,
+        {
+            "tracked_neurons": "tracked (generator, neuron)",
+            "frac_neurons_changing_concept": "changing concept",
+            "mean_concept_changes": "mean changes",
+            "frac_concept_is_preferred_class_final": "final concept = preferred class",
+        },
+    )
+    grids = "".join(
+        image(
+            p,
+            f"Stimulus evolution ({p.stem.removeprefix('evolution_')}): rows = neurons, columns = "
+            "epochs; title = concept under the final SNN, its probability (* = changed), activation.",
+        )
+        for p in sorted(fig.glob("evolution_*.png"))
+    )
     return (
         f'<div class="claim">Measured: {pct(c3.get("frac_neurons_changing_concept"))} of {c3.get("tracked_neurons", 0)} '
         f"tracked (generator, neuron) pairs changed the concept of their optimal stimulus at least once from epoch "
         f"{c3.get('from_epoch')} on (mean {fmt(c3.get('mean_concept_changes'))} changes); Spearman ρ between layer depth "
         f"and number of changes {rho(c3.get('spearman_layer_depth_vs_changes')).replace(' epochs', ' neurons')}.</div>"
-        + table(df) + image(fig / "concepts.png", "Concept of each tracked neuron's optimal stimulus per epoch.") + grids
+        + table(df)
+        + image(fig / "concepts.png", "Concept of each tracked neuron's optimal stimulus per epoch.")
+        + grids
     )
 
 
@@ -191,8 +230,12 @@ def section_methods(fig: Path, analysis_dir: Path) -> str:
     return (
         (table(pd.read_csv(path)) if path.is_file() else "")
         + "<p>win rate = fraction of (epoch, generator, neuron, seed) tasks where the method found the highest activation.</p>"
-        + image(fig / "convergence.png", "Best-so-far activation / dataset max vs queries: median over runs, band = IQR.")
-        + image(fig / "methods_best.png", "Best stimulus per generator/method at the last AM'd epoch, with its activation.")
+        + image(
+            fig / "convergence.png", "Best-so-far activation / dataset max vs queries: median over runs, band = IQR."
+        )
+        + image(
+            fig / "methods_best.png", "Best stimulus per generator/method at the last AM'd epoch, with its activation."
+        )
     )
 
 
@@ -205,8 +248,22 @@ def section_mlflow(ids: dict, summary: pd.DataFrame) -> str:
     exp = ids["experiment_id"]
     runs = summary.copy()
     runs["href"] = [run_url(exp, r) for r in runs["run_id"]]
-    cols = [c for c in ("run_id", "epoch", "generator", "target", "method", "seed", "best_activation",
-                        "am_gain_dataset", "concept_name", "href") if c in runs.columns]
+    cols = [
+        c
+        for c in (
+            "run_id",
+            "epoch",
+            "generator",
+            "target",
+            "method",
+            "seed",
+            "best_activation",
+            "am_gain_dataset",
+            "concept_name",
+            "href",
+        )
+        if c in runs.columns
+    ]
     return (
         f"<p>Start the UI with <code>{html.escape(start)}</code> and open "
         f'<a href="{MLFLOW_UI}/#/experiments/{exp}/runs">experiment {html.escape(ids.get("experiment", ""))} '

@@ -64,8 +64,7 @@ class ClosedLoop:
         y = np.array([np.nan if v is None else float(v) for v in np.ravel(responses)], dtype=np.float64)
         if idx.ndim != 2 or idx.shape[1] != self.grid.d or len(idx) != len(y):
             raise SpikemaxError(
-                f"tell needs indices of shape (k, {self.grid.d}) and k responses "
-                f"(got {tuple(idx.shape)} and {len(y)})"
+                f"tell needs indices of shape (k, {self.grid.d}) and k responses (got {tuple(idx.shape)} and {len(y)})"
             )
         self.grid.check_indices(idx)
         with self.lock:
@@ -79,8 +78,14 @@ class ClosedLoop:
         """Budget, queries asked and told, and the best response so far."""
         i_best, y_best = self.optimizer.best
         best = None if i_best is None or not math.isfinite(float(y_best)) else float(y_best)
-        return {"budget": self.budget, "asked": self.n_asked, "told": self.n_told,
-                "d": self.grid.d, "n": self.grid.n, "best_response": best}
+        return {
+            "budget": self.budget,
+            "asked": self.n_asked,
+            "told": self.n_told,
+            "d": self.grid.d,
+            "n": self.grid.n,
+            "best_response": best,
+        }
 
     def best(self) -> dict:
         """The best stimulus so far: indices, response and PNG image."""
@@ -128,15 +133,17 @@ def make_handler(loop: ClosedLoop) -> type[BaseHTTPRequestHandler]:
                 if method == "POST" and self.path == "/tell":
                     body = self._body()
                     return self._reply(200, loop.tell(body.get("indices"), body.get("responses")))
-                self._reply(404, {"error": f"no route {method} {self.path}; routes: GET /status, "
-                                           "GET /best, POST /ask, POST /tell"})
+                self._reply(
+                    404,
+                    {"error": f"no route {method} {self.path}; routes: GET /status, GET /best, POST /ask, POST /tell"},
+                )
             except (SpikemaxError, ValueError, TypeError) as err:
                 self._reply(400, {"error": str(err)})
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             self._route("GET")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self._route("POST")
 
     return Handler
@@ -169,16 +176,26 @@ class Client:
         return self._call("/ask", {"k": k})
 
     def tell(self, indices: list, responses: list) -> dict:
-        return self._call("/tell", {"indices": indices, "responses": [None if r is None or
-                                                                     (isinstance(r, float) and math.isnan(r))
-                                                                     else r for r in responses]})
+        return self._call(
+            "/tell",
+            {
+                "indices": indices,
+                "responses": [None if r is None or (isinstance(r, float) and math.isnan(r)) else r for r in responses],
+            },
+        )
 
     def best(self) -> dict:
         return self._call("/best")
 
 
-def serve(params: Any, paths: Any, host: str = "127.0.0.1", port: int = 8765,
-          generator: str | None = None, method: str | None = None) -> None:
+def serve(
+    params: Any,
+    paths: Any,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    generator: str | None = None,
+    method: str | None = None,
+) -> None:
     """`spikemax serve`: the maximize section's first generator and method (or the ones named)."""
     import time
 
@@ -201,17 +218,26 @@ def serve(params: Any, paths: Any, host: str = "127.0.0.1", port: int = 8765,
         raise SpikemaxError(str(err)) from None
     uri = tracking.configure(paths.root)
     client = mlflow.MlflowClient(uri)
-    run = client.create_run(tracking.experiment_id(tracking.AM_EXPERIMENT, paths.root),
-                            tags={"spikemax.source": "server", "mlflow.runName": f"serve-{generator}-{method}"})
-    for key, value in {"method": method, "generator": generator, "budget": mp.budget,
-                       "grid_n": grid.n, "d": grid.d}.items():
+    run = client.create_run(
+        tracking.experiment_id(tracking.AM_EXPERIMENT, paths.root),
+        tags={"spikemax.source": "server", "mlflow.runName": f"serve-{generator}-{method}"},
+    )
+    for key, value in {
+        "method": method,
+        "generator": generator,
+        "budget": mp.budget,
+        "grid_n": grid.n,
+        "d": grid.d,
+    }.items():
         client.log_param(run.info.run_id, key, value)
     run_dir = paths.results / "serve" / time.strftime("%Y%m%d-%H%M%S")
     logger = tracking.QueryLogger(client, run.info.run_id, run_dir)
     loop = ClosedLoop(opt, grid, mp.budget, logger)
     server = make_server(loop, host, port)
-    print(f"serving {generator} x {method} (d={grid.d}, n={grid.n}, budget {mp.budget}) on "
-          f"http://{host}:{server.server_address[1]}  (MLflow run {run.info.run_id}); Ctrl-C stops")
+    print(
+        f"serving {generator} x {method} (d={grid.d}, n={grid.n}, budget {mp.budget}) on "
+        f"http://{host}:{server.server_address[1]}  (MLflow run {run.info.run_id}); Ctrl-C stops"
+    )
     status = "FINISHED"
     try:
         server.serve_forever()

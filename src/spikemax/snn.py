@@ -44,9 +44,7 @@ CSV_COLUMNS = ["epoch", "train_loss", "val_loss", "val_acc", "test_acc"]
 
 def _leaky(beta: float, threshold: float, slope: float) -> snn.Leaky:
     """A composable Leaky neuron (hidden state inside, spikes out) with a fast-sigmoid surrogate."""
-    lif = snn.Leaky(
-        beta=beta, threshold=threshold, spike_grad=surrogate.fast_sigmoid(slope=slope), init_hidden=True
-    )
+    lif = snn.Leaky(beta=beta, threshold=threshold, spike_grad=surrogate.fast_sigmoid(slope=slope), init_hidden=True)
     # snntorch keeps every neuron ever built in a class-level list; dropping it lets loaded
     # checkpoints be garbage-collected when the AM stage walks through many epochs.
     if SpikingNeuron.instances and SpikingNeuron.instances[-1] is lif:
@@ -190,10 +188,26 @@ class ConvSNN(L.LightningModule):
         out = self(x)
         loss = self._loss(out, y)
         acc = (out.sum(0).argmax(1) == y).float().mean()
-        self.log(f"{prefix}_loss", loss, on_epoch=True, on_step=False, prog_bar=True, batch_size=len(y),
-                 logger=False, add_dataloader_idx=False)
-        self.log(f"{prefix}_acc", acc, on_epoch=True, on_step=False, prog_bar=prefix != "train",
-                 batch_size=len(y), logger=False, add_dataloader_idx=False)
+        self.log(
+            f"{prefix}_loss",
+            loss,
+            on_epoch=True,
+            on_step=False,
+            prog_bar=True,
+            batch_size=len(y),
+            logger=False,
+            add_dataloader_idx=False,
+        )
+        self.log(
+            f"{prefix}_acc",
+            acc,
+            on_epoch=True,
+            on_step=False,
+            prog_bar=prefix != "train",
+            batch_size=len(y),
+            logger=False,
+            add_dataloader_idx=False,
+        )
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -256,14 +270,19 @@ def _synapse(seq: nn.Sequential, x: Tensor, infer: bool) -> Tensor:
 def _steps_like(like: Tensor, num_steps: int) -> Tensor:
     """An empty (T, *like.shape) buffer whose steps share like's memory format (mixed layouts are slow)."""
     if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
-        buf = torch.empty((num_steps * like.shape[0], *like.shape[1:]), dtype=like.dtype,
-                          device=like.device, memory_format=torch.channels_last)
+        buf = torch.empty(
+            (num_steps * like.shape[0], *like.shape[1:]),
+            dtype=like.dtype,
+            device=like.device,
+            memory_format=torch.channels_last,
+        )
         return buf.unflatten(0, (num_steps, like.shape[0]))
     return torch.empty((num_steps, *like.shape), dtype=like.dtype, device=like.device)
 
 
-def _lif_forward(current: Tensor, beta: Tensor, thr: Tensor, num_steps: int, static: bool,
-                 mems: Tensor | None = None) -> Tensor:
+def _lif_forward(
+    current: Tensor, beta: Tensor, thr: Tensor, num_steps: int, static: bool, mems: Tensor | None = None
+) -> Tensor:
     """Spikes (T, B, ...) of snntorch's Leaky recurrence, in place; optionally keeps every membrane.
 
     Same float operations in the same order as ``snn.Leaky`` with subtractive reset and reset
@@ -352,9 +371,19 @@ def _build(params: Params, meta: dict) -> ConvSNN:
     """A fresh ConvSNN for the prepared dataset, sized by params.snn."""
     s = params.snn
     return ConvSNN(
-        in_shape=list(meta["shape"]), num_classes=int(meta["num_classes"]), channels=list(s.channels),
-        kernel=s.kernel, hidden=list(s.hidden), beta=s.beta, threshold=s.threshold, slope=s.slope,
-        num_steps=s.num_steps, loss=s.loss, optimizer=s.optimizer, lr=s.lr, schedule=s.schedule,
+        in_shape=list(meta["shape"]),
+        num_classes=int(meta["num_classes"]),
+        channels=list(s.channels),
+        kernel=s.kernel,
+        hidden=list(s.hidden),
+        beta=s.beta,
+        threshold=s.threshold,
+        slope=s.slope,
+        num_steps=s.num_steps,
+        loss=s.loss,
+        optimizer=s.optimizer,
+        lr=s.lr,
+        schedule=s.schedule,
         classes=list(meta["classes"]),
     )
 
@@ -396,9 +425,16 @@ def _train(params: Params, paths: Paths) -> None:
     logger = MLFlowLogger(experiment_name="snn", tracking_uri=uri, run_name=f"snn-{prepared.meta['dataset']}")
     recorder = EpochRecorder(out_dir)
     trainer = L.Trainer(
-        max_epochs=s.epochs, accelerator="cpu", devices=1, deterministic=True, logger=logger,
-        callbacks=[RichProgressBar(leave=True), recorder], enable_checkpointing=False,
-        num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=10,
+        max_epochs=s.epochs,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        logger=logger,
+        callbacks=[RichProgressBar(leave=True), recorder],
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        log_every_n_steps=10,
     )
     start = time.perf_counter()
     trainer.validate(model, dataloaders=eval_loaders, verbose=False)
@@ -447,7 +483,7 @@ def load_snn(path: str | Path) -> ConvSNN:
         raise SpikemaxError(f"SNN checkpoint not found: {path} (run `spikemax train-snn` first)")
     try:
         net = ConvSNN.load_from_checkpoint(path, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - any unpickling/shape failure is a bad file to the user
+    except Exception as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise SpikemaxError(f"{path}: not a readable ConvSNN checkpoint ({reason})") from None
     net.eval()

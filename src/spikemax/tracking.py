@@ -5,9 +5,10 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from filelock import FileLock
@@ -104,7 +105,7 @@ def enable_fast_sqlite() -> None:
     from sqlalchemy.engine import Engine
 
     @event.listens_for(Engine, "connect")
-    def _pragmas(dbapi_con, _record):  # noqa: ANN001 - sqlalchemy callback
+    def _pragmas(dbapi_con, _record):
         if isinstance(dbapi_con, sqlite3.Connection):
             dbapi_con.execute("PRAGMA journal_mode=WAL")  # persistent; a no-op once set
             dbapi_con.execute("PRAGMA synchronous=NORMAL")
@@ -134,7 +135,7 @@ def _read_stream(path: Path) -> Any:
     return pa.Table.from_batches(batches, schema=_query_schema(pa))
 
 
-def read_queries(run_dir: str | Path) -> "pd.DataFrame":
+def read_queries(run_dir: str | Path) -> pd.DataFrame:
     """The query table of a run dir: queries.parquet, or the flushed batches of an unfinished run."""
     import pandas as pd
 
@@ -162,8 +163,11 @@ class MetricWriter:
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
             store = client._tracking_client.store
-            if isinstance(store, SqlAlchemyStore) and hasattr(store, "_update_latest_metrics_if_necessary") \
-                    and "read_only" in inspect.signature(store.ManagedSessionMaker).parameters:
+            if (
+                isinstance(store, SqlAlchemyStore)
+                and hasattr(store, "_update_latest_metrics_if_necessary")
+                and "read_only" in inspect.signature(store.ManagedSessionMaker).parameters
+            ):
                 self._store = store
         except (ImportError, AttributeError):  # a future MLflow without these internals: public API
             self._store = None
@@ -178,7 +182,7 @@ class MetricWriter:
         MetricWriter.write_many([(self, series, first_step)], timestamp_ms)
 
     @staticmethod
-    def write_many(writes: "Sequence[tuple[MetricWriter, dict[str, np.ndarray], int]]", timestamp_ms: int) -> None:
+    def write_many(writes: Sequence[tuple[MetricWriter, dict[str, np.ndarray], int]], timestamp_ms: int) -> None:
         """`write` for several (writer, series, first_step): one transaction per store."""
         by_store: dict[int, list] = {}
         for w, series, first in writes:
@@ -187,19 +191,21 @@ class MetricWriter:
             else:
                 by_store.setdefault(id(w._store), []).append((w, series, first))
         for group in by_store.values():
-            _bulk_insert(group[0][0]._store, [(w.run_id, series, first) for w, series, first in group],
-                         timestamp_ms)
+            _bulk_insert(group[0][0]._store, [(w.run_id, series, first) for w, series, first in group], timestamp_ms)
 
     def _log_batch(self, series: dict[str, np.ndarray], first_step: int, timestamp_ms: int) -> None:
         from mlflow.entities import Metric
 
-        metrics = [Metric(key, float(v), int(timestamp_ms), int(first_step) + i)
-                   for key, values in series.items() for i, v in enumerate(np.asarray(values).reshape(-1))]
+        metrics = [
+            Metric(key, float(v), int(timestamp_ms), int(first_step) + i)
+            for key, values in series.items()
+            for i, v in enumerate(np.asarray(values).reshape(-1))
+        ]
         for i in range(0, len(metrics), _MAX_METRICS_PER_CALL):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + _MAX_METRICS_PER_CALL], synchronous=True)
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + _MAX_METRICS_PER_CALL], synchronous=True)
 
 
-def _bulk_insert(store: Any, writes: "list[tuple[str, dict[str, np.ndarray], int]]", timestamp_ms: int) -> None:
+def _bulk_insert(store: Any, writes: list[tuple[str, dict[str, np.ndarray], int]], timestamp_ms: int) -> None:
     """Insert (run_id, series, first_step) metric rows into a SqlAlchemyStore in one transaction."""
     from mlflow.store.tracking.dbmodels.models import SqlMetric
     from sqlalchemy import insert
@@ -215,8 +221,10 @@ def _bulk_insert(store: Any, writes: "list[tuple[str, dict[str, np.ndarray], int
             is_nan = np.isnan(v)
             stored = np.where(is_nan, 0.0, np.clip(v, -big, big)).tolist()
             steps = range(int(first_step), int(first_step) + len(v))
-            rows += [{"run_uuid": run_id, "key": key, "value": x, "timestamp": int(timestamp_ms), "step": s,
-                      "is_nan": n} for x, s, n in zip(stored, steps, is_nan.tolist())]
+            rows += [
+                {"run_uuid": run_id, "key": key, "value": x, "timestamp": int(timestamp_ms), "step": s, "is_nan": n}
+                for x, s, n in zip(stored, steps, is_nan.tolist())
+            ]
             last.append(SqlMetric(**rows[-1]))
     if not rows:
         return
@@ -238,8 +246,13 @@ class QueryLogger:
     artifacts go straight to its repository (`client.log_artifact` looks the run up every call).
     """
 
-    def __init__(self, client: Any | None = None, run_id: str | None = None,
-                 run_dir: str | Path | None = None, artifact_uri: str | None = None) -> None:
+    def __init__(
+        self,
+        client: Any | None = None,
+        run_id: str | None = None,
+        run_dir: str | Path | None = None,
+        artifact_uri: str | None = None,
+    ) -> None:
         self.client, self.run_id = client, run_id
         self._artifacts: Any = None
         if client is not None and artifact_uri:
@@ -285,13 +298,18 @@ class QueryLogger:
             import pyarrow as pa
 
             elapsed = time.perf_counter() - self.t0
-            self._stream.write_batch(pa.record_batch([
-                pa.array(np.arange(self.n_queries, self.n_queries + k), pa.int64()),
-                pa.array(np.full(k, self.n_batches), pa.int64()),
-                pa.array(list(indices), pa.list_(pa.int64())),
-                pa.array(responses, pa.float64()),
-                pa.array(np.full(k, elapsed), pa.float64()),
-            ], schema=self._schema))
+            self._stream.write_batch(
+                pa.record_batch(
+                    [
+                        pa.array(np.arange(self.n_queries, self.n_queries + k), pa.int64()),
+                        pa.array(np.full(k, self.n_batches), pa.int64()),
+                        pa.array(list(indices), pa.list_(pa.int64())),
+                        pa.array(responses, pa.float64()),
+                        pa.array(np.full(k, elapsed), pa.float64()),
+                    ],
+                    schema=self._schema,
+                )
+            )
         self.n_queries += k
         self.n_batches += 1
         if k:
@@ -304,7 +322,7 @@ class QueryLogger:
         if self.run_dir is not None:
             (self.run_dir / "STOPPED_EARLY").write_text(reason + "\n")
 
-    def close(self) -> "pd.DataFrame | None":
+    def close(self) -> pd.DataFrame | None:
         """Turn the stream into queries.parquet (and log it as an artifact); returns the table."""
         if self.run_dir is None:
             return None
@@ -334,8 +352,7 @@ class QueryLogger:
             self.client.log_artifact(self.run_id, str(path))
 
 
-def log_batches(loggers: "Sequence[QueryLogger]", indices: "Sequence[np.ndarray]",
-                responses: "Sequence[np.ndarray]") -> None:
+def log_batches(loggers: Sequence[QueryLogger], indices: Sequence[np.ndarray], responses: Sequence[np.ndarray]) -> None:
     """Record one batch for each of several runs, their metrics in one store transaction.
 
     Returns once every batch is in the store and then in its query table, so a kill afterwards
@@ -344,8 +361,10 @@ def log_batches(loggers: "Sequence[QueryLogger]", indices: "Sequence[np.ndarray]
     t_start = time.perf_counter()
     idx = [np.asarray(i, dtype=np.int64) for i in indices]
     series = [lg._series(np.asarray(r, dtype=np.float64).reshape(-1)) for lg, r in zip(loggers, responses)]
-    MetricWriter.write_many([(lg.writer, s, lg.n_queries) for lg, s in zip(loggers, series) if lg.writer is not None],
-                            int(time.time() * 1000))
+    MetricWriter.write_many(
+        [(lg.writer, s, lg.n_queries) for lg, s in zip(loggers, series) if lg.writer is not None],
+        int(time.time() * 1000),
+    )
     for lg, i, s in zip(loggers, idx, series):
         lg._append(i, s)
     share = (time.perf_counter() - t_start) / max(len(loggers), 1)
@@ -355,11 +374,18 @@ def log_batches(loggers: "Sequence[QueryLogger]", indices: "Sequence[np.ndarray]
 
 def _query_schema(pa: Any) -> Any:
     """Arrow schema of the query table (QUERY_COLUMNS)."""
-    return pa.schema([("query", pa.int64()), ("batch", pa.int64()), ("indices", pa.list_(pa.int64())),
-                      ("response", pa.float64()), ("elapsed_s", pa.float64())])
+    return pa.schema(
+        [
+            ("query", pa.int64()),
+            ("batch", pa.int64()),
+            ("indices", pa.list_(pa.int64())),
+            ("response", pa.float64()),
+            ("elapsed_s", pa.float64()),
+        ]
+    )
 
 
-def save_image_png(image: "torch.Tensor | np.ndarray", path: str | Path, scale: int = 4) -> Path:
+def save_image_png(image: torch.Tensor | np.ndarray, path: str | Path, scale: int = 4) -> Path:
     """Save one (C, H, W) image with values in [0, 1] as a PNG, upscaled for viewing."""
     from PIL import Image
 
@@ -419,17 +445,22 @@ def save_convergence_png(responses: np.ndarray, path: str | Path, title: str = "
     return path
 
 
-def save_image_grid_png(images: "list[np.ndarray | None]", nrows: int, ncols: int, path: str | Path,
-                        row_labels: list[str] | None = None, col_labels: list[str] | None = None,
-                        title: str = "") -> Path:
+def save_image_grid_png(
+    images: list[np.ndarray | None],
+    nrows: int,
+    ncols: int,
+    path: str | Path,
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    title: str = "",
+) -> Path:
     """A grid of (C, H, W) images in [0, 1] (row-major; None leaves a blank cell) with labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.0 * ncols + 1.2, 1.0 * nrows + 0.6), dpi=80,
-                             squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.0 * ncols + 1.2, 1.0 * nrows + 0.6), dpi=80, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])

@@ -40,19 +40,28 @@ def with_resolution(grid: Any, n: int) -> Any:
 def study_name(params: Params, epoch: int) -> str:
     """A name that changes whenever what a trial measures changes (so old trials never mix in)."""
     t = params.tune
-    key = json.dumps({"tune": t.model_dump(exclude={"n_trials"}), "epoch": epoch,
-                      "snn": params.snn.model_dump(), "gen": params.generators.model_dump(),
-                      "ordinal": params.maximize.tt.ordinal},
-                     sort_keys=True)
+    key = json.dumps(
+        {
+            "tune": t.model_dump(exclude={"n_trials"}),
+            "epoch": epoch,
+            "snn": params.snn.model_dump(),
+            "gen": params.generators.model_dump(),
+            "ordinal": params.maximize.tt.ordinal,
+        },
+        sort_keys=True,
+    )
     return f"tt-{t.generator}-e{epoch}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
-def pick_panel(layers: dict[str, int], dataset_rates: dict[str, np.ndarray], k: int,
-               seed: int) -> list[tuple[str, int]]:
+def pick_panel(
+    layers: dict[str, int], dataset_rates: dict[str, np.ndarray], k: int, seed: int
+) -> list[tuple[str, int]]:
     """k (layer, unit) pairs spread over the layers, each firing on some test image (gain defined)."""
     rng = np.random.default_rng(seed)
-    pools = {name: [u for u in rng.permutation(units) if dataset_rates[name][:, u].max() > 0]
-             for name, units in layers.items()}
+    pools = {
+        name: [u for u in rng.permutation(units) if dataset_rates[name][:, u].max() > 0]
+        for name, units in layers.items()
+    }
     panel: list[tuple[str, int]] = []
     while len(panel) < k and any(pools.values()):
         for name in layers:
@@ -92,9 +101,10 @@ def make_objective(params: Params, paths: Paths, epoch: int):
         grid_n = trial.suggest_categorical("grid_n", t.grid_n)
         lr = trial.suggest_float("lr", t.lr[0], t.lr[1], log=True)
         grid = base_grid if grid_n == base_grid.n else with_resolution(base_grid, grid_n)
-        opts = [make_optimizer("tt", grid.d, grid.n, seed=t.seed + j, rank=rank, lr=lr, batch=t.batch,
-                               ordinal=ordinal)
-                for j in range(len(targets))]
+        opts = [
+            make_optimizer("tt", grid.d, grid.n, seed=t.seed + j, rank=rank, lr=lr, batch=t.batch, ordinal=ordinal)
+            for j in range(len(targets))
+        ]
         results = run_am_group(opts, grid, responder, t.budget, t.batch)
         gains = np.array([r.best_response for r in results]) / dataset_max
         trial.set_user_attr("targets", targets)
@@ -125,15 +135,23 @@ def mlflow_callback(paths: Paths):
     exp = tracking.experiment_id(TUNING_EXPERIMENT, paths.root)
 
     def callback(study, trial) -> None:
-        run = client.create_run(exp, run_name=f"trial-{trial.number}",
-                                tags={"spikemax.study": study.study_name, "spikemax.trial": str(trial.number)})
+        run = client.create_run(
+            exp,
+            run_name=f"trial-{trial.number}",
+            tags={"spikemax.study": study.study_name, "spikemax.trial": str(trial.number)},
+        )
         ts = int(trial.datetime_complete.timestamp() * 1000) if trial.datetime_complete else 0
         metrics = [Metric("mean_am_gain", float(trial.value), ts, 0)] if trial.value is not None else []
-        metrics += [Metric(f"gain_{t.replace(':', '_')}", float(g), ts, 0)
-                    for t, g in zip(trial.user_attrs.get("targets", []), trial.user_attrs.get("gains", []))]
-        client.log_batch(run.info.run_id, metrics=metrics,
-                         params=[Param(k, str(v)) for k, v in trial.params.items()],
-                         tags=[RunTag("state", trial.state.name)])
+        metrics += [
+            Metric(f"gain_{t.replace(':', '_')}", float(g), ts, 0)
+            for t, g in zip(trial.user_attrs.get("targets", []), trial.user_attrs.get("gains", []))
+        ]
+        client.log_batch(
+            run.info.run_id,
+            metrics=metrics,
+            params=[Param(k, str(v)) for k, v in trial.params.items()],
+            tags=[RunTag("state", trial.state.name)],
+        )
         client.set_terminated(run.info.run_id, "FINISHED" if trial.value is not None else "FAILED")
 
     return callback
@@ -143,7 +161,6 @@ def run_stage(params: Params, paths: Paths) -> dict:
     """`spikemax tune`: complete the study to `tune.n_trials` trials; write metrics and a trials table."""
     import optuna
 
-    from spikemax import tracking
     from spikemax.snn import checkpoints
 
     t = params.tune
@@ -154,9 +171,13 @@ def run_stage(params: Params, paths: Paths) -> dict:
     if epoch not in ckpts:
         raise SpikemaxError(f"tune.epoch={epoch} has no checkpoint; available: {sorted(ckpts)}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=study_name(params, epoch), storage=storage(paths),
-                                direction="maximize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=t.seed))
+    study = optuna.create_study(
+        study_name=study_name(params, epoch),
+        storage=storage(paths),
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=t.seed),
+    )
     done = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
     todo = t.n_trials - len(done)
     if todo > 0:
@@ -174,9 +195,13 @@ def write_outputs(study: Any, paths: Paths, epoch: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "trials.csv", index=False)
     best = study.best_trial
-    summary = {"study": study.study_name, "epoch": epoch, "n_trials": int(len(df)),
-               "best_mean_am_gain": float(best.value), **{f"best_{k}": v for k, v in best.params.items()}}
+    summary = {
+        "study": study.study_name,
+        "epoch": epoch,
+        "n_trials": len(df),
+        "best_mean_am_gain": float(best.value),
+        **{f"best_{k}": v for k, v in best.params.items()},
+    }
     paths.metrics.mkdir(parents=True, exist_ok=True)
     (paths.metrics / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-

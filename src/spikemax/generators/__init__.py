@@ -18,7 +18,7 @@ from spikemax.params import Params, Paths
 
 NAMES = ("sngan", "vqvae")
 
-__all__ = ["NAMES", "LatentGrid", "normal_quantiles", "load_generator", "train", "check", "checkpoint_path"]
+__all__ = ["NAMES", "LatentGrid", "check", "checkpoint_path", "load_generator", "normal_quantiles", "train"]
 
 
 def _check_name(name: str) -> str:
@@ -55,8 +55,16 @@ def load_module(name: str, checkpoint: str | Path) -> Any:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         hp = dict(ckpt["hyper_parameters"])
         state = ckpt["state_dict"]
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError, zipfile.BadZipFile,
-            pickle.UnpicklingError) as err:
+    except (
+        OSError,
+        RuntimeError,
+        KeyError,
+        TypeError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+    ) as err:
         raise SpikemaxError(f"generator checkpoint {path} is unreadable or corrupt ({type(err).__name__})") from None
     if hp.get("name") != name:
         raise SpikemaxError(f"{path} holds a {hp.get('name')!r} generator, not {name!r}; allowed: {', '.join(NAMES)}")
@@ -79,10 +87,20 @@ def build(name: str, params: Params, meta: dict) -> Any:
     common = {"shape": list(meta["shape"]), "mean": list(meta["mean"]), "std": list(meta["std"]), "name": name}
     if _check_name(name) == "sngan":
         s = g.sngan
-        return _module_class(name)(latent_dim=s.latent_dim, grid_n=s.grid_n, width=s.width, lr=s.lr, ema=s.ema, **common)
+        return _module_class(name)(
+            latent_dim=s.latent_dim, grid_n=s.grid_n, width=s.width, lr=s.lr, ema=s.ema, **common
+        )
     v = g.vqvae
-    return _module_class(name)(codes=v.codes, code_dim=v.code_dim, width=v.width, downsample=v.downsample,
-                               commitment=v.commitment, decay=v.decay, lr=v.lr, **common)
+    return _module_class(name)(
+        codes=v.codes,
+        code_dim=v.code_dim,
+        width=v.width,
+        downsample=v.downsample,
+        commitment=v.commitment,
+        decay=v.decay,
+        lr=v.lr,
+        **common,
+    )
 
 
 def train(name: str, params: Params, paths: Paths, max_steps: int = -1) -> dict:
@@ -107,9 +125,13 @@ def train(name: str, params: Params, paths: Paths, max_steps: int = -1) -> dict:
     run = client.create_run(exp, run_name=f"train-{name}", tags={"generator": name, "stage": "train_generator"})
     run_id = run.info.run_id
     with tracking.terminated(client, run_id):
-        client.log_batch(run_id, params=[
-            mlflow.entities.Param(k, str(v)) for k, v in {**sect.model_dump(), "dataset": prepared.meta["dataset"]}.items()
-        ])
+        client.log_batch(
+            run_id,
+            params=[
+                mlflow.entities.Param(k, str(v))
+                for k, v in {**sect.model_dump(), "dataset": prepared.meta["dataset"]}.items()
+            ],
+        )
         logger = MlflowEpochLogger(client, run_id, model.grid)
         trainer = make_trainer(sect.epochs, [logger], max_steps=max_steps, validate=name == "vqvae")
         t0 = time.perf_counter()
@@ -123,16 +145,25 @@ def train(name: str, params: Params, paths: Paths, max_steps: int = -1) -> dict:
         trainer.save_checkpoint(ckpt, weights_only=True)
 
         grid = model.grid()
-        metrics: dict[str, Any] = {"train_seconds": round(seconds, 2), "epochs": trainer.current_epoch,
-                                   "steps": trainer.global_step, "d": grid.d, "n": grid.n}
+        metrics: dict[str, Any] = {
+            "train_seconds": round(seconds, 2),
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "d": grid.d,
+            "n": grid.n,
+        }
         last = logger.history[-1] if logger.history else {}
         metrics.update({k: v for k, v in last.items() if k != "epoch"})
         if name == "vqvae":
             metrics.update(_vqvae_eval(model, prepared, "val"))
-        client.log_batch(run_id, metrics=[
-            mlflow.entities.Metric(f"final_{k}", float(v), int(time.time() * 1000), 0)
-            for k, v in metrics.items() if isinstance(v, (int, float))
-        ])
+        client.log_batch(
+            run_id,
+            metrics=[
+                mlflow.entities.Metric(f"final_{k}", float(v), int(time.time() * 1000), 0)
+                for k, v in metrics.items()
+                if isinstance(v, (int, float))
+            ],
+        )
         samples = paths.metrics / f"generator_{name}_samples.png"
         samples.parent.mkdir(parents=True, exist_ok=True)
         save_grid(grid, samples)
@@ -153,7 +184,10 @@ def _vqvae_eval(model: Any, prepared: Any, split: str) -> dict[str, float]:
         recon, idx, _, _ = model(part)
         sq += float(((recon - part) ** 2).sum())
         idxs.append(idx)
-    return {f"{split}_recon_mse": sq / x.numel(), f"{split}_perplexity": perplexity_of(torch.cat(idxs), model.hparams.codes)}
+    return {
+        f"{split}_recon_mse": sq / x.numel(),
+        f"{split}_perplexity": perplexity_of(torch.cat(idxs), model.hparams.codes),
+    }
 
 
 def check(params: Params, paths: Paths) -> dict:
@@ -188,10 +222,14 @@ def check(params: Params, paths: Paths) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 png = save_grid(grid, Path(tmp) / f"{name}_check_samples.png")
                 client.log_artifact(run_id, str(png), "check")
-            client.log_batch(run_id, metrics=[
-                mlflow.entities.Metric(f"{name}_{k}", float(v), int(time.time() * 1000), 0)
-                for k, v in res.items() if isinstance(v, (int, float))
-            ])
+            client.log_batch(
+                run_id,
+                metrics=[
+                    mlflow.entities.Metric(f"{name}_{k}", float(v), int(time.time() * 1000), 0)
+                    for k, v in res.items()
+                    if isinstance(v, (int, float))
+                ],
+            )
         write_json(paths.metrics / "generators.json", out)
         client.log_artifact(run_id, str(paths.metrics / "generators.json"))
     return out

@@ -6,8 +6,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -25,7 +26,7 @@ def pixels(batch: Any) -> torch.Tensor:
 def save_grid(grid: LatentGrid, path: Path, k: int = 64, seed: int = 0) -> Path:
     """Decode `k` random grid points (fixed seed, so epochs compare) into one PNG."""
     imgs = grid.decode_pixels(grid.random_indices(k, seed))
-    save_image(imgs.clamp(0, 1), path, nrow=int(round(k ** 0.5)), padding=1, pad_value=1.0)
+    save_image(imgs.clamp(0, 1), path, nrow=int(round(k**0.5)), padding=1, pad_value=1.0)
     return path
 
 
@@ -76,8 +77,14 @@ def make_trainer(epochs: int, callbacks: list[L.Callback], max_steps: int = -1, 
 
     bar = RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=20)
     return L.Trainer(
-        max_epochs=epochs, max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        max_epochs=epochs,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         limit_val_batches=None if validate else 0,
         callbacks=[bar, *callbacks],
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,16 @@ class LatentGrid:
     # few indices is a small change of the stimulus (optimizers can then take ordinal steps).
     ordered: bool = False
 
-    def __init__(self, net: nn.Module, d: int, n: int, shape: Sequence[int],
-                 mean: Sequence[float], std: Sequence[float], chunk: int = 1024) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        d: int,
+        n: int,
+        shape: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        chunk: int = 1024,
+    ) -> None:
         self.net = net.eval()
         self.d = int(d)
         self.n = int(n)
@@ -54,9 +62,7 @@ class LatentGrid:
             raise SpikemaxError(f"{self.name}: {valid}, got shape {tuple(idx.shape)}")
         idx = idx.long()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
-            raise SpikemaxError(
-                f"{self.name}: {valid}, got values in {int(idx.min())}..{int(idx.max())}"
-            )
+            raise SpikemaxError(f"{self.name}: {valid}, got values in {int(idx.min())}..{int(idx.max())}")
         return idx
 
     def random_indices(self, k: int, seed: int = 0) -> Tensor:

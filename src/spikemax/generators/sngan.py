@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import copy
+from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -33,11 +32,19 @@ class Generator(nn.Module):
         self.start = (2 * width, h // 4, w // 4)
         self.fc = nn.Linear(latent_dim, 2 * width * (h // 4) * (w // 4))
         self.body = nn.Sequential(
-            nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
             # Nearest upsampling + 3x3 conv: no checkerboard artifacts of strided transposed convs.
-            nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Upsample(scale_factor=2), nn.Conv2d(width, width // 2, 3, 1, 1), nn.BatchNorm2d(width // 2), nn.ReLU(),
-            nn.Conv2d(width // 2, c, 3, 1, 1), nn.Sigmoid(),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * width, width, 3, 1, 1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(width, width // 2, 3, 1, 1),
+            nn.BatchNorm2d(width // 2),
+            nn.ReLU(),
+            nn.Conv2d(width // 2, c, 3, 1, 1),
+            nn.Sigmoid(),
         )
 
     def forward(self, z: Tensor) -> Tensor:
@@ -53,9 +60,12 @@ class Discriminator(nn.Module):
         act = lambda: nn.LeakyReLU(0.1)  # noqa: E731
         # Strided from the first layer: the critic dominates CPU time, so it stays shallow.
         self.body = nn.Sequential(
-            spectral_norm(nn.Conv2d(c, width // 2, 4, 2, 1)), act(),
-            spectral_norm(nn.Conv2d(width // 2, width, 4, 2, 1)), act(),
-            spectral_norm(nn.Conv2d(width, width, 3, 1, 1)), act(),
+            spectral_norm(nn.Conv2d(c, width // 2, 4, 2, 1)),
+            act(),
+            spectral_norm(nn.Conv2d(width // 2, width, 4, 2, 1)),
+            act(),
+            spectral_norm(nn.Conv2d(width, width, 3, 1, 1)),
+            act(),
             nn.Flatten(),
             spectral_norm(nn.Linear(width * (h // 4) * (w // 4), 1)),
         )
@@ -67,9 +77,18 @@ class Discriminator(nn.Module):
 class SNGAN(L.LightningModule):
     """Hinge-loss GAN with one D step per G step (manual optimization)."""
 
-    def __init__(self, latent_dim: int = 16, grid_n: int = 16, width: int = 32, lr: float = 5e-4,
-                 ema: float = 0.995, shape: Sequence[int] = (1, 28, 28), mean: Sequence[float] = (0.0,),
-                 std: Sequence[float] = (1.0,), name: str = "sngan") -> None:
+    def __init__(
+        self,
+        latent_dim: int = 16,
+        grid_n: int = 16,
+        width: int = 32,
+        lr: float = 5e-4,
+        ema: float = 0.995,
+        shape: Sequence[int] = (1, 28, 28),
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        name: str = "sngan",
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -137,7 +156,7 @@ class SNGAN(L.LightningModule):
             m.momentum = mom
         net.eval()
 
-    def grid(self) -> "SNGANGrid":
+    def grid(self) -> SNGANGrid:
         """The searchable grid of this model's current weights."""
         return SNGANGrid(self)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -18,11 +18,9 @@ from spikemax.generators.grid import LatentGrid
 def latent_side(shape: Sequence[int], downsample: int) -> tuple[int, int]:
     """Latent positions (h, w) after `downsample` stride-2 stages; sides must divide evenly."""
     _, h, w = (int(s) for s in shape)
-    f = 2 ** downsample
+    f = 2**downsample
     if h % f or w % f:
-        raise SpikemaxError(
-            f"vqvae.downsample={downsample} needs image sides divisible by {f} (got {h}x{w})"
-        )
+        raise SpikemaxError(f"vqvae.downsample={downsample} needs image sides divisible by {f} (got {h}x{w})")
     return h // f, w // f
 
 
@@ -147,10 +145,20 @@ class VectorQuantizerEMA(nn.Module):
 class VQVAE(L.LightningModule):
     """Encoder, EMA quantizer, decoder; loss = pixel MSE + commitment x ||z - sg(zq)||^2."""
 
-    def __init__(self, codes: int = 32, code_dim: int = 16, width: int = 64, downsample: int = 2,
-                 commitment: float = 0.25, decay: float = 0.99, lr: float = 1e-3,
-                 shape: Sequence[int] = (1, 28, 28), mean: Sequence[float] = (0.0,),
-                 std: Sequence[float] = (1.0,), name: str = "vqvae") -> None:
+    def __init__(
+        self,
+        codes: int = 32,
+        code_dim: int = 16,
+        width: int = 64,
+        downsample: int = 2,
+        commitment: float = 0.25,
+        decay: float = 0.99,
+        lr: float = 1e-3,
+        shape: Sequence[int] = (1, 28, 28),
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        name: str = "vqvae",
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.positions = latent_side(shape, downsample)
@@ -160,8 +168,7 @@ class VQVAE(L.LightningModule):
         self.decoder = Decoder(c, width, code_dim, downsample)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(list(self.encoder.parameters()) + list(self.decoder.parameters()),
-                                lr=self.hparams.lr)
+        return torch.optim.Adam(list(self.encoder.parameters()) + list(self.decoder.parameters()), lr=self.hparams.lr)
 
     def forward(self, x01: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         zq, idx, commit, perplexity = self.quantizer(self.encoder(x01))
@@ -177,17 +184,25 @@ class VQVAE(L.LightningModule):
         recon, _, commit, perplexity = self(x)
         mse = F.mse_loss(recon, x)
         loss = mse + self.hparams.commitment * commit
-        self.log_dict({"loss": loss, "recon_mse": mse, "commitment": commit, "perplexity": perplexity},
-                      on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(
+            {"loss": loss, "recon_mse": mse, "commitment": commit, "perplexity": perplexity},
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+        )
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         x = pixels(batch)
         recon, _, _, perplexity = self(x)
-        self.log_dict({"val_recon_mse": F.mse_loss(recon, x), "val_perplexity": perplexity},
-                      on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(
+            {"val_recon_mse": F.mse_loss(recon, x), "val_perplexity": perplexity},
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+        )
 
-    def grid(self) -> "VQVAEGrid":
+    def grid(self) -> VQVAEGrid:
         """The searchable grid of this model's current weights."""
         return VQVAEGrid(self)
 

@@ -6,12 +6,14 @@ responses are failed queries (counted in `n_told`, never elite).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from .base import MaximizeResult, OptionalDependencyError, Optimizer, run_maximize
+from .base import MaximizeResult, Optimizer, OptionalDependencyError, run_maximize
 from .baselines import RandomSearch
+from .options import options_for
 from .tt import TTOptimizer, resolve_ordinal
 
 METHODS = ("tt", "random", "cma", "ngopt", "protes")
@@ -59,11 +61,12 @@ def maximize(
 __all__ = [
     "METHODS",
     "MaximizeResult",
-    "OptionalDependencyError",
     "Optimizer",
+    "OptionalDependencyError",
     "RandomSearch",
     "TTOptimizer",
     "make_optimizer",
     "maximize",
+    "options_for",
     "resolve_ordinal",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -141,9 +142,7 @@ class MaximizeResult:
     extra: dict = field(default_factory=dict)
 
 
-def run_maximize(
-    opt: Optimizer, f: Callable[[np.ndarray], Any], budget: int
-) -> MaximizeResult:
+def run_maximize(opt: Optimizer, f: Callable[[np.ndarray], Any], budget: int) -> MaximizeResult:
     """Drive an optimizer on f for exactly `budget` queries."""
     import time
 

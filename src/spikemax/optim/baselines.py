@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from .base import OptionalDependencyError, Optimizer
+from .base import Optimizer, OptionalDependencyError
 
 
 class RandomSearch(Optimizer):
@@ -67,8 +68,13 @@ class CMAOptimizer(Optimizer):
         # pycma allows one tell per iteration: points asked before the tell join this generation.
         if self._gen is None:
             X = np.asarray(self.es.ask(), dtype=np.float64)
-            self._gen = {"X": X, "I": self._to_grid(X), "y": np.full(len(X), np.nan),
-                         "told": np.zeros(len(X), dtype=bool), "served": 0}
+            self._gen = {
+                "X": X,
+                "I": self._to_grid(X),
+                "y": np.full(len(X), np.nan),
+                "told": np.zeros(len(X), dtype=bool),
+                "served": 0,
+            }
         gen = self._gen
         short = gen["served"] + k - len(gen["X"])
         if short > 0:
@@ -156,7 +162,7 @@ class NGOptOptimizer(Optimizer):
                 cand = self.opt.parametrization.spawn_child(new_value=row.astype(np.float64))
             try:
                 self.opt.tell(cand, loss)
-            except Exception:  # noqa: BLE001 - some NGOpt members refuse points they never asked
+            except Exception:
                 pass
 
 
@@ -169,9 +175,10 @@ PROTES_HINT = (
 def import_protes() -> Any:
     """Import the reference protes module, or raise OptionalDependencyError with the fix."""
     try:
+        import importlib
+
         import jax  # noqa: F401
         import optax  # noqa: F401
-        import importlib
 
         return importlib.import_module("protes.protes")  # the module, not the function
     except ImportError as err:

@@ -10,7 +10,8 @@ renormalized freely. Padding to the largest mode size (masked out) keeps every c
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -135,9 +136,7 @@ def tt_messages(Gx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return L, R
 
 
-def tt_grad_loglik(
-    G: np.ndarray, mask: np.ndarray, X: np.ndarray, w: np.ndarray, Z: np.ndarray
-) -> np.ndarray:
+def tt_grad_loglik(G: np.ndarray, mask: np.ndarray, X: np.ndarray, w: np.ndarray, Z: np.ndarray) -> np.ndarray:
     """Gradient w.r.t. theta (G = exp theta) of sum_b w_b log p(X_b), p = P / sum(P).
 
     Z holds the right interfaces of the summed cores (as `tt_interfaces_right` returns).
@@ -368,11 +367,11 @@ class TTOptimizer(Optimizer):
             return
         try:
             P = np.asarray(init)
-        except Exception as err:  # noqa: BLE001 - report as a bad argument
+        except Exception as err:
             raise ValueError("init must be a state_dict() or an int array (m, d)") from err
         if P.ndim != 2 or P.shape[1] != self.d or P.shape[0] < 1:
             raise ValueError(f"init must be a state_dict() or an int array (m, {self.d}), got shape {P.shape}")
-        if not np.issubdtype(P.dtype, np.integer) or np.any(P < 0) or np.any(P >= self.n[None, :]):
+        if not np.issubdtype(P.dtype, np.integer) or np.any(P < 0) or np.any(self.n[None, :] <= P):
             raise ValueError("init points must be integer grid indices within n")
         P = P.astype(np.int64)
         if init_values is not None:

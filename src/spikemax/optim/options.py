@@ -1,0 +1,30 @@
+"""The options the maximize stage passes to `make_optimizer`, one function for every caller."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .tt import resolve_ordinal
+
+
+class _HasOrdered(Protocol):
+    ordered: bool
+
+
+def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None) -> dict[str, Any]:
+    """make_optimizer options of `method` under the maximize params, for `grid`.
+
+    `params` is the whole `Params` or its `maximize` section; `grid` is a `LatentGrid` (or a bool,
+    whether the grid is ordered). TT's `ordinal: auto` is resolved from the grid's order; with
+    `grid=None` it stays "auto" (used where only the configuration is hashed).
+    """
+    m = getattr(params, "maximize", params)
+    if method == "tt":
+        opts: dict[str, Any] = m.tt.model_dump()
+        if grid is not None:
+            ordered = grid if isinstance(grid, bool) else bool(grid.ordered)
+            opts["ordinal"] = resolve_ordinal(opts["ordinal"], ordered)
+        return opts
+    if method == "ngopt":
+        return {"budget": int(m.budget)}  # NGOpt chooses its algorithm from the budget
+    return {}
