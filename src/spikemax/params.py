@@ -167,6 +167,20 @@ class TuneParams(Section):
     grid_n: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
     lr: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)]] = (0.01, 0.3)
     seed: int = Field(0, ge=0)
+    # Where the study lives: "" = the journal file optuna/journal.log (one machine), or an RDB URL
+    # (postgresql://user@host:port/db) that workers on several machines share.
+    storage: str = ""
+    workers: int = Field(1, ge=1)  # worker processes of one `spikemax tune` (`--workers` overrides)
+    heartbeat: int = Field(10, ge=1)  # seconds between an RDB worker's heartbeats (stale after 2x: FAIL)
+    rungs: int = Field(4, ge=1)  # intermediate scores per trial (pruner input), at equal query budgets
+
+    @field_validator("storage")
+    @classmethod
+    def _rdb_url(cls, value: str) -> str:
+        """An RDB URL (SQLAlchemy form) or "" for the journal file."""
+        if value and value.split("://", 1)[0].split("+")[0] not in ("postgresql", "mysql", "sqlite"):
+            raise PydanticCustomError("storage", "Input should be '' (journal file) or a postgresql/mysql/sqlite URL")
+        return value
 
     @field_validator("lr")
     @classmethod
