@@ -139,6 +139,12 @@ class MaximizeParams(Section):
     warm_start: bool = True
     noise: float = Field(0.0, ge=0.0)
     tt: TTOptions = Field(default_factory=TTOptions)
+    # Where the lock-step groups run: "local" (this process, in order) or "ray" (one task per group).
+    engine: Literal["local", "ray"] = "local"
+    # Ray cluster: "" starts a local one (ray_workers CPUs, 0 = all), "auto" joins this machine's,
+    # or "HOST:6379" / "ray://HOST:10001". Results go to the project's results/am (shared storage).
+    ray_address: str = ""
+    ray_workers: int = Field(0, ge=0)
 
 
 class AnalyzeParams(Section):

@@ -69,6 +69,9 @@ def run(params: Params, paths: Paths) -> dict:
         ) as progress:
             runs_task = progress.add_task("AM runs", total=len(todo))
             q_task = progress.add_task("queries", total=len(todo) * m.budget)
+            if m.engine != "local":
+                n_run = run_remote(params, st, todo, progress, q_task, runs_task)
+                todo = []  # every group ran on the cluster
             for e in plan_.epochs:
                 todo_e = [c for c in todo if c.epoch == e]
                 if not todo_e:
@@ -168,3 +171,96 @@ def run_group(
             if op.combo.key not in st.done:
                 st.fail_run(op, err)
         raise
+
+
+class _Quiet:
+    """Progress sink of a remote group (the driver advances the bars when the group returns)."""
+
+    def advance(self, task: Any, k: float) -> None:
+        pass
+
+
+def run_remote(params: Params, st: AMRuns, todo: list[Combo], progress: Any, q_task: Any, runs_task: Any) -> int:
+    """Run every group of `todo` as one task on a Ray cluster (maximize.engine 'ray'); returns queries run.
+
+    A warm-started TT group waits for its chain's previous epoch, as in the local loop, so results
+    are the same; each task logs to the shared store and writes its run dirs itself.
+    """
+    from spikemax.am import engine
+
+    m, plan_ = st.m, st.plan
+    engine.connect(m.ray_address, m.ray_workers, engine.worker_env(st.uri))
+    jobs: list[engine.Job] = []
+    where: dict[tuple, int] = {}
+    for i, e in enumerate(plan_.epochs):
+        todo_e = [c for c in todo if c.epoch == e]
+        if not todo_e:
+            continue
+        net = snn.load_snn(plan_.snn_ckpts[e])
+        net.eval()
+        stats = dataset_stats(net, st.prepared, plan_.targets, m.max_images)
+        for g in m.generators:
+            for method in m.methods:
+                for seed in m.seeds:
+                    keys = [c.key for c in todo_e if (c.generator, c.method, c.seed) == (g, method, seed)]
+                    if not keys:
+                        continue
+                    prev = where.get((plan_.epochs[i - 1], g, method, seed)) if i else None
+                    after = [prev] if prev is not None and method == "tt" and m.warm_start else []
+                    where[(e, g, method, seed)] = len(jobs)
+                    jobs.append(engine.Job((params, st.paths, plan_, keys, st.parent_id, stats, st.uri), after))
+    n_run = 0
+    for _, res in engine.run_jobs(remote_group, jobs):
+        st.done.update(res["rows"])
+        st.failed += res["failed"]
+        st.logging_s += res["logging_s"]
+        n_run += res["queries"]
+        progress.advance(q_task, res["queries"])
+        progress.advance(runs_task, len(res["rows"]))
+        st.write_summary()
+    return n_run
+
+
+def remote_group(
+    params: Params,
+    paths: Paths,
+    plan_: Any,
+    keys: list[str],
+    parent_id: str,
+    stats: dict[str, np.ndarray],
+    tracking_uri: str,
+) -> dict:
+    """One group on a worker: its finished runs (from an attempt before a worker died) are kept,
+    runs that attempt left RUNNING are failed, the rest run as in the local loop."""
+    import os
+
+    from spikemax.am.plan import read_summary
+    from spikemax.tracking import RUN_KEY_TAG
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the driver's store, whatever the worker started with
+
+    st = AMRuns(params, paths, plan_, scan=False)
+    st.parent_id = parent_id
+    group = [c for c in plan_.combos if c.key in set(keys)]
+    for c in group:
+        row = read_summary(st.am_dir, c)
+        if row is not None and st.client.get_run(row["run_id"]).info.status == "FINISHED":
+            st.done[c.key] = row
+            continue
+        for run in st.client.search_runs(
+            [st.eid], filter_string=f"tags.`{RUN_KEY_TAG}` = '{c.key}' and status = 'RUNNING'", max_results=100
+        ):
+            st.client.set_tag(run.info.run_id, "spikemax.failure", "interrupted (worker lost; group retried)")
+            st.client.set_terminated(run.info.run_id, "FAILED")
+    todo = [c for c in group if c.key not in st.done]
+    n = 0
+    if todo:
+        c0 = todo[0]
+        net = snn.load_snn(plan_.snn_ckpts[c0.epoch])
+        net.eval()
+        grid = load_generator(c0.generator, plan_.gen_ckpts[c0.generator])
+        col = {t: i for i, t in enumerate(plan_.targets)}
+        seed = zlib.crc32(f"{c0.epoch}/{c0.generator}/{c0.method}/{c0.seed}".encode())
+        n = run_group(st, todo, grid, net, stats, col, plan_.snn_ckpts[c0.epoch], seed, _Quiet(), None, None)
+    rows = {c.key: st.done[c.key] for c in group if c.key in st.done}
+    return {"rows": rows, "failed": st.failed, "queries": n, "logging_s": st.logging_s}
