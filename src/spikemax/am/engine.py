@@ -65,25 +65,51 @@ def worker_env(tracking_uri: str) -> dict[str, str]:
     return env
 
 
-def run_jobs(fn: Callable[..., Any], jobs: Sequence[Job], threads: int = 1) -> Iterator[tuple[int, Any]]:
-    """Run `fn` over `jobs` on the connected cluster (one CPU each); yield (job index, result) as
-    each completes. A job waits for its `after` jobs; a dead worker's job is retried. On any
-    exception here (Ctrl-C included) every job still pending is cancelled."""
-    ray = _ray()
+class Later:
+    """A task's result that another task fetches only when it first reads it (so it need not wait
+    for it to start): `later[key]` is `result[key]`."""
 
-    def call(*args: Any) -> Any:
+    def __init__(self, ref: Any) -> None:
+        self.ref = ref
+        self._value: Any = None
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._value is None:
+            self._value = _ray().get(self.ref)
+        return self._value[key]
+
+
+def run_jobs(
+    fn: Callable[..., Any], jobs: Sequence[Job], threads: int = 1, first: Sequence[tuple[Callable, tuple]] = ()
+) -> Iterator[tuple[int, Any]]:
+    """Run `fn` over `jobs` on the connected cluster (one CPU each); yield (job index, result) as
+    each completes. A job waits for its `after` jobs; a dead worker's job is retried. `first`:
+    calls (function, args) submitted before the jobs; an arg `("first", i)` of a job is replaced by
+    `Later(result of first[i])`. On any exception here (Ctrl-C included) every job still pending is
+    cancelled."""
+    ray = _ray()
+    opts = {"num_cpus": 1, "max_retries": MAX_RETRIES}
+
+    def set_threads() -> None:
         import torch
 
         torch.set_num_threads(threads)
-        n = len(args) - n_deps[args[0]] - 1
-        return fn(*args[1 : 1 + n])
 
-    n_deps = {i: len(j.after) for i, j in enumerate(jobs)}
-    remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(call)
+    def call(n_after: int, *args: Any) -> Any:
+        set_threads()
+        return fn(*args[: len(args) - n_after])
+
+    def call_first(f: Callable, *args: Any) -> Any:
+        set_threads()
+        return f(*args)
+
+    early = [ray.remote(**opts)(call_first).remote(f, *args) for f, args in first]
+    remote = ray.remote(**opts)(call)
     refs: list[Any] = []
-    for i, job in enumerate(jobs):
+    for job in jobs:
+        args = [Later(early[a[1]]) if isinstance(a, tuple) and a[:1] == ("first",) else a for a in job.args]
         # Results of `after` jobs as trailing args: Ray starts this one only once they exist.
-        refs.append(remote.remote(i, *job.args, *[refs[k] for k in job.after]))
+        refs.append(remote.remote(len(job.after), *args, *[refs[k] for k in job.after]))
     index = {ref: i for i, ref in enumerate(refs)}
     pending = list(refs)
     try:
@@ -91,6 +117,6 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[Job], threads: int = 1) -> I
             ready, pending = ray.wait(pending, num_returns=1)
             yield index[ready[0]], ray.get(ready[0])
     except BaseException:
-        for ref in pending:
+        for ref in pending + early:
             ray.cancel(ref)
         raise

@@ -173,6 +173,15 @@ def run_group(
         raise
 
 
+def remote_stats(paths: Paths, plan_: Any, epoch: int, max_images: int) -> dict[str, np.ndarray]:
+    """dataset_stats of one epoch's checkpoint, on a worker."""
+    from spikemax.data import Prepared
+
+    net = snn.load_snn(plan_.snn_ckpts[epoch])
+    net.eval()
+    return dataset_stats(net, Prepared.load(paths.prepared), plan_.targets, max_images)
+
+
 class _Quiet:
     """Progress sink of a remote group (the driver advances the bars when the group returns)."""
 
@@ -192,13 +201,14 @@ def run_remote(params: Params, st: AMRuns, todo: list[Combo], progress: Any, q_t
     engine.connect(m.ray_address, m.ray_workers, engine.worker_env(st.uri))
     jobs: list[engine.Job] = []
     where: dict[tuple, int] = {}
+    first: list[tuple] = []
     for i, e in enumerate(plan_.epochs):
         todo_e = [c for c in todo if c.epoch == e]
         if not todo_e:
             continue
-        net = snn.load_snn(plan_.snn_ckpts[e])
-        net.eval()
-        stats = dataset_stats(net, st.prepared, plan_.targets, m.max_images)
+        # The epoch's dataset stats are a task too; its groups start at once and read them at the end.
+        stats = ("first", len(first))
+        first.append((remote_stats, (st.paths, plan_, e, m.max_images)))
         for g in m.generators:
             for method in m.methods:
                 for seed in m.seeds:
@@ -210,7 +220,7 @@ def run_remote(params: Params, st: AMRuns, todo: list[Combo], progress: Any, q_t
                     where[(e, g, method, seed)] = len(jobs)
                     jobs.append(engine.Job((params, st.paths, plan_, keys, st.parent_id, stats, st.uri), after))
     n_run = 0
-    for _, res in engine.run_jobs(remote_group, jobs):
+    for _, res in engine.run_jobs(remote_group, jobs, first=first):
         st.done.update(res["rows"])
         st.failed += res["failed"]
         st.logging_s += res["logging_s"]
@@ -227,7 +237,7 @@ def remote_group(
     plan_: Any,
     keys: list[str],
     parent_id: str,
-    stats: dict[str, np.ndarray],
+    stats: Any,
     tracking_uri: str,
 ) -> dict:
     """One group on a worker: its finished runs (from an attempt before a worker died) are kept,
