@@ -108,3 +108,13 @@ def snn_checkpoints(project) -> dict[int, Path]:
         tiny = params.model_copy(update={"snn": P.SNNParams(**TINY_SNN)})
         train(tiny, paths)
     return checkpoints(paths)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

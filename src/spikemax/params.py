@@ -206,6 +206,8 @@ class Params(Section):
     maximize: MaximizeParams = Field(default_factory=MaximizeParams)
     analyze: AnalyzeParams = Field(default_factory=AnalyzeParams)
     tune: TuneParams = Field(default_factory=TuneParams)
+    # Where training, decoding and the readout run: "auto" (CUDA when available, else CPU), "cpu", "cuda[:N]".
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)

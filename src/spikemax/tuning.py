@@ -195,13 +195,14 @@ def make_objective(params: Params, paths: Paths, epoch: int, runs: TrialRuns | N
 
     from spikemax.am.loop import run_am_group
     from spikemax.data import Prepared
+    from spikemax.devices import resolve
     from spikemax.generators import load_generator
     from spikemax.neurons import layer_rates, make_responder
     from spikemax.optim import make_optimizer, resolve_ordinal
     from spikemax.snn import checkpoints, load_snn
 
     t = params.tune
-    net = load_snn(checkpoints(paths)[epoch])
+    net = load_snn(checkpoints(paths)[epoch]).to(resolve(params.device))
     x_test, _ = Prepared.load(paths.prepared).tensors("test")
     with torch.no_grad():
         rates = layer_rates(net, x_test)

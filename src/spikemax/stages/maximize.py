@@ -17,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from spikemax import SpikemaxError, snn
+from spikemax import SpikemaxError, devices, snn
 from spikemax.am.loop import run_am_group
 from spikemax.am.plan import Combo, plan
 from spikemax.am.runs import AMRuns, OpenRun, dataset_stats, metric_batch, param_batch, stimulus_stats
@@ -77,7 +77,7 @@ def run(params: Params, paths: Paths) -> dict:
                 if not todo_e:
                     continue
                 net = snn.load_snn(plan_.snn_ckpts[e])
-                net.eval()
+                net.eval().to(devices.resolve(params.device))
                 stats = dataset_stats(net, st.prepared, plan_.targets, m.max_images)
                 col = {t: i for i, t in enumerate(plan_.targets)}
                 for g in m.generators:
@@ -173,13 +173,13 @@ def run_group(
         raise
 
 
-def remote_stats(paths: Paths, plan_: Any, epoch: int, max_images: int) -> dict[str, np.ndarray]:
+def remote_stats(params: Params, paths: Paths, plan_: Any, epoch: int) -> dict[str, np.ndarray]:
     """dataset_stats of one epoch's checkpoint, on a worker."""
     from spikemax.data import Prepared
 
     net = snn.load_snn(plan_.snn_ckpts[epoch])
-    net.eval()
-    return dataset_stats(net, Prepared.load(paths.prepared), plan_.targets, max_images)
+    net.eval().to(devices.resolve(params.device))
+    return dataset_stats(net, Prepared.load(paths.prepared), plan_.targets, params.maximize.max_images)
 
 
 class _Quiet:
@@ -208,7 +208,7 @@ def run_remote(params: Params, st: AMRuns, todo: list[Combo], progress: Any, q_t
             continue
         # The epoch's dataset stats are a task too; its groups start at once and read them at the end.
         stats = ("first", len(first))
-        first.append((remote_stats, (st.paths, plan_, e, m.max_images)))
+        first.append((remote_stats, (params, st.paths, plan_, e)))
         for g in m.generators:
             for method in m.methods:
                 for seed in m.seeds:
@@ -267,7 +267,7 @@ def remote_group(
     if todo:
         c0 = todo[0]
         net = snn.load_snn(plan_.snn_ckpts[c0.epoch])
-        net.eval()
+        net.eval().to(devices.resolve(params.device))
         grid = load_generator(c0.generator, plan_.gen_ckpts[c0.generator])
         col = {t: i for i, t in enumerate(plan_.targets)}
         seed = zlib.crc32(f"{c0.epoch}/{c0.generator}/{c0.method}/{c0.seed}".encode())

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from spikemax import tracking
 from spikemax.data import Prepared, PreparedDataModule
+from spikemax.devices import lightning
 from spikemax.outputs import write_json
 from spikemax.params import Params, Paths
 from spikemax.snn import CKPT_PATTERN, CSV_COLUMNS, EpochRecorder, build
@@ -50,10 +51,11 @@ def _train(params: Params, paths: Paths) -> None:
         experiment_name=tracking.SNN_EXPERIMENT, tracking_uri=uri, run_name=f"snn-{prepared.meta['dataset']}"
     )
     recorder = EpochRecorder(out_dir)
+    accelerator, devices = lightning(params.device)
     trainer = L.Trainer(
         max_epochs=s.epochs,
-        accelerator="cpu",
-        devices=1,
+        accelerator=accelerator,
+        devices=devices,
         deterministic=True,
         logger=logger,
         callbacks=[RichProgressBar(leave=True), recorder],
