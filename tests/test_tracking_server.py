@@ -55,7 +55,7 @@ def test_maximize_through_mlflow_server_reads_back_like_sqlite(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     served = _project_copy(tmp_path / "served", project, SMALL)
     metrics = run_stage(*served)
-    assert metrics["n_failed"] == 0 and metrics["n_runs"] == 4
+    assert metrics["n_failed"] == 0 and metrics["n_runs"] == 4, metrics
     want, got = _read(local_uri(local[1].root)), _read(mlflow_server.uri)
     assert got.keys() == want.keys() and len(got) == 4
     for key, run in want.items():

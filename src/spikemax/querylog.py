@@ -157,7 +157,8 @@ class QueryLogger:
         if client is not None and artifact_uri:
             from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-            self._artifacts = get_artifact_repository(artifact_uri)
+            # The client's store, not MLflow's process-global URI (mlflow-artifacts: URIs resolve against it).
+            self._artifacts = get_artifact_repository(artifact_uri, tracking_uri=client._tracking_client.tracking_uri)
         self.writer = MetricWriter(client, run_id) if client is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.n_queries = 0

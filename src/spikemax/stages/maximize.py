@@ -165,6 +165,8 @@ def run_group(
         for op in opens:
             if op.combo.key not in st.done:
                 st.fail_run(op, err)
+        if len(opens) < len(group):  # failed while opening: the rest has no run to mark, but failed
+            st.failed += [f"{c.key}: {type(err).__name__}: {err}"[:4000] for c in group[len(opens) :]]
         return 0
     except BaseException as err:  # interrupted: mark, then stop
         for op in opens:
