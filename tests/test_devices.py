@@ -11,6 +11,7 @@ from spikemax import params as P
 from spikemax.neurons import firing_rates
 from spikemax.snn import load_snn
 
+
 def test_auto_is_cuda_exactly_when_available():
     assert devices.resolve("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert devices.resolve("cpu") == "cpu" and devices.lightning("cpu") == ("cpu", 1)

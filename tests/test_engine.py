@@ -58,3 +58,43 @@ def test_ray_engine_equals_in_process(tmp_path, project, snn_checkpoints, genera
     assert {r.data.tags["mlflow.parentRunId"] for r in nested} == parent
     # Rerun: nothing left to do, nothing redone.
     assert run_stage(*remote)["queries_run"] == 0
+
+
+@pytest.mark.slow
+def test_a_retried_group_keeps_finished_runs_and_redoes_the_lost_one(
+    tmp_path, project, snn_checkpoints, generator_checkpoints
+):
+    from mlflow import MlflowClient
+
+    from spikemax import tracking
+    from spikemax.am.plan import plan
+    from spikemax.stages.maximize import remote_group, remote_stats
+
+    params, paths = _project_copy(
+        tmp_path / "p", project, {**SMALL, "epochs": [-1], "methods": ["random"], "seeds": [0]}
+    )
+    run_stage(params, paths)
+    am = paths.results / "am"
+    before = pd.read_csv(am / "summary.csv")
+    lost = before.iloc[0]
+    q_lost = read_queries(am / lost.run_dir)
+    # A worker killed while finishing `lost`: its summary never written, its run left RUNNING.
+    (am / lost.run_dir / "summary.json").unlink()
+    uri = tracking.tracking_uri(paths.root)
+    client = MlflowClient(uri)
+    eid = tracking.experiment_id(tracking.AM_EXPERIMENT, paths.root)
+    zombie = client.create_run(eid, tags={tracking.RUN_KEY_TAG: lost.run_key}).info.run_id
+    parent = client.create_run(eid).info.run_id
+    pl = plan(params, paths)
+    stats = remote_stats(params, paths, pl, int(lost.epoch))
+    res = remote_group(params, paths, pl, list(before.run_key), parent, stats, uri)  # Ray's retry of the group
+    assert res["failed"] == [] and res["queries"] == SMALL["budget"]  # only the lost run ran again
+    assert set(res["rows"]) == set(before.run_key)
+    for row in before.itertuples():
+        same = res["rows"][row.run_key]["run_id"] == row.run_id
+        assert same == (row.run_key != lost.run_key)
+    assert client.get_run(zombie).info.status == "FAILED"
+    assert client.get_run(res["rows"][lost.run_key]["run_id"]).info.status == "FINISHED"
+    pd.testing.assert_frame_equal(
+        read_queries(am / lost.run_dir).drop(columns="elapsed_s"), q_lost.drop(columns="elapsed_s")
+    )
