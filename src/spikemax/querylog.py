@@ -130,8 +130,8 @@ def _bulk_insert(store: Any, writes: list[tuple[str, dict[str, np.ndarray], int]
     # read_only=False: a routing store sends writes to the primary database.
     with store.ManagedSessionMaker(read_only=False) as session:
         session.execute(insert(SqlMetric.__table__), rows)
-        for run_id in dict.fromkeys(m.run_uuid for m in last):  # MLflow's bookkeeping is per run
-            store._update_latest_metrics_if_necessary([m for m in last if m.run_uuid == run_id], session)
+        for uuid in dict.fromkeys(m.run_uuid for m in last):  # MLflow's bookkeeping is per run
+            store._update_latest_metrics_if_necessary([m for m in last if m.run_uuid == uuid], session)
 
 
 class QueryLogger:
@@ -158,7 +158,7 @@ class QueryLogger:
             from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
             self._artifacts = get_artifact_repository(artifact_uri)
-        self.writer = MetricWriter(client, run_id) if client is not None else None
+        self.writer = MetricWriter(client, run_id) if client is not None and run_id is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.n_queries = 0
         self.n_batches = 0

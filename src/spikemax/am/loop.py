@@ -145,8 +145,9 @@ def run_am_group(
             row += len(idx)
         # Every run's batch is in the store and its table before any optimizer sees it.
         logged = [i for i, j in enumerate(active) if tracks[j].logger is not None]
+        loggers_now = [lg for i in logged if (lg := tracks[active[i]].logger) is not None]
         if logged:
-            log_batches([tracks[active[i]].logger for i in logged], [asked[i] for i in logged], [ys[i] for i in logged])
+            log_batches(loggers_now, [asked[i] for i in logged], [ys[i] for i in logged])
         for j, idx, y, row in zip(active, asked, ys, rows):
             t = tracks[j]
             k = len(idx)

@@ -160,7 +160,7 @@ def plan(params: Params, paths: Paths) -> Plan:
             if ee not in epochs:
                 epochs.append(ee)
         epochs.sort()
-    gen_ckpts = {}
+    gen_ckpts: dict[str, Path] = {}
     for g in m.generators:
         path = checkpoint_path(g, paths)
         if not path.is_file():

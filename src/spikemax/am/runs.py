@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from spikemax.params import Params, Paths
 
 
-def metric_batch(values: dict[str, float]) -> list:
+def metric_batch(values: dict[str, Any]) -> list:
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
@@ -349,7 +349,7 @@ def stimulus_stats(net: Any, prepared: Any, results: list[AMResult]) -> list[dic
     out: list[dict[str, float]] = [{} for _ in results]
     if not have:
         return out
-    x = torch.stack([results[i].best_image for i in have])
+    x = torch.stack([img for i in have if (img := results[i].best_image) is not None])
     probs = net.class_probs(x).detach().cpu().numpy()
     cls, prob, ppl = S.concept(probs)
     pixels = prepared.denormalize(x).clamp(0, 1).numpy()
