@@ -17,12 +17,17 @@ from spikemax.am import SUMMARY_COLUMNS
 from spikemax.am.loop import AMResult
 from spikemax.am.plan import Combo, Plan, finished_runs, read_summary
 from spikemax.neurons import Target
-from spikemax.optim import make_optimizer, options_for
+from spikemax.optim import Optimizer, make_optimizer, options_for
 from spikemax.outputs import write_json
 from spikemax.querylog import QueryLogger
 
 if TYPE_CHECKING:
+    import pandas as pd
+
+    from spikemax.data import Prepared
+    from spikemax.generators import LatentGrid
     from spikemax.params import Params, Paths
+    from spikemax.snn import ConvSNN
 
 
 def metric_batch(values: dict[str, Any]) -> list:
@@ -44,7 +49,7 @@ class OpenRun:
 
     combo: Combo
     run_id: str
-    logger: Any
+    logger: QueryLogger
     warm_from: str
 
 
@@ -72,7 +77,7 @@ class AMRuns:
         self.logging_s = 0.0  # time inside the query loggers (the cost of logging every query)
 
     # -- runs ---------------------------------------------------------------------------------
-    def open_run(self, combo: Combo, grid: Any, snn_ckpt: Path) -> OpenRun:
+    def open_run(self, combo: Combo, grid: LatentGrid, snn_ckpt: Path) -> OpenRun:
 
         m = self.m
         warm_from = ""
@@ -143,7 +148,7 @@ class AMRuns:
                 return c
         return None
 
-    def make_optimizer(self, op: OpenRun, grid: Any) -> Any:
+    def make_optimizer(self, op: OpenRun, grid: LatentGrid) -> Optimizer:
 
         opts = options_for(op.combo.method, self.m, grid)
         if op.warm_from:
@@ -152,7 +157,7 @@ class AMRuns:
         return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
 
     def finish_run(
-        self, op: OpenRun, res: AMResult, optimizer: Any, dataset_max: float, extras: dict[str, float]
+        self, op: OpenRun, res: AMResult, optimizer: Optimizer, dataset_max: float, extras: dict[str, float]
     ) -> dict:
         from spikemax import selectivity as S
 
@@ -239,7 +244,7 @@ class AMRuns:
         self.failed.append(f"{op.combo.key}: {msg}")
 
     # -- outputs ------------------------------------------------------------------------------
-    def write_summary(self) -> Any:
+    def write_summary(self) -> pd.DataFrame:
         import pandas as pd
 
         rows = [self.done[c.key] for c in self.plan.combos if c.key in self.done]
@@ -297,7 +302,7 @@ class AMRuns:
             if d.is_dir() and d.name not in keys:
                 shutil.rmtree(d, ignore_errors=True)
 
-    def write_metrics(self, df: Any, wall_s: float, n_queries_run: int) -> dict:
+    def write_metrics(self, df: pd.DataFrame, wall_s: float, n_queries_run: int) -> dict:
         out: dict[str, Any] = {
             "n_runs": len(df),
             "n_planned": len(self.plan.combos),
@@ -323,7 +328,7 @@ class AMRuns:
         return out
 
 
-def dataset_stats(net: Any, prepared: Any, targets: list[Target], max_images: int) -> dict[str, np.ndarray]:
+def dataset_stats(net: ConvSNN, prepared: Prepared, targets: list[Target], max_images: int) -> dict[str, np.ndarray]:
     """Per target over the prepared test images: max response, CSI and lifetime sparseness."""
     from spikemax import selectivity as S
     from spikemax.neurons import firing_rates
@@ -341,7 +346,7 @@ def dataset_stats(net: Any, prepared: Any, targets: list[Target], max_images: in
     return {"dataset_max": rates.max(axis=0), "csi": S.csi(means), "sparseness": S.lifetime_sparseness(rates)}
 
 
-def stimulus_stats(net: Any, prepared: Any, results: list[AMResult]) -> list[dict[str, float]]:
+def stimulus_stats(net: ConvSNN, prepared: Prepared, results: list[AMResult]) -> list[dict[str, float]]:
     """Concept of each best stimulus under this checkpoint (class, probability, perplexity), complexity."""
     from spikemax import selectivity as S
 
