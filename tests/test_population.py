@@ -100,3 +100,18 @@ def test_tell_shape_is_checked() -> None:
     I = pop.ask(6)
     with pytest.raises(ValueError, match=r"Y must have shape \(6, 3\)"):
         pop.tell(I, np.zeros((6, 2)))
+
+
+def test_run_population_spends_the_budget_and_improves_every_neuron() -> None:
+    """run_population presents exactly `budget` points; each TT beats its neuron's first batch."""
+    from spikemax.optim.population import run_population
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 8, size=(3, 5))
+    f = lambda I: -np.stack([np.abs(I - t).sum(1) for t in targets], axis=1).astype(float)  # noqa: E731
+    pop = Population([make_optimizer("tt", 5, 8, seed=j) for j in range(3)])
+    I, Y = run_population(pop, f, 300, batch=24)
+    assert I.shape == (300, 5) and Y.shape == (300, 3)
+    for j, (i_best, y_best) in enumerate(pop.best):
+        assert y_best == Y[:, j].max() > Y[:24, j].max()
+        assert f(i_best[None])[0, j] == y_best

@@ -113,3 +113,25 @@ class Population:
     def best(self) -> list[tuple[np.ndarray | None, float]]:
         """Each optimizer's `best`."""
         return [o.best for o in self.optimizers]
+
+
+def run_population(pop: Population, f: Any, budget: int, batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Drive a Population on f (points (k, d) -> responses (k, m)) for `budget` presentations in all.
+
+    Returns every presented point (budget, d) and every response (budget, m), in presentation order.
+    """
+    from .base import check_positive_int
+
+    budget = check_positive_int("budget", budget)
+    k_max = pop.batch if batch is None else check_positive_int("batch", batch)
+    Is, Ys = [], []
+    spent = 0
+    while spent < budget:
+        k = min(k_max, budget - spent)
+        I = pop.ask(k)
+        Y = np.asarray(f(I), dtype=np.float64).reshape(k, pop.m)
+        pop.tell(I, Y)
+        Is.append(I)
+        Ys.append(Y)
+        spent += k
+    return np.concatenate(Is), np.concatenate(Ys)
