@@ -64,9 +64,10 @@ def bench_overhead(net, grid, targets, budget, batch, repeats, root: Path) -> di
     import mlflow
 
     from spikemax import tracking
-    from spikemax.loop import run_am_group
+    from spikemax.am.loop import run_am_group
     from spikemax.neurons import make_responder
     from spikemax.optim import make_optimizer
+    from spikemax.querylog import QueryLogger
 
     tracking.enable_fast_sqlite()  # as the maximize stage does
     uri = tracking.configure(root)
@@ -81,7 +82,7 @@ def bench_overhead(net, grid, targets, budget, batch, repeats, root: Path) -> di
         loggers = None
         if logged:
             loggers = [
-                tracking.QueryLogger(client, client.create_run(eid).info.run_id, root / f"r{i}_{time.time_ns()}")
+                QueryLogger(client, client.create_run(eid).info.run_id, root / f"r{i}_{time.time_ns()}")
                 for i in range(len(targets))
             ]
         t = time.perf_counter()
@@ -123,16 +124,16 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m) -> dict:
     """Normalized best activation per method at each budget (prefixes of one run per neuron);
     each method gets the maximize stage's options from params `m` (TT: `maximize.tt`, resolved
     for this grid as the stage resolves it)."""
-    from spikemax.loop import _optimizer_options, run_am_group
+    from spikemax.am.loop import run_am_group
     from spikemax.neurons import make_responder
-    from spikemax.optim import make_optimizer
+    from spikemax.optim import make_optimizer, options_for
 
     top = max(budgets)
     responder = make_responder(net, targets)
     curves: dict[str, np.ndarray] = {}
     walls, options = {}, {}
     for method in methods:
-        opts = _optimizer_options(m, method, grid.ordered)
+        opts = options_for(method, m, grid)
         if method == "ngopt":
             opts["budget"] = top
         options[method] = dict(opts)

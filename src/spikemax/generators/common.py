@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -88,9 +87,3 @@ def make_trainer(epochs: int, callbacks: list[L.Callback], max_steps: int = -1, 
         limit_val_batches=None if validate else 0,
         callbacks=[bar, *callbacks],
     )
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write a metrics JSON file (creating its folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
