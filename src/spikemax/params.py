@@ -157,7 +157,6 @@ class MaximizeParams(Section):
     target_value: float | None = None
     warm_start: bool = True
     noise: NoiseParams = Field(default_factory=NoiseParams)
-    population: bool = False  # optimize the targets of one layer together (one presentation set for all)
     tt: TTOptions = Field(default_factory=TTOptions)
 
     @field_validator("noise", mode="before")

@@ -124,7 +124,6 @@ def _config_hash(m: MaximizeParams, method: str, snn_ckpt: Path, gen_ckpt: Path)
         "budget": m.budget,
         "batch": m.batch,
         "noise": m.noise.model_dump(),
-        "population": m.population,
         "target_value": m.target_value,
         "options": options_for(method, m),
         "warm": bool(m.warm_start and method == "tt"),

@@ -50,7 +50,6 @@ def run(params: Params, paths: Paths) -> dict:
                 "budget": m.budget,
                 "batch": m.batch,
                 "noise": json.dumps(m.noise.model_dump(), sort_keys=True),
-                "population": m.population,
                 "n_planned": len(plan_.combos),
                 "n_skipped_finished": len(plan_.combos) - len(todo),
             }
