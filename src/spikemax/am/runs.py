@@ -109,7 +109,7 @@ class AMRuns:
                     "seed": combo.seed,
                     "layer": combo.target.layer,
                     "unit": combo.target.unit,
-                    "noise": m.noise,
+                    "noise": json.dumps(m.noise.model_dump(), sort_keys=True),
                     "target_value": m.target_value,
                     "warm_start": bool(warm_from),
                     "checkpoint": snn_ckpt.name,

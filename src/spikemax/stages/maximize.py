@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from pathlib import Path
@@ -48,7 +49,7 @@ def run(params: Params, paths: Paths) -> dict:
                 "n_targets": len(plan_.targets),
                 "budget": m.budget,
                 "batch": m.batch,
-                "noise": m.noise,
+                "noise": json.dumps(m.noise.model_dump(), sort_keys=True),
                 "n_planned": len(plan_.combos),
                 "n_skipped_finished": len(plan_.combos) - len(todo),
             }
@@ -139,7 +140,15 @@ def run_group(
     try:
         opens = [st.open_run(c, grid, snn_ckpt) for c in group]
         optimizers = [st.make_optimizer(op, grid) for op in opens]
-        responder = make_responder(net, [c.target.name for c in group], noise=m.noise, seed=noise_seed)
+        responder = make_responder(
+            net,
+            [c.target.name for c in group],
+            seed=noise_seed,
+            model=m.noise.model,
+            sigma=m.noise.sigma,
+            window=m.noise.window,
+            repeats=m.noise.repeats,
+        )
         results = run_am_group(
             optimizers,
             grid,
