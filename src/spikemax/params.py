@@ -157,6 +157,10 @@ class MaximizeParams(Section):
     target_value: float | None = None
     warm_start: bool = True
     noise: NoiseParams = Field(default_factory=NoiseParams)
+    # Population mode: the targets of one (epoch, generator, method, seed) share one stimulus set of
+    # `budget` presentations, each told to every target's optimizer (spikemax.optim.Population).
+    population: bool = False
+    population_rule: Literal["round_robin", "progress"] = "round_robin"
     tt: TTOptions = Field(default_factory=TTOptions)
 
     @field_validator("noise", mode="before")

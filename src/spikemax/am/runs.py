@@ -15,7 +15,7 @@ import torch
 from spikemax import images, tracking
 from spikemax.am import SUMMARY_COLUMNS
 from spikemax.am.loop import AMResult
-from spikemax.am.plan import Combo, Plan, finished_runs, read_summary
+from spikemax.am.plan import Combo, Plan, finished_runs, population_key, read_summary
 from spikemax.neurons import Target
 from spikemax.optim import Optimizer, make_optimizer, options_for
 from spikemax.outputs import write_json
@@ -80,11 +80,7 @@ class AMRuns:
     def open_run(self, combo: Combo, grid: LatentGrid, snn_ckpt: Path) -> OpenRun:
 
         m = self.m
-        warm_from = ""
-        if combo.method == "tt" and m.warm_start:
-            prev = self._prev_combo(combo)
-            if prev is not None and (self.am_dir / prev.run_dir / "tt_state.pkl").is_file():
-                warm_from = prev.key
+        warm_from = self.warm_source(combo)
         tags = {
             "mlflow.parentRunId": self.parent_id,
             tracking.RUN_KEY_TAG: combo.key,
@@ -114,6 +110,11 @@ class AMRuns:
                     "warm_start": bool(warm_from),
                     "checkpoint": snn_ckpt.name,
                     "options": json.dumps(options_for(combo.method, m, grid)),
+                    **(
+                        {"population": population_key(combo), "population_rule": m.population_rule}
+                        if m.population
+                        else {}
+                    ),
                 }
             ),
         )
@@ -124,6 +125,14 @@ class AMRuns:
             shutil.rmtree(run_dir)  # leftovers of an unfinished attempt
         logger = QueryLogger(self.client, run_id, run_dir, artifact_uri=run.info.artifact_uri)
         return OpenRun(combo, run_id, logger, warm_from)
+
+    def warm_source(self, combo: Combo) -> str:
+        """Key of the previous epoch's TT run this combination warm-starts from ("" = cold start)."""
+        if combo.method == "tt" and self.m.warm_start:
+            prev = self._prev_combo(combo)
+            if prev is not None and (self.am_dir / prev.run_dir / "tt_state.pkl").is_file():
+                return prev.key
+        return ""
 
     def _prev_combo(self, combo: Combo) -> Combo | None:
         epochs = self.plan.epochs
@@ -148,13 +157,14 @@ class AMRuns:
                 return c
         return None
 
-    def make_optimizer(self, op: OpenRun, grid: LatentGrid) -> Optimizer:
-
-        opts = options_for(op.combo.method, self.m, grid)
-        if op.warm_from:
-            with open(self.am_dir / "runs" / op.warm_from / "tt_state.pkl", "rb") as f:
+    def make_optimizer(self, op: OpenRun | Combo, grid: LatentGrid) -> Optimizer:
+        """The optimizer of an open run (or of a finished combination re-proposing in a population)."""
+        combo, warm_from = (op.combo, op.warm_from) if isinstance(op, OpenRun) else (op, self.warm_source(op))
+        opts = options_for(combo.method, self.m, grid)
+        if warm_from:
+            with open(self.am_dir / "runs" / warm_from / "tt_state.pkl", "rb") as f:
                 opts["init"] = pickle.load(f)
-        return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
+        return make_optimizer(combo.method, grid.d, grid.n, seed=combo.seed, **opts)
 
     def finish_run(
         self, op: OpenRun, res: AMResult, optimizer: Optimizer, dataset_max: float, extras: dict[str, float]
@@ -300,6 +310,10 @@ class AMRuns:
         keys = {c.key for c in self.plan.combos}
         for d in (self.am_dir / "runs").glob("*"):
             if d.is_dir() and d.name not in keys:
+                shutil.rmtree(d, ignore_errors=True)
+        pops = {population_key(c) for c in self.plan.combos} if self.m.population else set()
+        for d in (self.am_dir / "populations").glob("*"):
+            if d.is_dir() and d.name not in pops:
                 shutil.rmtree(d, ignore_errors=True)
 
     def write_metrics(self, df: pd.DataFrame, wall_s: float, n_queries_run: int) -> dict:
