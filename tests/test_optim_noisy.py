@@ -94,6 +94,29 @@ def test_clean_responder_stops_retesting() -> None:
     assert opt.best[1] == pytest.approx(f(opt.best[0][None])[0])
 
 
+def test_final_phase_races_the_elite_in_the_last_share_of_the_budget() -> None:
+    """With budget and final set, asks before the last `final` share keep the `retest` quota; asks
+    after it may be all re-presentations of told points (racing), and the estimated best ends with
+    more repeats than under the constant schedule."""
+    budget, batch = 480, 16
+    sched = make_optimizer("tt", D, N, seed=2, noise_aware=True, retest=0.0, budget=budget, final=0.25)
+    rng = np.random.default_rng(2)
+    seen: set[bytes] = set()
+    for _ in range(budget // batch):
+        final = sched.in_final()
+        assert final == (sched.n_told >= 0.75 * budget)
+        before = sched.n_retests
+        I = sched.ask(batch)
+        if final:
+            assert all(r.tobytes() in seen for r in I[batch - (sched.n_retests - before) :])
+        else:
+            assert sched.n_retests == before  # retest=0: no re-presentation during the search
+        seen.update(r.tobytes() for r in I)
+        sched.tell(I, plateau(I) * np.maximum(0.0, 1.0 + 0.5 * rng.standard_normal(batch)))
+    assert sched.n_retests >= batch  # the final phase re-presented at least a batch's worth
+    assert sched.best_stats is not None and sched.best_stats.count >= 4
+
+
 def test_same_seed_same_queries() -> None:
     """Seeded runs of the noisy layer are reproducible."""
     a = drive(make_optimizer("tt", D, N, seed=3, noise_aware=True), 3, budget=96)
@@ -109,6 +132,8 @@ def test_same_seed_same_queries() -> None:
         ({"noise_aware": True, "tell": "both"}, "tell must be one of"),
         ({"retest": 0.2}, "need noise_aware=True"),
         ({"noise_aware": True, "kappa": 0}, "kappa must be a positive number"),
+        ({"noise_aware": True, "final": 1.0}, "final must be in"),
+        ({"noise_aware": True, "budget": 0}, "budget must be"),
     ],
 )
 def test_bad_options(options: dict, match: str) -> None:

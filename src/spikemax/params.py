@@ -127,7 +127,8 @@ class NoiseParams(Section):
     window: float | None = Field(None, gt=0.0)  # poisson: time steps counted (null = the SNN's T)
     repeats: int = Field(1, ge=1)  # noisy draws averaged per presentation
     aware: bool = False  # noise-aware optimizers (spikemax.optim.noisy): re-present the elite, best by mean
-    retest: float = Field(0.2, ge=0.0, lt=1.0)  # at most this fraction of each batch re-presented
+    retest: float = Field(0.05, ge=0.0, lt=1.0)  # at most this fraction of each batch re-presented
+    final: float = Field(0.15, ge=0.0, lt=1.0)  # last share of the budget spent racing the elite
     estimator: Literal["mean", "shrink", "lcb"] = "shrink"
 
     @classmethod

@@ -76,6 +76,8 @@ class NoisyOptimizer(Optimizer):
         kappa: float = 1.0,
         probe: int = 6,
         tell: str = "raw",
+        budget: int | None = None,
+        final: float = 0.0,
     ) -> None:
         super().__init__(base.d, base.n.tolist(), base.seed, base.batch)
         self.base = base
@@ -92,6 +94,12 @@ class NoisyOptimizer(Optimizer):
         if tell not in TELL_VALUES:
             raise ValueError(f"tell must be one of {', '.join(TELL_VALUES)}; got {tell!r}")
         self.tell_values = tell
+        # Budget-aware schedule: `retest` during the search, then the last `final` share of the
+        # budget goes to racing the elite (a final selection phase).
+        self.budget = None if budget is None else check_positive_int("budget", budget)
+        if not 0.0 <= float(final) < 1.0:
+            raise ValueError(f"final must be in [0, 1), got {final!r}")
+        self.final = float(final)
         self.n_retests = 0  # re-presentations asked so far
         self.clean = False  # set once `probe` repeats showed no spread at all
         self._key: dict[bytes, int] = {}
@@ -187,8 +195,19 @@ class NoisyOptimizer(Optimizer):
         return out
 
     # -- ask / tell ------------------------------------------------------------------------
+    def in_final(self) -> bool:
+        """Whether the next ask falls in the final selection phase (needs `budget` and `final`).
+
+        Progress is counted in responses told, so in population mode (told every presentation)
+        the phase starts with the shared set's last presentations."""
+        return self.budget is not None and self.final > 0 and self.n_told >= (1.0 - self.final) * self.budget
+
     def _n_retest(self, k: int) -> int:
-        if self.clean or self.retest == 0.0 or self._I.shape[0] == 0:
+        if self.clean or self._I.shape[0] == 0:
+            return 0
+        if self.in_final():
+            return k  # racing stops by itself once the leader is separated; the rest goes to search
+        if self.retest == 0.0:
             return 0
         return min(round(self.retest * k), k - 1) if k > 1 else int(self.n_retests == 0)
 
@@ -294,7 +313,7 @@ def _revalue_elite(base: Optimizer, noisy: NoisyOptimizer) -> None:
     base._elite_y = vals
 
 
-NOISY_OPTIONS = ("retest", "estimator", "pool", "kappa", "probe", "tell")
+NOISY_OPTIONS = ("retest", "estimator", "pool", "kappa", "probe", "tell", "budget", "final")
 
 
 def split_noisy_options(options: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
