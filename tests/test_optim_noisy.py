@@ -149,3 +149,15 @@ def test_wraps_every_method_and_keeps_its_batch() -> None:
     assert opt.batch == opt.base.batch
     assert opt.best[0] is None and np.isnan(opt.best[1])
     assert opt.ask().shape == (opt.base.batch, 5)
+
+
+def test_tell_repeated_gives_the_base_estimates_only_for_repeated_points() -> None:
+    """tell="repeated": a point told once reaches the base as drawn, a repeated one as its estimate."""
+    opt = make_optimizer("random", 2, 4, seed=0, noise_aware=True, tell="repeated", estimator="mean")
+    seen: list[np.ndarray] = []
+    inner = opt.base.tell
+    opt.base.tell = lambda I, y: (seen.append(np.array(y)), inner(I, y))  # type: ignore[method-assign]
+    opt.tell(np.array([[0, 0], [1, 1]]), np.array([1.0, 3.0]))
+    opt.tell(np.array([[0, 0], [2, 2]]), np.array([2.0, 5.0]))
+    np.testing.assert_allclose(seen[0], [1.0, 3.0])
+    np.testing.assert_allclose(seen[1], [1.5, 5.0])  # [0, 0]: mean of 1 and 2; [2, 2]: its one draw

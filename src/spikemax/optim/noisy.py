@@ -35,10 +35,11 @@ shrink  empirical-Bayes posterior mean: the sample mean pulled toward the mean o
 lcb     the shrunk mean minus `kappa` standard errors (prefers points measured often).
 """
 
-TELL_VALUES = ("raw", "estimate")
+TELL_VALUES = ("raw", "estimate", "repeated")
 """What the base optimizer is told: each draw as measured ("raw": its elite stays the points that
 drew high, a stable search anchor; identifying the truly best point is this layer's job), or the
-point's current estimate with its elite archive re-valued after every tell ("estimate")."""
+point's current estimate with its elite archive re-valued after every tell ("estimate"), or the
+estimate only for points measured more than once, raw draws otherwise ("repeated")."""
 
 # Relative spread below which repeats count as identical (float round-off of a deterministic net).
 _CLEAN_RTOL = 1e-9
@@ -260,7 +261,8 @@ class NoisyOptimizer(Optimizer):
             self.base.tell(I, y)
             return
         told = y.copy()
-        told[ok] = self.estimates()[rows]
+        est = self.estimates()[rows]
+        told[ok] = est if self.tell_values == "estimate" else np.where(self._count[rows] > 1, est, y[ok])
         self.base.tell(I, told)
         _revalue_elite(self.base, self)
 
