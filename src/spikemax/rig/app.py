@@ -145,6 +145,16 @@ def create_app(manager: SessionManager, token: str | None = None) -> FastAPI:
         """Responses by stimulus id, all applied or none; replies with the session status."""
         return manager.tell(session_id, req)
 
+    @stimuli.get("/stimuli")
+    def list_stimuli(session_id: str, pending: bool = True) -> list[Stimulus]:
+        """The session's stimuli not answered yet (pending=false: every asked stimulus), ids and indices."""
+        s = manager.get(session_id)
+        return [
+            Stimulus(id=sid, indices=st.indices.tolist())
+            for sid, st in list(s.stimuli.items())
+            if not (pending and st.answered)
+        ]
+
     @stimuli.get("/stimuli/{stimulus_id}.png", response_class=Response)
     def stimulus_png(session_id: str, stimulus_id: str) -> Response:
         """One asked stimulus as a PNG file."""

@@ -179,6 +179,7 @@ class SessionStatus(BaseModel):
     asked: int
     answered: int
     pending: int
+    pending_ids: list[str]
     queries: int
     failed: int
     state: str

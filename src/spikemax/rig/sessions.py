@@ -290,6 +290,7 @@ class Session:
             asked=self.n_asked,
             answered=n_answered,
             pending=self.n_asked - n_answered,
+            pending_ids=self.pending,
             queries=len(self.q_y),
             failed=failed,
             state=self.state if not self.problem else f"{self.state}: {self.problem}",
