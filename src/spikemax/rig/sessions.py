@@ -327,6 +327,10 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self.grids: dict[str, Any] = {}
         self.lock = threading.RLock()  # guards the sessions dict
+        self._cv = threading.Condition()
+        self._todo: dict[str, bool] = {}  # session id -> full refresh wanted (artifact worker queue)
+        self._worker: threading.Thread | None = None
+        self._closing = False
         self.client: Any = None
         self.eid: str | None = None
         if mlflow:
@@ -628,7 +632,10 @@ class SessionManager:
             s.n_tells += 1
             self._sync_mlflow(s)
             finished = s.n_asked >= s.cfg.budget and not s.pending
-            self._artifacts(s, improved, full=finished or s.n_tells % ARTIFACT_EVERY == 0)
+            if finished:
+                self._artifacts(s, improved=True, full=True)
+            elif improved or s.n_tells % ARTIFACT_EVERY == 0:
+                self._refresh(s, full=s.n_tells % ARTIFACT_EVERY == 0)  # off the reply path
             if finished and s.state == "open":
                 self._finish(s)
             return s.status()
@@ -672,6 +679,29 @@ class SessionManager:
                 rows.append((res.id, idx, y, p))
         return rows
 
+    def _refresh(self, s: Session, full: bool) -> None:
+        """Queue an artifact refresh for the background worker (requests for one session coalesce)."""
+        with self._cv:
+            self._todo[s.id] = self._todo.get(s.id, False) or full
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="rig-artifacts", daemon=True)
+                self._worker.start()
+            self._cv.notify()
+
+    def _work(self) -> None:
+        """The artifact worker: refresh what tells queued until `close`."""
+        while True:
+            with self._cv:
+                while not self._todo and not self._closing:
+                    self._cv.wait()
+                if not self._todo:
+                    return
+                sid, full = self._todo.popitem()
+            s = self.sessions.get(sid)
+            if s is not None:
+                with s.lock:
+                    self._artifacts(s, improved=True, full=full)
+
     def _artifacts(self, s: Session, improved: bool, full: bool) -> None:
         """Keep best_stimulus.png current (when the best changes) and the convergence plot and table (every few tells)."""
         if s.logger is None or s.run_dir is None:
@@ -708,6 +738,11 @@ class SessionManager:
 
     def close(self) -> None:
         """Stop serving: open sessions' runs are marked KILLED (tag session_state=paused) until resumed."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._worker is not None:
+            self._worker.join(60)
         if self.client is not None:
             for s in self.all():
                 if s.state == "open" and s.run_id is not None:
