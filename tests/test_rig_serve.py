@@ -49,6 +49,29 @@ def start(root: Path, port: int = 0, *extra: str, token: str | None = TOKEN) -> 
     raise AssertionError("server did not answer")
 
 
+def test_serve_with_default_params_answers_ask_and_tell(generator_checkpoints, tmp_path):
+    """The README's `spikemax serve` on the repo's params.yaml: one session, one ask, one tell, over HTTP."""
+    params, paths = make_project(tmp_path / "proj", generator_checkpoints)
+    proc, url = start(paths.root)
+    try:
+        c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        made = c.post("/sessions", json={"generator": "sngan", "method": "tt"})
+        assert made.status_code == 201, made.text
+        sid = made.json()["id"]
+        assert made.json()["budget"] == params.maximize.budget  # unspecified fields: the stage's values
+        stimuli = c.post(f"/sessions/{sid}/ask", json={"k": 2}).json()["stimuli"]
+        assert len(stimuli) == 2 and all(len(x["indices"]) == 16 and x["png"] for x in stimuli)
+        told = c.post(f"/sessions/{sid}/tell", json={"results": [{"id": stimuli[0]["id"], "responses": [0.25]}]})
+        assert told.status_code == 200, told.text
+        st = c.get(f"/sessions/{sid}").json()
+        assert (st["asked"], st["answered"], st["pending"]) == (2, 1, 1)
+        assert st["best"]["response"] == 0.25 and st["best"]["indices"] == stimuli[0]["indices"]
+        assert httpx.get(f"{url}/sessions").status_code == 401  # the token guards every route but /health
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.slow  # three server starts (about 5 s each on a quiet machine)
 def test_sigkill_mid_session_loses_and_doubles_nothing(generator_checkpoints, tmp_path):
     """Killed at random moments (mid-request too), restarted: the session ends exactly like one never killed."""

@@ -129,3 +129,27 @@ def test_bad_tells_change_nothing(proj, tmp_path):
     assert (st.answered, st.queries, st.failed) == (2, 3, 1)
     assert st.best is not None and st.best.response == 6.0 and st.best.stimulus_id == ids[1]
     m.close()
+
+
+def test_all_channels_session_tells_each_optimizer_its_channel(proj, tmp_path):
+    """target_channel 'all': one optimizer per channel, each told exactly its column; replay equals unbroken."""
+    params, paths = proj
+    req = SessionCreate(generator="vqvae", method="tt", budget=48, seed=1, batch=8, channels=3, target_channel="all")
+    m = SessionManager(params, paths, tmp_path / "pop", mlflow=False)
+    sid = m.create(req).id
+    drive(m, sid, [8, 8, 8], 3)
+    s = m.get(sid)
+    I, Y = np.stack(s.q_idx), np.stack(s.q_y)
+    for j, opt in enumerate(s.driver.optimizers):
+        assert opt.n_told == len(I)  # every presentation, whichever channel proposed it
+        i_best, y_best = opt.best
+        assert y_best == np.nanmax(Y[:, j]) and any((I[Y[:, j] == y_best] == i_best).all(axis=1))
+    before = table(m, sid)
+    m.close()
+    again = SessionManager(params, paths, tmp_path / "pop", mlflow=False)
+    assert table(again, sid) == before
+    status = again.get(sid).status()
+    assert [b.response for b in status.best_per_channel] == [float(np.nanmax(Y[:, j])) for j in range(3)]
+    drive(again, sid, [8, 8, 8], 3)
+    assert again.get(sid).status().state == "finished"
+    again.close()

@@ -151,6 +151,7 @@ class SingleChannel:
 def make_driver(cfg: SessionConfig, grid: Any) -> Any:
     """The session's optimizer(s) behind ask(k) / tell(I, Y (k, m)), built as the maximize stage builds them."""
     from spikemax.optim import make_optimizer
+    from spikemax.optim.population import Population
 
     def one(seed: int) -> Any:
         try:
@@ -159,14 +160,8 @@ def make_driver(cfg: SessionConfig, grid: Any) -> Any:
             raise Invalid(f"method: {err}") from None
 
     if cfg.target_channel == "all":
-        # Population mode (one optimizer per channel, batches composed from their proposals).
-        try:
-            from spikemax.optim.population import Population
-        except ImportError:
-            raise Invalid(
-                "target_channel: 'all' (population mode) needs spikemax.optim.population, which this build "
-                "lacks; give one channel to maximize (all channels are recorded either way)"
-            ) from None
+        # Population mode: one optimizer per channel, batches composed from their proposals,
+        # every optimizer told its own channel's column of every presentation.
         return Population([one(cfg.seed + j) for j in range(cfg.channels)])
     return SingleChannel(one(cfg.seed), int(cfg.target_channel))
 
