@@ -17,6 +17,7 @@ COMMANDS = {
     "report",
     "tune",
     "serve",
+    "rig-files",
     "neurons",
 }
 
