@@ -37,6 +37,14 @@ class PrepareParams(Section):
     download: bool = True
 
 
+class CheckpointSchedule(Section):
+    """When `train_snn` saves a checkpoint: before training, at every epoch end, and early steps."""
+
+    every_steps: int = Field(0, ge=0)  # a checkpoint every N optimizer steps during the first epochs (0 = off)
+    early_epochs: int = Field(1, ge=1)  # ... during this many epochs
+    steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)  # and after these optimizer steps
+
+
 class SNNParams(Section):
     """`train_snn` stage: architecture, neuron model and optimisation of the ConvSNN."""
 
@@ -55,6 +63,7 @@ class SNNParams(Section):
     batch_size: int = Field(128, ge=1)
     seed: int = Field(0, ge=0)
     threads: int = Field(1, ge=1)
+    checkpoints: CheckpointSchedule = Field(default_factory=CheckpointSchedule)
 
 
 class SNGANParams(Section):
