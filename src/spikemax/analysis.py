@@ -358,8 +358,9 @@ def epoch_table(units: pd.DataFrame, runs: pd.DataFrame, accuracy: pd.DataFrame,
 
 
 def wide_by_layer(df: pd.DataFrame, value: str, layers: list[str]) -> pd.DataFrame:
-    """epoch x layer table of the mean of `value` (one column per layer, depth order)."""
-    w = df.groupby(["epoch", "layer"])[value].mean().unstack("layer")
+    """checkpoint x layer table of the mean of `value` (one column per layer, depth order), with progress."""
+    keys = ["epoch", "progress"] if "progress" in df else ["epoch"]
+    w = df.groupby([*keys, "layer"])[value].mean().unstack("layer")
     return w.reindex(columns=[lay for lay in layers if lay in w.columns]).reset_index()
 
 

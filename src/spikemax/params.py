@@ -156,7 +156,9 @@ class AnalyzeParams(Section):
     csi_threshold: float = Field(0.5, ge=0.0, le=1.0)
     min_rate: float = Field(0.001, ge=0.0, le=1.0)  # mean test-set rate (spikes/step) below which CSI counts as 0
     # Both in epochs of training done (fractional: 0.25 = a quarter of the first epoch; 0 = untrained).
-    early_epoch: float = Field(1.0, ge=0.0)  # claim 1: units selective by the first checkpoint at or after this count as "early"
+    early_epoch: float = Field(
+        1.0, ge=0.0
+    )  # claim 1: units selective by the first checkpoint at or after this count as "early"
     concept_from_epoch: float = Field(1.0, ge=0.0)  # concept changes counted between checkpoints from here on
     batch_size: int = Field(500, ge=1)  # images per forward pass when reading dataset responses
     max_images: int = Field(0, ge=0)  # test images for dataset selectivity (0 = the whole prepared test set)

@@ -352,7 +352,9 @@ def checkpoint_name(step: int, progress: float) -> str:
     return f"step={step:06d}-epoch={progress:.3f}.ckpt"
 
 
-def schedule_steps(every_steps: int, early_epochs: int, steps: list[int], steps_per_epoch: int, epochs: int) -> list[int]:
+def schedule_steps(
+    every_steps: int, early_epochs: int, steps: list[int], steps_per_epoch: int, epochs: int
+) -> list[int]:
     """Optimizer steps after which a checkpoint is taken: 0, every `every_steps` steps during the first
     `early_epochs` epochs, the explicit `steps`, and every epoch end (sorted, unique, within training)."""
     total = steps_per_epoch * epochs

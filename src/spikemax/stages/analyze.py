@@ -114,7 +114,9 @@ def write_outputs(
 
     result["meta"] = {
         "epochs": epochs,
+        "progress": [float(p) for p in units.groupby("epoch")["progress"].first()],
         "am_epochs": sorted(int(e) for e in runs["epoch"].unique()),
+        "restarts": int(runs["seed"].nunique()),
         "layers": layers,
         "am_runs": len(runs),
         "classes": list(classes),
