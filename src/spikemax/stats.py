@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 EXACT_SPEARMAN_MAX_N = 8  # up to this many pairs every pairing is enumerated (8! = 40,320)
 N_PERMUTATIONS = 20000  # Monte-Carlo pairings beyond that
@@ -13,9 +14,7 @@ N_BOOT = 1000  # bootstrap resamples of the neurons
 LEVEL = 0.95
 
 
-def spearman(
-    x: Sequence[float], y: Sequence[float], n_perm: int = N_PERMUTATIONS, seed: int = 0
-) -> dict[str, float | int | None]:
+def spearman(x: ArrayLike, y: ArrayLike, n_perm: int = N_PERMUTATIONS, seed: int = 0) -> dict[str, float | int | None]:
     """Spearman rho and a two-sided permutation p-value over the finite pairs; rho None with < 3 pairs
     or a constant side.
 
@@ -25,13 +24,13 @@ def spearman(
     """
     from scipy.stats import rankdata
 
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
+    xs = np.asarray(x, dtype=np.float64)
+    ys = np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(xs) & np.isfinite(ys)
     n = int(ok.sum())
-    if n < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+    if n < 3 or np.ptp(xs[ok]) == 0 or np.ptp(ys[ok]) == 0:
         return {"rho": None, "p": None, "n": n}
-    rx, ry = rankdata(x[ok]), rankdata(y[ok])
+    rx, ry = rankdata(xs[ok]), rankdata(ys[ok])
     rho = _rank_corr(rx, ry[None, :])[0]
     if n <= EXACT_SPEARMAN_MAX_N:
         p = exact_spearman_p(rx, ry, rho)
