@@ -84,6 +84,7 @@ def test_schedule_writes_exactly_the_named_checkpoints(tiny_run):
 
     assert schedule_steps(0, 1, [], 13, 2) == [0, 13, 26]  # no schedule: before training and every epoch end
     assert schedule_steps(5, 1, [3, 99], 13, 2) == [0, 3, 5, 10, 13, 26]  # steps past the end are dropped
+    assert schedule_steps(0, 1, [2], 10, 7, every_epochs=3) == [0, 2, 30, 60, 70]  # every 3rd epoch, and the last
     ckpts = checkpoints(tiny_run)
     assert [p.name for p in ckpts.values()] == NAMES
     assert sorted(p.name for p in tiny_run.snn_dir.iterdir()) == NAMES

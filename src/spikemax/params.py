@@ -43,6 +43,7 @@ class CheckpointSchedule(Section):
     every_steps: int = Field(0, ge=0)  # a checkpoint every N optimizer steps during the first epochs (0 = off)
     early_epochs: int = Field(1, ge=1)  # ... during this many epochs
     steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)  # and after these optimizer steps
+    every_epochs: int = Field(1, ge=1)  # and at the end of every N-th epoch (and of the last)
 
 
 class SNNParams(Section):

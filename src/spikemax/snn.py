@@ -353,12 +353,14 @@ def checkpoint_name(step: int, progress: float) -> str:
 
 
 def schedule_steps(
-    every_steps: int, early_epochs: int, steps: list[int], steps_per_epoch: int, epochs: int
+    every_steps: int, early_epochs: int, steps: list[int], steps_per_epoch: int, epochs: int, every_epochs: int = 1
 ) -> list[int]:
     """Optimizer steps after which a checkpoint is taken: 0, every `every_steps` steps during the first
-    `early_epochs` epochs, the explicit `steps`, and every epoch end (sorted, unique, within training)."""
+    `early_epochs` epochs, the explicit `steps`, and the end of every `every_epochs`-th epoch and of the
+    last one (sorted, unique, within training)."""
     total = steps_per_epoch * epochs
-    out = {0, *(steps_per_epoch * e for e in range(1, epochs + 1)), *(s for s in steps if 0 < s <= total)}
+    ends = {steps_per_epoch * e for e in range(every_epochs, epochs + 1, every_epochs)} | {total}
+    out = {0, *ends, *(s for s in steps if 0 < s <= total)}
     if every_steps > 0:
         out.update(range(every_steps, min(early_epochs * steps_per_epoch, total) + 1, every_steps))
     return sorted(out)
@@ -415,6 +417,7 @@ class EpochRecorder(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         step = trainer.global_step
         if step in self.steps and step % self.steps_per_epoch and isinstance(pl_module, ConvSNN):
+            # inside an epoch Lightning has no validation metrics yet: evaluate here
             val_loss, val_acc = evaluate(pl_module, self.eval_loaders[0]) if self.eval_loaders else (math.nan,) * 2
             test_loss, test_acc = (
                 evaluate(pl_module, self.eval_loaders[1]) if len(self.eval_loaders) > 1 else (math.nan,) * 2
@@ -424,7 +427,8 @@ class EpochRecorder(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning 2 runs this hook after the epoch's validation, so val/test metrics are current.
-        self.record(trainer, trainer.global_step)
+        if trainer.global_step in self.steps:
+            self.record(trainer, trainer.global_step)
 
 
 def build(params: Params, meta: dict) -> ConvSNN:

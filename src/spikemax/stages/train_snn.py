@@ -53,7 +53,7 @@ def _train(params: Params, paths: Paths) -> None:
     train_loader = dm.train_dataloader()
     per_epoch = len(train_loader)
     c = s.checkpoints
-    steps = schedule_steps(c.every_steps, c.early_epochs, list(c.steps), per_epoch, s.epochs)
+    steps = schedule_steps(c.every_steps, c.early_epochs, list(c.steps), per_epoch, s.epochs, c.every_epochs)
     recorder = EpochRecorder(out_dir, steps, per_epoch, eval_loaders)
     trainer = L.Trainer(
         max_epochs=s.epochs,
