@@ -122,13 +122,16 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
-def _config_hash(m: MaximizeParams, method: str, snn_ckpt: Path, gen_ckpt: Path) -> str:
+def _config_hash(
+    m: MaximizeParams, method: str, snn_ckpt: Path, gen_ckpt: Path, targets: list[Target] | None = None
+) -> str:
     """Hash of everything that changes a run's result besides its key fields (so DVC's rerun after
-    a code, checkpoint or params change never reuses a stale result, while a resume does)."""
-    cfg = {
+    a code, checkpoint or params change never reuses a stale result, while a resume does); in
+    population mode also the rule and the whole target set (every neuron learns from all)."""
+    cfg: dict[str, Any] = {
         "budget": m.budget,
         "batch": m.batch,
-        "noise": m.noise,
+        "noise": m.noise.model_dump(),
         "target_value": m.target_value,
         "options": options_for(method, m),
         "warm": bool(m.warm_start and method == "tt"),
@@ -136,6 +139,8 @@ def _config_hash(m: MaximizeParams, method: str, snn_ckpt: Path, gen_ckpt: Path)
         "gen": _digest(gen_ckpt),
         "code": _code_digest(),
     }
+    if m.population:
+        cfg["population"] = {"rule": m.population_rule, "targets": [t.name for t in targets or []]}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -168,7 +173,7 @@ def plan(params: Params, paths: Paths) -> Plan:
             if ee not in epochs:
                 epochs.append(ee)
         epochs.sort()
-    gen_ckpts = {}
+    gen_ckpts: dict[str, Path] = {}
     for g in m.generators:
         path = checkpoint_path(g, paths)
         if not path.is_file():
@@ -192,12 +197,20 @@ def plan(params: Params, paths: Paths) -> Plan:
         prog = snn.progress(available[e])
         for g in m.generators:
             for method in m.methods:
-                h = _config_hash(m, method, available[e], gen_ckpts[g])
+                h = _config_hash(m, method, available[e], gen_ckpts[g], targets)
                 for seed in m.seeds:
                     for t in targets:
                         key = _slug(f"e{e:03d}-{prog.epoch:.3f}_{g}_{t.name}_{method}_s{seed}_{h}")
                         combos.append(Combo(e, g, t, method, seed, key, prog.step, prog.epoch))
     return Plan(epochs, {e: available[e] for e in epochs}, gen_ckpts, targets, combos)
+
+
+def population_key(combo: Combo) -> str:
+    """Name of the presentation set a population-mode combination belongs to (its dir under
+    results/am/populations/): the combination's key without the target."""
+    return _slug(
+        f"e{combo.epoch:03d}_{combo.generator}_pop_{combo.method}_s{combo.seed}_{combo.key.rsplit('_', 1)[-1]}"
+    )
 
 
 def _search_runs(client: Any, eid: str) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from pathlib import Path
@@ -18,12 +19,13 @@ from rich.progress import (
 )
 
 from spikemax import SpikemaxError, snn
-from spikemax.am.loop import run_am_group
-from spikemax.am.plan import Combo, plan
+from spikemax.am.loop import run_am_group, run_am_population
+from spikemax.am.plan import Combo, plan, population_key
 from spikemax.am.runs import AMRuns, OpenRun, dataset_stats, metric_batch, param_batch, stimulus_stats
 from spikemax.generators import LatentGrid, load_generator
 from spikemax.neurons import Target, make_responder
 from spikemax.params import Params, Paths
+from spikemax.querylog import PopulationTable
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -48,7 +50,8 @@ def run(params: Params, paths: Paths) -> dict:
                 "n_targets": len(plan_.targets),
                 "budget": m.budget,
                 "batch": m.batch,
-                "noise": m.noise,
+                "noise": json.dumps(m.noise.model_dump(), sort_keys=True),
+                "population": m.population_rule if m.population else "none",
                 "n_planned": len(plan_.combos),
                 "n_skipped_finished": len(plan_.combos) - len(todo),
             }
@@ -83,6 +86,12 @@ def run(params: Params, paths: Paths) -> dict:
                             group = [c for c in todo_e if (c.generator, c.method, c.seed) == (g, method, seed)]
                             if not group:
                                 continue
+                            if m.population:  # the whole presentation set, finished neurons included
+                                group = [
+                                    c
+                                    for c in plan_.combos
+                                    if (c.epoch, c.generator, c.method, c.seed) == (e, g, method, seed)
+                                ]
                             progress.update(q_task, description=f"e{e} {g} {method} s{seed} ({len(group)} targets)")
                             n_run += run_group(
                                 st,
@@ -133,31 +142,70 @@ def run_group(
     q_task: Any,
     runs_task: Any,
 ) -> int:
-    """Run the targets of one (epoch, generator, method, seed) in lock step; returns queries run."""
+    """Run the targets of one (epoch, generator, method, seed) in lock step, or as one population
+    (`maximize.population`: `group` is then every target, finished ones only re-propose); returns
+    queries run (presentations in population mode)."""
     m = st.m
     opens: list[OpenRun] = []
     try:
-        opens = [st.open_run(c, grid, snn_ckpt) for c in group]
-        optimizers = [st.make_optimizer(op, grid) for op in opens]
-        responder = make_responder(net, [c.target.name for c in group], noise=m.noise, seed=noise_seed)
-        results = run_am_group(
-            optimizers,
-            grid,
-            responder,
-            m.budget,
-            m.batch,
-            loggers=[op.logger for op in opens],
-            target_value=m.target_value,
-            on_batch=lambda k: progress.advance(q_task, k),
-            max_images=m.max_images,
+        opens = [st.open_run(c, grid, snn_ckpt) for c in group if c.key not in st.done]
+        by_key = {op.combo.key: op for op in opens}
+        optimizers = [st.make_optimizer(by_key.get(c.key, c), grid) for c in group]
+        responder = make_responder(
+            net,
+            [c.target.name for c in group],
+            seed=noise_seed,
+            model=m.noise.model,
+            sigma=m.noise.sigma,
+            window=m.noise.window,
+            repeats=m.noise.repeats,
         )
-        extras = stimulus_stats(net, st.prepared, results)
-        for op, opt, res, ex in zip(opens, optimizers, results, extras):
+        if m.population:
+            pkey = population_key(group[0])
+            meta = {
+                "targets": [c.target.name for c in group],
+                "run_keys": [c.key for c in group],
+                "run_ids": [by_key[c.key].run_id if c.key in by_key else st.done[c.key]["run_id"] for c in group],
+                "method": group[0].method,
+                "rule": m.population_rule,
+                "budget": m.budget,
+                "batch": m.batch,
+            }
+            table = PopulationTable(st.am_dir / "populations" / pkey, meta)
+            results = run_am_population(
+                optimizers,
+                grid,
+                responder,
+                m.budget,
+                m.batch,
+                loggers=[by_key[c.key].logger if c.key in by_key else None for c in group],
+                table=table,
+                rule=m.population_rule,
+                target_value=m.target_value,
+                on_batch=lambda k: progress.advance(q_task, k * len(opens)),
+                max_images=m.max_images,
+            )
+            table.close()
+        else:
+            results = run_am_group(
+                optimizers,
+                grid,
+                responder,
+                m.budget,
+                m.batch,
+                loggers=[op.logger for op in opens],
+                target_value=m.target_value,
+                on_batch=lambda k: progress.advance(q_task, k),
+                max_images=m.max_images,
+            )
+        mine = [(by_key[c.key], opt, res) for c, opt, res in zip(group, optimizers, results) if c.key in by_key]
+        extras = stimulus_stats(net, st.prepared, [res for _, _, res in mine])
+        for (op, opt, res), ex in zip(mine, extras):
             j = col[op.combo.target]
             ex = {**ex, "dataset_csi": float(stats["csi"][j]), "dataset_sparseness": float(stats["sparseness"][j])}
             st.finish_run(op, res, opt, float(stats["dataset_max"][j]), ex)
             progress.advance(runs_task, 1)
-        return sum(r.n_queries for r in results)
+        return results[0].n_queries if m.population else sum(r.n_queries for r in results)
     except Exception as err:
         for op in opens:
             if op.combo.key not in st.done:
