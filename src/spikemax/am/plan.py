@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Combo:
-    """One nested AM run: (checkpoint epoch, generator, target, method, seed) under one configuration."""
+    """One nested AM run: (checkpoint, generator, target, method, seed) under one configuration.
+
+    `epoch` is the checkpoint's index (0 = untrained); `step` and `progress` say how far training was
+    (optimizer steps, fractional epochs; step None for legacy `epoch=NNN.ckpt` names)."""
 
     epoch: int
     generator: str
@@ -31,6 +34,8 @@ class Combo:
     method: str
     seed: int
     key: str
+    step: int | None = None
+    progress: float = 0.0
 
     @property
     def run_dir(self) -> str:
@@ -150,7 +155,7 @@ def plan(params: Params, paths: Paths) -> Plan:
         raise _stage_error(f"budget and batch must be >= 1 (got {m.budget}, {m.batch})")
     if not (paths.prepared / "meta.json").is_file():
         raise _stage_error(f"no prepared data under {paths.prepared}: run `spikemax prepare` first")
-    available = snn.checkpoints(paths)
+    available = snn.checkpoints(paths)  # index (ordered by training progress) -> path
     if not available:
         raise _stage_error(f"no SNN checkpoints under {paths.snn_dir}: run `spikemax train-snn` first")
     have = sorted(available)
@@ -161,7 +166,10 @@ def plan(params: Params, paths: Paths) -> Plan:
         for e in m.epochs:
             ee = have[e] if e < 0 and -e <= len(have) else e
             if ee not in available:
-                raise _stage_error(f"epochs: no SNN checkpoint for epoch {e} (have {', '.join(map(str, have))})")
+                raise _stage_error(
+                    f"epochs: no SNN checkpoint for epoch {e} (epochs are checkpoint indices 0..{have[-1]}: "
+                    "0 = untrained, -1 = last)"
+                )
             if ee not in epochs:
                 epochs.append(ee)
         epochs.sort()
@@ -186,13 +194,14 @@ def plan(params: Params, paths: Paths) -> Plan:
     targets = resolve_targets(m, layers)
     combos = []
     for e in epochs:
+        prog = snn.progress(available[e])
         for g in m.generators:
             for method in m.methods:
                 h = _config_hash(m, method, available[e], gen_ckpts[g], targets)
                 for seed in m.seeds:
                     for t in targets:
-                        key = _slug(f"e{e:03d}_{g}_{t.name}_{method}_s{seed}_{h}")
-                        combos.append(Combo(e, g, t, method, seed, key))
+                        key = _slug(f"e{e:03d}-{prog.epoch:.3f}_{g}_{t.name}_{method}_s{seed}_{h}")
+                        combos.append(Combo(e, g, t, method, seed, key, prog.step, prog.epoch))
     return Plan(epochs, {e: available[e] for e in epochs}, gen_ckpts, targets, combos)
 
 
