@@ -18,8 +18,8 @@ Pixels = Union["torch.Tensor", np.ndarray]
 
 def to_uint8(pixels01: Pixels) -> np.ndarray:
     """(C, H, W) or (H, W) image in [0, 1] -> uint8 (H, W) or (H, W, C), clipped and rounded."""
-    if hasattr(pixels01, "detach"):
-        pixels01 = pixels01.detach().cpu().numpy()  # type: ignore[union-attr]
+    if not isinstance(pixels01, np.ndarray):
+        pixels01 = pixels01.detach().cpu().numpy()
     x = np.asarray(pixels01, dtype=np.float64)
     if x.ndim == 3:
         x = x[0] if x.shape[0] == 1 else np.transpose(x, (1, 2, 0))

@@ -37,6 +37,15 @@ class PrepareParams(Section):
     download: bool = True
 
 
+class CheckpointSchedule(Section):
+    """When `train_snn` saves a checkpoint: before training, at every epoch end, and early steps."""
+
+    every_steps: int = Field(0, ge=0)  # a checkpoint every N optimizer steps during the first epochs (0 = off)
+    early_epochs: int = Field(1, ge=1)  # ... during this many epochs
+    steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)  # and after these optimizer steps
+    every_epochs: int = Field(1, ge=1)  # and at the end of every N-th epoch (and of the last)
+
+
 class SNNParams(Section):
     """`train_snn` stage: architecture, neuron model and optimisation of the ConvSNN."""
 
@@ -55,6 +64,7 @@ class SNNParams(Section):
     batch_size: int = Field(128, ge=1)
     seed: int = Field(0, ge=0)
     threads: int = Field(1, ge=1)
+    checkpoints: CheckpointSchedule = Field(default_factory=CheckpointSchedule)
 
 
 class SNGANParams(Section):
@@ -119,6 +129,26 @@ class TTOptions(Section):
         raise PydanticCustomError("ordinal", "Input should be 'auto' or a number in [0, 1]")
 
 
+class NoiseParams(Section):
+    """`maximize.noise`: the responders' noise model and the noise-aware optimization options."""
+
+    model: Literal["none", "poisson", "multiplicative"] = "none"
+    sigma: float = Field(0.0, ge=0.0)  # multiplicative: r * max(0, 1 + sigma N(0, 1))
+    window: float | None = Field(None, gt=0.0)  # poisson: time steps counted (null = the SNN's T)
+    repeats: int = Field(1, ge=1)  # noisy draws averaged per presentation
+    aware: bool = False  # noise-aware optimizers (spikemax.optim.noisy): re-present the elite, best by mean
+    retest: float = Field(0.05, ge=0.0, lt=1.0)  # at most this fraction of each batch re-presented
+    final: float = Field(0.15, ge=0.0, lt=1.0)  # last share of the budget spent racing the elite
+    estimator: Literal["mean", "shrink", "lcb"] = "shrink"
+
+    @classmethod
+    def from_sigma(cls, value: Any) -> Any:
+        """The older `noise: SIGMA` float: 0 = none, else multiplicative with that sigma."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"model": "none"} if value == 0 else {"model": "multiplicative", "sigma": value}
+        return value
+
+
 class MaximizeParams(Section):
     """`maximize` stage: which checkpoints, generators, targets, methods and budget."""
 
@@ -137,7 +167,11 @@ class MaximizeParams(Section):
     batch: int = Field(64, ge=1)
     target_value: float | None = None
     warm_start: bool = True
-    noise: float = Field(0.0, ge=0.0)
+    noise: NoiseParams = Field(default_factory=NoiseParams)
+    # Population mode: the targets of one (epoch, generator, method, seed) share one stimulus set of
+    # `budget` presentations, each told to every target's optimizer (spikemax.optim.Population).
+    population: bool = False
+    population_rule: Literal["round_robin", "progress"] = "round_robin"
     tt: TTOptions = Field(default_factory=TTOptions)
     # Where the lock-step groups run: "local" (this process, in order) or "ray" (one task per group).
     engine: Literal["local", "ray"] = "local"
@@ -146,14 +180,22 @@ class MaximizeParams(Section):
     ray_address: str = ""
     ray_workers: int = Field(0, ge=0)
 
+    @field_validator("noise", mode="before")
+    @classmethod
+    def _noise_sigma(cls, value: Any) -> Any:
+        return NoiseParams.from_sigma(value)
+
 
 class AnalyzeParams(Section):
     """`analyze` stage: thresholds of the selectivity analysis."""
 
     csi_threshold: float = Field(0.5, ge=0.0, le=1.0)
     min_rate: float = Field(0.001, ge=0.0, le=1.0)  # mean test-set rate (spikes/step) below which CSI counts as 0
-    early_epoch: int = Field(1, ge=0)  # claim 1: units selective at or before this epoch count as "early"
-    concept_from_epoch: int = Field(1, ge=0)  # concept changes counted from here (epoch 0 = untrained)
+    # Both in epochs of training done (fractional: 0.25 = a quarter of the first epoch; 0 = untrained).
+    early_epoch: float = Field(
+        1.0, ge=0.0
+    )  # claim 1: units selective by the first checkpoint at or after this count as "early"
+    concept_from_epoch: float = Field(1.0, ge=0.0)  # concept changes counted between checkpoints from here on
     batch_size: int = Field(500, ge=1)  # images per forward pass when reading dataset responses
     max_images: int = Field(0, ge=0)  # test images for dataset selectivity (0 = the whole prepared test set)
     grid_rows: int = Field(16, ge=1)  # neurons shown in the stimulus-evolution grids

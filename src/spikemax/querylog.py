@@ -13,13 +13,14 @@ import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mlflow import MlflowClient
 
 QUERY_COLUMNS = ("query", "batch", "indices", "response", "elapsed_s")
 _MAX_METRICS_PER_CALL = 1000  # MLflow's limit on metrics in one log_batch request
 _STREAM = "queries.arrows"  # the live query table: one Arrow IPC record batch per AM batch
 
 
-def _read_stream(path: Path) -> Any:
+def _read_stream(path: Path, schema: Any = None) -> Any:
     """Every whole record batch of an Arrow IPC stream as a table; a kill can cut the last one short."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
@@ -27,15 +28,19 @@ def _read_stream(path: Path) -> Any:
     batches = []
     try:
         with pa.OSFile(str(path)) as f:
-            for b in ipc.open_stream(f):
+            reader = ipc.open_stream(f)
+            schema = reader.schema  # a population table's schema is in its stream
+            for b in reader:
                 batches.append(b)
     except (pa.ArrowInvalid, OSError):
         pass
-    return pa.Table.from_batches(batches, schema=_query_schema(pa))
+    return pa.Table.from_batches(batches, schema=schema if schema is not None else _query_schema(pa))
 
 
 def read_queries(run_dir: str | Path) -> pd.DataFrame:
-    """The query table of a run dir: queries.parquet, or the flushed batches of an unfinished run."""
+    """The query table of a run dir or population dir: queries.parquet, or the flushed batches of
+    an unfinished run (a population table has `owner` and a list column `responses`, see
+    `PopulationTable`)."""
     import pandas as pd
 
     run_dir = Path(run_dir)
@@ -43,6 +48,14 @@ def read_queries(run_dir: str | Path) -> pd.DataFrame:
     if table.is_file():
         return pd.read_parquet(table)
     return _read_stream(run_dir / _STREAM).to_pandas()
+
+
+def neuron_queries(population: pd.DataFrame, j: int) -> pd.DataFrame:
+    """Neuron j's view of a population table, in the per-run columns (QUERY_COLUMNS)."""
+    out = population[["query", "batch", "indices"]].copy()
+    out["response"] = [float(r[j]) for r in population["responses"]]
+    out["elapsed_s"] = population["elapsed_s"]
+    return out.reset_index(drop=True)
 
 
 class MetricWriter:
@@ -55,7 +68,7 @@ class MetricWriter:
     `log_batch` calls. Both are read back identically by `get_metric_history`.
     """
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
         self._store = None
         try:
@@ -154,8 +167,8 @@ def _bulk_insert(store: Any, writes: list[tuple[str, dict[str, np.ndarray], int]
     # read_only=False: a routing store sends writes to the primary database.
     with store.ManagedSessionMaker(read_only=False) as session:
         session.execute(insert(SqlMetric.__table__), rows)
-        for run_id in dict.fromkeys(m.run_uuid for m in last):  # MLflow's bookkeeping is per run
-            store._update_latest_metrics_if_necessary([m for m in last if m.run_uuid == run_id], session)
+        for uuid in dict.fromkeys(m.run_uuid for m in last):  # MLflow's bookkeeping is per run
+            store._update_latest_metrics_if_necessary([m for m in last if m.run_uuid == uuid], session)
 
 
 class QueryLogger:
@@ -171,7 +184,7 @@ class QueryLogger:
 
     def __init__(
         self,
-        client: Any | None = None,
+        client: MlflowClient | None = None,
         run_id: str | None = None,
         run_dir: str | Path | None = None,
         artifact_uri: str | None = None,
@@ -183,7 +196,7 @@ class QueryLogger:
 
             # The client's store, not MLflow's process-global URI (mlflow-artifacts: URIs resolve against it).
             self._artifacts = get_artifact_repository(artifact_uri, tracking_uri=client._tracking_client.tracking_uri)
-        self.writer = MetricWriter(client, run_id) if client is not None else None
+        self.writer = MetricWriter(client, run_id) if client is not None and run_id is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.n_queries = 0
         self.n_batches = 0
@@ -241,7 +254,7 @@ class QueryLogger:
 
     def log_stop(self, reason: str) -> None:
         """Record why the run stopped before its budget (tag `spikemax.stopped_early`)."""
-        if self.client is not None:
+        if self.client is not None and self.run_id is not None:
             self.client.set_tag(self.run_id, "spikemax.stopped_early", reason)
         if self.run_dir is not None:
             (self.run_dir / "STOPPED_EARLY").write_text(reason + "\n")
@@ -294,6 +307,85 @@ def log_batches(loggers: Sequence[QueryLogger], indices: Sequence[np.ndarray], r
     share = (time.perf_counter() - t_start) / max(len(loggers), 1)
     for lg in loggers:
         lg.seconds += share
+
+
+POPULATION_COLUMNS = ("query", "batch", "indices", "owner", "responses", "elapsed_s")
+
+
+class PopulationTable:
+    """The query table of one presentation set in population mode: one row per presentation with
+    the proposing neuron (`owner`, a column of `responses`) and all m responses (list column,
+    in the order of `targets`). `population.json` beside it names the targets and their runs.
+
+    Written like a run's table (Arrow IPC stream per batch, `queries.parquet` on `close()`), so
+    `read_queries` reads a finished or an interrupted one.
+    """
+
+    def __init__(self, pop_dir: str | Path, meta: dict[str, Any]) -> None:
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
+        from spikemax.outputs import write_json
+
+        self.dir = Path(pop_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "queries.parquet").unlink(missing_ok=True)  # a rerun starts its table afresh
+        self.m = len(meta["targets"])
+        write_json(self.dir / "population.json", meta)
+        self.n_queries = self.n_batches = 0
+        self.seconds = 0.0
+        self.t0 = time.perf_counter()
+        self._schema = pa.schema(
+            [
+                ("query", pa.int64()),
+                ("batch", pa.int64()),
+                ("indices", pa.list_(pa.int64())),
+                ("owner", pa.int64()),
+                ("responses", pa.list_(pa.float64(), self.m)),
+                ("elapsed_s", pa.float64()),
+            ]
+        )
+        self._sink: Any = open(self.dir / _STREAM, "wb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._stream: Any = ipc.new_stream(self._sink, self._schema)
+
+    def log(self, indices: np.ndarray, owner: np.ndarray, responses: np.ndarray) -> None:
+        """Append one batch: indices (k, d), proposer (k,), responses (k, m)."""
+        import pyarrow as pa
+
+        t_start = time.perf_counter()
+        Y = np.asarray(responses, dtype=np.float64).reshape(len(indices), self.m)
+        k = len(Y)
+        self._stream.write_batch(
+            pa.record_batch(
+                [
+                    pa.array(np.arange(self.n_queries, self.n_queries + k), pa.int64()),
+                    pa.array(np.full(k, self.n_batches), pa.int64()),
+                    pa.array(list(np.asarray(indices, dtype=np.int64)), pa.list_(pa.int64())),
+                    pa.array(np.asarray(owner, dtype=np.int64), pa.int64()),
+                    pa.FixedSizeListArray.from_arrays(pa.array(Y.reshape(-1), pa.float64()), self.m),
+                    pa.array(np.full(k, time.perf_counter() - self.t0), pa.float64()),
+                ],
+                schema=self._schema,
+            )
+        )
+        self.n_queries += k
+        self.n_batches += 1
+        self.seconds += time.perf_counter() - t_start
+
+    def close(self) -> pd.DataFrame:
+        """Turn the stream into queries.parquet; returns the table."""
+        import pyarrow.parquet as pq
+
+        if self._stream is not None:
+            self._stream.close()
+            self._sink.close()
+            self._stream = self._sink = None
+            table = _read_stream(self.dir / _STREAM, self._schema)
+            tmp = self.dir / "queries.parquet.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, self.dir / "queries.parquet")
+            (self.dir / _STREAM).unlink(missing_ok=True)
+        return read_queries(self.dir)
 
 
 def _query_schema(pa: Any) -> Any:

@@ -15,17 +15,22 @@ import torch
 from spikemax import images, tracking
 from spikemax.am import SUMMARY_COLUMNS
 from spikemax.am.loop import AMResult
-from spikemax.am.plan import Combo, Plan, finished_runs, read_summary
+from spikemax.am.plan import Combo, Plan, finished_runs, population_key, read_summary
 from spikemax.neurons import Target
-from spikemax.optim import make_optimizer, options_for
+from spikemax.optim import Optimizer, make_optimizer, options_for
 from spikemax.outputs import write_json
 from spikemax.querylog import QueryLogger
 
 if TYPE_CHECKING:
+    import pandas as pd
+
+    from spikemax.data import Prepared
+    from spikemax.generators import LatentGrid
     from spikemax.params import Params, Paths
+    from spikemax.snn import ConvSNN
 
 
-def metric_batch(values: dict[str, float]) -> list:
+def metric_batch(values: dict[str, Any]) -> list:
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
@@ -44,7 +49,7 @@ class OpenRun:
 
     combo: Combo
     run_id: str
-    logger: Any
+    logger: QueryLogger
     warm_from: str
 
 
@@ -73,14 +78,10 @@ class AMRuns:
         self.logging_s = 0.0  # time inside the query loggers (the cost of logging every query)
 
     # -- runs ---------------------------------------------------------------------------------
-    def open_run(self, combo: Combo, grid: Any, snn_ckpt: Path) -> OpenRun:
+    def open_run(self, combo: Combo, grid: LatentGrid, snn_ckpt: Path) -> OpenRun:
 
         m = self.m
-        warm_from = ""
-        if combo.method == "tt" and m.warm_start:
-            prev = self._prev_combo(combo)
-            if prev is not None and (self.am_dir / prev.run_dir / "tt_state.pkl").is_file():
-                warm_from = prev.key
+        warm_from = self.warm_source(combo)
         tags = {
             "mlflow.parentRunId": self.parent_id,
             tracking.RUN_KEY_TAG: combo.key,
@@ -100,16 +101,23 @@ class AMRuns:
                     "budget": m.budget,
                     "batch": m.batch,
                     "epoch": combo.epoch,
+                    "step": combo.step,
+                    "progress": combo.progress,
                     "target": combo.target.name,
                     "generator": combo.generator,
                     "seed": combo.seed,
                     "layer": combo.target.layer,
                     "unit": combo.target.unit,
-                    "noise": m.noise,
+                    "noise": json.dumps(m.noise.model_dump(), sort_keys=True),
                     "target_value": m.target_value,
                     "warm_start": bool(warm_from),
                     "checkpoint": snn_ckpt.name,
                     "options": json.dumps(options_for(combo.method, m, grid)),
+                    **(
+                        {"population": population_key(combo), "population_rule": m.population_rule}
+                        if m.population
+                        else {}
+                    ),
                 }
             ),
         )
@@ -120,6 +128,14 @@ class AMRuns:
             shutil.rmtree(run_dir)  # leftovers of an unfinished attempt
         logger = QueryLogger(self.client, run_id, run_dir, artifact_uri=run.info.artifact_uri)
         return OpenRun(combo, run_id, logger, warm_from)
+
+    def warm_source(self, combo: Combo) -> str:
+        """Key of the previous epoch's TT run this combination warm-starts from ("" = cold start)."""
+        if combo.method == "tt" and self.m.warm_start:
+            prev = self._prev_combo(combo)
+            if prev is not None and (self.am_dir / prev.run_dir / "tt_state.pkl").is_file():
+                return prev.key
+        return ""
 
     def _prev_combo(self, combo: Combo) -> Combo | None:
         epochs = self.plan.epochs
@@ -144,16 +160,17 @@ class AMRuns:
                 return c
         return None
 
-    def make_optimizer(self, op: OpenRun, grid: Any) -> Any:
-
-        opts = options_for(op.combo.method, self.m, grid)
-        if op.warm_from:
-            with open(self.am_dir / "runs" / op.warm_from / "tt_state.pkl", "rb") as f:
+    def make_optimizer(self, op: OpenRun | Combo, grid: LatentGrid) -> Optimizer:
+        """The optimizer of an open run (or of a finished combination re-proposing in a population)."""
+        combo, warm_from = (op.combo, op.warm_from) if isinstance(op, OpenRun) else (op, self.warm_source(op))
+        opts = options_for(combo.method, self.m, grid)
+        if warm_from:
+            with open(self.am_dir / "runs" / warm_from / "tt_state.pkl", "rb") as f:
                 opts["init"] = pickle.load(f)
-        return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
+        return make_optimizer(combo.method, grid.d, grid.n, seed=combo.seed, **opts)
 
     def finish_run(
-        self, op: OpenRun, res: AMResult, optimizer: Any, dataset_max: float, extras: dict[str, float]
+        self, op: OpenRun, res: AMResult, optimizer: Optimizer, dataset_max: float, extras: dict[str, float]
     ) -> dict:
         from spikemax import selectivity as S
 
@@ -206,6 +223,8 @@ class AMRuns:
             "run_key": c.key,
             "run_id": op.run_id,
             "epoch": c.epoch,
+            "step": c.step,
+            "progress": c.progress,
             "generator": c.generator,
             "target": c.target.name,
             "layer": c.target.layer,
@@ -240,7 +259,7 @@ class AMRuns:
         self.failed.append(f"{op.combo.key}: {msg}")
 
     # -- outputs ------------------------------------------------------------------------------
-    def write_summary(self) -> Any:
+    def write_summary(self) -> pd.DataFrame:
         import pandas as pd
 
         rows = [self.done[c.key] for c in self.plan.combos if c.key in self.done]
@@ -297,8 +316,12 @@ class AMRuns:
         for d in (self.am_dir / "runs").glob("*"):
             if d.is_dir() and d.name not in keys:
                 shutil.rmtree(d, ignore_errors=True)
+        pops = {population_key(c) for c in self.plan.combos} if self.m.population else set()
+        for d in (self.am_dir / "populations").glob("*"):
+            if d.is_dir() and d.name not in pops:
+                shutil.rmtree(d, ignore_errors=True)
 
-    def write_metrics(self, df: Any, wall_s: float, n_queries_run: int) -> dict:
+    def write_metrics(self, df: pd.DataFrame, wall_s: float, n_queries_run: int) -> dict:
         out: dict[str, Any] = {
             "n_runs": len(df),
             "n_planned": len(self.plan.combos),
@@ -324,7 +347,7 @@ class AMRuns:
         return out
 
 
-def dataset_stats(net: Any, prepared: Any, targets: list[Target], max_images: int) -> dict[str, np.ndarray]:
+def dataset_stats(net: ConvSNN, prepared: Prepared, targets: list[Target], max_images: int) -> dict[str, np.ndarray]:
     """Per target over the prepared test images: max response, CSI and lifetime sparseness."""
     from spikemax import selectivity as S
     from spikemax.neurons import firing_rates
@@ -342,7 +365,7 @@ def dataset_stats(net: Any, prepared: Any, targets: list[Target], max_images: in
     return {"dataset_max": rates.max(axis=0), "csi": S.csi(means), "sparseness": S.lifetime_sparseness(rates)}
 
 
-def stimulus_stats(net: Any, prepared: Any, results: list[AMResult]) -> list[dict[str, float]]:
+def stimulus_stats(net: ConvSNN, prepared: Prepared, results: list[AMResult]) -> list[dict[str, float]]:
     """Concept of each best stimulus under this checkpoint (class, probability, perplexity), complexity."""
     from spikemax import selectivity as S
 
@@ -350,7 +373,7 @@ def stimulus_stats(net: Any, prepared: Any, results: list[AMResult]) -> list[dic
     out: list[dict[str, float]] = [{} for _ in results]
     if not have:
         return out
-    x = torch.stack([results[i].best_image for i in have])
+    x = torch.stack([img for i in have if (img := results[i].best_image) is not None])
     probs = net.class_probs(x).detach().cpu().numpy()
     cls, prob, ppl = S.concept(probs)
     pixels = prepared.denormalize(x).clamp(0, 1).numpy()

@@ -114,5 +114,5 @@ def vqvae_eval(model: Any, prepared: Any, split: str) -> dict[str, float]:
         idxs.append(idx)
     return {
         f"{split}_recon_mse": sq / x.numel(),
-        f"{split}_perplexity": perplexity_of(torch.cat(idxs), model.hparams.codes),
+        f"{split}_perplexity": perplexity_of(torch.cat(idxs), model.hparams["codes"]),
     }

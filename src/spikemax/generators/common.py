@@ -63,9 +63,10 @@ class MlflowEpochLogger(L.Callback):
         with tempfile.TemporaryDirectory() as tmp:
             png = save_grid(self.make_grid(), Path(tmp) / f"samples_epoch{epoch:03d}.png")
             self.client.log_artifact(self.run_id, str(png), "samples")
-            if hasattr(pl_module, "reconstruct") and trainer.datamodule is not None:
+            datamodule = getattr(trainer, "datamodule", None)
+            if hasattr(pl_module, "reconstruct") and datamodule is not None:
                 png = Path(tmp) / f"recon_epoch{epoch:03d}.png"
-                save_reconstructions(pl_module, pixels(trainer.datamodule.sets["val"].tensors)[:32], png)
+                save_reconstructions(pl_module, pixels(datamodule.sets["val"].tensors)[:32], png)
                 self.client.log_artifact(self.run_id, str(png), "reconstructions")
         pl_module.train(was_training)
 

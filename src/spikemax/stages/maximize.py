@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from pathlib import Path
@@ -18,12 +19,13 @@ from rich.progress import (
 )
 
 from spikemax import SpikemaxError, devices, snn
-from spikemax.am.loop import run_am_group
-from spikemax.am.plan import Combo, plan
+from spikemax.am.loop import run_am_group, run_am_population
+from spikemax.am.plan import Combo, plan, population_key
 from spikemax.am.runs import AMRuns, OpenRun, dataset_stats, metric_batch, param_batch, stimulus_stats
 from spikemax.generators import LatentGrid, load_generator
 from spikemax.neurons import Target, make_responder
 from spikemax.params import Params, Paths
+from spikemax.querylog import PopulationTable
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -48,7 +50,8 @@ def run(params: Params, paths: Paths) -> dict:
                 "n_targets": len(plan_.targets),
                 "budget": m.budget,
                 "batch": m.batch,
-                "noise": m.noise,
+                "noise": json.dumps(m.noise.model_dump(), sort_keys=True),
+                "population": m.population_rule if m.population else "none",
                 "n_planned": len(plan_.combos),
                 "n_skipped_finished": len(plan_.combos) - len(todo),
             }
@@ -86,6 +89,12 @@ def run(params: Params, paths: Paths) -> dict:
                             group = [c for c in todo_e if (c.generator, c.method, c.seed) == (g, method, seed)]
                             if not group:
                                 continue
+                            if m.population:  # the whole presentation set, finished neurons included
+                                group = [
+                                    c
+                                    for c in plan_.combos
+                                    if (c.epoch, c.generator, c.method, c.seed) == (e, g, method, seed)
+                                ]
                             progress.update(q_task, description=f"e{e} {g} {method} s{seed} ({len(group)} targets)")
                             n_run += run_group(
                                 st,
@@ -136,31 +145,70 @@ def run_group(
     q_task: Any,
     runs_task: Any,
 ) -> int:
-    """Run the targets of one (epoch, generator, method, seed) in lock step; returns queries run."""
+    """Run the targets of one (epoch, generator, method, seed) in lock step, or as one population
+    (`maximize.population`: `group` is then every target, finished ones only re-propose); returns
+    queries run (presentations in population mode)."""
     m = st.m
     opens: list[OpenRun] = []
     try:
-        opens = [st.open_run(c, grid, snn_ckpt) for c in group]
-        optimizers = [st.make_optimizer(op, grid) for op in opens]
-        responder = make_responder(net, [c.target.name for c in group], noise=m.noise, seed=noise_seed)
-        results = run_am_group(
-            optimizers,
-            grid,
-            responder,
-            m.budget,
-            m.batch,
-            loggers=[op.logger for op in opens],
-            target_value=m.target_value,
-            on_batch=lambda k: progress.advance(q_task, k),
-            max_images=m.max_images,
+        opens = [st.open_run(c, grid, snn_ckpt) for c in group if c.key not in st.done]
+        by_key = {op.combo.key: op for op in opens}
+        optimizers = [st.make_optimizer(by_key.get(c.key, c), grid) for c in group]
+        responder = make_responder(
+            net,
+            [c.target.name for c in group],
+            seed=noise_seed,
+            model=m.noise.model,
+            sigma=m.noise.sigma,
+            window=m.noise.window,
+            repeats=m.noise.repeats,
         )
-        extras = stimulus_stats(net, st.prepared, results)
-        for op, opt, res, ex in zip(opens, optimizers, results, extras):
+        if m.population:
+            pkey = population_key(group[0])
+            meta = {
+                "targets": [c.target.name for c in group],
+                "run_keys": [c.key for c in group],
+                "run_ids": [by_key[c.key].run_id if c.key in by_key else st.done[c.key]["run_id"] for c in group],
+                "method": group[0].method,
+                "rule": m.population_rule,
+                "budget": m.budget,
+                "batch": m.batch,
+            }
+            table = PopulationTable(st.am_dir / "populations" / pkey, meta)
+            results = run_am_population(
+                optimizers,
+                grid,
+                responder,
+                m.budget,
+                m.batch,
+                loggers=[by_key[c.key].logger if c.key in by_key else None for c in group],
+                table=table,
+                rule=m.population_rule,
+                target_value=m.target_value,
+                on_batch=lambda k: progress.advance(q_task, k * len(opens)),
+                max_images=m.max_images,
+            )
+            table.close()
+        else:
+            results = run_am_group(
+                optimizers,
+                grid,
+                responder,
+                m.budget,
+                m.batch,
+                loggers=[op.logger for op in opens],
+                target_value=m.target_value,
+                on_batch=lambda k: progress.advance(q_task, k),
+                max_images=m.max_images,
+            )
+        mine = [(by_key[c.key], opt, res) for c, opt, res in zip(group, optimizers, results) if c.key in by_key]
+        extras = stimulus_stats(net, st.prepared, [res for _, _, res in mine])
+        for (op, opt, res), ex in zip(mine, extras):
             j = col[op.combo.target]
             ex = {**ex, "dataset_csi": float(stats["csi"][j]), "dataset_sparseness": float(stats["sparseness"][j])}
             st.finish_run(op, res, opt, float(stats["dataset_max"][j]), ex)
             progress.advance(runs_task, 1)
-        return sum(r.n_queries for r in results)
+        return results[0].n_queries if m.population else sum(r.n_queries for r in results)
     except Exception as err:
         for op in opens:
             if op.combo.key not in st.done:
@@ -217,6 +265,12 @@ def run_remote(params: Params, st: AMRuns, todo: list[Combo], progress: Any, q_t
                     keys = [c.key for c in todo_e if (c.generator, c.method, c.seed) == (g, method, seed)]
                     if not keys:
                         continue
+                    if m.population:  # the whole presentation set, finished neurons included
+                        keys = [
+                            c.key
+                            for c in plan_.combos
+                            if (c.epoch, c.generator, c.method, c.seed) == (e, g, method, seed)
+                        ]
                     prev = where.get((plan_.epochs[i - 1], g, method, seed)) if i else None
                     after = [prev] if prev is not None and method == "tt" and m.warm_start else []
                     where[(e, g, method, seed)] = len(jobs)
@@ -273,6 +327,7 @@ def remote_group(
         grid = load_generator(c0.generator, plan_.gen_ckpts[c0.generator])
         col = {t: i for i, t in enumerate(plan_.targets)}
         seed = zlib.crc32(f"{c0.epoch}/{c0.generator}/{c0.method}/{c0.seed}".encode())
-        n = run_group(st, todo, grid, net, stats, col, plan_.snn_ckpts[c0.epoch], seed, _Quiet(), None, None)
+        run = group if params.maximize.population else todo  # population: finished neurons only re-propose
+        n = run_group(st, run, grid, net, stats, col, plan_.snn_ckpts[c0.epoch], seed, _Quiet(), None, None)
     rows = {c.key: st.done[c.key] for c in group if c.key in st.done}
     return {"rows": rows, "failed": st.failed, "queries": n, "logging_s": st.logging_s}
