@@ -161,3 +161,13 @@ def test_tell_repeated_gives_the_base_estimates_only_for_repeated_points() -> No
     opt.tell(np.array([[0, 0], [2, 2]]), np.array([2.0, 5.0]))
     np.testing.assert_allclose(seen[0], [1.0, 3.0])
     np.testing.assert_allclose(seen[1], [1.5, 5.0])  # [0, 0]: mean of 1 and 2; [2, 2]: its one draw
+
+
+def test_the_run_budget_reaches_ngopt_with_or_without_the_noise_layer():
+    from spikemax.optim import make_optimizer
+
+    plain = make_optimizer("ngopt", 4, 5, seed=0, budget=300)
+    wrapped = make_optimizer("ngopt", 4, 5, seed=0, noise_aware=True, final=0.2, budget=300)
+    assert plain.opt.budget == 300 and wrapped.base.opt.budget == 300
+    with pytest.raises(ValueError, match="need noise_aware=True"):
+        make_optimizer("tt", 4, 5, retest=0.1)

@@ -322,7 +322,10 @@ def split_noisy_options(options: dict[str, Any]) -> tuple[dict[str, Any] | None,
     """Split make_optimizer options into the noise layer's (None if `noise_aware` is off) and the base's."""
     opts = dict(options)
     aware = bool(opts.pop("noise_aware", False))
-    layer = {k: opts.pop(k) for k in NOISY_OPTIONS if k in opts}
-    if layer and not aware:
-        raise ValueError(f"options {', '.join(sorted(layer))} need noise_aware=True")
-    return (layer if aware else None), opts
+    if not aware:
+        # `budget` is the run's budget, also an option of NGOpt: without the layer it stays the base's.
+        extra = [k for k in NOISY_OPTIONS if k in opts and k != "budget"]
+        if extra:
+            raise ValueError(f"options {', '.join(sorted(extra))} need noise_aware=True")
+        return None, opts
+    return {k: opts.pop(k) for k in NOISY_OPTIONS if k in opts}, opts
