@@ -35,3 +35,27 @@ def test_readout_on_cuda_equals_cpu(snn_checkpoints, prepared):
     gpu = firing_rates(net.to("cuda"), x[:64].to("cuda"), targets)
     assert gpu.dtype == np.float64 and np.allclose(gpu, cpu, atol=1 / net.num_steps)
     assert net.class_probs(x[:8]).device.type == "cuda"
+
+
+@pytest.mark.parametrize("name", ["sngan", "vqvae"])
+def test_grid_to_device_keeps_decode_and_moves_everything_it_reads(generator_checkpoints, name):
+    from spikemax.generators import load_generator
+
+    grid = load_generator(name, generator_checkpoints[name])
+    idx = grid.random_indices(6, seed=1)
+    before = grid.decode(idx)
+    assert grid.to("cpu") is grid and grid.device.type == "cpu"
+    assert torch.equal(grid.decode(idx), before)
+    assert grid.decode(idx[:0]).shape == (0, *grid.shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sngan", "vqvae"])
+def test_decode_on_cuda_equals_cpu(generator_checkpoints, name):
+    from spikemax.generators import load_generator
+
+    grid = load_generator(name, generator_checkpoints[name])
+    idx = grid.random_indices(6, seed=1)
+    cpu = grid.decode(idx)
+    gpu = grid.to("cuda").decode(idx)  # CPU indices in, images on the device out
+    assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-4)

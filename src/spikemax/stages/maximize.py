@@ -61,7 +61,8 @@ def run(params: Params, paths: Paths) -> dict:
     status = "FINISHED"
     try:
         # Inside the try: a corrupt checkpoint must end the parent run FAILED, not leave it RUNNING.
-        grids = {g: load_generator(g, p) for g, p in plan_.gen_ckpts.items()}
+        device = devices.resolve(params.device)  # decode and readout both on it; best images come back
+        grids = {g: load_generator(g, p).to(device) for g, p in plan_.gen_ckpts.items()}
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -324,7 +325,7 @@ def remote_group(
         c0 = todo[0]
         net = snn.load_snn(plan_.snn_ckpts[c0.epoch])
         net.eval().to(devices.resolve(params.device))
-        grid = load_generator(c0.generator, plan_.gen_ckpts[c0.generator])
+        grid = load_generator(c0.generator, plan_.gen_ckpts[c0.generator]).to(devices.resolve(params.device))
         col = {t: i for i, t in enumerate(plan_.targets)}
         seed = zlib.crc32(f"{c0.epoch}/{c0.generator}/{c0.method}/{c0.seed}".encode())
         run = group if params.maximize.population else todo  # population: finished neurons only re-propose
