@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -214,7 +215,7 @@ def describe(checkpoint_path: str | Path) -> str:
 
     net = load_snn(checkpoint_path)
     layers = net.spiking_layers()
-    hp = net.hparams
+    hp: Any = net.hparams
     lines = [
         f"{checkpoint_path}: ConvSNN, T={net.num_steps} steps, input {list(hp.in_shape)}, "
         f"beta={hp.beta}, threshold={hp.threshold}",

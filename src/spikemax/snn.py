@@ -112,7 +112,7 @@ class ConvSNN(L.LightningModule):
             self.blocks[f"fc_lif{j}"] = nn.Sequential(*parts, _leaky(beta, threshold, slope))
             features = units_j
             units[f"fc_lif{j}"] = units_j
-        out_parts = [nn.Linear(features, num_classes)]
+        out_parts: list[nn.Module] = [nn.Linear(features, num_classes)]
         if not hidden:
             out_parts.insert(0, nn.Flatten())
         self.blocks["out"] = nn.Sequential(*out_parts, _leaky(beta, threshold, slope))
@@ -132,7 +132,7 @@ class ConvSNN(L.LightningModule):
         out: dict[str, Tensor] = {}
         h: Tensor | None = None
         for name, block in self.blocks.items():
-            synapse, lif = block[:-1], block[-1]
+            synapse, lif = block[:-1], block[-1]  # type: ignore[index]  # every block is an nn.Sequential
             if h is None:
                 # A static image drives the first block with the same current at every step.
                 spk = _lif_run(lif, _synapse(synapse, x, infer), T, static=True)
@@ -184,7 +184,7 @@ class ConvSNN(L.LightningModule):
 
     def _loss(self, out_spikes: Tensor, y: Tensor) -> Tensor:
         counts = out_spikes.sum(0)
-        if self.hparams.loss == "mse_count":
+        if self.hparams["loss"] == "mse_count":
             # snntorch's mse_count_loss: correct class fires on 80 %, others on 20 % of the steps.
             target = torch.full_like(counts, 0.2 * self.num_steps)
             target[torch.arange(len(y)), y] = 0.8 * self.num_steps
@@ -230,7 +230,8 @@ class ConvSNN(L.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        name, lr = self.hparams.optimizer, self.hparams.lr
+        name, lr = self.hparams["optimizer"], self.hparams["lr"]
+        opt: torch.optim.Optimizer
         if name == "adamw":
             opt = torch.optim.AdamW(self.parameters(), lr=lr)
         elif name == "sgd":
@@ -240,7 +241,7 @@ class ConvSNN(L.LightningModule):
         if self.hparams.get("schedule", "constant") != "cosine" or self._trainer is None:
             return opt
         # Cosine decay over the run steadies the last epochs (accuracy keeps rising to the end).
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 

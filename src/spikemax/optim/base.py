@@ -23,7 +23,7 @@ def grid_sizes(d: int, n: int | Sequence[int]) -> np.ndarray:
         sizes = np.full(int(d), int(n), dtype=np.int64)
     else:
         try:
-            sizes = np.asarray(list(n), dtype=np.int64)
+            sizes = np.asarray(list(n), dtype=np.int64)  # type: ignore[arg-type]  # a bool n fails here: reported below
         except (TypeError, ValueError) as err:
             raise ValueError(f"n must be an int or a sequence of d ints, got {n!r}") from err
         if sizes.shape != (int(d),):
