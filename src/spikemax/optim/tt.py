@@ -37,6 +37,21 @@ def resolve_ordinal(ordinal: float | str, ordered: bool) -> float:
     return float(ordinal)
 
 
+# `cma` for "auto", by whether the grid is ordered: CMA-ES proposals need a continuous relaxation
+# (neighbouring indices = similar stimuli); on a codebook they are noise. Chosen on bench_am (SN-GAN)
+# and bench_optimizers (batch 64, smooth functions, 256 queries); see the README's table.
+CMA_AUTO = {True: 0.5, False: 0.0}
+
+
+def resolve_cma(cma: float | str, ordered: bool) -> float:
+    """TT's `cma` share for a grid: "auto" -> CMA_AUTO[ordered], a number in [0, 1] as given."""
+    if isinstance(cma, str) and cma == "auto":
+        return CMA_AUTO[bool(ordered)]
+    if isinstance(cma, bool) or not isinstance(cma, (int, float)) or not 0.0 <= cma <= 1.0:
+        raise ValueError(f"cma must be 'auto' or a number in [0, 1], got {cma!r}")
+    return float(cma)
+
+
 def qtt_sizes(n: np.ndarray) -> np.ndarray:
     """Number of binary modes q_j for each n_j = 2^q_j; ValueError if some n_j is not a power of 2."""
     q = np.round(np.log2(n)).astype(np.int64)
