@@ -120,3 +120,15 @@ def test_warm_start_from_a_solved_neighbour_reaches_its_best_sooner():
         assert warm.y_best >= level
         saved.append(queries_to(cold.history, level) - queries_to(warm.history, level))
     assert min(saved) > 0, saved
+
+
+def test_auto_cma_share_is_on_for_ordered_grids_and_off_for_codebooks():
+    from spikemax.optim.tt import CMA_AUTO, resolve_cma
+
+    assert resolve_cma("auto", True) == CMA_AUTO[True] > 0
+    assert resolve_cma("auto", False) == CMA_AUTO[False] == 0
+    assert resolve_cma(0.25, False) == 0.25
+    with pytest.raises(ValueError, match="cma must be 'auto' or a number"):
+        resolve_cma(1.5, True)
+    with pytest.raises(ValueError, match="cma must be in"):
+        make_optimizer("tt", 4, 8, cma=-0.1)
