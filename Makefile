@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test bench data
+.PHONY: repro test lint bench data
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,12 @@ repro: $(STAMP) data
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest
+
+# ruff (lint + format) and mypy, as CI runs them before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/mypy src
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]' && $(BIN)/pip install --quiet --no-deps 'protes>=0.3'

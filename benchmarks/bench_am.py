@@ -64,9 +64,10 @@ def bench_overhead(net, grid, targets, budget, batch, repeats, root: Path) -> di
     import mlflow
 
     from spikemax import tracking
-    from spikemax.loop import run_am_group
+    from spikemax.am.loop import run_am_group
     from spikemax.neurons import make_responder
     from spikemax.optim import make_optimizer
+    from spikemax.querylog import QueryLogger
 
     tracking.enable_fast_sqlite()  # as the maximize stage does
     uri = tracking.configure(root)
@@ -81,7 +82,7 @@ def bench_overhead(net, grid, targets, budget, batch, repeats, root: Path) -> di
         loggers = None
         if logged:
             loggers = [
-                tracking.QueryLogger(client, client.create_run(eid).info.run_id, root / f"r{i}_{time.time_ns()}")
+                QueryLogger(client, client.create_run(eid).info.run_id, root / f"r{i}_{time.time_ns()}")
                 for i in range(len(targets))
             ]
         t = time.perf_counter()
@@ -148,9 +149,9 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared
     grid as the stage resolves it), updated by the variant's own options (`tt:cma=0.9`); `prior=1`
     passes the fitted data prior. AM gain = best AM activation / best activation over the test images.
     """
-    from spikemax.loop import _optimizer_options, run_am_group
+    from spikemax.am.loop import run_am_group
     from spikemax.neurons import firing_rates, make_responder
-    from spikemax.optim import make_optimizer
+    from spikemax.optim import make_optimizer, options_for
 
     top = max(budgets)
     responder = make_responder(net, targets)
@@ -161,7 +162,7 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared
     walls, options = {}, {}
     for spec in methods:
         method, extra = parse_variant(spec)
-        opts = _optimizer_options(m, method, grid.ordered)
+        opts = options_for(method, m, grid)
         opts.update(extra)
         if opts.pop("prior", 0):
             if prior is None:

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from spikemax import params as P
-from spikemax.data import Prepared, prepare
+from spikemax.data import Prepared
+from spikemax.stages.prepare import run as prepare
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PREPARE = {"dataset": "fashion-mnist", "train_size": 1000, "test_size": 300, "val_fraction": 0.2, "seed": 0}
@@ -71,7 +72,8 @@ TINY_GENERATORS = {
 @pytest.fixture(scope="session")
 def generator_checkpoints(project) -> dict[str, Path]:
     """Both generators trained tiny (one epoch on the tiny project) into its models/generators."""
-    from spikemax.generators import NAMES, checkpoint_path, train
+    from spikemax.generators import NAMES, checkpoint_path
+    from spikemax.stages.train_generator import run as train
 
     params, paths = project
     tiny = P.validate({**params.model_dump(), "generators": TINY_GENERATORS})
@@ -96,7 +98,8 @@ TINY_SNN = {
 @pytest.fixture(scope="session")
 def snn_checkpoints(project) -> dict[int, Path]:
     """A tiny ConvSNN trained 2 epochs on `project` (models/snn/epoch=000..002.ckpt): epoch -> path."""
-    from spikemax.snn import checkpoints, train
+    from spikemax.snn import checkpoints
+    from spikemax.stages.train_snn import run as train
 
     params, paths = project
     if not checkpoints(paths):

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from spikemax import analysis as A
+from spikemax import stats
 from spikemax.params import Params
 
 
@@ -46,19 +47,19 @@ def test_pixel_correlation_and_latent_distance():
 
 def test_spearman_small_n_p_value_is_exact():
     # 3 epochs, perfectly monotone: 2 of the 6 pairings reach |rho| = 1.
-    res = A.spearman([0.1, 0.5, 0.9], [1, 2, 3])
+    res = stats.spearman([0.1, 0.5, 0.9], [1, 2, 3])
     assert res["rho"] == pytest.approx(1.0) and res["p"] == pytest.approx(1 / 3)
-    assert A.spearman([1, 2, 3, 4], [4, 3, 2, 1])["p"] == pytest.approx(2 / 24)
-    big = A.spearman(np.arange(12.0), np.arange(12.0) ** 2)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1])["p"] == pytest.approx(2 / 24)
+    big = stats.spearman(np.arange(12.0), np.arange(12.0) ** 2)
     assert big["n"] == 12 and big["p"] < 1e-6  # asymptotic beyond 8 pairs
 
 
 def test_spearman_monotone_and_degenerate():
-    res = A.spearman([0.1, 0.2, 0.3, 0.5], [0.5, 0.6, 0.7, 0.9])
+    res = stats.spearman([0.1, 0.2, 0.3, 0.5], [0.5, 0.6, 0.7, 0.9])
     assert res["rho"] == pytest.approx(1.0) and res["n"] == 4
-    assert A.spearman([1, 2], [3, 4])["rho"] is None
-    assert A.spearman([1, 1, 1], [1, 2, 3])["rho"] is None
-    assert A.spearman([1, 2, np.nan, 3], [3, 2, 5, 1])["rho"] == pytest.approx(-1.0)
+    assert stats.spearman([1, 2], [3, 4])["rho"] is None
+    assert stats.spearman([1, 1, 1], [1, 2, 3])["rho"] is None
+    assert stats.spearman([1, 2, np.nan, 3], [3, 2, 5, 1])["rho"] == pytest.approx(-1.0)
 
 
 def test_unit_stats_match_selectivity_functions():

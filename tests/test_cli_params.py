@@ -7,21 +7,31 @@ import pytest
 from spikemax import params as P
 from tests.conftest import run_cli, write_params
 
+COMMANDS = {
+    "prepare",
+    "train-snn",
+    "train-generator",
+    "check-generators",
+    "maximize",
+    "analyze",
+    "report",
+    "tune",
+    "serve",
+    "neurons",
+}
 
-def test_help_lists_every_stage_command():
+
+def test_help_lists_every_command_by_name():
+    from typer.main import get_command
+
+    from spikemax.cli import app
+
+    # The registered command names themselves, not substrings of the help text.
+    assert set(get_command(app).commands) == COMMANDS  # type: ignore[attr-defined]
     res = run_cli("--help")
     assert res.returncode == 0
-    for cmd in (
-        "prepare",
-        "train-snn",
-        "train-generator",
-        "check-generators",
-        "maximize",
-        "analyze",
-        "report",
-        "neurons",
-    ):
-        assert cmd in res.stdout
+    listed = {line.split()[1] for line in res.stdout.splitlines() if line.startswith("│ ") and len(line.split()) > 2}
+    assert listed >= COMMANDS, listed
 
 
 @pytest.mark.parametrize(
@@ -55,6 +65,27 @@ def test_malformed_yaml_names_the_line(tmp_path):
     bad.write_text("prepare:\n  dataset: [unclosed\n")
     res = run_cli("prepare", "--params", str(bad), cwd=tmp_path)
     assert res.returncode == 2 and "not valid YAML" in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "sections", "expected"),
+    [
+        ("tune", {"tune": {"lr": [0.3, 0.01]}}, "tune.lr: Input should be [low, high] with low < high"),
+        ("tune", {"tune": {"ranks": [0]}}, "tune.ranks.0: Input should be greater than or equal to 1 (got 0)"),
+        ("tune", {"tune": {"grid_n": [1, 8]}}, "tune.grid_n.0: Input should be greater than or equal to 2"),
+        ("tune", {"tune": {"lr": [0.0, 0.1]}}, "tune.lr.0: Input should be greater than 0"),
+        ("maximize", {"maximize": {"budget": 0}}, "maximize.budget: Input should be greater than or equal to 1"),
+        ("maximize", {"maximize": {"target_value": float("inf")}}, "maximize.target_value: Input should be a finite"),
+        ("train-snn", {"snn": {"lr": float("nan")}}, "snn.lr: Input should be a finite number"),
+        ("analyze", {"analyze": {"csi_threshold": 2}}, "analyze.csi_threshold: Input should be less than or equal"),
+    ],
+)
+def test_bad_stage_params_give_one_line_and_exit_2(tmp_path, command, sections, expected):
+    path = write_params(tmp_path, sections)
+    res = run_cli(command, "--params", str(path), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+    assert expected in res.stderr
 
 
 @pytest.mark.parametrize("ordinal", ["high", 1.5, -0.5, None])

@@ -11,6 +11,7 @@ import torch
 from spikemax import SpikemaxError
 from spikemax import data as D
 from spikemax import params as P
+from spikemax.stages.prepare import run as prepare
 from tests.conftest import write_params
 
 
@@ -50,7 +51,7 @@ def test_normalization_recorded_and_applied(prepared):
 def test_prepare_is_deterministic(tmp_path, project):
     params, _ = project
     paths = P.Paths(tmp_path)
-    D.prepare(params, paths)
+    prepare(params, paths)
     again = D.Prepared.load(paths.prepared)
     first = D.Prepared.load(project[1].prepared)
     for split in D.SPLITS:
@@ -61,7 +62,7 @@ def test_subset_larger_than_data_is_an_error(tmp_path):
     path = write_params(tmp_path, {"prepare": {"test_size": 10001}})
     params, paths = P.load(path, root=tmp_path)
     with pytest.raises(SpikemaxError, match=r"test_size=10001 .*allowed: 1\.\.10000"):
-        D.prepare(params, paths)
+        prepare(params, paths)
 
 
 def test_missing_dataset_names_how_to_get_it(tmp_path, monkeypatch):
@@ -120,7 +121,7 @@ def test_prepare_cifar10(tmp_path):
         {"prepare": {"dataset": "cifar10", "root": "raw", "train_size": 50, "test_size": 20, "download": False}},
     )
     params, paths = P.load(path, root=tmp_path)
-    meta = D.prepare(params, paths)
+    meta = prepare(params, paths)
     assert meta["shape"] == [3, 32, 32] and len(meta["mean"]) == 3
     x, _ = D.Prepared.load(paths.prepared).tensors("train")
     assert x.shape == (45, 3, 32, 32)

@@ -92,7 +92,7 @@ def test_bad_indices_give_one_line_errors_naming_the_valid_range(grids, name):
         "float": good.float(),
     }
     for case, idx in bad_cases.items():
-        with pytest.raises(SpikemaxError) as err:
+        with pytest.raises(SpikemaxError, match=rf"\(k, {g.d}\)") as err:
             g.decode(idx)
         msg = str(err.value)
         assert "\n" not in msg, case
@@ -164,13 +164,9 @@ def test_cli_unknown_generator_is_one_line(project):
     assert res.stderr.strip() == "error: unknown generator 'gan'; allowed: sngan, vqvae"
 
 
-def test_check_scores_generators_with_final_snn(request, project, generator_checkpoints):
-    try:
-        request.getfixturevalue("snn_checkpoints")
-    except pytest.FixtureLookupError:
-        pytest.skip("snn_checkpoints fixture not available yet")
+def test_check_scores_generators_with_final_snn(project, generator_checkpoints, snn_checkpoints):
     from spikemax import params as P
-    from spikemax.generators import check
+    from spikemax.stages.check_generators import run as check
 
     params, paths = project
     small = P.validate({**params.model_dump(), "generators": {"check_samples": 64}})

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from spikemax import tracking
-from spikemax.loop import AMResult, queries_to_fraction, run_am, run_am_group
+from spikemax import querylog, tracking
+from spikemax.am.loop import AMResult, queries_to_fraction, run_am, run_am_group
 from spikemax.optim import make_optimizer
 
 D, N = 5, 8
@@ -64,7 +64,7 @@ def test_failed_queries_count_against_budget_and_never_win():
 
 
 def test_early_stop_only_on_target_value_and_recorded(tmp_path):
-    logger = tracking.QueryLogger(run_dir=tmp_path / "run")
+    logger = querylog.QueryLogger(run_dir=tmp_path / "run")
     res = run_am(
         make_optimizer("tt", D, N, seed=0),
         IndexGrid(),
@@ -78,7 +78,7 @@ def test_early_stop_only_on_target_value_and_recorded(tmp_path):
     assert res.stopped_early and "target_value" in res.stop_reason
     assert res.best_response >= 0.5 and res.n_queries < 5000 and res.n_queries % 25 == 0
     assert (tmp_path / "run" / "STOPPED_EARLY").is_file()
-    assert len(tracking.read_queries(tmp_path / "run")) == res.n_queries
+    assert len(querylog.read_queries(tmp_path / "run")) == res.n_queries
     # A saturated response is no reason to stop without a target_value (MANGO lost runs that way).
     sat = run_am(make_optimizer("random", D, N, seed=0), IndexGrid(), lambda x: np.ones(len(x)), budget=60, batch=20)
     assert sat.n_queries == 60 and not sat.stopped_early
@@ -116,10 +116,10 @@ def test_responder_error_propagates_after_logging_what_was_measured(tmp_path):
             raise RuntimeError("rig unplugged")
         return peak_responder(images)
 
-    logger = tracking.QueryLogger(run_dir=tmp_path / "run")
+    logger = querylog.QueryLogger(run_dir=tmp_path / "run")
     with pytest.raises(RuntimeError, match="unplugged"):
         run_am(make_optimizer("random", D, N), IndexGrid(), dies, budget=100, batch=10, logger=logger)
-    assert len(tracking.read_queries(tmp_path / "run")) == 20
+    assert len(querylog.read_queries(tmp_path / "run")) == 20
 
 
 def test_queries_to_fraction():
@@ -134,7 +134,7 @@ def test_run_am_logs_every_query_to_sqlite_store(tmp_path):
     client = mlflow.MlflowClient(uri)
     eid = tracking.experiment_id(tracking.AM_EXPERIMENT, tmp_path)
     run = client.create_run(eid)
-    logger = tracking.QueryLogger(client, run.info.run_id, tmp_path / "run")
+    logger = querylog.QueryLogger(client, run.info.run_id, tmp_path / "run")
     budget = 130
     res = run_am(
         make_optimizer("tt", D, N, seed=3), IndexGrid(), peak_responder, budget=budget, batch=32, logger=logger
@@ -155,21 +155,25 @@ def test_run_am_logs_every_query_to_sqlite_store(tmp_path):
     assert "queries.parquet" in arts
 
 
-def test_stage_options_resolve_tt_ordinal_for_the_grid(monkeypatch):
+def test_options_for_resolves_tt_ordinal_for_the_grid(monkeypatch):
     from spikemax import params as P
-    from spikemax.loop import _config_hash, _optimizer_options
+    from spikemax.am.plan import _config_hash
+    from spikemax.optim import options_for
 
     m = P.validate({}).maximize
     assert m.tt.ordinal == "auto"
-    assert _optimizer_options(m, "tt", ordered=True)["ordinal"] == 1.0
-    assert _optimizer_options(m, "tt", ordered=False)["ordinal"] == 0.0
+    assert options_for("tt", m, True)["ordinal"] == 1.0
+    assert options_for("tt", m, False)["ordinal"] == 0.0
     # The resolved options build the optimizer the stage runs.
-    assert make_optimizer("tt", D, N, **_optimizer_options(m, "tt", ordered=True)).ordinal == 1.0
+    assert make_optimizer("tt", D, N, **options_for("tt", m, True)).ordinal == 1.0
     fixed = P.validate({"maximize": {"tt": {"ordinal": 0.25}}}).maximize
-    assert _optimizer_options(fixed, "tt", True)["ordinal"] == _optimizer_options(fixed, "tt", False)["ordinal"] == 0.25
+    assert options_for("tt", fixed, True)["ordinal"] == options_for("tt", fixed, False)["ordinal"] == 0.25
     # Without a grid (the config hash) "auto" stays, so an explicit value gets its own run key.
-    assert _optimizer_options(m, "tt")["ordinal"] == "auto"
+    assert options_for("tt", m)["ordinal"] == "auto"
     explicit = P.validate({"maximize": {"tt": {"ordinal": 1.0}}}).maximize
-    monkeypatch.setattr("spikemax.loop._digest", lambda path: "x")
+    monkeypatch.setattr("spikemax.am.plan._digest", lambda path: "x")
     assert _config_hash(m, "tt", "a", "b") != _config_hash(explicit, "tt", "a", "b")
-    assert _optimizer_options(m, "cma", ordered=True) == {}
+    assert options_for("cma", m, True) == {}
+    assert options_for("ngopt", m, True) == {"budget": m.budget}
+    # The whole Params works as well as its maximize section.
+    assert options_for("tt", P.validate({}), True) == options_for("tt", m, True)

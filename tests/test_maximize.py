@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +17,10 @@ import pandas as pd
 import pytest
 
 from spikemax import params as P
-from spikemax import tracking
-from spikemax.loop import SUMMARY_COLUMNS, plan, resolve_targets, run_stage
+from spikemax import querylog, tracking
+from spikemax.am import SUMMARY_COLUMNS
+from spikemax.am.plan import plan, resolve_targets
+from spikemax.stages.maximize import run as run_stage
 
 from .conftest import write_params
 
@@ -157,7 +160,7 @@ def test_bad_params_fail_before_any_run(tmp_path, models):
     }
     for i, (case, (change, needle)) in enumerate(cases.items()):
         params, paths = _project_copy(tmp_path / f"p{i}", models, {**base, **change})
-        with pytest.raises(P.ParamsError) as err:
+        with pytest.raises(P.ParamsError, match=re.escape(needle)) as err:
             run_stage(params, paths)
         msg = str(err.value)
         assert needle in msg and "\n" not in msg, case
@@ -209,7 +212,7 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
         # Kill once the first group (random) has finished and the second (tt) has flushed a few batches.
         while time.time() < deadline and proc.poll() is None:
             finished = list(am.glob("runs/*/summary.json"))
-            tables = [tracking.read_queries(d) for d in am.glob("runs/*_tt_*")] if len(finished) >= 2 else []
+            tables = [querylog.read_queries(d) for d in am.glob("runs/*_tt_*")] if len(finished) >= 2 else []
             if len(tables) == 2 and min(len(t) for t in tables) >= 3 * batch:
                 break
             time.sleep(0.05)
@@ -227,7 +230,7 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
     assert len(finished_before) == 2 and killed
     n_checked = 0
     for r in killed:
-        table = tracking.read_queries(am / "runs" / r.data.tags[tracking.RUN_KEY_TAG])
+        table = querylog.read_queries(am / "runs" / r.data.tags[tracking.RUN_KEY_TAG])
         stored = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "activation")}
         # Every query in the table is in the store with the same value; the store may be one batch
         # ahead (killed between its write and the table's), never behind.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -73,7 +75,7 @@ def test_parse_valid_targets(text, expected):
     ],
 )
 def test_bad_targets_name_the_valid_layers_and_ranges(text, fragment):
-    with pytest.raises(SpikemaxError) as err:
+    with pytest.raises(SpikemaxError, match=re.escape(fragment)) as err:
         parse_target(text, LAYERS)
     msg = str(err.value)
     assert fragment in msg and "\n" not in msg

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spikemax import SpikemaxError, tracking
+from spikemax import SpikemaxError, querylog, tracking
 from spikemax.generators import load_generator
 from spikemax.optim import make_optimizer
 from spikemax.server import Client, ClosedLoop, make_server
@@ -29,7 +29,7 @@ def served(generator_checkpoints, tmp_path):
     uri = tracking.configure(tmp_path)
     client = mlflow.MlflowClient(uri)
     run = client.create_run(tracking.experiment_id("activation-maximization", tmp_path))
-    logger = tracking.QueryLogger(client, run.info.run_id, tmp_path / "run")
+    logger = querylog.QueryLogger(client, run.info.run_id, tmp_path / "run")
     loop = ClosedLoop(make_optimizer("tt", grid.d, grid.n, seed=0, batch=16), grid, budget=96, logger=logger)
     server = make_server(loop, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from spikemax import tracking
+from spikemax import images, querylog, tracking
 
 
 def _run(tmp_path):
@@ -19,7 +18,7 @@ def _run(tmp_path):
 
 def test_query_logger_running_best_skips_failed_queries(tmp_path):
     client, run_id = _run(tmp_path)
-    lg = tracking.QueryLogger(client, run_id, tmp_path / "r")
+    lg = querylog.QueryLogger(client, run_id, tmp_path / "r")
     lg.log(np.array([[0, 1], [2, 3]]), np.array([np.nan, np.nan]))
     lg.log(np.array([[1, 1], [2, 2], [3, 3]]), np.array([0.5, np.nan, 0.2]))
     best = {m.step: m.value for m in client.get_metric_history(run_id, "best_activation")}
@@ -31,34 +30,34 @@ def test_query_logger_running_best_skips_failed_queries(tmp_path):
 
 
 def test_unclosed_logger_leaves_every_flushed_batch_readable(tmp_path):
-    lg = tracking.QueryLogger(None, None, tmp_path / "r")
+    lg = querylog.QueryLogger(None, None, tmp_path / "r")
     for b in range(3):
         lg.log(np.full((4, 3), b), np.arange(4) + 10 * b)
     # No close(): as after a kill. The stream is the table.
-    df = tracking.read_queries(tmp_path / "r")
-    assert list(df.columns) == list(tracking.QUERY_COLUMNS)
+    df = querylog.read_queries(tmp_path / "r")
+    assert list(df.columns) == list(querylog.QUERY_COLUMNS)
     assert df["query"].tolist() == list(range(12)) and df["batch"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert df["indices"].iloc[5].tolist() == [1, 1, 1]
     # A restarted run starts its table afresh.
-    tracking.QueryLogger(None, None, tmp_path / "r")
-    assert len(tracking.read_queries(tmp_path / "r")) == 0
+    querylog.QueryLogger(None, None, tmp_path / "r")
+    assert len(querylog.read_queries(tmp_path / "r")) == 0
 
 
 def test_a_batch_cut_short_by_a_kill_is_dropped_whole(tmp_path):
-    lg = tracking.QueryLogger(None, None, tmp_path / "r")
+    lg = querylog.QueryLogger(None, None, tmp_path / "r")
     for b in range(3):
         lg.log(np.full((5, 2), b), np.arange(5.0))
     stream = tmp_path / "r" / "queries.arrows"
     data = stream.read_bytes()
     stream.write_bytes(data[:-40])  # the last batch's write was interrupted
-    df = tracking.read_queries(tmp_path / "r")
+    df = querylog.read_queries(tmp_path / "r")
     assert df["query"].tolist() == list(range(10)) and df["batch"].max() == 1
     stream.write_bytes(data[:3])  # killed while writing the schema
-    assert len(tracking.read_queries(tmp_path / "r")) == 0
+    assert len(querylog.read_queries(tmp_path / "r")) == 0
 
 
 def test_close_turns_the_stream_into_queries_parquet(tmp_path):
-    lg = tracking.QueryLogger(None, None, tmp_path / "r")
+    lg = querylog.QueryLogger(None, None, tmp_path / "r")
     lg.log(np.zeros((2, 2), int), np.array([1.0, 2.0]))
     df = lg.close()
     assert not (tmp_path / "r" / "queries.arrows").exists()
@@ -70,10 +69,10 @@ def test_close_turns_the_stream_into_queries_parquet(tmp_path):
 def test_artifacts_go_to_the_runs_repository(tmp_path):
     client, run_id = _run(tmp_path)
     run = client.get_run(run_id)
-    lg = tracking.QueryLogger(client, run_id, tmp_path / "r", artifact_uri=run.info.artifact_uri)
+    lg = querylog.QueryLogger(client, run_id, tmp_path / "r", artifact_uri=run.info.artifact_uri)
     lg.log(np.zeros((3, 2), int), np.array([1.0, 2.0, 0.5]))
     png = tmp_path / "best_stimulus.png"
-    tracking.save_image_png(np.zeros((1, 4, 4)), png)
+    images.save_png(np.zeros((1, 4, 4)), png)
     lg.log_artifact(png)
     lg.close()
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ["best_stimulus.png", "queries.parquet"]
@@ -92,8 +91,8 @@ def _history(client, run_id, key):
 def test_bulk_metric_writes_read_back_like_log_batch(tmp_path):
     client, bulk_run = _run(tmp_path)
     plain_run = client.create_run(tracking.experiment_id(tracking.AM_EXPERIMENT, tmp_path)).info.run_id
-    bulk = tracking.MetricWriter(client, bulk_run)
-    plain = tracking.MetricWriter(client, plain_run)
+    bulk = querylog.MetricWriter(client, bulk_run)
+    plain = querylog.MetricWriter(client, plain_run)
     plain._store = None  # the public log_batch path, as on an HTTP store
     assert bulk.bulk and not plain.bulk
     series = [
@@ -115,28 +114,14 @@ def test_bulk_metric_writes_read_back_like_log_batch(tmp_path):
     assert np.isclose(_history(client, bulk_run, "a")[2][1], np.finfo(np.float64).max)
 
 
-def test_image_and_plot_helpers_write_pngs(tmp_path):
-    img = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
-    p = tracking.save_image_png(img, tmp_path / "a.png", scale=4)
-    assert Image.open(p).size == (32, 32)
-    gray = tracking.save_image_png(img[:1], tmp_path / "g.png", scale=1)
-    assert Image.open(gray).mode == "L"
-    c = tracking.save_convergence_png(np.array([0.1, np.nan, 0.3, 0.2]), tmp_path / "c.png", title="t")
-    g = tracking.save_image_grid_png(
-        [img, None, img[:1]], 2, 2, tmp_path / "grid.png", row_labels=["a", "b"], col_labels=["x", "y"]
-    )
-    for path in (c, g):
-        assert Image.open(path).size[0] > 100
-
-
 def test_log_batches_writes_each_runs_own_series(tmp_path):
     client, r1 = _run(tmp_path)
     r2 = client.create_run(tracking.experiment_id(tracking.AM_EXPERIMENT, tmp_path)).info.run_id
-    loggers = [tracking.QueryLogger(client, r, tmp_path / r) for r in (r1, r2)]
-    tracking.log_batches(
+    loggers = [querylog.QueryLogger(client, r, tmp_path / r) for r in (r1, r2)]
+    querylog.log_batches(
         loggers, [np.zeros((2, 3), int), np.ones((3, 3), int)], [np.array([1.0, 0.5]), np.array([np.nan, 2.0, 3.0])]
     )
-    tracking.log_batches(loggers[1:], [np.ones((1, 3), int)], [np.array([0.1])])
+    querylog.log_batches(loggers[1:], [np.ones((1, 3), int)], [np.array([0.1])])
     assert [m.value for m in sorted(client.get_metric_history(r1, "best_activation"), key=lambda m: m.step)] == [
         1.0,
         1.0,
@@ -145,4 +130,4 @@ def test_log_batches_writes_each_runs_own_series(tmp_path):
     assert sorted(act) == [0, 1, 2, 3] and np.isnan(act[0]) and act[3] == 0.1
     assert client.get_run(r2).data.metrics["best_activation"] == 3.0
     assert [lg.n_queries for lg in loggers] == [2, 4] and [lg.n_batches for lg in loggers] == [1, 2]
-    assert tracking.read_queries(tmp_path / r2)["batch"].tolist() == [0, 0, 0, 1]
+    assert querylog.read_queries(tmp_path / r2)["batch"].tolist() == [0, 0, 0, 1]

@@ -11,7 +11,8 @@ import pytest
 from spikemax import SpikemaxError, tracking
 from spikemax import params as P
 from spikemax.generators import load_generator
-from spikemax.tune import pick_panel, run_stage, with_resolution
+from spikemax.stages.tune import run as run_stage
+from spikemax.tuning import pick_panel, with_resolution
 
 
 @pytest.fixture

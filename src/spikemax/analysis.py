@@ -1,4 +1,4 @@
-"""The `analyze` stage: selectivity across training epochs, concept changes, links to accuracy.
+"""Analysis of the AM results: selectivity across training epochs, concept changes, links to accuracy.
 
 Inputs: every SNN checkpoint (dataset responses -> CSI for all epochs, cheap), the maximize
 stage's `results/am/summary.csv` and run folders (optimal stimuli of the AM'd epochs), and
@@ -12,7 +12,6 @@ any method and seed for that (epoch, generator, target).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -24,9 +23,11 @@ import pandas as pd
 
 from spikemax import SpikemaxError
 from spikemax import selectivity as S
+from spikemax.am import SUMMARY_COLUMNS
 from spikemax.params import Params, Paths
+from spikemax.stats import spearman
+from spikemax.tracking import AM_EXPERIMENT
 
-EXPERIMENT = "activation-maximization"
 STIMULUS_KEYS = ["epoch", "generator", "target"]
 
 
@@ -72,41 +73,6 @@ def first_selective_epoch(epochs: Sequence[int], csi_values: Sequence[float], th
         if c > threshold:
             return int(e)
     return None
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, float | int | None]:
-    """Spearman rho and p-value over the finite pairs; rho None with < 3 pairs or a constant side.
-
-    Up to 8 pairs the two-sided p-value is exact (all pairings enumerated): scipy's asymptotic
-    value is wrong there (it gives p = 0 for rho = 1 with 3 epochs, where the exact p is 1/3).
-    """
-    from scipy.stats import rankdata, spearmanr
-
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    n = int(ok.sum())
-    if n < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
-        return {"rho": None, "p": None, "n": n}
-    res = spearmanr(x[ok], y[ok])
-    rho, p = float(res.statistic), float(res.pvalue)
-    if n <= EXACT_SPEARMAN_MAX_N:
-        p = exact_spearman_p(rankdata(x[ok]), rankdata(y[ok]), rho)
-    return {"rho": rho, "p": p, "n": n}
-
-
-EXACT_SPEARMAN_MAX_N = 8
-
-
-def exact_spearman_p(rx: np.ndarray, ry: np.ndarray, rho: float) -> float:
-    """Two-sided permutation p-value of Spearman's rho: share of pairings with |rho'| >= |rho|."""
-    from itertools import permutations
-
-    perms = np.array(list(permutations(ry)), dtype=np.float64)
-    a = rx - rx.mean()
-    b = perms - perms.mean(axis=1, keepdims=True)
-    rhos = (b @ a) / (np.linalg.norm(b, axis=1) * np.linalg.norm(a))
-    return float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
 
 
 def selective_fraction_by_epoch(first: Sequence[int | None], epochs: Sequence[int]) -> np.ndarray:
@@ -177,21 +143,6 @@ def dataset_selectivity(
 # ---- AM results -----------------------------------------------------------------------------
 
 
-SUMMARY_COLUMNS = [
-    "run_key",
-    "run_id",
-    "epoch",
-    "generator",
-    "target",
-    "layer",
-    "unit",
-    "method",
-    "seed",
-    "best_activation",
-    "run_dir",
-]
-
-
 def load_summary(paths: Paths) -> pd.DataFrame:
     """The maximize stage's summary.csv, checked for the columns the analysis reads."""
     path = paths.results / "am" / "summary.csv"
@@ -255,7 +206,7 @@ def trajectories(
     """Optimal stimuli with similarity to the previous AM'd epoch, to the last one, and concept changes."""
     rows = []
     from_epoch = params.analyze.concept_from_epoch
-    for (gen, target), g in optimal.groupby(["generator", "target"], sort=False):
+    for (gen, _target), g in optimal.groupby(["generator", "target"], sort=False):
         g = g.sort_values("epoch")
         n = grid_size(params, gen)
         keys = g["run_key"].tolist()
@@ -558,7 +509,7 @@ def log_mlflow(paths: Paths, summary: dict, out_dir: Path, runs: pd.DataFrame) -
     from spikemax import tracking
 
     uri = tracking.configure(paths.root)
-    exp_id = tracking.experiment_id(EXPERIMENT, paths.root)
+    exp_id = tracking.experiment_id(AM_EXPERIMENT, paths.root)
     client = mlflow.MlflowClient(uri)
     run = client.create_run(exp_id, run_name="analysis", tags={"spikemax.stage": "analysis"})
     rid = run.info.run_id
@@ -595,112 +546,11 @@ def log_mlflow(paths: Paths, summary: dict, out_dir: Path, runs: pd.DataFrame) -
     return {
         "tracking_uri": uri,
         "experiment_id": exp_id,
-        "experiment": EXPERIMENT,
+        "experiment": AM_EXPERIMENT,
         "run_id": rid,
         "am_runs_tagged": tagged,
         "am_runs_missing": missing,
     }
-
-
-# ---- the stage --------------------------------------------------------------------------
-
-
-def run_stage(params: Params, paths: Paths) -> dict:
-    """The `analyze` stage; returns the claims written to metrics/analysis.json."""
-    import torch
-
-    from spikemax.data import Prepared
-    from spikemax.snn import checkpoints, load_snn
-
-    a = params.analyze
-    prepared = Prepared.load(paths.prepared)
-    x_test, y_test = prepared.tensors("test")
-    if a.max_images:  # the prepared test split is shuffled and class-balanced: a prefix stays balanced
-        x_test, y_test = x_test[: a.max_images], y_test[: a.max_images]
-    ckpts = checkpoints(paths)
-    if not ckpts:
-        raise SpikemaxError(f"no SNN checkpoints under {paths.snn_dir}: run `spikemax train-snn` first")
-    summary_df = load_summary(paths)
-    am_dir = paths.results / "am"
-
-    units, layers = dataset_selectivity(ckpts, x_test, y_test.numpy(), len(prepared.classes), a.batch_size, a.min_rate)
-    final_net = load_snn(ckpts[max(ckpts)])
-    final_net.eval()
-    best = [load_best(am_dir, d) for d in summary_df["run_dir"]]
-    images = np.stack([b[0] for b in best])
-    with torch.no_grad():
-        runs = stimulus_stats(summary_df, images, final_net, prepared, units)
-        pixels = prepared.denormalize(torch.from_numpy(images)).clamp(0, 1).numpy()
-    by_key = dict(zip(runs["run_key"], range(len(runs))))
-    pix_of = {k: pixels[i] for k, i in by_key.items()}
-    lat_of = {k: best[i][1] for k, i in by_key.items()}
-    return write_outputs(
-        params, paths, units, layers, runs, pix_of, lat_of, prepared.classes, epochs=sorted(int(e) for e in ckpts)
-    )
-
-
-def write_outputs(
-    params: Params,
-    paths: Paths,
-    units: pd.DataFrame,
-    layers: list[str],
-    runs: pd.DataFrame,
-    pixels: dict[str, np.ndarray],
-    latents: dict[str, np.ndarray],
-    classes: list[str],
-    epochs: list[int],
-) -> dict:
-    """Everything after the SNN readout: tables, claims, figures, metrics JSON and MLflow."""
-    a = params.analyze
-    am_dir = paths.results / "am"
-    out_dir = paths.results / "analysis"
-    fig_dir = out_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    optimal = optimal_stimuli(runs)
-    traj = trajectories(optimal, latents, params, pixels)
-    changes = neuron_changes(traj, a.concept_from_epoch)
-    first = first_selective_table(units, a.csi_threshold)
-    epochs_t = epoch_table(units, runs, read_accuracy(paths), a.csi_threshold)
-    result = claims(units, first, runs, traj, changes, epochs_t, layers, params)
-    curves = convergence_curves(runs, am_dir)
-
-    units.to_csv(out_dir / "units.csv", index=False)
-    runs.to_csv(out_dir / "runs.csv", index=False)
-    traj.to_csv(out_dir / "stimuli.csv", index=False)
-    changes.to_csv(out_dir / "concept_changes.csv", index=False)
-    first.to_csv(out_dir / "first_selective.csv", index=False)
-    method_table(runs, curves).to_csv(out_dir / "methods.csv", index=False)
-    epochs_t.to_csv(out_dir / "accuracy_by_epoch.csv", index=False)
-    wide_by_layer(units, "csi", layers).to_csv(out_dir / "csi_by_epoch.csv", index=False)
-    wide_by_layer(runs, "am_gain_dataset", layers).to_csv(out_dir / "am_gain_by_epoch.csv", index=False)
-    layer_table(result, layers).to_csv(out_dir / "layers.csv", index=False)
-    write_figures(
-        fig_dir,
-        units=units,
-        runs=runs,
-        traj=traj,
-        first=first,
-        epochs_t=epochs_t,
-        curves=curves,
-        layers=layers,
-        classes=classes,
-        pixels=pixels,
-        threshold=a.csi_threshold,
-        grid_rows=a.grid_rows,
-    )
-
-    result["meta"] = {
-        "epochs": epochs,
-        "am_epochs": sorted(int(e) for e in runs["epoch"].unique()),
-        "layers": layers,
-        "am_runs": len(runs),
-        "classes": list(classes),
-    }
-    paths.metrics.mkdir(parents=True, exist_ok=True)
-    (paths.metrics / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
-    ids = log_mlflow(paths, result, out_dir, runs) if a.mlflow else {}
-    (out_dir / "mlflow.json").write_text(json.dumps(ids, indent=2) + "\n")
-    return result
 
 
 def layer_table(result: dict, layers: list[str]) -> pd.DataFrame:
@@ -708,289 +558,8 @@ def layer_table(result: dict, layers: list[str]) -> pd.DataFrame:
     rows = []
     for lay in layers:
         row: dict[str, Any] = {"layer": lay}
-        for claim, body in result.items():
+        for _claim, body in result.items():
             for k, v in body.get("per_layer", {}).get(lay, {}).items():
                 row[k] = v["rho"] if isinstance(v, dict) else v
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-# ---- figures ----------------------------------------------------------------------------
-
-
-def _plt():
-    """pyplot on the non-interactive Agg backend (stages run headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _show(ax: Any, pix: np.ndarray) -> None:
-    """Draw a (C, H, W) [0, 1] image without axes."""
-    if pix.shape[0] == 1:
-        ax.imshow(pix[0], cmap="gray", vmin=0, vmax=1)
-    else:
-        ax.imshow(np.transpose(pix, (1, 2, 0)))
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _integer_epochs(*axes: Any) -> None:
-    """Epoch axes show whole epochs only."""
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def fig_accuracy_selectivity(
-    epochs_t: pd.DataFrame, units: pd.DataFrame, layers: list[str], threshold: float, path: Path
-) -> None:
-    """Claim 2: test accuracy, mean CSI per layer and fraction selective per layer vs epoch."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    if "test_acc" in epochs_t:
-        axes[0].plot(epochs_t["epoch"], epochs_t["test_acc"], "k-o", label="test accuracy")
-    axes[0].plot(epochs_t["epoch"], epochs_t["mean_csi"], "b-s", label="mean CSI (all units)")
-    if epochs_t["am_gain"].notna().any():
-        ax2 = axes[0].twinx()
-        g = epochs_t.dropna(subset=["am_gain"])  # AM ran on some epochs only: join those points
-        ax2.plot(g["epoch"], g["am_gain"], "r-^", label="mean AM gain")
-        ax2.set_ylabel("AM gain (AM best / dataset max)", color="r")
-    axes[0].set_xlabel("epoch")
-    axes[0].legend(loc="upper left", fontsize=8)
-    axes[0].set_title("accuracy, selectivity, AM gain")
-    for lay in layers:
-        u = units[units["layer"] == lay].groupby("epoch")["csi"]
-        axes[1].plot(u.mean().index, u.mean().values, "-o", label=lay)
-        axes[2].plot(u.mean().index, u.apply(lambda c: np.mean(c > threshold)).values, "-o", label=lay)
-    axes[1].set(xlabel="epoch", ylabel="mean CSI", title="mean CSI per layer")
-    axes[2].set(xlabel="epoch", ylabel=f"fraction CSI > {threshold}", title="selective units per layer")
-    axes[1].legend(fontsize=8)
-    _integer_epochs(*axes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def fig_first_selective(
-    first: pd.DataFrame, epochs: list[int], layers: list[str], threshold: float, path: Path
-) -> None:
-    """Claim 1: cumulative fraction of units per layer that have become selective by each epoch."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for lay in layers:
-        f = first.loc[first["layer"] == lay, "first_selective_epoch"]
-        frac = selective_fraction_by_epoch([None if np.isnan(v) else v for v in f], epochs)
-        ax.plot(epochs, frac, "-o", label=f"{lay} ({len(f)} units)")
-    ax.set(
-        xlabel="epoch",
-        ylabel=f"fraction with CSI > {threshold} so far",
-        ylim=(-0.02, 1.02),
-        title="first epoch of selectivity (cumulative)",
-    )
-    ax.legend(fontsize=8)
-    _integer_epochs(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def fig_am_gain(runs: pd.DataFrame, layers: list[str], path: Path) -> None:
-    """AM gain per layer and per method vs epoch."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for lay in layers:
-        g = runs[runs["layer"] == lay].groupby("epoch")["am_gain_dataset"].mean()
-        if len(g):
-            axes[0].plot(g.index, g.values, "-o", label=lay)
-    for (gen, method), r in runs.groupby(["generator", "method"]):
-        g = r.groupby("epoch")["am_gain_dataset"].mean()
-        axes[1].plot(g.index, g.values, "-o", label=f"{gen}/{method}")
-    for ax, title in zip(axes, ("per layer", "per generator / method")):
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set(xlabel="epoch", ylabel="AM best / dataset max", title=f"AM gain {title}")
-        ax.legend(fontsize=8)
-        _integer_epochs(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def pick_neurons(traj: pd.DataFrame, layers: list[str], rows: int) -> list[str]:
-    """Up to `rows` targets spread evenly over the layers, in depth then unit order."""
-    order = {lay: i for i, lay in enumerate(layers)}
-    t = traj[["target", "layer", "unit"]].drop_duplicates("target")
-    t = t.assign(d=t["layer"].map(order).fillna(len(layers))).sort_values(["d", "unit"])
-    groups = [g["target"].tolist() for _, g in t.groupby("d", sort=True)]
-    picked: list[str] = []
-    while len(picked) < rows and any(groups):
-        for g in groups:
-            if g and len(picked) < rows:
-                picked.append(g.pop(0))
-    return sorted(
-        picked,
-        key=lambda tg: (
-            order.get(t.set_index("target").loc[tg, "layer"], len(layers)),
-            t.set_index("target").loc[tg, "unit"],
-        ),
-    )
-
-
-def fig_evolution(
-    traj: pd.DataFrame,
-    generator: str,
-    targets: list[str],
-    pixels: dict[str, np.ndarray],
-    classes: list[str],
-    path: Path,
-) -> None:
-    """Stimulus evolution: rows = neurons, columns = AM'd epochs; titled with concept and activation."""
-    plt = _plt()
-    t = traj[(traj["generator"] == generator) & traj["target"].isin(targets)]
-    epochs = sorted(t["epoch"].unique())
-    fig, axes = plt.subplots(
-        len(targets), len(epochs), figsize=(1.6 * len(epochs) + 0.8, 1.9 * len(targets)), squeeze=False
-    )
-    cell = {(r["target"], r["epoch"]): r for _, r in t.iterrows()}
-    for i, tg in enumerate(targets):
-        for j, e in enumerate(epochs):
-            ax = axes[i, j]
-            r = cell.get((tg, e))
-            if r is None:
-                ax.axis("off")
-                continue
-            _show(ax, pixels[r["run_key"]])
-            mark = " *" if r["concept_changed"] else ""
-            ax.set_title(
-                f"e{e}: {classes[int(r['concept'])][:10]} {r['concept_prob']:.2f}{mark}\n"
-                f"act {r['best_activation']:.3g}",
-                fontsize=7,
-                color="red" if mark else "black",
-            )
-            if j == 0:
-                ax.set_ylabel(tg, fontsize=8)
-    fig.suptitle(
-        f"{generator}: optimal stimulus per epoch\n(concept under the final SNN, its probability; * = changed)",
-        fontsize=9,
-    )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the two-line suptitle
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def fig_concepts(traj: pd.DataFrame, layers: list[str], classes: list[str], path: Path) -> None:
-    """Claim 3: concept of each tracked neuron's optimal stimulus over epochs (colour = class)."""
-    plt = _plt()
-    order = {lay: i for i, lay in enumerate(layers)}
-    seqs = traj.assign(d=traj["layer"].map(order)).sort_values(["d", "unit", "generator", "epoch"])
-    names = list(dict.fromkeys(zip(seqs["generator"], seqs["target"])))
-    epochs = sorted(seqs["epoch"].unique())
-    grid = np.full((len(names), len(epochs)), np.nan)
-    for _, r in seqs.iterrows():
-        grid[names.index((r["generator"], r["target"])), epochs.index(r["epoch"])] = r["concept"]
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(epochs), 1 + 0.22 * len(names)))
-    im = ax.imshow(
-        np.ma.masked_invalid(grid), cmap="tab10", vmin=-0.5, vmax=9.5, aspect="auto", interpolation="nearest"
-    )
-    ax.set_xticks(range(len(epochs)), [str(e) for e in epochs])
-    ax.set_yticks(range(len(names)), [f"{g}/{t}" for g, t in names], fontsize=6)
-    ax.set_xlabel("epoch")
-    cbar = fig.colorbar(im, ax=ax, ticks=range(len(classes)))
-    cbar.ax.set_yticklabels(classes, fontsize=7)
-    ax.set_title("concept of the optimal stimulus per neuron")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def fig_convergence(curves: pd.DataFrame, path: Path) -> None:
-    """Method comparison: median (IQR band) best-so-far AM gain vs queries, one panel per generator."""
-    plt = _plt()
-    gens = sorted(curves["generator"].unique()) or ["(none)"]
-    fig, axes = plt.subplots(1, len(gens), figsize=(5.5 * len(gens), 4), squeeze=False)
-    for ax, gen in zip(axes[0], gens):
-        for method, c in curves[curves["generator"] == gen].groupby("method"):
-            # Runs that stopped early keep their final best for the later queries.
-            wide = c.pivot(index="query", columns="run_key", values="gain").ffill()
-            q = wide.index.to_numpy()
-            med = wide.median(axis=1)
-            ax.plot(q, med, label=f"{method} ({wide.shape[1]} runs)")
-            ax.fill_between(q, wide.quantile(0.25, axis=1), wide.quantile(0.75, axis=1), alpha=0.2)
-        ax.set(xlabel="queries", ylabel="best-so-far / dataset max", title=f"convergence: {gen}")
-        ax.set_xscale("log")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def fig_methods_best(runs: pd.DataFrame, pixels: dict[str, np.ndarray], targets: list[str], path: Path) -> None:
-    """Best stimuli side by side per (generator, method) at the last AM'd epoch, one row per neuron."""
-    plt = _plt()
-    last = runs[runs["epoch"] == runs["epoch"].max()]
-    cols = sorted(set(zip(last["generator"], last["method"])))
-    targets = [t for t in targets if t in set(last["target"])]
-    fig, axes = plt.subplots(
-        max(len(targets), 1),
-        max(len(cols), 1),
-        squeeze=False,
-        figsize=(1.7 * max(len(cols), 1) + 0.8, 1.8 * max(len(targets), 1)),
-    )
-    for i, tg in enumerate(targets):
-        for j, (gen, method) in enumerate(cols):
-            ax = axes[i, j]
-            r = last[(last["target"] == tg) & (last["generator"] == gen) & (last["method"] == method)]
-            if r.empty:
-                ax.axis("off")
-                continue
-            r = r.loc[r["best_activation"].idxmax()]
-            _show(ax, pixels[r["run_key"]])
-            ax.set_title(
-                f"{gen}/{method}\nact {r['best_activation']:.3g}" if i == 0 else f"act {r['best_activation']:.3g}",
-                fontsize=7,
-            )
-            if j == 0:
-                ax.set_ylabel(tg, fontsize=8)
-    fig.suptitle(f"best stimulus per method, epoch {int(last['epoch'].max()) if len(last) else '-'}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def write_figures(
-    fig_dir: Path,
-    *,
-    units: pd.DataFrame,
-    runs: pd.DataFrame,
-    traj: pd.DataFrame,
-    first: pd.DataFrame,
-    epochs_t: pd.DataFrame,
-    curves: pd.DataFrame,
-    layers: list[str],
-    classes: list[str],
-    pixels: dict[str, np.ndarray],
-    threshold: float,
-    grid_rows: int,
-) -> list[Path]:
-    """Every analysis figure under fig_dir; returns their paths."""
-    epochs = sorted(units["epoch"].unique().tolist())
-    written = []
-
-    def out(name: str) -> Path:
-        written.append(fig_dir / name)
-        return written[-1]
-
-    fig_accuracy_selectivity(epochs_t, units, layers, threshold, out("accuracy_selectivity.png"))
-    fig_first_selective(first, epochs, layers, threshold, out("first_selective.png"))
-    fig_am_gain(runs, layers, out("am_gain.png"))
-    targets = pick_neurons(traj, layers, grid_rows)
-    for gen in sorted(traj["generator"].unique()):
-        fig_evolution(traj, gen, targets, pixels, classes, out(f"evolution_{gen}.png"))
-    fig_concepts(traj, layers, classes, out("concepts.png"))
-    fig_convergence(curves, out("convergence.png"))
-    fig_methods_best(runs, pixels, targets, out("methods_best.png"))
-    return written

@@ -49,7 +49,7 @@ def prepare(params: Path = ParamsOpt) -> None:
     p, paths = _load(params)
     from rich import print as rprint
 
-    from spikemax.data import prepare as run
+    from spikemax.stages.prepare import run
 
     meta = run(p, paths)
     rprint(f"[green]prepared[/] {meta['dataset']}: {meta['sizes']} -> {paths.prepared}")
@@ -60,9 +60,9 @@ def prepare(params: Path = ParamsOpt) -> None:
 def train_snn(params: Path = ParamsOpt) -> None:
     """Train the ConvSNN, saving a checkpoint for epoch 0 and after every epoch."""
     p, paths = _load(params)
-    from spikemax.snn import train
+    from spikemax.stages.train_snn import run
 
-    train(p, paths)
+    run(p, paths)
 
 
 @app.command()
@@ -84,9 +84,9 @@ def train_generator(
 ) -> None:
     """Train one generator (SN-GAN or VQ-VAE) on the prepared data."""
     p, paths = _load(params)
-    from spikemax.generators import train
+    from spikemax.stages.train_generator import run
 
-    train(name, p, paths)
+    run(name, p, paths)
 
 
 @app.command("check-generators")
@@ -94,9 +94,9 @@ def train_generator(
 def check_generators(params: Path = ParamsOpt) -> None:
     """Score the trained generators with the final SNN: diversity, recognizability, reconstruction."""
     p, paths = _load(params)
-    from spikemax.generators import check
+    from spikemax.stages.check_generators import run
 
-    check(p, paths)
+    run(p, paths)
 
 
 @app.command()
@@ -104,9 +104,9 @@ def check_generators(params: Path = ParamsOpt) -> None:
 def maximize(params: Path = ParamsOpt) -> None:
     """Run activation maximization over checkpoints x generators x targets x methods x seeds."""
     p, paths = _load(params)
-    from spikemax.loop import run_stage
+    from spikemax.stages.maximize import run
 
-    run_stage(p, paths)
+    run(p, paths)
 
 
 @app.command()
@@ -114,9 +114,9 @@ def maximize(params: Path = ParamsOpt) -> None:
 def analyze(params: Path = ParamsOpt) -> None:
     """Selectivity and training-dynamics analysis of the maximize results."""
     p, paths = _load(params)
-    from spikemax.analysis import run_stage
+    from spikemax.stages.analyze import run
 
-    run_stage(p, paths)
+    run(p, paths)
 
 
 @app.command()
@@ -124,9 +124,9 @@ def analyze(params: Path = ParamsOpt) -> None:
 def report(params: Path = ParamsOpt) -> None:
     """Write the static HTML report under reports/."""
     p, paths = _load(params)
-    from spikemax.report import run_stage
+    from spikemax.stages.report import run
 
-    run_stage(p, paths)
+    run(p, paths)
 
 
 @app.command()
@@ -134,9 +134,9 @@ def report(params: Path = ParamsOpt) -> None:
 def tune(params: Path = ParamsOpt) -> None:
     """Tune TT rank and grid resolution with Optuna."""
     p, paths = _load(params)
-    from spikemax.tune import run_stage
+    from spikemax.stages.tune import run
 
-    run_stage(p, paths)
+    run(p, paths)
 
 
 @app.command()

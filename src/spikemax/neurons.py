@@ -36,8 +36,13 @@ class Target:
     layer: str
     unit: int
 
-    def __str__(self) -> str:
+    @property
+    def name(self) -> str:
+        """Canonical target string: `class:K` for the output layer, else `LAYER:UNIT`."""
         return f"class:{self.unit}" if self.layer == OUTPUT_LAYER else f"{self.layer}:{self.unit}"
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def syntax(layers: dict[str, int]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -20,9 +20,9 @@ class ParamsError(SpikemaxError):
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, not silently ignored."""
+    """Base of every section: unknown keys are errors, not silently ignored; floats must be finite."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class PrepareParams(Section):
@@ -163,10 +163,18 @@ class TuneParams(Section):
     n_trials: int = Field(8, ge=1)
     budget: int = Field(256, ge=1)
     batch: int = Field(32, ge=1)
-    ranks: list[int] = Field(default_factory=lambda: [2, 3, 5, 8], min_length=1)
-    grid_n: list[int] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
-    lr: tuple[float, float] = (0.01, 0.3)
+    ranks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [2, 3, 5, 8], min_length=1)
+    grid_n: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
+    lr: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)]] = (0.01, 0.3)
     seed: int = Field(0, ge=0)
+
+    @field_validator("lr")
+    @classmethod
+    def _ordered_lr(cls, value: tuple[float, float]) -> tuple[float, float]:
+        """The log-uniform range must be [low, high] with low < high."""
+        if not value[0] < value[1]:
+            raise PydanticCustomError("range", "Input should be [low, high] with low < high")
+        return value
 
 
 class Params(Section):

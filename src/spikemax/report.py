@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from spikemax import SpikemaxError
-from spikemax.params import Params, Paths
+from spikemax.params import Paths
 
 MLFLOW_UI = "http://127.0.0.1:5000"
 SECTIONS = {
@@ -305,12 +305,3 @@ def build(paths: Paths) -> str:
         f"<style>{CSS}</style></head><body><h1>spikemax: activation maximization across SNN training</h1>"
         f"<nav>{nav}</nav>{''.join(parts)}</body></html>\n"
     )
-
-
-def run_stage(params: Params, paths: Paths) -> Path:
-    """The `report` stage: write reports/index.html; returns its path."""
-    page = build(paths)
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    out = paths.reports / "index.html"
-    out.write_text(page, encoding="utf-8")
-    return out

@@ -7,10 +7,7 @@ means stay finite; the docstrings say which.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image
 
 
 def class_means(rates: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -103,16 +100,8 @@ def concept(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return cls, p[np.arange(len(p)), cls], np.atleast_1d(normalized_perplexity(p))
 
 
-def to_uint8(pixels01: np.ndarray) -> np.ndarray:
-    """(C, H, W) or (H, W) image in [0, 1] -> uint8 (H, W) or (H, W, C), clipped."""
-    x = np.asarray(pixels01, dtype=np.float64)
-    if x.ndim == 3:
-        x = x[0] if x.shape[0] == 1 else np.transpose(x, (1, 2, 0))
-    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 def png_complexity(pixels01: np.ndarray) -> int:
     """Stimulus complexity: bytes of the image as a maximally compressed 8-bit PNG."""
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(pixels01)).save(buf, format="PNG", optimize=True, compress_level=9)
-    return buf.getbuffer().nbytes
+    from spikemax.images import png_bytes
+
+    return len(png_bytes(pixels01, optimize=True))

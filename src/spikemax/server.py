@@ -7,8 +7,6 @@ Endpoints: `GET /status`, `POST /ask {"k": 8}` -> indices and PNG images (base64
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import threading
@@ -20,17 +18,7 @@ import numpy as np
 import torch
 
 from spikemax import SpikemaxError
-
-
-def png_base64(image01: torch.Tensor) -> str:
-    """One (C, H, W) image in [0, 1] as a base64-encoded PNG."""
-    from PIL import Image
-
-    arr = (image01.clamp(0, 1).mul(255).round().to(torch.uint8)).cpu().numpy()
-    arr = arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0))
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+from spikemax.images import png_base64
 
 
 class ClosedLoop:
@@ -203,15 +191,14 @@ def serve(
 
     from spikemax import tracking
     from spikemax.generators import load_generator
-    from spikemax.optim import make_optimizer
+    from spikemax.optim import make_optimizer, options_for
+    from spikemax.querylog import QueryLogger
 
     mp = params.maximize
     generator = generator or mp.generators[0]
     method = method or mp.methods[0]
     grid = load_generator(generator, paths.generators_dir / f"{generator}.ckpt")
-    options = dict(batch=mp.batch)
-    if method == "tt":
-        options.update(mp.tt.model_dump())
+    options = {"batch": mp.batch, **options_for(method, mp, grid)}
     try:
         opt = make_optimizer(method, grid.d, grid.n, seed=mp.seeds[0], **options)
     except ValueError as err:
@@ -231,7 +218,7 @@ def serve(
     }.items():
         client.log_param(run.info.run_id, key, value)
     run_dir = paths.results / "serve" / time.strftime("%Y%m%d-%H%M%S")
-    logger = tracking.QueryLogger(client, run.info.run_id, run_dir)
+    logger = QueryLogger(client, run.info.run_id, run_dir)
     loop = ClosedLoop(opt, grid, mp.budget, logger)
     server = make_server(loop, host, port)
     print(

@@ -21,10 +21,7 @@ lr: 0.0005, epochs: 40}`` (hours on CPU; the defaults are sized for a few minute
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import time
 from pathlib import Path
 
 import lightning as L
@@ -367,7 +364,7 @@ class EpochRecorder(L.Callback):
         self.record(trainer, trainer.current_epoch + 1)
 
 
-def _build(params: Params, meta: dict) -> ConvSNN:
+def build(params: Params, meta: dict) -> ConvSNN:
     """A fresh ConvSNN for the prepared dataset, sized by params.snn."""
     s = params.snn
     return ConvSNN(
@@ -386,83 +383,6 @@ def _build(params: Params, meta: dict) -> ConvSNN:
         schedule=s.schedule,
         classes=list(meta["classes"]),
     )
-
-
-def train(params: Params, paths: Paths) -> None:
-    """The `train_snn` stage: checkpoints for epoch 0..N, metrics/snn.json and metrics/snn_epochs.csv."""
-    threads = torch.get_num_threads()
-    # Float sums (hence the trained weights) depend on the thread count: fix it for reproducibility.
-    torch.set_num_threads(params.snn.threads)
-    try:
-        _train(params, paths)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(params: Params, paths: Paths) -> None:
-    """Body of `train` (runs with the configured thread count)."""
-    from lightning.pytorch.callbacks import RichProgressBar
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    from spikemax import tracking
-    from spikemax.data import Prepared, PreparedDataModule
-
-    s = params.snn
-    prepared = Prepared.load(paths.prepared)
-    L.seed_everything(s.seed, workers=True, verbose=False)
-    model = _build(params, prepared.meta)
-    dm = PreparedDataModule(prepared, batch_size=s.batch_size, seed=s.seed)
-    dm.setup()
-    eval_loaders = [dm.val_dataloader(), dm.test_dataloader()]
-
-    out_dir = paths.snn_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(CKPT_PATTERN):  # a previous run with more epochs must not leak in
-        stale.unlink()
-
-    uri = tracking.configure(paths.root)
-    tracking.experiment_id("snn", paths.root)
-    logger = MLFlowLogger(experiment_name="snn", tracking_uri=uri, run_name=f"snn-{prepared.meta['dataset']}")
-    recorder = EpochRecorder(out_dir)
-    trainer = L.Trainer(
-        max_epochs=s.epochs,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        logger=logger,
-        callbacks=[RichProgressBar(leave=True), recorder],
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-    )
-    start = time.perf_counter()
-    trainer.validate(model, dataloaders=eval_loaders, verbose=False)
-    recorder.record(trainer, 0)
-    trainer.fit(model, train_dataloaders=dm.train_dataloader(), val_dataloaders=eval_loaders)
-    seconds = time.perf_counter() - start
-
-    rows = recorder.rows
-    last = rows[-1]
-    summary = {
-        "test_acc": last["test_acc"],
-        "val_acc": last["val_acc"],
-        "test_acc_epoch0": rows[0]["test_acc"],
-        "best_test_acc": max(r["test_acc"] for r in rows),
-        "epochs": s.epochs,
-        "num_steps": s.num_steps,
-        "train_seconds": round(seconds, 1),
-    }
-    paths.metrics.mkdir(parents=True, exist_ok=True)
-    (paths.metrics / "snn.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(paths.metrics / "snn_epochs.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in CSV_COLUMNS})
-    logger.log_metrics({"train_seconds": seconds}, step=s.epochs)
-    logger.experiment.log_artifact(logger.run_id, str(paths.metrics / "snn_epochs.csv"))
-    logger.finalize("success")
 
 
 def checkpoints(paths: Paths) -> dict[int, Path]:

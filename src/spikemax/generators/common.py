@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -64,9 +63,10 @@ class MlflowEpochLogger(L.Callback):
         with tempfile.TemporaryDirectory() as tmp:
             png = save_grid(self.make_grid(), Path(tmp) / f"samples_epoch{epoch:03d}.png")
             self.client.log_artifact(self.run_id, str(png), "samples")
-            if hasattr(pl_module, "reconstruct") and trainer.datamodule is not None:
+            datamodule = getattr(trainer, "datamodule", None)
+            if hasattr(pl_module, "reconstruct") and datamodule is not None:
                 png = Path(tmp) / f"recon_epoch{epoch:03d}.png"
-                save_reconstructions(pl_module, pixels(trainer.datamodule.sets["val"].tensors)[:32], png)
+                save_reconstructions(pl_module, pixels(datamodule.sets["val"].tensors)[:32], png)
                 self.client.log_artifact(self.run_id, str(png), "reconstructions")
         pl_module.train(was_training)
 
@@ -88,9 +88,3 @@ def make_trainer(epochs: int, callbacks: list[L.Callback], max_steps: int = -1, 
         limit_val_batches=None if validate else 0,
         callbacks=[bar, *callbacks],
     )
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write a metrics JSON file (creating its folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -101,20 +102,20 @@ class SNGAN(L.LightningModule):
     @property
     def decoder(self) -> Generator:
         """The network the grid decodes with: the EMA generator unless ema = 0."""
-        return self.generator_ema if self.hparams.ema > 0 else self.generator
+        return self.generator_ema if self.hparams["ema"] > 0 else self.generator
 
     def configure_optimizers(self):
-        lr = self.hparams.lr
+        lr = self.hparams["lr"]
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr, betas=(0.5, 0.999))
         # The critic learns twice as fast (TTUR): one D step per G step then suffices.
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=2 * lr, betas=(0.5, 0.999))
         return [opt_g, opt_d]
 
     def _z(self, k: int) -> Tensor:
-        return torch.randn(k, self.hparams.latent_dim, device=self.device)
+        return torch.randn(k, self.hparams["latent_dim"], device=self.device)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()
+        opt_g, opt_d = cast(list, self.optimizers())
         real = pixels(batch)
         fake = self.generator(self._z(len(real)))
         loss_d = F.relu(1 - self.discriminator(real)).mean() + F.relu(1 + self.discriminator(fake.detach())).mean()
@@ -131,7 +132,7 @@ class SNGAN(L.LightningModule):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        decay = self.hparams.ema
+        decay = self.hparams["ema"]
         # Early on a 0.999 average would mostly remember the random init: warm it up.
         decay = min(decay, (1 + self.global_step) / (10 + self.global_step))
         for pe, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
@@ -151,7 +152,7 @@ class SNGAN(L.LightningModule):
         net.train()
         gen = torch.Generator().manual_seed(12345)
         for _ in range(batches):
-            net(torch.randn(batch_size, self.hparams.latent_dim, generator=gen))
+            net(torch.randn(batch_size, self.hparams["latent_dim"], generator=gen))
         for m, mom in zip(bns, old):
             m.momentum = mom
         net.eval()
@@ -168,7 +169,7 @@ class SNGANGrid(LatentGrid):
     ordered = True  # quantiles increase with the index
 
     def __init__(self, model: SNGAN) -> None:
-        hp = model.hparams
+        hp: Any = model.hparams
         super().__init__(model.decoder, hp.latent_dim, hp.grid_n, hp.shape, hp.mean, hp.std)
         self.values = normal_quantiles(hp.grid_n)
 

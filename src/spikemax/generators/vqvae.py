@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -80,6 +81,12 @@ class Decoder(nn.Module):
 
 class VectorQuantizerEMA(nn.Module):
     """Nearest-code quantizer whose codebook follows EMA cluster means; dead codes restart."""
+
+    # Buffers (saved with the checkpoint, never trained).
+    embed: Tensor
+    cluster_size: Tensor
+    embed_sum: Tensor
+    initialized: Tensor
 
     def __init__(self, codes: int, dim: int, decay: float = 0.99, eps: float = 1e-5) -> None:
         super().__init__()
@@ -168,7 +175,9 @@ class VQVAE(L.LightningModule):
         self.decoder = Decoder(c, width, code_dim, downsample)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(list(self.encoder.parameters()) + list(self.decoder.parameters()), lr=self.hparams.lr)
+        return torch.optim.Adam(
+            list(self.encoder.parameters()) + list(self.decoder.parameters()), lr=self.hparams["lr"]
+        )
 
     def forward(self, x01: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         zq, idx, commit, perplexity = self.quantizer(self.encoder(x01))
@@ -183,7 +192,7 @@ class VQVAE(L.LightningModule):
         x = pixels(batch)
         recon, _, commit, perplexity = self(x)
         mse = F.mse_loss(recon, x)
-        loss = mse + self.hparams.commitment * commit
+        loss = mse + self.hparams["commitment"] * commit
         self.log_dict(
             {"loss": loss, "recon_mse": mse, "commitment": commit, "perplexity": perplexity},
             on_step=False,
@@ -213,8 +222,10 @@ class VQVAEGrid(LatentGrid):
     name = "vqvae"
     ordered = False  # codebook entries i and i + 1 are unrelated vectors
 
+    net: VQVAE
+
     def __init__(self, model: VQVAE) -> None:
-        hp = model.hparams
+        hp: Any = model.hparams
         h, w = model.positions
         super().__init__(model, h * w, hp.codes, hp.shape, hp.mean, hp.std)
         self.positions = (h, w)

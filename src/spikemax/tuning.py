@@ -1,4 +1,4 @@
-"""`tune` stage: Optuna search over the TT maximizer's rank, grid resolution and step size.
+"""Optuna search over the TT maximizer's rank, grid resolution and step size (used by the `tune` stage).
 
 A trial runs TT on a fixed panel of neurons of one SNN checkpoint and scores it by the mean AM
 gain (best activation / highest activation over the test images) at a fixed query budget. Trials
@@ -18,8 +18,7 @@ import numpy as np
 
 from spikemax import SpikemaxError
 from spikemax.params import Params, Paths
-
-TUNING_EXPERIMENT = "tuning"
+from spikemax.tracking import TUNING_EXPERIMENT
 
 
 def with_resolution(grid: Any, n: int) -> Any:
@@ -155,53 +154,3 @@ def mlflow_callback(paths: Paths):
         client.set_terminated(run.info.run_id, "FINISHED" if trial.value is not None else "FAILED")
 
     return callback
-
-
-def run_stage(params: Params, paths: Paths) -> dict:
-    """`spikemax tune`: complete the study to `tune.n_trials` trials; write metrics and a trials table."""
-    import optuna
-
-    from spikemax.snn import checkpoints
-
-    t = params.tune
-    ckpts = checkpoints(paths)
-    if not ckpts:
-        raise SpikemaxError(f"no SNN checkpoint under {paths.snn_dir}: run `spikemax train-snn` first")
-    epoch = max(ckpts) if t.epoch == "last" else int(t.epoch)
-    if epoch not in ckpts:
-        raise SpikemaxError(f"tune.epoch={epoch} has no checkpoint; available: {sorted(ckpts)}")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=study_name(params, epoch),
-        storage=storage(paths),
-        direction="maximize",
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=t.seed),
-    )
-    done = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
-    todo = t.n_trials - len(done)
-    if todo > 0:
-        objective, _ = make_objective(params, paths, epoch)
-        callback = mlflow_callback(paths)
-        study.optimize(objective, n_trials=todo, callbacks=[callback], show_progress_bar=True)
-    return write_outputs(study, paths, epoch)
-
-
-def write_outputs(study: Any, paths: Paths, epoch: int) -> dict:
-    """metrics/tune.json (best settings) and results/tune/trials.csv (one row per trial)."""
-    df = study.trials_dataframe(attrs=("number", "value", "params", "state"))
-    df.columns = [c.removeprefix("params_") for c in df.columns]
-    out = paths.results / "tune"
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "trials.csv", index=False)
-    best = study.best_trial
-    summary = {
-        "study": study.study_name,
-        "epoch": epoch,
-        "n_trials": len(df),
-        "best_mean_am_gain": float(best.value),
-        **{f"best_{k}": v for k, v in best.params.items()},
-    }
-    paths.metrics.mkdir(parents=True, exist_ok=True)
-    (paths.metrics / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary

@@ -1,0 +1,22 @@
+"""The activation-maximization loop and the maximize stage's planning and run bookkeeping."""
+
+# Columns of results/am/summary.csv: one row per finished AM run (the analysis stage reads it).
+SUMMARY_COLUMNS = [
+    "run_key",
+    "run_id",
+    "epoch",
+    "generator",
+    "target",
+    "layer",
+    "unit",
+    "method",
+    "seed",
+    "budget",
+    "n_queries",
+    "best_activation",
+    "queries_to_95",
+    "dataset_max",
+    "am_gain",
+    "queries_saved",
+    "run_dir",
+]

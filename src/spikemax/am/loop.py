@@ -1,0 +1,209 @@
+"""The activation-maximization loop: ask -> decode -> respond -> log -> tell, one or many optimizers in lock step."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from spikemax.optim import Optimizer
+from spikemax.querylog import QueryLogger, log_batches
+
+if TYPE_CHECKING:
+    from spikemax.generators import LatentGrid
+
+if TYPE_CHECKING:
+    pass
+
+Responder = Callable[[torch.Tensor], np.ndarray]
+
+
+@dataclass
+class AMResult:
+    """Outcome of one AM run: the best stimulus and every query in order."""
+
+    best_indices: np.ndarray | None
+    best_response: float
+    best_image: torch.Tensor | None
+    indices: np.ndarray  # (n_queries, d) grid indices in query order
+    responses: np.ndarray  # (n_queries,), NaN = failed query
+    batches: np.ndarray  # (n_queries,) batch number of each query
+    stopped_early: bool = False
+    stop_reason: str = ""
+    wall_s: float = 0.0
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.responses)
+
+    @property
+    def history(self) -> np.ndarray:
+        """Every response in query order (the optimizers' `history` convention)."""
+        return self.responses
+
+    def queries_to(self, fraction: float = 0.95) -> int:
+        """Queries (1-based) until the running best first reaches `fraction` of the final best."""
+        return queries_to_fraction(self.responses, fraction)
+
+
+def queries_to_fraction(responses: np.ndarray, fraction: float = 0.95) -> int:
+    """Queries (1-based) until the running best reaches `fraction` of the best; 0 if none succeeded."""
+    y = np.asarray(responses, dtype=np.float64)
+    ok = ~np.isnan(y)
+    if not ok.any():
+        return 0
+    best = float(y[ok].max())
+    # Works for negative bests too: the threshold lies `1 - fraction` of |best| below it.
+    threshold = best - (1.0 - fraction) * abs(best)
+    return int(np.argmax(np.where(ok, y, -np.inf) >= threshold)) + 1
+
+
+@dataclass
+class _Track:
+    """Per-optimizer state inside a lock-step group."""
+
+    optimizer: Optimizer
+    logger: QueryLogger | None
+    target_value: float | None
+    indices: list = field(default_factory=list)
+    responses: list = field(default_factory=list)
+    batches: list = field(default_factory=list)
+    best: float = -math.inf
+    best_indices: np.ndarray | None = None
+    best_image: torch.Tensor | None = None
+    n: int = 0
+    stopped: str = ""
+    t0: float = field(default_factory=time.perf_counter)
+    wall: float = 0.0
+
+
+def _respond(responder: Responder, images: torch.Tensor, max_images: int) -> np.ndarray:
+    """Responses to many images in chunks (bounded memory); (K,) or (K, m)."""
+    outs = [
+        np.asarray(responder(images[i : i + max_images]), dtype=np.float64) for i in range(0, len(images), max_images)
+    ]
+    return np.concatenate(outs, axis=0)
+
+
+def _decode(grid: LatentGrid, indices: np.ndarray, max_images: int) -> torch.Tensor:
+    with torch.no_grad():
+        parts = [
+            grid.decode(torch.as_tensor(indices[i : i + max_images], dtype=torch.long))
+            for i in range(0, len(indices), max_images)
+        ]
+    return torch.cat(parts, dim=0)
+
+
+def run_am_group(
+    optimizers: Sequence[Optimizer],
+    grid: LatentGrid,
+    responder: Responder,
+    budget: int,
+    batch: int,
+    loggers: Sequence[QueryLogger | None] | None = None,
+    target_value: float | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    max_images: int = 512,
+) -> list[AMResult]:
+    """Run several AM loops in lock step, sharing one decode and one responder call per step.
+
+    `responder(images)` returns (K, m) with one column per optimizer (m = len(optimizers)); optimizer
+    j is told column j of its own rows only. Each loop spends exactly `budget` queries unless its
+    best reaches `target_value` (then it stops, and its logger records why). Every batch is logged
+    before the next one is asked, so an exception or kill loses nothing already measured.
+    """
+    if budget <= 0 or batch <= 0:
+        raise ValueError(f"budget and batch must be positive (got {budget}, {batch})")
+    loggers = list(loggers) if loggers is not None else [None] * len(optimizers)
+    tracks = [_Track(opt, lg, target_value) for opt, lg in zip(optimizers, loggers)]
+    m = len(tracks)
+    step = 0
+    while True:
+        active = [j for j, t in enumerate(tracks) if t.n < budget and not t.stopped]
+        if not active:
+            break
+        asked = []
+        for j in active:
+            k = min(batch, budget - tracks[j].n)
+            asked.append(np.asarray(tracks[j].optimizer.ask(k), dtype=np.int64).reshape(k, -1))
+        all_idx = np.concatenate(asked, axis=0)
+        images = _decode(grid, all_idx, max_images)
+        y_all = _respond(responder, images, max_images)
+        if y_all.ndim == 1:
+            y_all = y_all[:, None]
+        row = 0
+        ys, rows = [], []
+        for j, idx in zip(active, asked):
+            col = j if y_all.shape[1] == m else 0
+            ys.append(y_all[row : row + len(idx), col].copy())
+            rows.append(row)
+            row += len(idx)
+        # Every run's batch is in the store and its table before any optimizer sees it.
+        logged = [i for i, j in enumerate(active) if tracks[j].logger is not None]
+        loggers_now = [lg for i in logged if (lg := tracks[active[i]].logger) is not None]
+        if logged:
+            log_batches(loggers_now, [asked[i] for i in logged], [ys[i] for i in logged])
+        for j, idx, y, row in zip(active, asked, ys, rows):
+            t = tracks[j]
+            k = len(idx)
+            imgs = images[row : row + k]
+            t.optimizer.tell(idx, y)
+            if not np.all(np.isnan(y)):
+                b = int(np.nanargmax(y))
+                if y[b] > t.best:
+                    t.best, t.best_indices, t.best_image = float(y[b]), idx[b].copy(), imgs[b].clone()
+            t.indices.append(idx.astype(np.int32))
+            t.responses.append(y)
+            t.batches.append(np.full(k, step, dtype=np.int32))
+            t.n += k
+            t.wall = time.perf_counter() - t.t0
+            if t.target_value is not None and t.best >= t.target_value and t.n < budget:
+                # Early stop is a choice the params made: record it, keep everything measured.
+                t.stopped = f"target_value {t.target_value:g} reached after {t.n} queries"
+                if t.logger is not None:
+                    t.logger.log_stop(t.stopped)
+            if on_batch is not None:
+                on_batch(k)
+        step += 1
+    results = []
+    for t in tracks:
+        d = t.indices[0].shape[1] if t.indices else 0
+        results.append(
+            AMResult(
+                best_indices=t.best_indices,
+                best_response=t.best if t.best_indices is not None else float("nan"),
+                best_image=t.best_image,
+                indices=np.concatenate(t.indices) if t.indices else np.zeros((0, d), np.int32),
+                responses=np.concatenate(t.responses) if t.responses else np.zeros(0),
+                batches=np.concatenate(t.batches) if t.batches else np.zeros(0, np.int32),
+                stopped_early=bool(t.stopped),
+                stop_reason=t.stopped,
+                wall_s=t.wall,
+            )
+        )
+    return results
+
+
+def run_am(
+    optimizer: Optimizer,
+    grid: LatentGrid,
+    responder: Responder,
+    budget: int,
+    batch: int,
+    logger: QueryLogger | None = None,
+    target_value: float | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    max_images: int = 512,
+) -> AMResult:
+    """One AM loop: optimizer.ask -> grid.decode -> responder -> optimizer.tell, to `budget` queries."""
+
+    def single(images: torch.Tensor) -> np.ndarray:
+        y = np.asarray(responder(images), dtype=np.float64)
+        return y.reshape(len(images), -1)[:, :1]
+
+    return run_am_group([optimizer], grid, single, budget, batch, [logger], target_value, on_batch, max_images)[0]

@@ -1,0 +1,363 @@
+"""The maximize stage's runs: open, finish or fail each nested MLflow run, and write the stage's outputs."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from spikemax import images, tracking
+from spikemax.am import SUMMARY_COLUMNS
+from spikemax.am.loop import AMResult
+from spikemax.am.plan import Combo, Plan, finished_runs, read_summary
+from spikemax.neurons import Target
+from spikemax.optim import make_optimizer, options_for
+from spikemax.outputs import write_json
+from spikemax.querylog import QueryLogger
+
+if TYPE_CHECKING:
+    from spikemax.params import Params, Paths
+
+
+def metric_batch(values: dict[str, Any]) -> list:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    return [Metric(k, float(v), ts, 0) for k, v in values.items() if v is not None]
+
+
+def param_batch(values: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)) for k, v in values.items()]
+
+
+@dataclass
+class OpenRun:
+    """A nested run in flight."""
+
+    combo: Combo
+    run_id: str
+    logger: Any
+    warm_from: str
+
+
+class AMRuns:
+    """State of one `maximize` invocation."""
+
+    def __init__(self, params: Params, paths: Paths, plan_: Plan) -> None:
+        import mlflow
+
+        from spikemax.data import Prepared
+
+        self.m = params.maximize
+        self.paths = paths
+        self.plan = plan_
+        self.am_dir = paths.results / "am"
+        self.am_dir.mkdir(parents=True, exist_ok=True)
+        self.prepared = Prepared.load(paths.prepared)
+        tracking.enable_fast_sqlite()
+        self.uri = tracking.configure(paths.root)
+        self.client = mlflow.MlflowClient(self.uri)
+        self.eid = tracking.experiment_id(tracking.AM_EXPERIMENT, paths.root)
+        self.done = finished_runs(self.client, self.eid, plan_, self.am_dir)
+        self.failed: list[str] = []
+        self.parent_id: str | None = None
+        self.logging_s = 0.0  # time inside the query loggers (the cost of logging every query)
+
+    # -- runs ---------------------------------------------------------------------------------
+    def open_run(self, combo: Combo, grid: Any, snn_ckpt: Path) -> OpenRun:
+
+        m = self.m
+        warm_from = ""
+        if combo.method == "tt" and m.warm_start:
+            prev = self._prev_combo(combo)
+            if prev is not None and (self.am_dir / prev.run_dir / "tt_state.pkl").is_file():
+                warm_from = prev.key
+        tags = {
+            "mlflow.parentRunId": self.parent_id,
+            tracking.RUN_KEY_TAG: combo.key,
+            "spikemax.layer": combo.target.layer,
+            "spikemax.warm_start_from": warm_from or "none",
+        }
+        run = self.client.create_run(self.eid, run_name=combo.key, tags=tags)
+        run_id = run.info.run_id
+        self.client.log_batch(
+            run_id,
+            params=param_batch(
+                {
+                    "method": combo.method,
+                    "rank": m.tt.rank if combo.method == "tt" else "none",
+                    "grid_n": grid.n,
+                    "grid_d": grid.d,
+                    "budget": m.budget,
+                    "batch": m.batch,
+                    "epoch": combo.epoch,
+                    "target": combo.target.name,
+                    "generator": combo.generator,
+                    "seed": combo.seed,
+                    "layer": combo.target.layer,
+                    "unit": combo.target.unit,
+                    "noise": m.noise,
+                    "target_value": m.target_value,
+                    "warm_start": bool(warm_from),
+                    "checkpoint": snn_ckpt.name,
+                    "options": json.dumps(options_for(combo.method, m, grid)),
+                }
+            ),
+        )
+        run_dir = self.am_dir / combo.run_dir
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)  # leftovers of an unfinished attempt
+        logger = QueryLogger(self.client, run_id, run_dir, artifact_uri=run.info.artifact_uri)
+        return OpenRun(combo, run_id, logger, warm_from)
+
+    def _prev_combo(self, combo: Combo) -> Combo | None:
+        epochs = self.plan.epochs
+        i = epochs.index(combo.epoch)
+        if i == 0:
+            return None
+        want = (epochs[i - 1], combo.generator, combo.target, combo.method, combo.seed)
+        for c in self.plan.combos:
+            if (c.epoch, c.generator, c.target, c.method, c.seed) == want:
+                return c
+        return None
+
+    def _chain_first(self, combo: Combo) -> Combo | None:
+        for c in self.plan.combos:
+            if (c.epoch, c.generator, c.target, c.method, c.seed) == (
+                self.plan.epochs[0],
+                combo.generator,
+                combo.target,
+                combo.method,
+                combo.seed,
+            ):
+                return c
+        return None
+
+    def make_optimizer(self, op: OpenRun, grid: Any) -> Any:
+
+        opts = options_for(op.combo.method, self.m, grid)
+        if op.warm_from:
+            with open(self.am_dir / "runs" / op.warm_from / "tt_state.pkl", "rb") as f:
+                opts["init"] = pickle.load(f)
+        return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
+
+    def finish_run(
+        self, op: OpenRun, res: AMResult, optimizer: Any, dataset_max: float, extras: dict[str, float]
+    ) -> dict:
+        from spikemax import selectivity as S
+
+        c = op.combo
+        run_dir = self.am_dir / c.run_dir
+        op.logger.close()
+        self.logging_s += op.logger.seconds
+        q95 = res.queries_to(0.95)
+        saved = 0
+        if op.warm_from:
+            first = self._chain_first(c)
+            first_row = read_summary(self.am_dir, first) if first is not None else None
+            if first_row is not None:
+                # Estimate: the cold start's queries to 95 % at the chain's first epoch minus this run's.
+                saved = int(first_row["queries_to_95"]) - q95
+        image = res.best_image if res.best_image is not None else None
+        np.savez(
+            run_dir / "best.npz",
+            image=(image.numpy() if image is not None else np.full(self.prepared.shape, np.nan)).astype(np.float32),
+            indices=(res.best_indices if res.best_indices is not None else np.full(1, -1)).astype(np.int64),
+        )
+        if image is not None:
+            pixels = self.prepared.denormalize(image[None])[0].clamp(0, 1)
+            images.save_png(pixels, run_dir / "best_stimulus.png")
+        images.save_convergence_png(
+            res.responses, run_dir / "convergence.png", title=f"{c.target.name} e{c.epoch} {c.generator} {c.method}"
+        )
+        if hasattr(optimizer, "state_dict") and c.method == "tt":
+            with open(run_dir / "tt_state.pkl", "wb") as f:
+                pickle.dump(optimizer.state_dict(), f)
+        gain = S.am_gain(res.best_response, dataset_max)
+        summary = {
+            "best_activation": res.best_response,
+            "queries_to_95": q95,
+            "dataset_max": dataset_max,
+            "am_gain": gain,
+            "queries_saved": saved,
+            "n_queries": res.n_queries,
+            "wall_s": res.wall_s,
+            **extras,
+        }
+        # best_activation is already the last point of its per-query curve (MLflow shows the latest).
+        self.client.log_batch(
+            op.run_id, metrics=metric_batch({k: v for k, v in summary.items() if k != "best_activation"})
+        )
+        for name in ("best_stimulus.png", "convergence.png"):
+            if (run_dir / name).is_file():
+                op.logger.log_artifact(run_dir / name)
+        row = {
+            "run_key": c.key,
+            "run_id": op.run_id,
+            "epoch": c.epoch,
+            "generator": c.generator,
+            "target": c.target.name,
+            "layer": c.target.layer,
+            "unit": c.target.unit,
+            "method": c.method,
+            "seed": c.seed,
+            "budget": self.m.budget,
+            "n_queries": res.n_queries,
+            "best_activation": res.best_response,
+            "queries_to_95": q95,
+            "dataset_max": dataset_max,
+            "am_gain": gain,
+            "queries_saved": saved,
+            "run_dir": c.run_dir,
+            "stopped_early": res.stop_reason,
+            "warm_start_from": op.warm_from,
+            **extras,
+        }
+        write_json(run_dir / "summary.json", row, indent=None)
+        # FINISHED last: a kill before this line leaves the run to be redone, never half-counted.
+        self.client.set_terminated(op.run_id, "FINISHED")
+        self.done[c.key] = row
+        return row
+
+    def fail_run(self, op: OpenRun, err: BaseException) -> None:
+        msg = f"{type(err).__name__}: {err}"[:4000]
+        try:
+            self.client.set_tag(op.run_id, "spikemax.failure", msg)
+            self.client.set_terminated(op.run_id, "FAILED")
+        except Exception:
+            pass
+        self.failed.append(f"{op.combo.key}: {msg}")
+
+    # -- outputs ------------------------------------------------------------------------------
+    def write_summary(self) -> Any:
+        import pandas as pd
+
+        rows = [self.done[c.key] for c in self.plan.combos if c.key in self.done]
+        df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+        tmp = self.am_dir / "summary.csv.tmp"
+        df.to_csv(tmp, index=False)
+        tmp.replace(self.am_dir / "summary.csv")
+        return df
+
+    def write_grids(self) -> list[Path]:
+
+        out = []
+        seed = self.m.seeds[0]
+        targets = self.plan.targets[:40]  # a readable page; every stimulus is in its run dir
+        for g in self.m.generators:
+            for method in self.m.methods:
+                cells: list[np.ndarray | None] = []
+                for t in targets:
+                    for e in self.plan.epochs:
+                        c = next(
+                            (
+                                c
+                                for c in self.plan.combos
+                                if (c.epoch, c.generator, c.target, c.method, c.seed) == (e, g, t, method, seed)
+                            ),
+                            None,
+                        )
+                        img = None
+                        best = self.am_dir / c.run_dir / "best.npz" if c is not None else None
+                        if c is not None and best is not None and c.key in self.done and best.is_file():
+                            with np.load(best) as z:
+                                x = torch.from_numpy(z["image"])
+                            if torch.isfinite(x).all():
+                                img = self.prepared.denormalize(x[None])[0].clamp(0, 1).numpy()
+                        cells.append(img)
+                path = self.am_dir / f"stimuli_{g}_{method}.png"
+                images.save_image_grid_png(
+                    cells,
+                    len(targets),
+                    len(self.plan.epochs),
+                    path,
+                    row_labels=[t.name for t in targets],
+                    col_labels=[f"epoch {e}" for e in self.plan.epochs],
+                    title=f"best stimuli: {g}, {method}, seed {seed}",
+                )
+                out.append(path)
+        return out
+
+    def prune(self) -> None:
+        """Drop run dirs of other params (results/am mirrors the current plan; MLflow keeps them all)."""
+        import shutil
+
+        keys = {c.key for c in self.plan.combos}
+        for d in (self.am_dir / "runs").glob("*"):
+            if d.is_dir() and d.name not in keys:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def write_metrics(self, df: Any, wall_s: float, n_queries_run: int) -> dict:
+        out: dict[str, Any] = {
+            "n_runs": len(df),
+            "n_planned": len(self.plan.combos),
+            "n_failed": len(self.failed),
+            "wall_s": round(wall_s, 2),
+            "queries_run": n_queries_run,
+            "queries_per_s": round(n_queries_run / wall_s, 1) if wall_s > 0 else None,
+            "logging_s": round(self.logging_s, 2),
+            "logging_share_pct": round(100 * self.logging_s / wall_s, 2) if wall_s > 0 else None,
+        }
+        if len(df):
+            out["queries_saved_warm_start"] = int(df["queries_saved"].sum())
+            out["methods"] = {}
+            for (g, method), sub in df.groupby(["generator", "method"]):
+                gain = sub["am_gain"].astype(float)
+                out["methods"][f"{g}/{method}"] = {
+                    "median_best_activation": float(sub["best_activation"].median()),
+                    "median_am_gain": float(gain[np.isfinite(gain)].median()) if np.isfinite(gain).any() else None,
+                    "frac_above_dataset": float((sub["best_activation"] > sub["dataset_max"]).mean()),
+                    "median_queries_to_95": float(sub["queries_to_95"].median()),
+                }
+        write_json(self.paths.metrics / "am.json", out)
+        return out
+
+
+def dataset_stats(net: Any, prepared: Any, targets: list[Target], max_images: int) -> dict[str, np.ndarray]:
+    """Per target over the prepared test images: max response, CSI and lifetime sparseness."""
+    from spikemax import selectivity as S
+    from spikemax.neurons import firing_rates
+
+    x, labels = prepared.tensors("test")
+    names = [t.name for t in targets]
+    with torch.no_grad():
+        rates = np.concatenate(
+            [
+                np.asarray(firing_rates(net, x[i : i + max_images], names), dtype=np.float64).reshape(-1, len(names))
+                for i in range(0, len(x), max_images)
+            ]
+        )
+    means = S.class_means(rates, labels.numpy(), len(prepared.classes))
+    return {"dataset_max": rates.max(axis=0), "csi": S.csi(means), "sparseness": S.lifetime_sparseness(rates)}
+
+
+def stimulus_stats(net: Any, prepared: Any, results: list[AMResult]) -> list[dict[str, float]]:
+    """Concept of each best stimulus under this checkpoint (class, probability, perplexity), complexity."""
+    from spikemax import selectivity as S
+
+    have = [i for i, r in enumerate(results) if r.best_image is not None]
+    out: list[dict[str, float]] = [{} for _ in results]
+    if not have:
+        return out
+    x = torch.stack([img for i in have if (img := results[i].best_image) is not None])
+    probs = net.class_probs(x).detach().cpu().numpy()
+    cls, prob, ppl = S.concept(probs)
+    pixels = prepared.denormalize(x).clamp(0, 1).numpy()
+    for j, i in enumerate(have):
+        out[i] = {
+            "concept": int(cls[j]),
+            "concept_prob": float(prob[j]),
+            "perplexity": float(ppl[j]),
+            "complexity": S.png_complexity(pixels[j]),
+        }
+    return out

@@ -1,0 +1,284 @@
+"""Per-query logging of AM runs: metrics into the MLflow store in bulk, and the query table."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+QUERY_COLUMNS = ("query", "batch", "indices", "response", "elapsed_s")
+_MAX_METRICS_PER_CALL = 1000  # MLflow's limit on metrics in one log_batch request
+_STREAM = "queries.arrows"  # the live query table: one Arrow IPC record batch per AM batch
+
+
+def _read_stream(path: Path) -> Any:
+    """Every whole record batch of an Arrow IPC stream as a table; a kill can cut the last one short."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    batches = []
+    try:
+        with pa.OSFile(str(path)) as f:
+            for b in ipc.open_stream(f):
+                batches.append(b)
+    except (pa.ArrowInvalid, OSError):
+        pass
+    return pa.Table.from_batches(batches, schema=_query_schema(pa))
+
+
+def read_queries(run_dir: str | Path) -> pd.DataFrame:
+    """The query table of a run dir: queries.parquet, or the flushed batches of an unfinished run."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    table = run_dir / "queries.parquet"
+    if table.is_file():
+        return pd.read_parquet(table)
+    return _read_stream(run_dir / _STREAM).to_pandas()
+
+
+class MetricWriter:
+    """Writes long per-step metric series to one MLflow run.
+
+    On a SQLAlchemy store (sqlite, PostgreSQL, MySQL) the rows go in as one bulk INSERT through
+    MLflow's own table models and latest-metric bookkeeping, and `write_many` puts several runs'
+    rows in one transaction: `log_batch` builds an ORM object per row and commits per run, which
+    made logging every query cost a quarter of the AM loop. Other stores (HTTP) get plain
+    `log_batch` calls. Both are read back identically by `get_metric_history`.
+    """
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self._store = None
+        try:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = client._tracking_client.store
+            if (
+                isinstance(store, SqlAlchemyStore)
+                and hasattr(store, "_update_latest_metrics_if_necessary")
+                and "read_only" in inspect.signature(store.ManagedSessionMaker).parameters
+            ):
+                self._store = store
+        except (ImportError, AttributeError):  # a future MLflow without these internals: public API
+            self._store = None
+
+    @property
+    def bulk(self) -> bool:
+        """Whether rows go in as one bulk INSERT (else through `log_batch`)."""
+        return self._store is not None
+
+    def write(self, series: dict[str, np.ndarray], first_step: int, timestamp_ms: int) -> None:
+        """Log series[key][i] at step first_step + i for every key (NaN allowed)."""
+        MetricWriter.write_many([(self, series, first_step)], timestamp_ms)
+
+    @staticmethod
+    def write_many(writes: Sequence[tuple[MetricWriter, dict[str, np.ndarray], int]], timestamp_ms: int) -> None:
+        """`write` for several (writer, series, first_step): one transaction per store."""
+        by_store: dict[int, list] = {}
+        for w, series, first in writes:
+            if w._store is None:
+                w._log_batch(series, first, timestamp_ms)
+            else:
+                by_store.setdefault(id(w._store), []).append((w, series, first))
+        for group in by_store.values():
+            _bulk_insert(group[0][0]._store, [(w.run_id, series, first) for w, series, first in group], timestamp_ms)
+
+    def _log_batch(self, series: dict[str, np.ndarray], first_step: int, timestamp_ms: int) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [
+            Metric(key, float(v), int(timestamp_ms), int(first_step) + i)
+            for key, values in series.items()
+            for i, v in enumerate(np.asarray(values).reshape(-1))
+        ]
+        for i in range(0, len(metrics), _MAX_METRICS_PER_CALL):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + _MAX_METRICS_PER_CALL], synchronous=True)
+
+
+def _bulk_insert(store: Any, writes: list[tuple[str, dict[str, np.ndarray], int]], timestamp_ms: int) -> None:
+    """Insert (run_id, series, first_step) metric rows into a SqlAlchemyStore in one transaction."""
+    from mlflow.store.tracking.dbmodels.models import SqlMetric
+    from sqlalchemy import insert
+
+    big = np.finfo(np.float64).max
+    rows, last = [], []
+    for run_id, series, first_step in writes:
+        for key, values in series.items():
+            v = np.asarray(values, dtype=np.float64).reshape(-1)
+            if not len(v):
+                continue
+            # As MLflow stores them: NaN as 0 with is_nan set, +-inf clipped to the largest float.
+            is_nan = np.isnan(v)
+            stored = np.where(is_nan, 0.0, np.clip(v, -big, big)).tolist()
+            steps = range(int(first_step), int(first_step) + len(v))
+            rows += [
+                {"run_uuid": run_id, "key": key, "value": x, "timestamp": int(timestamp_ms), "step": s, "is_nan": n}
+                for x, s, n in zip(stored, steps, is_nan.tolist())
+            ]
+            last.append(SqlMetric(**rows[-1]))
+    if not rows:
+        return
+    # read_only=False: a routing store sends writes to the primary database.
+    with store.ManagedSessionMaker(read_only=False) as session:
+        session.execute(insert(SqlMetric.__table__), rows)
+        for uuid in dict.fromkeys(m.run_uuid for m in last):  # MLflow's bookkeeping is per run
+            store._update_latest_metrics_if_necessary([m for m in last if m.run_uuid == uuid], session)
+
+
+class QueryLogger:
+    """Writes every query of one AM run, batch by batch, before the next batch is asked.
+
+    MLflow gets metrics `activation` and `best_activation` at step = query number (0-based) in one
+    transaction per batch (`MetricWriter`); `run_dir` (optional) gets the batch appended to an Arrow
+    IPC stream, turned into `queries.parquet` by `close()`. Either may be omitted (client=None or
+    run_dir=None). A kill between batches loses nothing: both writes are complete before `log`
+    returns (the store first, so it is never behind the table). Given the run's `artifact_uri`,
+    artifacts go straight to its repository (`client.log_artifact` looks the run up every call).
+    """
+
+    def __init__(
+        self,
+        client: Any | None = None,
+        run_id: str | None = None,
+        run_dir: str | Path | None = None,
+        artifact_uri: str | None = None,
+    ) -> None:
+        self.client, self.run_id = client, run_id
+        self._artifacts: Any = None
+        if client is not None and artifact_uri:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            self._artifacts = get_artifact_repository(artifact_uri)
+        self.writer = MetricWriter(client, run_id) if client is not None and run_id is not None else None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.n_queries = 0
+        self.n_batches = 0
+        self.best = float("nan")
+        self.seconds = 0.0  # wall time spent writing (the logging overhead)
+        self.t0 = time.perf_counter()
+        self._sink: Any = None
+        self._stream: Any = None
+        if self.run_dir is not None:
+            import pyarrow as pa
+            import pyarrow.ipc as ipc
+
+            # A rerun of an unfinished combination starts its table afresh (its MLflow run is new too).
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "queries.parquet").unlink(missing_ok=True)
+            self._sink = open(self.run_dir / _STREAM, "wb", buffering=0)  # noqa: SIM115 - open across batches, closed in close()
+            self._schema = _query_schema(pa)
+            self._stream = ipc.new_stream(self._sink, self._schema)
+
+    def log(self, indices: np.ndarray, responses: np.ndarray) -> None:
+        """Record one batch: indices (k, d) and responses (k,) (NaN = failed query)."""
+        log_batches([self], [indices], [responses])
+
+    def _series(self, responses: np.ndarray) -> dict[str, np.ndarray]:
+        """This batch's metric series: the responses and the running best."""
+        # Running best ignores failed (NaN) queries; NaN until the first success.
+        prev = -np.inf if np.isnan(self.best) else self.best
+        best = np.fmax.accumulate(np.concatenate([[prev], np.where(np.isnan(responses), -np.inf, responses)]))[1:]
+        return {"activation": responses, "best_activation": np.where(np.isneginf(best), np.nan, best)}
+
+    def _append(self, indices: np.ndarray, series: dict[str, np.ndarray]) -> None:
+        """Append the batch to the query table and advance the counters."""
+        responses = series["activation"]
+        k = len(responses)
+        if self._stream is not None:
+            import pyarrow as pa
+
+            elapsed = time.perf_counter() - self.t0
+            self._stream.write_batch(
+                pa.record_batch(
+                    [
+                        pa.array(np.arange(self.n_queries, self.n_queries + k), pa.int64()),
+                        pa.array(np.full(k, self.n_batches), pa.int64()),
+                        pa.array(list(indices), pa.list_(pa.int64())),
+                        pa.array(responses, pa.float64()),
+                        pa.array(np.full(k, elapsed), pa.float64()),
+                    ],
+                    schema=self._schema,
+                )
+            )
+        self.n_queries += k
+        self.n_batches += 1
+        if k:
+            self.best = float(series["best_activation"][-1])
+
+    def log_stop(self, reason: str) -> None:
+        """Record why the run stopped before its budget (tag `spikemax.stopped_early`)."""
+        if self.client is not None:
+            self.client.set_tag(self.run_id, "spikemax.stopped_early", reason)
+        if self.run_dir is not None:
+            (self.run_dir / "STOPPED_EARLY").write_text(reason + "\n")
+
+    def close(self) -> pd.DataFrame | None:
+        """Turn the stream into queries.parquet (and log it as an artifact); returns the table."""
+        if self.run_dir is None:
+            return None
+        if self._stream is None:  # closed already: the parquet is the table
+            return read_queries(self.run_dir)
+        import pyarrow.parquet as pq
+
+        t_start = time.perf_counter()
+        self._stream.close()
+        self._sink.close()
+        self._stream = self._sink = None
+        table = _read_stream(self.run_dir / _STREAM)
+        path = self.run_dir / "queries.parquet"
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        (self.run_dir / _STREAM).unlink(missing_ok=True)
+        self.log_artifact(path)
+        self.seconds += time.perf_counter() - t_start
+        return table.to_pandas()
+
+    def log_artifact(self, path: str | Path) -> None:
+        """Copy one file into the run's artifacts (top level)."""
+        if self._artifacts is not None:
+            self._artifacts.log_artifact(str(path))
+        elif self.client is not None:
+            self.client.log_artifact(self.run_id, str(path))
+
+
+def log_batches(loggers: Sequence[QueryLogger], indices: Sequence[np.ndarray], responses: Sequence[np.ndarray]) -> None:
+    """Record one batch for each of several runs, their metrics in one store transaction.
+
+    Returns once every batch is in the store and then in its query table, so a kill afterwards
+    loses nothing, and the store is never behind a table.
+    """
+    t_start = time.perf_counter()
+    idx = [np.asarray(i, dtype=np.int64) for i in indices]
+    series = [lg._series(np.asarray(r, dtype=np.float64).reshape(-1)) for lg, r in zip(loggers, responses)]
+    MetricWriter.write_many(
+        [(lg.writer, s, lg.n_queries) for lg, s in zip(loggers, series) if lg.writer is not None],
+        int(time.time() * 1000),
+    )
+    for lg, i, s in zip(loggers, idx, series):
+        lg._append(i, s)
+    share = (time.perf_counter() - t_start) / max(len(loggers), 1)
+    for lg in loggers:
+        lg.seconds += share
+
+
+def _query_schema(pa: Any) -> Any:
+    """Arrow schema of the query table (QUERY_COLUMNS)."""
+    return pa.schema(
+        [
+            ("query", pa.int64()),
+            ("batch", pa.int64()),
+            ("indices", pa.list_(pa.int64())),
+            ("response", pa.float64()),
+            ("elapsed_s", pa.float64()),
+        ]
+    )

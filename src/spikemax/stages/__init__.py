@@ -1,0 +1,1 @@
+"""One module per DVC stage, each a small `run(params, paths)`; `cli.py` calls them."""

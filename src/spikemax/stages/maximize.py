@@ -1,0 +1,170 @@
+"""Stage `maximize`: every (epoch, generator, target, method, seed) AM run, lock-stepped per group, resumable."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from spikemax import SpikemaxError, snn
+from spikemax.am.loop import run_am_group
+from spikemax.am.plan import Combo, plan
+from spikemax.am.runs import AMRuns, OpenRun, dataset_stats, metric_batch, param_batch, stimulus_stats
+from spikemax.generators import LatentGrid, load_generator
+from spikemax.neurons import Target, make_responder
+from spikemax.params import Params, Paths
+
+
+def run(params: Params, paths: Paths) -> dict:
+    """Run every planned AM combination not finished yet; write summary, grids and metrics/am.json."""
+    plan_ = plan(params, paths)  # every params error surfaces here, before any run starts
+    st = AMRuns(params, paths, plan_)
+    m = st.m
+    todo = [c for c in plan_.combos if c.key not in st.done]
+    t0 = time.perf_counter()
+    parent = st.client.create_run(
+        st.eid, run_name=f"maximize-{time.strftime('%Y%m%d-%H%M%S')}", tags={"spikemax.stage": "maximize"}
+    )
+    st.parent_id = parent.info.run_id
+    st.client.log_batch(
+        st.parent_id,
+        params=param_batch(
+            {
+                "epochs": ",".join(map(str, plan_.epochs)),
+                "generators": ",".join(m.generators),
+                "methods": ",".join(m.methods),
+                "seeds": ",".join(map(str, m.seeds)),
+                "n_targets": len(plan_.targets),
+                "budget": m.budget,
+                "batch": m.batch,
+                "noise": m.noise,
+                "n_planned": len(plan_.combos),
+                "n_skipped_finished": len(plan_.combos) - len(todo),
+            }
+        ),
+    )
+    n_run = 0
+    status = "FINISHED"
+    try:
+        # Inside the try: a corrupt checkpoint must end the parent run FAILED, not leave it RUNNING.
+        grids = {g: load_generator(g, p) for g, p in plan_.gen_ckpts.items()}
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        ) as progress:
+            runs_task = progress.add_task("AM runs", total=len(todo))
+            q_task = progress.add_task("queries", total=len(todo) * m.budget)
+            for e in plan_.epochs:
+                todo_e = [c for c in todo if c.epoch == e]
+                if not todo_e:
+                    continue
+                net = snn.load_snn(plan_.snn_ckpts[e])
+                net.eval()
+                stats = dataset_stats(net, st.prepared, plan_.targets, m.max_images)
+                col = {t: i for i, t in enumerate(plan_.targets)}
+                for g in m.generators:
+                    for method in m.methods:
+                        for seed in m.seeds:
+                            group = [c for c in todo_e if (c.generator, c.method, c.seed) == (g, method, seed)]
+                            if not group:
+                                continue
+                            progress.update(q_task, description=f"e{e} {g} {method} s{seed} ({len(group)} targets)")
+                            n_run += run_group(
+                                st,
+                                group,
+                                grids[g],
+                                net,
+                                stats,
+                                col,
+                                plan_.snn_ckpts[e],
+                                zlib.crc32(f"{e}/{g}/{method}/{seed}".encode()),
+                                progress,
+                                q_task,
+                                runs_task,
+                            )
+                            st.write_summary()
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        df = st.write_summary()
+        wall = time.perf_counter() - t0
+        if status == "FINISHED":
+            st.write_grids()
+            st.prune()
+        metrics = st.write_metrics(df, wall, n_run)
+        st.client.log_batch(
+            st.parent_id,
+            metrics=metric_batch({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}),
+        )
+        if status == "FINISHED" and st.failed:
+            status = "FAILED"
+        st.client.set_terminated(st.parent_id, status)
+    if st.failed:
+        raise SpikemaxError(f"{len(st.failed)} AM run(s) failed (marked FAILED in MLflow); first: {st.failed[0]}")
+    return metrics
+
+
+def run_group(
+    st: AMRuns,
+    group: list[Combo],
+    grid: LatentGrid,
+    net: snn.ConvSNN,
+    stats: dict[str, np.ndarray],
+    col: dict[Target, int],
+    snn_ckpt: Path,
+    noise_seed: int,
+    progress: Any,
+    q_task: Any,
+    runs_task: Any,
+) -> int:
+    """Run the targets of one (epoch, generator, method, seed) in lock step; returns queries run."""
+    m = st.m
+    opens: list[OpenRun] = []
+    try:
+        opens = [st.open_run(c, grid, snn_ckpt) for c in group]
+        optimizers = [st.make_optimizer(op, grid) for op in opens]
+        responder = make_responder(net, [c.target.name for c in group], noise=m.noise, seed=noise_seed)
+        results = run_am_group(
+            optimizers,
+            grid,
+            responder,
+            m.budget,
+            m.batch,
+            loggers=[op.logger for op in opens],
+            target_value=m.target_value,
+            on_batch=lambda k: progress.advance(q_task, k),
+            max_images=m.max_images,
+        )
+        extras = stimulus_stats(net, st.prepared, results)
+        for op, opt, res, ex in zip(opens, optimizers, results, extras):
+            j = col[op.combo.target]
+            ex = {**ex, "dataset_csi": float(stats["csi"][j]), "dataset_sparseness": float(stats["sparseness"][j])}
+            st.finish_run(op, res, opt, float(stats["dataset_max"][j]), ex)
+            progress.advance(runs_task, 1)
+        return sum(r.n_queries for r in results)
+    except Exception as err:
+        for op in opens:
+            if op.combo.key not in st.done:
+                st.fail_run(op, err)
+        return 0
+    except BaseException as err:  # interrupted: mark, then stop
+        for op in opens:
+            if op.combo.key not in st.done:
+                st.fail_run(op, err)
+        raise
