@@ -107,16 +107,19 @@ class TTOptions(Section):
     # (spikemax.optim.tt.resolve_ordinal), since ordinal steps only help on ordered grids.
     ordinal: float | Literal["auto"] = "auto"
     qtt: bool = False
+    # Share of each ask proposed by an internal CMA-ES; "auto": on for ordered grids (SN-GAN), off on
+    # codebooks (spikemax.optim.tt.resolve_cma).
+    cma: float | Literal["auto"] = "auto"
 
-    @field_validator("ordinal", mode="before")
+    @field_validator("ordinal", "cma", mode="before")
     @classmethod
-    def _check_ordinal(cls, value: Any) -> Any:
+    def _check_auto_share(cls, value: Any, info: Any) -> Any:
         """Accept "auto" or a probability in [0, 1] (one message for both forms)."""
         if value == "auto":
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
             return float(value)
-        raise PydanticCustomError("ordinal", "Input should be 'auto' or a number in [0, 1]")
+        raise PydanticCustomError(info.field_name, "Input should be 'auto' or a number in [0, 1]")
 
 
 class MaximizeParams(Section):
@@ -138,6 +141,10 @@ class MaximizeParams(Section):
     target_value: float | None = None
     warm_start: bool = True
     noise: float = Field(0.0, ge=0.0)
+    # Codebook grids (vqvae): TT starts from, and random samples, a TT prior fitted to the encoder's
+    # indices of `prior_images` prepared train images (spikemax.optim.prior); false = uniform codes.
+    prior: bool = True
+    prior_images: int = Field(4000, ge=1)
     tt: TTOptions = Field(default_factory=TTOptions)
 
 

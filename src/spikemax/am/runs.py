@@ -15,7 +15,7 @@ import torch
 from spikemax import images, tracking
 from spikemax.am import SUMMARY_COLUMNS
 from spikemax.am.loop import AMResult
-from spikemax.am.plan import Combo, Plan, finished_runs, read_summary
+from spikemax.am.plan import PRIOR_GENERATORS, PRIOR_METHODS, Combo, Plan, finished_runs, read_summary
 from spikemax.neurons import Target
 from spikemax.optim import make_optimizer, options_for
 from spikemax.outputs import write_json
@@ -48,6 +48,30 @@ class OpenRun:
     warm_from: str
 
 
+def fit_grid_prior(grid: Any, prepared: Any, ckpt: Path, rank: int, n_images: int, cache: Path) -> Any:
+    """TT prior of the grid's encoder indices of the first `n_images` prepared train images; reused
+    from `cache` when the generator checkpoint, the train images and the settings are the same."""
+    import hashlib
+
+    from spikemax.optim.prior import TTPrior, fit_tt_prior
+
+    x, _ = prepared.tensors("train")
+    x = x[:n_images]
+    h = hashlib.sha1()
+    h.update(Path(ckpt).read_bytes())
+    h.update(x.numpy().tobytes())
+    h.update(f"{rank}/{n_images}".encode())
+    key = h.hexdigest()
+    if cache.is_file():
+        with np.load(cache) as z:
+            if str(z["key"]) == key:
+                return TTPrior.from_dict(z)
+    idx = grid.encode(x).numpy()
+    prior = fit_tt_prior(idx, grid.n, rank=rank, seed=0)
+    np.savez(cache, key=np.array(key), **prior.to_dict())
+    return prior
+
+
 class AMRuns:
     """State of one `maximize` invocation."""
 
@@ -70,6 +94,7 @@ class AMRuns:
         self.failed: list[str] = []
         self.parent_id: str | None = None
         self.logging_s = 0.0  # time inside the query loggers (the cost of logging every query)
+        self._priors: dict[str, Any] = {}
 
     # -- runs ---------------------------------------------------------------------------------
     def open_run(self, combo: Combo, grid: Any, snn_ckpt: Path) -> OpenRun:
@@ -109,6 +134,7 @@ class AMRuns:
                     "warm_start": bool(warm_from),
                     "checkpoint": snn_ckpt.name,
                     "options": json.dumps(options_for(combo.method, m, grid)),
+                    "prior": bool(m.prior and combo.generator in PRIOR_GENERATORS and combo.method in PRIOR_METHODS),
                 }
             ),
         )
@@ -146,10 +172,29 @@ class AMRuns:
     def make_optimizer(self, op: OpenRun, grid: Any) -> Any:
 
         opts = options_for(op.combo.method, self.m, grid)
+        prior = self.prior_for(op.combo.generator, grid) if op.combo.method in PRIOR_METHODS else None
+        if prior is not None:
+            opts["prior"] = prior
         if op.warm_from:
             with open(self.am_dir / "runs" / op.warm_from / "tt_state.pkl", "rb") as f:
                 opts["init"] = pickle.load(f)
         return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
+
+    def prior_for(self, generator: str, grid: Any) -> Any:
+        """The TT data prior of a codebook grid (None: ordered grid, or `prior: false`), fitted once
+        per stage run to the encoder's indices of the prepared train images, cached by content hash."""
+        if not self.m.prior or generator not in PRIOR_GENERATORS:
+            return None
+        if generator not in self._priors:
+            self._priors[generator] = fit_grid_prior(
+                grid,
+                self.prepared,
+                self.plan.gen_ckpts[generator],
+                self.m.tt.rank,
+                self.m.prior_images,
+                self.am_dir / f"prior_{generator}.npz",
+            )
+        return self._priors[generator]
 
     def finish_run(
         self, op: OpenRun, res: AMResult, optimizer: Any, dataset_max: float, extras: dict[str, float]

@@ -1,0 +1,78 @@
+"""The maximize stage's search settings: TT's per-grid `cma: auto` and the VQ-VAE data prior."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from spikemax import params as P
+from spikemax import tracking
+from spikemax.optim import options_for
+from spikemax.optim.tt import CMA_AUTO
+from spikemax.stages.maximize import run as run_stage
+
+from .conftest import write_params
+
+
+@pytest.fixture(autouse=True)
+def _own_store(monkeypatch):
+    """Keep one test's MLflow store out of the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _project_copy(root: Path, project, maximize: dict) -> tuple[P.Params, P.Paths]:
+    """A fresh project dir sharing the fixture's prepared data and models, with its own outputs."""
+    params, paths = project
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    for link, target in ((root / "data" / "prepared", paths.prepared), (root / "models", paths.root / "models")):
+        if not link.exists():
+            link.symlink_to(target)
+    path = write_params(root, {"prepare": params.prepare.model_dump(), "maximize": maximize})
+    return P.load(path, root=root)
+
+
+def test_options_for_resolves_cma_per_grid():
+    m = P.validate({}).maximize
+    assert m.tt.cma == "auto" and options_for("tt", m)["cma"] == "auto"
+    assert options_for("tt", m, True)["cma"] == CMA_AUTO[True] > 0
+    assert options_for("tt", m, False)["cma"] == 0.0
+    with pytest.raises(Exception, match="Input should be 'auto' or a number in"):
+        P.validate({"maximize": {"tt": {"cma": 2}}})
+
+
+@pytest.mark.parametrize("prior", [True, False])
+def test_stage_records_resolved_cma_and_the_prior_in_mlflow(
+    tmp_path, project, snn_checkpoints, generator_checkpoints, prior
+):
+    small = {
+        "epochs": [-1],
+        "generators": ["sngan", "vqvae"],
+        "targets": ["class:0"],
+        "units_per_layer": 0,
+        "methods": ["tt", "random"],
+        "budget": 32,
+        "batch": 16,
+        "prior": prior,
+        "prior_images": 200,
+    }
+    params, paths = _project_copy(tmp_path / "p", project, small)
+    assert run_stage(params, paths)["n_failed"] == 0
+    client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
+    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
+    runs = [r for r in client.search_runs([exp.experiment_id]) if tracking.RUN_KEY_TAG in r.data.tags]
+    assert len(runs) == 4
+    for r in runs:
+        g, method = r.data.params["generator"], r.data.params["method"]
+        if method == "tt":
+            assert json.loads(r.data.params["options"])["cma"] == CMA_AUTO[g == "sngan"]
+        assert r.data.params["prior"] == str(prior and g == "vqvae")
+    cache = paths.results / "am" / "prior_vqvae.npz"
+    assert cache.is_file() == prior
+    if prior:
+        with np.load(cache) as z:
+            assert z["theta"].shape[:2] == (z["n"].size, params.maximize.tt.rank)
