@@ -165,7 +165,11 @@ def tt_grad_loglik(G: np.ndarray, mask: np.ndarray, X: np.ndarray, w: np.ndarray
     Lw = L[:, :d] * (w[:, None] / den)[:, :, None]
     onehot = np.zeros((m, d, N))
     onehot[np.arange(m)[:, None], np.arange(d)[None, :], X] = 1.0
-    grad_p = np.einsum("bkr,bkn,bkq->krnq", Lw, onehot, R[:, 1:])
+    # sum_b onehot[b, k, n] * Lw[b, k, r] * R[b, k+1, q] as one batched matmul over k (a 3-operand
+    # einsum here does not use BLAS and was 30x slower at m=512, d=49, n=32, r=5).
+    r = Lw.shape[2]
+    outer = (Lw[:, :, :, None] * R[:, 1:, None, :]).reshape(m, d, r * r)
+    grad_p = np.matmul(onehot.transpose(1, 2, 0), outer.transpose(1, 0, 2)).reshape(d, N, r, r).transpose(0, 2, 1, 3)
     S = G.sum(axis=2)
     LZ = tt_interfaces_left(S)
     denZ = np.einsum("kr,krq,kq->k", LZ[:d], S, Z[1:])
