@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from spikemax import params as P
@@ -76,3 +77,42 @@ def test_stage_records_resolved_cma_and_the_prior_in_mlflow(
     if prior:
         with np.load(cache) as z:
             assert z["theta"].shape[:2] == (z["n"].size, params.maximize.tt.rank)
+
+
+def test_queries_to_level_uses_the_better_best_of_both_runs():
+    from spikemax.am.runs import queries_to_level
+
+    warm, cold = np.array([0.0, 9.6, 10.0]), np.array([1.0, 2.0, 5.0, 9.0])
+    assert queries_to_level(warm, cold) == 2  # 9.6 >= 0.95 * 10
+    assert queries_to_level(cold, warm) == 4  # never reaches 9.5: its whole budget
+    assert queries_to_level(np.array([np.nan, 3.0]), np.array([np.nan])) == 2
+
+
+def test_queries_saved_is_measured_against_a_cold_run_of_the_same_neuron(
+    tmp_path, project, snn_checkpoints, generator_checkpoints
+):
+    from spikemax.am.runs import queries_to_level
+
+    small = {
+        "epochs": [0, -1],
+        "generators": ["vqvae"],
+        "targets": ["class:0", "lif1:0"],
+        "units_per_layer": 0,
+        "methods": ["tt"],
+        "budget": 48,
+        "batch": 16,
+        "prior_images": 200,
+    }
+    out = {}
+    for warm in (True, False):
+        params, paths = _project_copy(tmp_path / f"w{warm}", project, {**small, "warm_start": warm})
+        run_stage(params, paths)
+        df = pd.read_csv(paths.results / "am" / "summary.csv")
+        out[warm] = (paths.results / "am", df[df.epoch == df.epoch.max()].set_index("target"))
+    (am_w, w), (am_c, c) = out[True], out[False]
+    for target in w.index:
+        assert json.loads((am_w / w.loc[target, "run_dir"] / "summary.json").read_text())["warm_start_from"]
+        yw = pd.read_parquet(am_w / w.loc[target, "run_dir"] / "queries.parquet")["response"].to_numpy()
+        yc = pd.read_parquet(am_c / c.loc[target, "run_dir"] / "queries.parquet")["response"].to_numpy()
+        # The cold twin is the same run as the warm_start: false stage's run of that neuron.
+        assert w.loc[target, "queries_saved"] == queries_to_level(yc, yw) - queries_to_level(yw, yc)

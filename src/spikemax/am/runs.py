@@ -15,7 +15,7 @@ import torch
 from spikemax import images, tracking
 from spikemax.am import SUMMARY_COLUMNS
 from spikemax.am.loop import AMResult
-from spikemax.am.plan import PRIOR_GENERATORS, PRIOR_METHODS, Combo, Plan, finished_runs, read_summary
+from spikemax.am.plan import PRIOR_GENERATORS, PRIOR_METHODS, Combo, Plan, finished_runs
 from spikemax.neurons import Target
 from spikemax.optim import make_optimizer, options_for
 from spikemax.outputs import write_json
@@ -46,6 +46,16 @@ class OpenRun:
     run_id: str
     logger: Any
     warm_from: str
+
+
+def queries_to_level(responses: np.ndarray, other: np.ndarray, fraction: float = 0.95) -> int:
+    """Queries until `responses` reach `fraction` of the best of both runs (its length if never)."""
+    y = np.nan_to_num(np.asarray(responses, dtype=np.float64), nan=-np.inf)
+    best = max(float(np.max(y, initial=-np.inf)), float(np.nanmax(np.r_[other, -np.inf])))
+    if not np.isfinite(best):
+        return int(y.size)
+    hit = np.flatnonzero(y >= best - (1.0 - fraction) * abs(best))
+    return int(hit[0]) + 1 if hit.size else int(y.size)
 
 
 def fit_grid_prior(grid: Any, prepared: Any, ckpt: Path, rank: int, n_images: int, cache: Path) -> Any:
@@ -157,18 +167,6 @@ class AMRuns:
                 return c
         return None
 
-    def _chain_first(self, combo: Combo) -> Combo | None:
-        for c in self.plan.combos:
-            if (c.epoch, c.generator, c.target, c.method, c.seed) == (
-                self.plan.epochs[0],
-                combo.generator,
-                combo.target,
-                combo.method,
-                combo.seed,
-            ):
-                return c
-        return None
-
     def make_optimizer(self, op: OpenRun, grid: Any) -> Any:
 
         opts = options_for(op.combo.method, self.m, grid)
@@ -196,8 +194,23 @@ class AMRuns:
             )
         return self._priors[generator]
 
+    def make_cold_twin(self, op: OpenRun, grid: Any) -> Any:
+        """The same run without the warm start (same seed, options and prior): the measured reference
+        of `queries_saved`."""
+        opts = options_for(op.combo.method, self.m, grid)
+        prior = self.prior_for(op.combo.generator, grid) if op.combo.method in PRIOR_METHODS else None
+        if prior is not None:
+            opts["prior"] = prior
+        return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
+
     def finish_run(
-        self, op: OpenRun, res: AMResult, optimizer: Any, dataset_max: float, extras: dict[str, float]
+        self,
+        op: OpenRun,
+        res: AMResult,
+        optimizer: Any,
+        dataset_max: float,
+        extras: dict[str, float],
+        cold: AMResult | None = None,
     ) -> dict:
         from spikemax import selectivity as S
 
@@ -207,12 +220,11 @@ class AMRuns:
         self.logging_s += op.logger.seconds
         q95 = res.queries_to(0.95)
         saved = 0
-        if op.warm_from:
-            first = self._chain_first(c)
-            first_row = read_summary(self.am_dir, first) if first is not None else None
-            if first_row is not None:
-                # Estimate: the cold start's queries to 95 % at the chain's first epoch minus this run's.
-                saved = int(first_row["queries_to_95"]) - q95
+        if op.warm_from and cold is not None:
+            # Measured: queries the cold twin (same neuron, seed and budget, no warm start) needs to
+            # reach 95 % of the better of the two bests, minus the warm run's (a run that never
+            # reaches it counts its whole budget).
+            saved = queries_to_level(cold.responses, res.responses) - queries_to_level(res.responses, cold.responses)
         image = res.best_image if res.best_image is not None else None
         np.savez(
             run_dir / "best.npz",

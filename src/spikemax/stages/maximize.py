@@ -139,25 +139,31 @@ def run_group(
     try:
         opens = [st.open_run(c, grid, snn_ckpt) for c in group]
         optimizers = [st.make_optimizer(op, grid) for op in opens]
-        responder = make_responder(net, [c.target.name for c in group], noise=m.noise, seed=noise_seed)
-        results = run_am_group(
-            optimizers,
+        # Warm runs get a cold twin (run alongside, not logged) so `queries_saved` is measured.
+        warm = [i for i, op in enumerate(opens) if op.warm_from]
+        twins = [st.make_cold_twin(opens[i], grid) for i in warm]
+        names = [c.target.name for c in group] + [group[i].target.name for i in warm]
+        responder = make_responder(net, names, noise=m.noise, seed=noise_seed)
+        everything = run_am_group(
+            optimizers + twins,
             grid,
             responder,
             m.budget,
             m.batch,
-            loggers=[op.logger for op in opens],
+            loggers=[op.logger for op in opens] + [None] * len(twins),
             target_value=m.target_value,
             on_batch=lambda k: progress.advance(q_task, k),
             max_images=m.max_images,
         )
+        results = everything[: len(opens)]
+        cold = dict(zip(warm, everything[len(opens) :]))
         extras = stimulus_stats(net, st.prepared, results)
-        for op, opt, res, ex in zip(opens, optimizers, results, extras):
+        for i, (op, opt, res, ex) in enumerate(zip(opens, optimizers, results, extras)):
             j = col[op.combo.target]
             ex = {**ex, "dataset_csi": float(stats["csi"][j]), "dataset_sparseness": float(stats["sparseness"][j])}
-            st.finish_run(op, res, opt, float(stats["dataset_max"][j]), ex)
+            st.finish_run(op, res, opt, float(stats["dataset_max"][j]), ex, cold=cold.get(i))
             progress.advance(runs_task, 1)
-        return sum(r.n_queries for r in results)
+        return sum(r.n_queries for r in everything)
     except Exception as err:
         for op in opens:
             if op.combo.key not in st.done:
