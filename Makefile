@@ -34,5 +34,5 @@ lint: $(STAMP)
 	$(BIN)/mypy src
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]' && $(BIN)/pip install --quiet --no-deps 'protes>=0.3'
+	$(BIN)/pip install --quiet -e '.[bench]' && $(BIN)/pip install --quiet --no-deps 'protes==0.3.12'
 	$(BIN)/python benchmarks/bench_optimizers.py --out benchmarks/results/optimizers.json

@@ -117,3 +117,45 @@ def test_prepare_cli_writes_outputs_under_cwd(tmp_path):
     res = run_cli("prepare", "--params", str(path), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "data" / "prepared" / "meta.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("noise", "expected"),
+    [
+        ({"model": "poisson", "window": -4}, "maximize.noise.window: Input should be greater than 0"),
+        (
+            {"model": "multiplicative", "sigma": -0.5},
+            "maximize.noise.sigma: Input should be greater than or equal to 0",
+        ),
+        ({"model": "poisson", "repeats": 0}, "maximize.noise.repeats: Input should be greater than or equal to 1"),
+        ({"model": "gaussian"}, "maximize.noise.model: Input should be 'none', 'poisson' or 'multiplicative'"),
+        ({"aware": True, "retest": 1.0}, "maximize.noise.retest: Input should be less than 1"),
+    ],
+)
+def test_bad_noise_params_give_one_line_before_any_run(tmp_path, noise, expected):
+    path = write_params(tmp_path, {"maximize": {"noise": noise}})
+    res = run_cli("maximize", "--params", str(path), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+    assert expected in res.stderr
+    assert not (tmp_path / "mlruns").exists()  # rejected before any run was opened
+
+
+def test_noise_section_defaults_and_the_older_sigma_float():
+    m = P.validate({}).maximize
+    assert m.noise.model == "none" and m.noise.repeats == 1 and not m.noise.aware
+    old = P.validate({"maximize": {"noise": 0.3}}).maximize.noise
+    assert (old.model, old.sigma) == ("multiplicative", 0.3)
+    assert P.validate({"maximize": {"noise": 0}}).maximize.noise.model == "none"
+
+
+def test_noise_aware_params_reach_every_method():
+    from spikemax.optim import NoisyOptimizer, make_optimizer, options_for
+
+    params = P.validate({"maximize": {"noise": {"model": "poisson", "aware": True, "retest": 0.1}}})
+    for method in ("tt", "cma", "random"):
+        opts = options_for(method, params, True)
+        assert opts["noise_aware"] is True and opts["retest"] == 0.1
+        opt = make_optimizer(method, 4, 8, seed=0, **opts)
+        assert isinstance(opt, NoisyOptimizer) and opt.retest == 0.1
+    assert "noise_aware" not in options_for("tt", P.validate({}), True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -93,3 +94,20 @@ def test_whole_pipeline_repro_on_a_fresh_repo(dvc_repo):
     # DVC sees the declared metrics.
     shown = sh(DVC, "metrics", "show", cwd=dvc_repo).stdout
     assert "metrics/am.json" in shown and "metrics/snn.json" in shown
+    # Changing any module makes `dvc status` report exactly the stages that import it as changed.
+    from tests.test_layout import STAGE_MODULES, closure
+
+    users: dict[Path, set[str]] = {}
+    for stage, module in STAGE_MODULES.items():
+        for path in closure(module):
+            users.setdefault(path.relative_to(REPO), set()).add(stage)
+    for rel in sorted(p.relative_to(REPO) for p in (REPO / "src" / "spikemax").rglob("*.py")):
+        target = dvc_repo / rel
+        original = target.read_bytes()
+        target.write_bytes(original + b"\n# touched by the test\n")
+        try:
+            status = json.loads(sh(DVC, "status", "--json", cwd=dvc_repo).stdout or "{}")
+        finally:
+            target.write_bytes(original)
+        changed = {name.split("@")[0] for name in status}
+        assert changed == users.get(rel, set()), f"{rel}: dvc status reports {sorted(changed)}"

@@ -168,3 +168,44 @@ def test_describe_lists_layers_units_and_classes(snn_checkpoints):
     for name, units in net.spiking_layers().items():
         assert name in text and str(units) in text
     assert "class:0..9" in text and "Ankle boot" in text
+
+
+def test_noisy_rates_models_have_the_stated_moments():
+    """Poisson counts over a window are rates with variance rate / window; multiplicative noise has
+    mean r (for small sigma) and sd r * sigma; repeats average the draws; none returns the rates."""
+    from spikemax.neurons import noisy_rates
+
+    rng = np.random.default_rng(0)
+    r = np.full(200_000, 0.25)
+    p = noisy_rates(r, "poisson", window=16, rng=rng)
+    assert np.allclose(p * 16, np.round(p * 16))  # whole spike counts
+    assert p.mean() == pytest.approx(0.25, rel=0.01) and p.var() == pytest.approx(0.25 / 16, rel=0.03)
+    mult = noisy_rates(r, "multiplicative", sigma=0.2, rng=rng)
+    assert mult.mean() == pytest.approx(0.25, rel=0.01) and mult.std() == pytest.approx(0.05, rel=0.03)
+    four = noisy_rates(r, "multiplicative", sigma=0.2, repeats=4, rng=rng)
+    assert four.std() == pytest.approx(0.025, rel=0.03)
+    assert np.array_equal(noisy_rates(r, "none"), r)
+    assert noisy_rates(r[:10], "poisson", steps=8, rng=rng).var() >= 0  # window defaults to steps
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"model": "poisson", "window": -1.0}, "window must be > 0"),
+        ({"model": "multiplicative", "sigma": -0.1}, "sigma must be >= 0"),
+        ({"model": "poisson", "repeats": 0}, "repeats must be an integer >= 1"),
+        ({"model": "gamma"}, "noise model must be one of"),
+    ],
+)
+def test_bad_noise_models_are_one_line_errors(net, kwargs, match):
+    with pytest.raises(SpikemaxError, match=match):
+        make_responder(net, "class:0", **kwargs)
+
+
+def test_poisson_responder_reports_rates_of_whole_counts(net, images):
+    """A Poisson responder over the SNN's T steps returns count / T, seeded."""
+    a = make_responder(net, ["lif1:1", "class:2"], seed=3, model="poisson")
+    b = make_responder(net, ["lif1:1", "class:2"], seed=3, model="poisson")
+    ya = a(images)
+    assert ya.shape == (len(images), 2) and np.array_equal(ya, b(images))
+    assert np.allclose(ya * net.num_steps, np.round(ya * net.num_steps))

@@ -513,18 +513,20 @@ def log_mlflow(paths: Paths, summary: dict, out_dir: Path, runs: pd.DataFrame) -
     client = mlflow.MlflowClient(uri)
     run = client.create_run(exp_id, run_name="analysis", tags={"spikemax.stage": "analysis"})
     rid = run.info.run_id
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in flatten(summary).items()]
-    for i in range(0, len(metrics), 500):
-        client.log_batch(rid, metrics=metrics[i : i + 500])
-    c1 = summary["claim1_early_selectivity"]
-    client.log_batch(
-        rid, params=[Param("csi_threshold", str(c1["csi_threshold"])), Param("min_rate", str(c1["min_rate"]))]
-    )
-    for path in sorted(out_dir.rglob("*")):
-        if path.is_file() and path.suffix in (".png", ".csv"):
-            client.log_artifact(rid, str(path), artifact_path=str(path.parent.relative_to(out_dir)).strip(".") or None)
-    client.set_terminated(rid)
+    with tracking.terminated(client, rid):  # FAILED on any error, FINISHED otherwise
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in flatten(summary).items()]
+        for i in range(0, len(metrics), 500):
+            client.log_batch(rid, metrics=metrics[i : i + 500])
+        c1 = summary["claim1_early_selectivity"]
+        client.log_batch(
+            rid, params=[Param("csi_threshold", str(c1["csi_threshold"])), Param("min_rate", str(c1["min_rate"]))]
+        )
+        for path in sorted(out_dir.rglob("*")):
+            if path.is_file() and path.suffix in (".png", ".csv"):
+                client.log_artifact(
+                    rid, str(path), artifact_path=str(path.parent.relative_to(out_dir)).strip(".") or None
+                )
     tagged = missing = 0
     for _, row in runs.iterrows():
         tags = {

@@ -118,31 +118,93 @@ def firing_rates(net, images: Tensor, targets) -> np.ndarray:
 
 
 def make_responder(
-    net, targets, noise: float = 0.0, seed: int = 0, poisson: bool = False
+    net,
+    targets,
+    noise: float = 0.0,
+    seed: int = 0,
+    poisson: bool = False,
+    *,
+    model: str | None = None,
+    sigma: float = 0.0,
+    window: float | None = None,
+    repeats: int = 1,
 ) -> Callable[[Tensor], np.ndarray]:
     """A responder: images (k, C, H, W) -> firing rates (k,) or (k, m), optionally noisy.
 
-    ``noise > 0``: multiplicative response noise ``r * max(0, 1 + noise * N(0, 1))`` (Wang & Ponce
-    2022, sigma 0.2-0.5). ``poisson``: the rate is replaced by a Poisson spike count over the T steps
-    divided by T (trial-to-trial variability of a real neuron). Both draw from one generator seeded
-    with ``seed``, so a rerun with the same queries gives the same responses.
+    ``model`` (see `noisy_rates`): "none", "poisson" (spike counts over ``window`` steps, default
+    the SNN's T, reported as rates) or "multiplicative" (``r * max(0, 1 + sigma N(0, 1))``, Wang &
+    Ponce 2022, sigma 0.2-0.5); each response is the mean of ``repeats`` draws. The older form
+    still works: ``noise > 0`` = multiplicative with sigma ``noise``, ``poisson=True`` = Poisson.
+    Draws come from one generator seeded with ``seed``, so a rerun with the same queries gives the
+    same responses.
     """
     if noise < 0:
         raise SpikemaxError(f"noise={noise}: must be >= 0")
+    if model is None:
+        model = "poisson" if poisson else ("multiplicative" if noise > 0 else "none")
+        sigma = noise if model == "multiplicative" else sigma
+    check_noise(model, sigma, window, repeats)
     parsed, single = _targets(net, targets)
     rng = np.random.default_rng(seed)
     steps = int(getattr(net, "num_steps", 1))
+    # The older form allowed Poisson counts with multiplicative noise on top.
+    extra = noise if (poisson and noise > 0) else 0.0
 
     def respond(images: Tensor) -> np.ndarray:
         r = firing_rates(net, images, parsed)
-        if poisson:
-            r = rng.poisson(r * steps) / steps
-        if noise > 0:
-            r = r * np.maximum(0.0, 1.0 + noise * rng.standard_normal(r.shape))
+        r = noisy_rates(r, model, sigma, window, repeats, steps, rng)
+        if extra > 0:
+            r = r * np.maximum(0.0, 1.0 + extra * rng.standard_normal(r.shape))
         return r[:, 0] if single else r
 
     respond.targets = parsed  # type: ignore[attr-defined]
     return respond
+
+
+NOISE_MODELS = ("none", "poisson", "multiplicative")
+"""Response noise of a responder: none (the deterministic net), poisson (spike counts over a window),
+multiplicative (r * max(0, 1 + sigma N(0, 1)), Wang & Ponce 2022, sigma 0.2-0.5)."""
+
+
+def check_noise(model: str, sigma: float = 0.0, window: float | None = None, repeats: int = 1) -> None:
+    """Raise SpikemaxError (one line) for an unknown model, sigma < 0, window <= 0 or repeats < 1."""
+    if model not in NOISE_MODELS:
+        raise SpikemaxError(f"noise model must be one of {', '.join(NOISE_MODELS)}; got {model!r}")
+    if not sigma >= 0:
+        raise SpikemaxError(f"noise sigma must be >= 0, got {sigma}")
+    if window is not None and not window > 0:
+        raise SpikemaxError(f"noise window must be > 0 time steps, got {window}")
+    if isinstance(repeats, bool) or int(repeats) != repeats or repeats < 1:
+        raise SpikemaxError(f"noise repeats must be an integer >= 1, got {repeats}")
+
+
+def noisy_rates(
+    rates: np.ndarray,
+    model: str = "none",
+    sigma: float = 0.0,
+    window: float | None = None,
+    repeats: int = 1,
+    steps: int = 1,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Noisy responses to clean firing rates: the mean of `repeats` draws of the noise `model`.
+
+    poisson: a spike count ~ Poisson(rate x window) reported as a rate (count / window); `window`
+    in time steps, None = `steps` (the SNN's T). multiplicative: rate x max(0, 1 + sigma N(0, 1)).
+    """
+    check_noise(model, sigma, window, repeats)
+    rates = np.asarray(rates, dtype=np.float64)
+    if model == "none":
+        return rates.copy()
+    rng = rng if rng is not None else np.random.default_rng()
+    w = float(window) if window else float(steps)
+    total = np.zeros_like(rates)
+    for _ in range(int(repeats)):
+        if model == "poisson":
+            total += rng.poisson(np.maximum(rates, 0.0) * w) / w
+        else:
+            total += rates * np.maximum(0.0, 1.0 + sigma * rng.standard_normal(rates.shape))
+    return total / int(repeats)
 
 
 def describe(checkpoint_path: str | Path) -> str:

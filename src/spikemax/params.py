@@ -122,6 +122,25 @@ class TTOptions(Section):
         raise PydanticCustomError(info.field_name, "Input should be 'auto' or a number in [0, 1]")
 
 
+class NoiseParams(Section):
+    """`maximize.noise`: the responders' noise model and the noise-aware optimization options."""
+
+    model: Literal["none", "poisson", "multiplicative"] = "none"
+    sigma: float = Field(0.0, ge=0.0)  # multiplicative: r * max(0, 1 + sigma N(0, 1))
+    window: float | None = Field(None, gt=0.0)  # poisson: time steps counted (null = the SNN's T)
+    repeats: int = Field(1, ge=1)  # noisy draws averaged per presentation
+    aware: bool = False  # noise-aware optimizers (spikemax.optim.noisy): re-present the elite, best by mean
+    retest: float = Field(0.2, ge=0.0, lt=1.0)  # at most this fraction of each batch re-presented
+    estimator: Literal["mean", "shrink", "lcb"] = "shrink"
+
+    @classmethod
+    def from_sigma(cls, value: Any) -> Any:
+        """The older `noise: SIGMA` float: 0 = none, else multiplicative with that sigma."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"model": "none"} if value == 0 else {"model": "multiplicative", "sigma": value}
+        return value
+
+
 class MaximizeParams(Section):
     """`maximize` stage: which checkpoints, generators, targets, methods and budget."""
 
@@ -140,12 +159,21 @@ class MaximizeParams(Section):
     batch: int = Field(64, ge=1)
     target_value: float | None = None
     warm_start: bool = True
+<<<<<<< HEAD
     noise: float = Field(0.0, ge=0.0)
     # Codebook grids (vqvae): TT starts from, and random samples, a TT prior fitted to the encoder's
     # indices of `prior_images` prepared train images (spikemax.optim.prior); false = uniform codes.
     prior: bool = True
     prior_images: int = Field(4000, ge=1)
+=======
+    noise: NoiseParams = Field(default_factory=NoiseParams)
+>>>>>>> main
     tt: TTOptions = Field(default_factory=TTOptions)
+
+    @field_validator("noise", mode="before")
+    @classmethod
+    def _noise_sigma(cls, value: Any) -> Any:
+        return NoiseParams.from_sigma(value)
 
 
 class AnalyzeParams(Section):

@@ -13,6 +13,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mlflow import MlflowClient
 
 QUERY_COLUMNS = ("query", "batch", "indices", "response", "elapsed_s")
 _MAX_METRICS_PER_CALL = 1000  # MLflow's limit on metrics in one log_batch request
@@ -55,7 +56,7 @@ class MetricWriter:
     `log_batch` calls. Both are read back identically by `get_metric_history`.
     """
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
         self._store = None
         try:
@@ -147,7 +148,7 @@ class QueryLogger:
 
     def __init__(
         self,
-        client: Any | None = None,
+        client: MlflowClient | None = None,
         run_id: str | None = None,
         run_dir: str | Path | None = None,
         artifact_uri: str | None = None,
@@ -216,7 +217,7 @@ class QueryLogger:
 
     def log_stop(self, reason: str) -> None:
         """Record why the run stopped before its budget (tag `spikemax.stopped_early`)."""
-        if self.client is not None:
+        if self.client is not None and self.run_id is not None:
             self.client.set_tag(self.run_id, "spikemax.stopped_early", reason)
         if self.run_dir is not None:
             (self.run_dir / "STOPPED_EARLY").write_text(reason + "\n")

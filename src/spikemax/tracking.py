@@ -6,11 +6,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
     pass
 
 # The project's MLflow experiments, named once (the public MLflow layout).
@@ -57,7 +59,7 @@ def configure(root: str | Path) -> str:
 
 
 @contextmanager
-def terminated(client: Any, run_id: str) -> Iterator[str]:
+def terminated(client: MlflowClient, run_id: str) -> Iterator[str]:
     """Mark an MLflow run FINISHED when the block ends and FAILED when it raises (then re-raise)."""
     try:
         yield run_id

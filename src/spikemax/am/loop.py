@@ -173,6 +173,11 @@ def run_am_group(
     results = []
     for t in tracks:
         d = t.indices[0].shape[1] if t.indices else 0
+        stats = getattr(t.optimizer, "best_stats", None)
+        if stats is not None:
+            # Noise-aware: report the point with the best estimated mean (not the luckiest draw).
+            t.best, t.best_indices = stats.estimate, stats.index.copy()
+            t.best_image = _decode(grid, stats.index[None], max_images)[0]
         results.append(
             AMResult(
                 best_indices=t.best_indices,

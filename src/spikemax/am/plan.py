@@ -127,7 +127,7 @@ def _config_hash(m: MaximizeParams, method: str, snn_ckpt: Path, gen_ckpt: Path,
     cfg = {
         "budget": m.budget,
         "batch": m.batch,
-        "noise": m.noise,
+        "noise": m.noise.model_dump(),
         "target_value": m.target_value,
         "options": options_for(method, m),
         "warm": bool(m.warm_start and method == "tt"),

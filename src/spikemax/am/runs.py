@@ -17,12 +17,17 @@ from spikemax.am import SUMMARY_COLUMNS
 from spikemax.am.loop import AMResult
 from spikemax.am.plan import PRIOR_GENERATORS, PRIOR_METHODS, Combo, Plan, finished_runs
 from spikemax.neurons import Target
-from spikemax.optim import make_optimizer, options_for
+from spikemax.optim import Optimizer, make_optimizer, options_for
 from spikemax.outputs import write_json
 from spikemax.querylog import QueryLogger
 
 if TYPE_CHECKING:
+    import pandas as pd
+
+    from spikemax.data import Prepared
+    from spikemax.generators import LatentGrid
     from spikemax.params import Params, Paths
+    from spikemax.snn import ConvSNN
 
 
 def metric_batch(values: dict[str, Any]) -> list:
@@ -44,7 +49,7 @@ class OpenRun:
 
     combo: Combo
     run_id: str
-    logger: Any
+    logger: QueryLogger
     warm_from: str
 
 
@@ -107,7 +112,7 @@ class AMRuns:
         self._priors: dict[str, Any] = {}
 
     # -- runs ---------------------------------------------------------------------------------
-    def open_run(self, combo: Combo, grid: Any, snn_ckpt: Path) -> OpenRun:
+    def open_run(self, combo: Combo, grid: LatentGrid, snn_ckpt: Path) -> OpenRun:
 
         m = self.m
         warm_from = ""
@@ -139,7 +144,7 @@ class AMRuns:
                     "seed": combo.seed,
                     "layer": combo.target.layer,
                     "unit": combo.target.unit,
-                    "noise": m.noise,
+                    "noise": json.dumps(m.noise.model_dump(), sort_keys=True),
                     "target_value": m.target_value,
                     "warm_start": bool(warm_from),
                     "checkpoint": snn_ckpt.name,
@@ -167,7 +172,23 @@ class AMRuns:
                 return c
         return None
 
+<<<<<<< HEAD
     def make_optimizer(self, op: OpenRun, grid: Any) -> Any:
+=======
+    def _chain_first(self, combo: Combo) -> Combo | None:
+        for c in self.plan.combos:
+            if (c.epoch, c.generator, c.target, c.method, c.seed) == (
+                self.plan.epochs[0],
+                combo.generator,
+                combo.target,
+                combo.method,
+                combo.seed,
+            ):
+                return c
+        return None
+
+    def make_optimizer(self, op: OpenRun, grid: LatentGrid) -> Optimizer:
+>>>>>>> main
 
         opts = options_for(op.combo.method, self.m, grid)
         prior = self.prior_for(op.combo.generator, grid) if op.combo.method in PRIOR_METHODS else None
@@ -204,6 +225,7 @@ class AMRuns:
         return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
 
     def finish_run(
+<<<<<<< HEAD
         self,
         op: OpenRun,
         res: AMResult,
@@ -211,6 +233,9 @@ class AMRuns:
         dataset_max: float,
         extras: dict[str, float],
         cold: AMResult | None = None,
+=======
+        self, op: OpenRun, res: AMResult, optimizer: Optimizer, dataset_max: float, extras: dict[str, float]
+>>>>>>> main
     ) -> dict:
         from spikemax import selectivity as S
 
@@ -296,7 +321,7 @@ class AMRuns:
         self.failed.append(f"{op.combo.key}: {msg}")
 
     # -- outputs ------------------------------------------------------------------------------
-    def write_summary(self) -> Any:
+    def write_summary(self) -> pd.DataFrame:
         import pandas as pd
 
         rows = [self.done[c.key] for c in self.plan.combos if c.key in self.done]
@@ -354,7 +379,7 @@ class AMRuns:
             if d.is_dir() and d.name not in keys:
                 shutil.rmtree(d, ignore_errors=True)
 
-    def write_metrics(self, df: Any, wall_s: float, n_queries_run: int) -> dict:
+    def write_metrics(self, df: pd.DataFrame, wall_s: float, n_queries_run: int) -> dict:
         out: dict[str, Any] = {
             "n_runs": len(df),
             "n_planned": len(self.plan.combos),
@@ -380,7 +405,7 @@ class AMRuns:
         return out
 
 
-def dataset_stats(net: Any, prepared: Any, targets: list[Target], max_images: int) -> dict[str, np.ndarray]:
+def dataset_stats(net: ConvSNN, prepared: Prepared, targets: list[Target], max_images: int) -> dict[str, np.ndarray]:
     """Per target over the prepared test images: max response, CSI and lifetime sparseness."""
     from spikemax import selectivity as S
     from spikemax.neurons import firing_rates
@@ -398,7 +423,7 @@ def dataset_stats(net: Any, prepared: Any, targets: list[Target], max_images: in
     return {"dataset_max": rates.max(axis=0), "csi": S.csi(means), "sparseness": S.lifetime_sparseness(rates)}
 
 
-def stimulus_stats(net: Any, prepared: Any, results: list[AMResult]) -> list[dict[str, float]]:
+def stimulus_stats(net: ConvSNN, prepared: Prepared, results: list[AMResult]) -> list[dict[str, float]]:
     """Concept of each best stimulus under this checkpoint (class, probability, perplexity), complexity."""
     from spikemax import selectivity as S
 

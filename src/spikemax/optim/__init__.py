@@ -13,14 +13,26 @@ import numpy as np
 
 from .base import MaximizeResult, Optimizer, OptionalDependencyError, run_maximize
 from .baselines import RandomSearch
+from .noisy import NoisyOptimizer, split_noisy_options
 from .options import options_for
+from .population import Population
 from .tt import TTOptimizer, resolve_ordinal
 
 METHODS = ("tt", "random", "cma", "ngopt", "protes")
 
 
 def make_optimizer(method: str, d: int, n: int | Sequence[int], seed: int = 0, **options: Any) -> Optimizer:
-    """Build the optimizer `method` ("tt", "random", "cma", "ngopt", "protes") for d dims of size n."""
+    """Build the optimizer `method` ("tt", "random", "cma", "ngopt", "protes") for d dims of size n.
+
+    `noise_aware=True` wraps it in a `NoisyOptimizer` (options retest, estimator, pool, kappa,
+    probe): re-presented elite, per-point statistics and `best` by estimated mean.
+    """
+    layer, options = split_noisy_options(options)
+    base = _make_base(method, d, n, seed, **options)
+    return base if layer is None else NoisyOptimizer(base, **layer)
+
+
+def _make_base(method: str, d: int, n: int | Sequence[int], seed: int, **options: Any) -> Optimizer:
     if method == "tt":
         return TTOptimizer(d, n, seed=seed, **options)
     if method == "random":
@@ -61,8 +73,10 @@ def maximize(
 __all__ = [
     "METHODS",
     "MaximizeResult",
+    "NoisyOptimizer",
     "Optimizer",
     "OptionalDependencyError",
+    "Population",
     "RandomSearch",
     "TTOptimizer",
     "make_optimizer",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from pathlib import Path
@@ -48,7 +49,7 @@ def run(params: Params, paths: Paths) -> dict:
                 "n_targets": len(plan_.targets),
                 "budget": m.budget,
                 "batch": m.batch,
-                "noise": m.noise,
+                "noise": json.dumps(m.noise.model_dump(), sort_keys=True),
                 "n_planned": len(plan_.combos),
                 "n_skipped_finished": len(plan_.combos) - len(todo),
             }
@@ -143,7 +144,15 @@ def run_group(
         warm = [i for i, op in enumerate(opens) if op.warm_from]
         twins = [st.make_cold_twin(opens[i], grid) for i in warm]
         names = [c.target.name for c in group] + [group[i].target.name for i in warm]
-        responder = make_responder(net, names, noise=m.noise, seed=noise_seed)
+        responder = make_responder(
+            net,
+            names,
+            seed=noise_seed,
+            model=m.noise.model,
+            sigma=m.noise.sigma,
+            window=m.noise.window,
+            repeats=m.noise.repeats,
+        )
         everything = run_am_group(
             optimizers + twins,
             grid,

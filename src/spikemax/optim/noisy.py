@@ -1,0 +1,307 @@
+"""Noise-aware optimization: re-present the elite, keep per-point statistics, rank by estimated means.
+
+A noisy neuron answers the same stimulus differently each time, so the single highest draw is
+mostly luck (the winner's curse). `NoisyOptimizer` wraps any optimizer of this package behind
+the same ask/tell API:
+
+* each `ask` spends a `retest` fraction of its points re-presenting points already told, chosen
+  greedily by an upper confidence bound among the best estimated points (racing: a point whose
+  estimate is high but uncertain is measured again until it is either confirmed or falls back);
+* every told draw updates that point's statistics (count, mean, variance; Welford);
+* the mean of a point is estimated by `estimator` (see `ESTIMATORS`); the base optimizer is told
+  the raw draws by default (`TELL_VALUES`: telling estimates made TT's elite churn, measured);
+* `best` is the point with the best estimated mean, `best_stats` its estimate, mean and count.
+
+The noise level is learned from the repeats themselves: a deterministic responder shows zero
+spread on the first `probe` repeats, after which no more queries are spent on re-presentation
+(clean responses then cost only those few queries).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .base import Optimizer, check_positive_float, check_positive_int
+
+ESTIMATORS = ("mean", "shrink", "lcb")
+"""How a point's mean response is estimated for ranking and for `best`:
+
+mean    the sample mean of its draws.
+shrink  empirical-Bayes posterior mean: the sample mean pulled toward the mean of all points
+        told, by the noise variance over its count (one lucky draw moves it little).
+lcb     the shrunk mean minus `kappa` standard errors (prefers points measured often).
+"""
+
+TELL_VALUES = ("raw", "estimate")
+"""What the base optimizer is told: each draw as measured ("raw": its elite stays the points that
+drew high, a stable search anchor; identifying the truly best point is this layer's job), or the
+point's current estimate with its elite archive re-valued after every tell ("estimate")."""
+
+# Relative spread below which repeats count as identical (float round-off of a deterministic net).
+_CLEAN_RTOL = 1e-9
+
+
+@dataclass
+class PointStats:
+    """Statistics of one grid point over its repeats."""
+
+    index: np.ndarray
+    count: int
+    mean: float
+    var: float  # sample variance of the draws (0 for one draw)
+    estimate: float
+
+
+class NoisyOptimizer(Optimizer):
+    """Wrap an optimizer to handle noisy responses (re-presentation, statistics, estimated best).
+
+    Options (defaults):
+      retest=0.2        fraction of each ask spent re-presenting told points (0 disables it).
+      estimator="shrink"  one of `ESTIMATORS`: ranking and `best`.
+      pool=8            best estimated points among which re-presentations are raced.
+      kappa=1.0         confidence multiplier of the racing bound (and of `lcb`).
+      probe=6           repeats after which zero spread marks the responder as noise-free.
+      tell="raw"        one of `TELL_VALUES`: what the base optimizer is told.
+    """
+
+    def __init__(
+        self,
+        base: Optimizer,
+        retest: float = 0.2,
+        estimator: str = "shrink",
+        pool: int = 8,
+        kappa: float = 1.0,
+        probe: int = 6,
+        tell: str = "raw",
+    ) -> None:
+        super().__init__(base.d, base.n.tolist(), base.seed, base.batch)
+        self.base = base
+        self.method = base.method
+        if not 0.0 <= float(retest) < 1.0:
+            raise ValueError(f"retest must be in [0, 1), got {retest!r}")
+        self.retest = float(retest)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
+        self.estimator = estimator
+        self.pool = check_positive_int("pool", pool)
+        self.kappa = check_positive_float("kappa", kappa)
+        self.probe = check_positive_int("probe", probe)
+        if tell not in TELL_VALUES:
+            raise ValueError(f"tell must be one of {', '.join(TELL_VALUES)}; got {tell!r}")
+        self.tell_values = tell
+        self.n_retests = 0  # re-presentations asked so far
+        self.clean = False  # set once `probe` repeats showed no spread at all
+        self._key: dict[bytes, int] = {}
+        self._I = np.zeros((0, self.d), dtype=np.int64)
+        self._count = np.zeros(0, dtype=np.int64)
+        self._mean = np.zeros(0)
+        self._m2 = np.zeros(0)  # sum of squared deviations (Welford)
+        self._est: np.ndarray | None = None  # cached estimates, None when stale
+
+    @property
+    def batch(self) -> int:
+        """Points per `ask()` when k is not given: the base optimizer's."""
+        return int(self.base.batch)
+
+    @batch.setter
+    def batch(self, value: int) -> None:
+        # Optimizer.__init__ assigns it; the base optimizer keeps the real value.
+        pass
+
+    # -- statistics ------------------------------------------------------------------------
+    def _slots(self, I: np.ndarray) -> np.ndarray:
+        """Row of each point in the statistics arrays, adding unseen points."""
+        rows = np.empty(I.shape[0], dtype=np.int64)
+        new: list[np.ndarray] = []
+        for j, row in enumerate(np.ascontiguousarray(I, dtype=np.int64)):
+            key = row.tobytes()
+            slot = self._key.get(key)
+            if slot is None:
+                slot = self._I.shape[0] + len(new)
+                self._key[key] = slot
+                new.append(row)
+            rows[j] = slot
+        if new:
+            k = len(new)
+            self._I = np.concatenate([self._I, np.stack(new)])
+            self._count = np.concatenate([self._count, np.zeros(k, dtype=np.int64)])
+            self._mean = np.concatenate([self._mean, np.zeros(k)])
+            self._m2 = np.concatenate([self._m2, np.zeros(k)])
+        return rows
+
+    def _update(self, rows: np.ndarray, y: np.ndarray) -> None:
+        """Welford updates, one draw at a time (a point may repeat within a batch)."""
+        for s, v in zip(rows, y):
+            self._count[s] += 1
+            delta = v - self._mean[s]
+            self._mean[s] += delta / self._count[s]
+            self._m2[s] += delta * (v - self._mean[s])
+        self._est = None
+
+    def noise_var(self) -> float:
+        """Pooled within-point variance of the repeated points (nan before any repeat)."""
+        dof = np.maximum(self._count - 1, 0)
+        if dof.sum() == 0:
+            return float("nan")
+        return float(self._m2.sum() / dof.sum())
+
+    def _prior(self, s2: float) -> tuple[float, float]:
+        """Mean and variance of the true means of the points told (the shrinkage target): the
+        optimizer's own proposals, so the prior tightens as its search concentrates."""
+        m0 = float(self._mean.mean())
+        tau2 = float(self._mean.var()) - s2 * float(np.mean(1.0 / self._count))
+        # A floor keeps the prior proper when the means are within noise of each other.
+        return m0, max(tau2, 0.05 * s2, 1e-12)
+
+    def estimates(self) -> np.ndarray:
+        """Estimated mean response of every point told so far (order of first telling)."""
+        if self._est is not None:
+            return self._est
+        s2 = self.noise_var()
+        if self.estimator == "mean" or self._I.shape[0] < 2 or not s2 > 0:
+            est = self._mean.copy()
+        else:
+            m0, tau2 = self._prior(s2)
+            w = tau2 / (tau2 + s2 / self._count)
+            est = m0 + w * (self._mean - m0)
+            if self.estimator == "lcb":
+                est = est - self.kappa * np.sqrt(w * s2 / self._count)
+        self._est = est
+        return est
+
+    def stats(self, I: Any) -> list[PointStats | None]:
+        """Statistics of the given points (None for a point never told)."""
+        est = self.estimates()
+        out: list[PointStats | None] = []
+        for row in np.asarray(I, dtype=np.int64).reshape(-1, self.d):
+            s = self._key.get(np.ascontiguousarray(row).tobytes())
+            if s is None:
+                out.append(None)
+                continue
+            c = int(self._count[s])
+            var = float(self._m2[s] / (c - 1)) if c > 1 else 0.0
+            out.append(PointStats(self._I[s].copy(), c, float(self._mean[s]), var, float(est[s])))
+        return out
+
+    # -- ask / tell ------------------------------------------------------------------------
+    def _n_retest(self, k: int) -> int:
+        if self.clean or self.retest == 0.0 or self._I.shape[0] == 0:
+            return 0
+        return min(round(self.retest * k), k - 1) if k > 1 else int(self.n_retests == 0)
+
+    def _pick_retests(self, k: int) -> np.ndarray:
+        """Up to k re-presentations raced among the best estimated points (LUCB): the leader and
+        the challenger with the highest upper bound are measured, the more uncertain of the two
+        first, each pick counted as a virtual draw, until the leader's lower bound clears every
+        challenger's upper bound (then the rest of the batch goes back to the base optimizer)."""
+        est = self.estimates()
+        pool = np.argsort(-est, kind="stable")[: self.pool]
+        s2 = self.noise_var()
+        if not s2 > 0:  # no repeat yet: assume the spread of the pool as noise
+            s2 = float(np.var(self._mean[pool])) if pool.size > 1 else 1.0
+            s2 = s2 if s2 > 0 else 1.0
+        n = self._count[pool].astype(np.float64)
+        e = est[pool]
+        picks: list[int] = []
+        for _ in range(k):
+            half = self.kappa * np.sqrt(s2 / n)
+            h = int(np.argmax(e))
+            if pool.size == 1:
+                b = h
+            else:
+                ucb = np.where(np.arange(pool.size) == h, -np.inf, e + half)
+                c = int(np.argmax(ucb))
+                if ucb[c] <= e[h] - half[h]:
+                    break
+                b = h if n[h] <= n[c] else c
+            picks.append(int(pool[b]))
+            n[b] += 1
+        return self._I[np.asarray(picks, dtype=np.int64)]
+
+    def _ask(self, k: int) -> np.ndarray:
+        re = self._pick_retests(self._n_retest(k)) if self._n_retest(k) else np.zeros((0, self.d), np.int64)
+        self.n_retests += re.shape[0]
+        r = re.shape[0]
+        parts = [np.asarray(self.base.ask(k - r), dtype=np.int64).reshape(k - r, self.d)] if k > r else []
+        return np.concatenate(parts + [re], axis=0)
+
+    def _tell(self, I: np.ndarray, y: np.ndarray) -> None:
+        ok = np.isfinite(y)
+        rows = self._slots(I[ok])
+        self._update(rows, y[ok])
+        dof = int(np.maximum(self._count - 1, 0).sum())
+        if not self.clean and dof >= self.probe:
+            spread = float(self._m2.sum())
+            scale = float(np.sum(self._mean**2 * np.maximum(self._count - 1, 0))) + 1e-300
+            self.clean = spread <= _CLEAN_RTOL**2 * scale
+        if self.tell_values == "raw":
+            self.base.tell(I, y)
+            return
+        told = y.copy()
+        told[ok] = self.estimates()[rows]
+        self.base.tell(I, told)
+        _revalue_elite(self.base, self)
+
+    # -- results ---------------------------------------------------------------------------
+    @property
+    def best(self) -> tuple[np.ndarray | None, float]:
+        """(point with the best estimated mean, that estimate); (None, nan) before any response."""
+        if self._I.shape[0] == 0:
+            return None, float("nan")
+        est = self.estimates()
+        s = int(np.argmax(est))
+        return self._I[s].copy(), float(est[s])
+
+    @property
+    def best_stats(self) -> PointStats | None:
+        """Statistics of `best`: estimate, sample mean, variance and number of repeats."""
+        i, _ = self.best
+        return None if i is None else self.stats(i)[0]
+
+    @property
+    def max_draw(self) -> tuple[np.ndarray | None, float]:
+        """The single highest draw and its point (what a noise-unaware optimizer reports)."""
+        return super().best
+
+    def state_dict(self) -> dict:
+        """The base optimizer's warm-start state (raises AttributeError if it has none)."""
+        return self.base.state_dict()  # type: ignore[attr-defined]
+
+
+def _revalue_elite(base: Optimizer, noisy: NoisyOptimizer) -> None:
+    """Replace the values of a base optimizer's elite archive by current estimates.
+
+    TT keeps its best points with the values they were told; a point told once with a lucky draw
+    would stay elite after repeats showed it is ordinary. An optimizer may offer
+    `revalue(fn)` (fn: points (m, d) -> values (m,)); TT's archive is updated directly otherwise.
+    """
+    hook = getattr(base, "revalue", None)
+    if callable(hook):
+        hook(lambda P: np.array([s.estimate if s else np.nan for s in noisy.stats(P)]))
+        return
+    if not (hasattr(base, "_elite_I") and hasattr(base, "_elite_y") and hasattr(base, "_from_model")):
+        return
+    E = base._from_model(base._elite_I)
+    if E.shape[0] == 0:
+        return
+    vals = np.asarray(base._elite_y, dtype=np.float64).copy()
+    for j, s in enumerate(noisy.stats(E)):
+        if s is not None:
+            vals[j] = s.estimate
+    base._elite_y = vals
+
+
+NOISY_OPTIONS = ("retest", "estimator", "pool", "kappa", "probe", "tell")
+
+
+def split_noisy_options(options: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Split make_optimizer options into the noise layer's (None if `noise_aware` is off) and the base's."""
+    opts = dict(options)
+    aware = bool(opts.pop("noise_aware", False))
+    layer = {k: opts.pop(k) for k in NOISY_OPTIONS if k in opts}
+    if layer and not aware:
+        raise ValueError(f"options {', '.join(sorted(layer))} need noise_aware=True")
+    return (layer if aware else None), opts

@@ -1,0 +1,117 @@
+"""Population mode: batches composed from m optimizers, every response routed to its neuron."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spikemax.optim import Optimizer, Population, make_optimizer
+
+
+class Recorder(Optimizer):
+    """Random proposals; records every tell it receives."""
+
+    method = "recorder"
+
+    def __init__(self, d: int, n: int, seed: int) -> None:
+        super().__init__(d, n, seed, batch=4)
+        self.rng = np.random.default_rng(seed)
+        self.told_I: list[np.ndarray] = []
+        self.told_y: list[np.ndarray] = []
+
+    def _ask(self, k: int) -> np.ndarray:
+        return self.rng.integers(0, self.n[None, :], size=(k, self.d))
+
+    def _tell(self, I: np.ndarray, y: np.ndarray) -> None:
+        self.told_I.append(I.copy())
+        self.told_y.append(y.copy())
+
+
+def test_every_optimizer_gets_its_column_of_every_presentation() -> None:
+    """Optimizer j is told all k points of every batch with exactly column j of the responses."""
+    m, d = 5, 3
+    pop = Population([Recorder(d, 6, seed=j) for j in range(m)])
+    Is, Ys = [], []
+    rng = np.random.default_rng(0)
+    for k in (7, 10, 3, 5):
+        I = pop.ask(k)
+        Y = rng.standard_normal((k, m))
+        pop.tell(I, Y)
+        Is.append(I)
+        Ys.append(Y)
+    I_all, Y_all = np.concatenate(Is), np.concatenate(Ys)
+    for j, opt in enumerate(pop.optimizers):
+        assert opt.n_told == len(I_all)
+        assert np.array_equal(np.concatenate(opt.told_I), I_all)
+        assert np.array_equal(np.concatenate(opt.told_y), Y_all[:, j])
+
+
+def test_round_robin_quotas_are_fair() -> None:
+    """Quotas sum to k and, over batches, every optimizer proposes the same number of points +-1."""
+    pop = Population([Recorder(2, 4, seed=j) for j in range(4)])
+    for k in (3, 5, 6, 1, 9):
+        I = pop.ask(k)
+        assert I.shape == (k, 2)
+        assert np.bincount(pop.owner, minlength=4).sum() == k
+        pop.tell(I, np.zeros((k, 4)))
+    assert pop.proposed.sum() == 24
+    assert pop.proposed.max() - pop.proposed.min() <= 1
+
+
+def test_owner_marks_each_optimizers_own_proposals() -> None:
+    """The rows owned by optimizer j are the points it proposed (seeded: same draws again)."""
+    pop = Population([Recorder(3, 8, seed=j) for j in range(3)])
+    I = pop.ask(9)
+    for j in range(3):
+        mine = I[pop.owner == j]
+        assert np.array_equal(mine, np.random.default_rng(j).integers(0, 8, size=(3, 3)))
+
+
+def test_progress_rule_keeps_a_floor_and_sums_to_k() -> None:
+    """Under `progress` quotas still sum to k and every neuron keeps its floor share."""
+    m = 4
+    pop = Population([make_optimizer("tt", 3, 6, seed=j) for j in range(m)], rule="progress", floor=0.5)
+    rng = np.random.default_rng(0)
+    w = rng.random((m, 3))
+    for _ in range(6):
+        I = pop.ask(16)
+        q = np.bincount(pop.owner, minlength=m)
+        assert q.sum() == 16 and q.min() >= 16 * 0.5 / m - 1
+        pop.tell(I, I @ w.T)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: Population([]), "at least one optimizer"),
+        (lambda: Population([Recorder(2, 4, 0), Recorder(3, 4, 1)]), "same grid"),
+        (lambda: Population([Recorder(2, 4, 0)], rule="vote"), "rule must be one of"),
+    ],
+)
+def test_bad_population(build, match: str) -> None:
+    """Mismatched grids, no optimizers or an unknown rule fail with one line."""
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_tell_shape_is_checked() -> None:
+    """Y must hold one column per neuron."""
+    pop = Population([Recorder(2, 4, seed=j) for j in range(3)])
+    I = pop.ask(6)
+    with pytest.raises(ValueError, match=r"Y must have shape \(6, 3\)"):
+        pop.tell(I, np.zeros((6, 2)))
+
+
+def test_run_population_spends_the_budget_and_improves_every_neuron() -> None:
+    """run_population presents exactly `budget` points; each TT beats its neuron's first batch."""
+    from spikemax.optim.population import run_population
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 8, size=(3, 5))
+    f = lambda I: -np.stack([np.abs(I - t).sum(1) for t in targets], axis=1).astype(float)  # noqa: E731
+    pop = Population([make_optimizer("tt", 5, 8, seed=j) for j in range(3)])
+    I, Y = run_population(pop, f, 300, batch=24)
+    assert I.shape == (300, 5) and Y.shape == (300, 3)
+    for j, (i_best, y_best) in enumerate(pop.best):
+        assert y_best == Y[:, j].max() > Y[:24, j].max()
+        assert f(i_best[None])[0, j] == y_best
