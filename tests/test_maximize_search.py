@@ -116,3 +116,30 @@ def test_queries_saved_is_measured_against_a_cold_run_of_the_same_neuron(
         yc = pd.read_parquet(am_c / c.loc[target, "run_dir"] / "queries.parquet")["response"].to_numpy()
         # The cold twin is the same run as the warm_start: false stage's run of that neuron.
         assert w.loc[target, "queries_saved"] == queries_to_level(yc, yw) - queries_to_level(yw, yc)
+
+
+def test_tuned_maximize_runs_carry_the_study_best_settings(tmp_path, project, snn_checkpoints, generator_checkpoints):
+    small = {
+        "epochs": [-1],
+        "generators": ["sngan"],
+        "targets": ["class:0"],
+        "units_per_layer": 0,
+        "methods": ["tt"],
+        "budget": 16,
+        "batch": 16,
+        "tuned": True,
+    }
+    params, paths = _project_copy(tmp_path / "p", project, small)
+    with pytest.raises(Exception, match="tune.json is missing: run `spikemax tune` first"):
+        run_stage(params, paths)
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    (paths.metrics / "tune.json").write_text(json.dumps({"study": "tt-sngan-e2-x", "best_rank": 3, "best_lr": 0.037}))
+    run_stage(params, paths)
+    client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
+    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    nested = [r for r in runs if tracking.RUN_KEY_TAG in r.data.tags]
+    parent = [r for r in runs if r.data.params.get("tuned_from") == "tt-sngan-e2-x"]
+    assert len(nested) == 1 and len(parent) == 1
+    opts = json.loads(nested[0].data.params["options"])
+    assert (opts["rank"], opts["lr"], nested[0].data.params["rank"]) == (3, 0.037, "3")

@@ -159,15 +159,13 @@ class MaximizeParams(Section):
     batch: int = Field(64, ge=1)
     target_value: float | None = None
     warm_start: bool = True
-<<<<<<< HEAD
-    noise: float = Field(0.0, ge=0.0)
+    noise: NoiseParams = Field(default_factory=NoiseParams)
     # Codebook grids (vqvae): TT starts from, and random samples, a TT prior fitted to the encoder's
     # indices of `prior_images` prepared train images (spikemax.optim.prior); false = uniform codes.
     prior: bool = True
     prior_images: int = Field(4000, ge=1)
-=======
-    noise: NoiseParams = Field(default_factory=NoiseParams)
->>>>>>> main
+    # true: TT's rank and lr are the tune stage's best trial (metrics/tune.json) instead of `tt`'s.
+    tuned: bool = False
     tt: TTOptions = Field(default_factory=TTOptions)
 
     @field_validator("noise", mode="before")

@@ -75,9 +75,9 @@ def make_objective(params: Params, paths: Paths, epoch: int):
     """The Optuna objective: mean AM gain of TT over the neuron panel for the trial's settings."""
     import torch
 
+    from spikemax.am.loop import run_am_group
     from spikemax.data import Prepared
     from spikemax.generators import load_generator
-    from spikemax.loop import run_am_group
     from spikemax.neurons import layer_rates, make_responder
     from spikemax.optim import make_optimizer, resolve_ordinal
     from spikemax.snn import checkpoints, load_snn

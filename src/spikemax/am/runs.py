@@ -172,23 +172,7 @@ class AMRuns:
                 return c
         return None
 
-<<<<<<< HEAD
-    def make_optimizer(self, op: OpenRun, grid: Any) -> Any:
-=======
-    def _chain_first(self, combo: Combo) -> Combo | None:
-        for c in self.plan.combos:
-            if (c.epoch, c.generator, c.target, c.method, c.seed) == (
-                self.plan.epochs[0],
-                combo.generator,
-                combo.target,
-                combo.method,
-                combo.seed,
-            ):
-                return c
-        return None
-
     def make_optimizer(self, op: OpenRun, grid: LatentGrid) -> Optimizer:
->>>>>>> main
 
         opts = options_for(op.combo.method, self.m, grid)
         prior = self.prior_for(op.combo.generator, grid) if op.combo.method in PRIOR_METHODS else None
@@ -225,17 +209,13 @@ class AMRuns:
         return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
 
     def finish_run(
-<<<<<<< HEAD
         self,
         op: OpenRun,
         res: AMResult,
-        optimizer: Any,
+        optimizer: Optimizer,
         dataset_max: float,
         extras: dict[str, float],
         cold: AMResult | None = None,
-=======
-        self, op: OpenRun, res: AMResult, optimizer: Optimizer, dataset_max: float, extras: dict[str, float]
->>>>>>> main
     ) -> dict:
         from spikemax import selectivity as S
 

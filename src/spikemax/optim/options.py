@@ -26,17 +26,10 @@ def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None
         if grid is not None:
             ordered = grid if isinstance(grid, bool) else bool(grid.ordered)
             opts["ordinal"] = resolve_ordinal(opts["ordinal"], ordered)
-<<<<<<< HEAD
             opts["cma"] = resolve_cma(opts["cma"], ordered)
-        return opts
-    if method == "ngopt":
-        return {"budget": int(m.budget)}  # NGOpt chooses its algorithm from the budget
-    return {}
-=======
     elif method == "ngopt":
         opts = {"budget": int(m.budget)}  # NGOpt chooses its algorithm from the budget
     noise: Any = getattr(m, "noise", None)
     if getattr(noise, "aware", False):  # the noise-aware layer (spikemax.optim.noisy) around any method
         opts.update(noise_aware=True, retest=noise.retest, estimator=noise.estimator)
     return opts
->>>>>>> main

@@ -29,6 +29,7 @@ from spikemax.params import Params, Paths
 
 def run(params: Params, paths: Paths) -> dict:
     """Run every planned AM combination not finished yet; write summary, grids and metrics/am.json."""
+    params, tuned_from = with_tuned_settings(params, paths)
     plan_ = plan(params, paths)  # every params error surfaces here, before any run starts
     st = AMRuns(params, paths, plan_)
     m = st.m
@@ -52,6 +53,7 @@ def run(params: Params, paths: Paths) -> dict:
                 "noise": json.dumps(m.noise.model_dump(), sort_keys=True),
                 "n_planned": len(plan_.combos),
                 "n_skipped_finished": len(plan_.combos) - len(todo),
+                "tuned_from": tuned_from or "none",
             }
         ),
     )
@@ -119,6 +121,24 @@ def run(params: Params, paths: Paths) -> dict:
     if st.failed:
         raise SpikemaxError(f"{len(st.failed)} AM run(s) failed (marked FAILED in MLflow); first: {st.failed[0]}")
     return metrics
+
+
+def with_tuned_settings(params: Params, paths: Paths) -> tuple[Params, str]:
+    """`maximize.tuned`: params whose TT rank and lr are the tune stage's best trial, and the study's name."""
+    import json
+
+    if not params.maximize.tuned:
+        return params, ""
+    path = paths.metrics / "tune.json"
+    if not path.is_file():
+        raise SpikemaxError(f"maximize.tuned is true but {path} is missing: run `spikemax tune` first")
+    best = json.loads(path.read_text())
+    try:
+        tt = params.maximize.tt.model_copy(update={"rank": int(best["best_rank"]), "lr": float(best["best_lr"])})
+    except KeyError as err:
+        raise SpikemaxError(f"{path} has no {err.args[0]}: rerun `spikemax tune`") from err
+    m = params.maximize.model_copy(update={"tt": tt})
+    return params.model_copy(update={"maximize": m}), str(best.get("study", path))
 
 
 def run_group(
