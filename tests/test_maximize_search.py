@@ -148,3 +148,45 @@ def test_tuned_maximize_runs_carry_the_study_best_settings(tmp_path, project, sn
     assert len(nested) == 1 and len(parent) == 1
     opts = json.loads(nested[0].data.params["options"])
     assert (opts["rank"], opts["lr"], nested[0].data.params["rank"]) == (3, 0.037, "3")
+
+
+def test_method_auto_resolves_per_grid():
+    from spikemax.optim import make_optimizer
+    from spikemax.optim.tt import METHOD_AUTO
+
+    m = P.validate({"maximize": {"methods": ["auto"]}}).maximize
+    assert options_for("auto", m, True) == {"resolved": METHOD_AUTO[True]}
+    codebook = options_for("auto", m, False)
+    assert codebook["resolved"] == METHOD_AUTO[False] == "tt" and codebook["cma"] == 0.0
+    assert options_for("auto", m)["resolved"] == "auto"  # no grid: the configuration hash keeps "auto"
+    assert make_optimizer("auto", 4, 8, **options_for("auto", m, True)).method == METHOD_AUTO[True]
+    assert make_optimizer("auto", 4, 8, **codebook).method == "tt"
+    with pytest.raises(ValueError, match="method 'auto' needs resolved"):
+        make_optimizer("auto", 4, 8)
+
+
+def test_stage_records_the_method_auto_resolved_per_generator(
+    tmp_path, project, snn_checkpoints, generator_checkpoints
+):
+    from spikemax.optim.tt import METHOD_AUTO
+
+    small = {
+        "epochs": [-1],
+        "generators": ["sngan", "vqvae"],
+        "targets": ["class:0"],
+        "units_per_layer": 0,
+        "methods": ["auto"],
+        "budget": 16,
+        "batch": 16,
+        "prior_images": 200,
+    }
+    params, paths = _project_copy(tmp_path / "p", project, small)
+    assert run_stage(params, paths)["n_failed"] == 0
+    client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
+    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
+    runs = [r for r in client.search_runs([exp.experiment_id]) if tracking.RUN_KEY_TAG in r.data.tags]
+    got = {r.data.params["generator"]: r.data.params["resolved_method"] for r in runs}
+    assert got == {"sngan": METHOD_AUTO[True], "vqvae": METHOD_AUTO[False]}
+    for r in runs:
+        assert json.loads(r.data.params["options"])["resolved"] == got[r.data.params["generator"]]
+        assert r.data.params["method"] == "auto"

@@ -151,7 +151,7 @@ class MaximizeParams(Section):
     units_per_layer: int = Field(0, ge=0)
     target_seed: int = Field(0, ge=0)
     max_images: int = Field(512, ge=1)
-    methods: list[Literal["tt", "random", "cma", "ngopt", "protes"]] = Field(
+    methods: list[Literal["auto", "tt", "random", "cma", "ngopt", "protes"]] = Field(
         default_factory=lambda: ["tt", "cma"], min_length=1
     )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)

@@ -117,7 +117,7 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
-PRIOR_METHODS = ("tt", "random")  # methods that take a data prior (`prior=`)
+PRIOR_METHODS = ("tt", "random", "auto")  # methods that take a data prior (`prior=`)
 PRIOR_GENERATORS = ("vqvae",)  # codebook grids (unordered, with an encoder): where the prior is fitted
 
 

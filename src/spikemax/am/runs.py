@@ -153,6 +153,7 @@ class AMRuns:
                     "warm_start": bool(warm_from),
                     "checkpoint": snn_ckpt.name,
                     "options": json.dumps(options_for(combo.method, m, grid)),
+                    "resolved_method": options_for(combo.method, m, grid).get("resolved", combo.method),
                     "prior": bool(m.prior and combo.generator in PRIOR_GENERATORS and combo.method in PRIOR_METHODS),
                 }
             ),

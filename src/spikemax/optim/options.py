@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .tt import resolve_cma, resolve_ordinal
+from .tt import METHOD_AUTO, resolve_cma, resolve_ordinal
 
 
 class _HasOrdered(Protocol):
@@ -21,7 +21,12 @@ def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None
     """
     m = getattr(params, "maximize", params)
     opts: dict[str, Any] = {}
-    if method == "tt":
+    if method == "auto":  # the per-grid default method, recorded as `resolved` in the run's options
+        ordered_auto = None if grid is None else (grid if isinstance(grid, bool) else bool(grid.ordered))
+        resolved = "auto" if ordered_auto is None else METHOD_AUTO[ordered_auto]
+        opts = options_for("tt", params, grid) if resolved in ("tt", "auto") else {}
+        opts["resolved"] = resolved
+    elif method == "tt":
         opts = m.tt.model_dump()
         if grid is not None:
             ordered = grid if isinstance(grid, bool) else bool(grid.ordered)
