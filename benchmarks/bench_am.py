@@ -142,6 +142,19 @@ def fit_prior(grid, prepared, rank: int, seed: int, max_images: int = 4000):
     return prior, idx
 
 
+def prior_entropy(net, grid, prior, classes: list[str], seed: int, k: int = 1000) -> dict:
+    """Predicted-class entropy (nats) of k prior samples and of k uniform codes under the SNN."""
+    from spikemax.stages.check_generators import _class_probs, _class_stats
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, idx in (("prior", prior.sample(k, rng)), ("uniform", rng.integers(0, grid.n, (k, grid.d)))):
+        parts = torch.as_tensor(idx).split(250)
+        probs = torch.cat([_class_probs(net, grid.decode(part)) for part in parts])
+        out[name] = round(_class_stats(probs, classes)["class_entropy"], 4)
+    return out
+
+
 def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared, prior=None) -> dict:
     """Normalized best activation and AM gain per method at each budget (prefixes of one run per neuron).
 
@@ -256,10 +269,12 @@ def main() -> None:
                 f"-> overhead {o['overhead_pct']} % by wall difference; time inside the logger "
                 f"{o['logging_share_pct']} % of the logged loop ({o['logging_ms_per_query_measured']} ms/query)"
             )
+        prior = None
+        if a.prior and not grid.ordered:
+            prior, _ = fit_prior(grid, prepared, int(params.maximize.tt.rank), a.seed)
+            result["prior_class_entropy"] = prior_entropy(net, grid, prior, prepared.classes, a.seed)
+            print(f"class entropy (nats) of 1,000 samples under the SNN: {result['prior_class_entropy']}")
         if "methods" not in skip:
-            prior = None
-            if a.prior and not grid.ordered:
-                prior, _ = fit_prior(grid, prepared, int(params.maximize.tt.rank), a.seed)
             methods = [s for s in a.methods.split(",") if "prior=1" not in s or prior is not None]
             result["methods"] = r = bench_methods(
                 net, grid, targets, methods, budgets, a.batch, a.seed, params.maximize, prepared, prior
