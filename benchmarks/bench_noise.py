@@ -57,7 +57,17 @@ def method_options(spec: str, params, grid, budget: int, na: dict) -> tuple[str,
 
 
 def run_panel(spec, params, grid, clean, noise, budgets, batch, seed, na, steps) -> np.ndarray:
-    """One run per neuron in lock step; clean rate of each run's reported best at each budget (m, B)."""
+    """One run per neuron in lock step; clean rate of each run's reported best at each budget (m, B).
+
+    A noise-aware run with a budget-aware schedule (`final` > 0) is told its budget, as the stage
+    tells it, so it runs once per budget; every other run is scored at each budget on the way."""
+    if spec.endswith("+na") and float(na.get("final", 0) or 0) > 0:
+        cols = [_panel(spec, params, grid, clean, noise, [B], batch, seed, {**na, "budget": B}, steps) for B in budgets]
+        return np.concatenate(cols, axis=1)
+    return _panel(spec, params, grid, clean, noise, budgets, batch, seed, na, steps)
+
+
+def _panel(spec, params, grid, clean, noise, budgets, batch, seed, na, steps) -> np.ndarray:
     from spikemax.optim import make_optimizer
 
     top = max(budgets)
@@ -133,6 +143,9 @@ def main() -> None:
             "clean_forwards": clean.forwards,
             "wall_s": round(time.perf_counter() - t0, 1),
             "scores": table,
+            # Per neuron: the reference and each run's clean rate at each budget (for pooling runs).
+            "reference": ref.tolist(),
+            "raw": {f"{spec}|{noise}": v.tolist() for (spec, noise), v in raw.items()},
         }
         print(f"\n{gen} (epoch {epoch}, {int(ok.sum())}/{len(targets)} neurons fire, batch {batch})")
         print(f"{'noise':<9} {'method':<9} " + " ".join(f"{'B=' + str(B):>10}" for B in budgets))

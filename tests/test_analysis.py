@@ -51,7 +51,8 @@ def test_spearman_small_n_p_value_is_exact():
     assert res["rho"] == pytest.approx(1.0) and res["p"] == pytest.approx(1 / 3)
     assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1])["p"] == pytest.approx(2 / 24)
     big = stats.spearman(np.arange(12.0), np.arange(12.0) ** 2)
-    assert big["n"] == 12 and big["p"] < 1e-6  # asymptotic beyond 8 pairs
+    # beyond 8 pairs: seeded random pairings, none reaches rho = 1, so p = 1 / (1 + pairings)
+    assert big["n"] == 12 and big["p"] == pytest.approx(1 / (1 + stats.N_PERMUTATIONS))
 
 
 def test_spearman_monotone_and_degenerate():
@@ -86,7 +87,16 @@ def _synthetic_tables(threshold: float = 0.5):
     units = pd.DataFrame(
         [
             # lif1 unit 0 selective from epoch 1; out unit 0 from epoch 3; out unit 1 never
-            {"epoch": e, "layer": lay, "unit": u, "csi": c, "preferred_class": 0, "sparseness": 0.2, "dataset_max": 1.0}
+            {
+                "epoch": e,
+                "progress": float(e),
+                "layer": lay,
+                "unit": u,
+                "csi": c,
+                "preferred_class": 0,
+                "sparseness": 0.2,
+                "dataset_max": 1.0,
+            }
             for e in range(4)
             for lay, u, c in [
                 ("lif1", 0, [0.1, 0.6, 0.7, 0.8][e]),
@@ -103,6 +113,7 @@ def _synthetic_tables(threshold: float = 0.5):
                 "layer": lay,
                 "unit": 0,
                 "epoch": e,
+                "progress": float(e),
                 "concept": c,
                 "preferred_class": 0,
                 "pixel_corr_prev": np.nan if e == 0 else 0.5,
@@ -136,17 +147,45 @@ def test_claims_on_synthetic_tables():
     epochs_t = A.epoch_table(units, runs, acc, 0.5)
     result = A.claims(units, first, runs, traj, changes, epochs_t, ["lif1", "out"], params)
     c1, c2, c3 = result.values()
-    assert c1["per_layer"]["lif1"]["frac_selective_by_early_epoch"] == 1.0
-    assert c1["per_layer"]["out"]["frac_selective_by_early_epoch"] == 0.0
-    assert c1["per_layer"]["out"]["frac_selective_final"] == 0.5
-    assert c1["frac_selective_by_early_epoch"] == pytest.approx(1 / 3)
-    # mean CSI rises with accuracy every epoch: rho = 1
+    assert c1["per_layer"]["lif1"]["frac_selective_by_early_epoch"]["value"] == 1.0
+    assert c1["per_layer"]["out"]["frac_selective_by_early_epoch"]["value"] == 0.0
+    assert c1["per_layer"]["out"]["frac_selective_final"]["value"] == 0.5
+    assert c1["frac_selective_by_early_epoch"]["value"] == pytest.approx(1 / 3)
+    # every number carries an interval that holds its point estimate (or none, with < 2 neurons)
+    for block in (c1, c1["per_layer"]["out"], c3, c3["per_layer"]["out"]):
+        for v in block.values():
+            if isinstance(v, dict) and "value" in v and v["lo"] is not None:
+                assert v["lo"] <= v["value"] <= v["hi"]
+    # mean CSI rises with accuracy every epoch: rho = 1 (exact p over 4 checkpoints: 2/24)
     assert c2["spearman_mean_csi_vs_test_acc"]["rho"] == pytest.approx(1.0)
+    assert c2["spearman_mean_csi_vs_test_acc"]["p"] == pytest.approx(2 / 24)
     assert c2["spearman_am_gain_vs_test_acc"]["rho"] == pytest.approx(1.0)
-    assert c3["per_layer"]["lif1"]["frac_neurons_changing_concept"] == 0.0
-    assert c3["per_layer"]["out"]["frac_neurons_changing_concept"] == 1.0
-    assert c3["per_layer"]["out"]["frac_concept_is_preferred_class_final"] == 1.0
+    assert c3["per_layer"]["lif1"]["frac_neurons_changing_concept"]["value"] == 0.0
+    assert c3["per_layer"]["out"]["frac_neurons_changing_concept"]["value"] == 1.0
+    assert c3["per_layer"]["out"]["frac_concept_is_preferred_class_final"]["value"] == 1.0
     assert c3["spearman_layer_depth_vs_changes"]["rho"] is None  # two neurons only
+    assert c3["restarts"] == 0 and c3["mean_concept_changes_robust"]["value"] is None  # no restarts given
     flat = A.flatten(result)
-    assert flat["claim3_concept_change.per_layer.out.mean_concept_changes"] == 2.0
+    assert flat["claim3_concept_change.per_layer.out.mean_concept_changes.value"] == 2.0
     assert all(np.isfinite(v) for v in flat.values())
+
+
+def test_robust_change_not_counted_when_restarts_of_a_checkpoint_disagree():
+    # checkpoint 2's two restarts disagree (3 vs 5): the raw sequence of best stimuli 3 -> 5 -> 5 changes,
+    # but only checkpoints 1 (concept 3) and 3 (concept 5) are settled: one robust change, from 1 to 3.
+    assert A.robust_concept_changes([1, 2, 3], [[3, 3], [3, 5], [5, 5]]) == [(1, 3, 3, 5)]
+    # two checkpoints, the second unresolved: a raw change, no robust one
+    assert A.robust_concept_changes([1, 2], [[3, 3], [3, 5]]) == []
+    assert A.robust_concept_changes([1, 2], [[3, 3], [5, 5]]) == [(1, 2, 3, 5)]
+    # end to end through neuron_changes: restarts (seeds) of checkpoint 2 disagree
+    base = {"generator": "sngan", "target": "lif1:0", "layer": "lif1", "unit": 0}
+    traj = pd.DataFrame([{**base, "epoch": e, "progress": float(e), "concept": c} for e, c in [(1, 3), (2, 5)]])
+    restarts = pd.DataFrame(
+        [{**base, "epoch": e, "seed": s, "concept": c} for e, s, c in [(1, 0, 3), (1, 1, 3), (2, 0, 5), (2, 1, 3)]]
+    )
+    row = A.neuron_changes(traj, 1.0, restarts).iloc[0]
+    assert row["changes"] == 1 and row["robust_changes"] == 0 and row["restarts"] == 2
+    assert row["frac_restarts_agree"] == 0.5
+    agree = restarts.assign(concept=[3, 3, 5, 5])
+    assert A.neuron_changes(traj, 1.0, agree).iloc[0]["robust_changes"] == 1
+    assert A.neuron_changes(traj, 1.0).iloc[0]["robust_changes"] is None  # one restart: undefined

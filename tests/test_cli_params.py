@@ -17,6 +17,7 @@ COMMANDS = {
     "report",
     "tune",
     "serve",
+    "rig-files",
     "neurons",
 }
 
@@ -130,6 +131,7 @@ def test_prepare_cli_writes_outputs_under_cwd(tmp_path):
         ({"model": "poisson", "repeats": 0}, "maximize.noise.repeats: Input should be greater than or equal to 1"),
         ({"model": "gaussian"}, "maximize.noise.model: Input should be 'none', 'poisson' or 'multiplicative'"),
         ({"aware": True, "retest": 1.0}, "maximize.noise.retest: Input should be less than 1"),
+        ({"aware": True, "final": -0.1}, "maximize.noise.final: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_noise_params_give_one_line_before_any_run(tmp_path, noise, expected):
@@ -152,10 +154,15 @@ def test_noise_section_defaults_and_the_older_sigma_float():
 def test_noise_aware_params_reach_every_method():
     from spikemax.optim import NoisyOptimizer, make_optimizer, options_for
 
-    params = P.validate({"maximize": {"noise": {"model": "poisson", "aware": True, "retest": 0.1}}})
+    noise = {"model": "poisson", "aware": True, "retest": 0.1, "final": 0.2}
+    params = P.validate({"maximize": {"budget": 300, "noise": noise}})
     for method in ("tt", "cma", "random"):
         opts = options_for(method, params, True)
         assert opts["noise_aware"] is True and opts["retest"] == 0.1
         opt = make_optimizer(method, 4, 8, seed=0, **opts)
         assert isinstance(opt, NoisyOptimizer) and opt.retest == 0.1
+        # The budget-aware schedule is told the run's budget.
+        assert (opt.final, opt.budget) == (0.2, 300)
     assert "noise_aware" not in options_for("tt", P.validate({}), True)
+    no_final = P.validate({"maximize": {"noise": {**noise, "final": 0.0}}})
+    assert "budget" not in options_for("tt", no_final, True)

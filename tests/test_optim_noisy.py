@@ -94,6 +94,29 @@ def test_clean_responder_stops_retesting() -> None:
     assert opt.best[1] == pytest.approx(f(opt.best[0][None])[0])
 
 
+def test_final_phase_races_the_elite_in_the_last_share_of_the_budget() -> None:
+    """With budget and final set, asks before the last `final` share keep the `retest` quota; asks
+    after it may be all re-presentations of told points (racing), and the estimated best ends with
+    more repeats than under the constant schedule."""
+    budget, batch = 480, 16
+    sched = make_optimizer("tt", D, N, seed=2, noise_aware=True, retest=0.0, budget=budget, final=0.25)
+    rng = np.random.default_rng(2)
+    seen: set[bytes] = set()
+    for _ in range(budget // batch):
+        final = sched.in_final()
+        assert final == (sched.n_told >= 0.75 * budget)
+        before = sched.n_retests
+        I = sched.ask(batch)
+        if final:
+            assert all(r.tobytes() in seen for r in I[batch - (sched.n_retests - before) :])
+        else:
+            assert sched.n_retests == before  # retest=0: no re-presentation during the search
+        seen.update(r.tobytes() for r in I)
+        sched.tell(I, plateau(I) * np.maximum(0.0, 1.0 + 0.5 * rng.standard_normal(batch)))
+    assert sched.n_retests >= batch  # the final phase re-presented at least a batch's worth
+    assert sched.best_stats is not None and sched.best_stats.count >= 4
+
+
 def test_same_seed_same_queries() -> None:
     """Seeded runs of the noisy layer are reproducible."""
     a = drive(make_optimizer("tt", D, N, seed=3, noise_aware=True), 3, budget=96)
@@ -109,6 +132,8 @@ def test_same_seed_same_queries() -> None:
         ({"noise_aware": True, "tell": "both"}, "tell must be one of"),
         ({"retest": 0.2}, "need noise_aware=True"),
         ({"noise_aware": True, "kappa": 0}, "kappa must be a positive number"),
+        ({"noise_aware": True, "final": 1.0}, "final must be in"),
+        ({"noise_aware": True, "budget": 0}, "budget must be"),
     ],
 )
 def test_bad_options(options: dict, match: str) -> None:
@@ -124,3 +149,25 @@ def test_wraps_every_method_and_keeps_its_batch() -> None:
     assert opt.batch == opt.base.batch
     assert opt.best[0] is None and np.isnan(opt.best[1])
     assert opt.ask().shape == (opt.base.batch, 5)
+
+
+def test_tell_repeated_gives_the_base_estimates_only_for_repeated_points() -> None:
+    """tell="repeated": a point told once reaches the base as drawn, a repeated one as its estimate."""
+    opt = make_optimizer("random", 2, 4, seed=0, noise_aware=True, tell="repeated", estimator="mean")
+    seen: list[np.ndarray] = []
+    inner = opt.base.tell
+    opt.base.tell = lambda I, y: (seen.append(np.array(y)), inner(I, y))  # type: ignore[method-assign]
+    opt.tell(np.array([[0, 0], [1, 1]]), np.array([1.0, 3.0]))
+    opt.tell(np.array([[0, 0], [2, 2]]), np.array([2.0, 5.0]))
+    np.testing.assert_allclose(seen[0], [1.0, 3.0])
+    np.testing.assert_allclose(seen[1], [1.5, 5.0])  # [0, 0]: mean of 1 and 2; [2, 2]: its one draw
+
+
+def test_the_run_budget_reaches_ngopt_with_or_without_the_noise_layer():
+    from spikemax.optim import make_optimizer
+
+    plain = make_optimizer("ngopt", 4, 5, seed=0, budget=300)
+    wrapped = make_optimizer("ngopt", 4, 5, seed=0, noise_aware=True, final=0.2, budget=300)
+    assert plain.opt.budget == 300 and wrapped.base.opt.budget == 300
+    with pytest.raises(ValueError, match="need noise_aware=True"):
+        make_optimizer("tt", 4, 5, retest=0.1)

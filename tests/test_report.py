@@ -20,44 +20,57 @@ from spikemax import report as R
 from spikemax import selectivity as S
 from spikemax.data import Prepared
 
-from .conftest import TINY_GENERATORS, TINY_PREPARE, run_cli, write_params
+from .conftest import TINY_GENERATORS, TINY_PREPARE, TINY_SNN, run_cli, write_params
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 AM = {
-    "epochs": "all",
+    "epochs": [1, 2, -1],  # checkpoint indices: two inside the first epoch, and the last
     "generators": ["sngan", "vqvae"],
-    "targets": ["class:0", "class:3", "lif1:0", "fc_lif1:2"],
+    "targets": ["class:0", "lif1:0", "fc_lif1:2"],
     "methods": ["tt", "random"],
-    "seeds": [0],
-    "budget": 48,
+    "seeds": [0, 1],  # two restarts per (checkpoint, neuron)
+    "budget": 32,
     "batch": 16,
 }
+# 800 training images in batches of 64: 13 steps per epoch; checkpoints after 0, 3, 6, 13 and 26 steps.
+SCHEDULE = {"steps": [3, 6]}
+NAMES = [
+    "step=000000-epoch=0.000.ckpt",
+    "step=000003-epoch=0.231.ckpt",
+    "step=000006-epoch=0.462.ckpt",
+    "step=000013-epoch=1.000.ckpt",
+    "step=000026-epoch=2.000.ckpt",
+]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, project, snn_checkpoints, generator_checkpoints) -> P.Paths:
-    """A real tiny pipeline: the fixtures' SNN checkpoints and generators, `maximize`, then `analyze` and `report`."""
+def tiny_run(tmp_path_factory, project, generator_checkpoints) -> P.Paths:
+    """A real tiny pipeline: an SNN trained with a checkpoint schedule, the fixtures' generators,
+    `maximize` with restarts, then `analyze` and `report`."""
     from spikemax.stages.maximize import run as maximize
+    from spikemax.stages.train_snn import run as train_snn
 
     prep, src = project
     root = tmp_path_factory.mktemp("report")
     paths = P.Paths(root)
     paths.prepared.parent.mkdir(parents=True)
     paths.prepared.symlink_to(src.prepared, target_is_directory=True)
-    (root / "models").symlink_to(src.root / "models", target_is_directory=True)
-    paths.metrics.mkdir()
-    shutil.copy(src.metrics / "snn_epochs.csv", paths.metrics / "snn_epochs.csv")
+    (root / "models").mkdir()
+    (root / "models" / "generators").symlink_to(src.generators_dir, target_is_directory=True)
     path = write_params(
         root,
         {
             "prepare": TINY_PREPARE,
+            "snn": {**TINY_SNN, "checkpoints": SCHEDULE},
             "generators": TINY_GENERATORS,
             "maximize": AM,
-            "analyze": {"csi_threshold": 0.3, "grid_rows": 4},
+            "analyze": {"csi_threshold": 0.3, "grid_rows": 3, "early_epoch": 0.4, "concept_from_epoch": 0.2},
         },
     )
     with pytest.MonkeyPatch.context() as mp:
         # mlflow.set_tracking_uri (in-process training) exports the URI; this project uses its own store.
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        train_snn(*P.load(path, root=root))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         maximize(*P.load(path, root=root))
     for stage in ("analyze", "report"):
@@ -66,10 +79,40 @@ def tiny_run(tmp_path_factory, project, snn_checkpoints, generator_checkpoints) 
     return paths
 
 
-def test_analysis_outputs_follow_contract(tiny_run, snn_checkpoints):
-    from spikemax.neurons import layer_rates
+def test_schedule_writes_exactly_the_named_checkpoints(tiny_run):
+    from spikemax.snn import checkpoints, progress, schedule_steps
+
+    assert schedule_steps(0, 1, [], 13, 2) == [0, 13, 26]  # no schedule: before training and every epoch end
+    assert schedule_steps(5, 1, [3, 99], 13, 2) == [0, 3, 5, 10, 13, 26]  # steps past the end are dropped
+    assert schedule_steps(0, 1, [2], 10, 7, every_epochs=3) == [0, 2, 30, 60, 70]  # every 3rd epoch, and the last
+    ckpts = checkpoints(tiny_run)
+    assert [p.name for p in ckpts.values()] == NAMES
+    assert sorted(p.name for p in tiny_run.snn_dir.iterdir()) == NAMES
+    assert [progress(p).step for p in ckpts.values()] == [0, 3, 6, 13, 26]
+    rows = pd.read_csv(tiny_run.metrics / "snn_epochs.csv")
+    assert rows["epoch"].tolist() == list(range(5)) and rows["step"].tolist() == [0, 3, 6, 13, 26]
+    assert rows["progress"].tolist() == pytest.approx([0, 3 / 13, 6 / 13, 1, 2])
+    assert rows["test_acc"].notna().all() and rows["val_acc"].notna().all()
+    # the test accuracy recorded inside an epoch is that checkpoint's own
     from spikemax.snn import load_snn
 
+    prepared = Prepared.load(tiny_run.prepared)
+    x, y = prepared.tensors("test")
+    with torch.no_grad():
+        acc = (load_snn(ckpts[2]).spike_counts(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(rows["test_acc"][2], abs=1e-6)
+    # maximize ran on the chosen indices and carries each checkpoint's progress
+    summary = pd.read_csv(tiny_run.results / "am" / "summary.csv")
+    got = summary.groupby("epoch")[["step", "progress"]].first()
+    assert got.index.tolist() == [1, 2, 4] and got["step"].tolist() == [3, 6, 26]
+    assert got["progress"].tolist() == pytest.approx([0.231, 0.462, 2.0])
+
+
+def test_analysis_outputs_follow_contract(tiny_run):
+    from spikemax.neurons import layer_rates
+    from spikemax.snn import checkpoints, load_snn
+
+    snn_checkpoints = checkpoints(tiny_run)
     epochs = sorted(snn_checkpoints)
     final = load_snn(snn_checkpoints[epochs[-1]])
     layers = list(final.spiking_layers())
@@ -96,10 +139,20 @@ def test_analysis_outputs_follow_contract(tiny_run, snn_checkpoints):
     clear = np.abs(rates.mean(axis=0) - min_rate) > 1e-6
     np.testing.assert_allclose(got["csi"].to_numpy()[clear], want[clear], atol=1e-6)
     csi = pd.read_csv(out / "csi_by_epoch.csv")
-    assert list(csi.columns) == ["epoch", *layers] and csi["epoch"].tolist() == epochs
-    assert pd.read_csv(out / "am_gain_by_epoch.csv")["epoch"].tolist() == epochs
+    assert list(csi.columns) == ["epoch", "progress", *layers] and csi["epoch"].tolist() == epochs
+    assert pd.read_csv(out / "am_gain_by_epoch.csv")["epoch"].tolist() == [1, 2, 4]
     acc = pd.read_csv(out / "accuracy_by_epoch.csv")
     assert acc["test_acc"].notna().all() and acc["epoch"].tolist() == epochs
+    assert (acc["mean_csi_lo"] <= acc["mean_csi"]).all() and (acc["mean_csi"] <= acc["mean_csi_hi"]).all()
+    # every claim number has a point estimate and an interval field; correlations a p-value
+    for claim in ("claim1_early_selectivity", "claim2_selectivity_and_accuracy", "claim3_concept_change"):
+        for block in (a[claim], *a[claim]["per_layer"].values()):
+            for k, v in block.items():
+                if isinstance(v, dict) and k != "per_layer":
+                    assert {"lo", "hi", "n"} <= set(v) and ("value" in v or {"rho", "p"} <= set(v)), (claim, k)
+    c2, c3 = a["claim2_selectivity_and_accuracy"], a["claim3_concept_change"]
+    assert c2["spearman_mean_csi_vs_test_acc"]["n"] == len(epochs)  # over every checkpoint
+    assert c3["restarts"] == 2 and c3["mean_concept_changes_robust"]["n"] == c3["tracked_neurons"]
     # concept = the final net's class for the best stimulus
     runs = pd.read_csv(out / "runs.csv")
     with np.load(tiny_run.results / "am" / runs["run_dir"].iloc[0] / "best.npz") as z:
@@ -107,7 +160,7 @@ def test_analysis_outputs_follow_contract(tiny_run, snn_checkpoints):
     assert runs["concept"].iloc[0] == probs.argmax()
     assert runs["concept_prob"].iloc[0] == pytest.approx(probs.max(), rel=1e-5)
     stimuli = pd.read_csv(out / "stimuli.csv")
-    assert len(stimuli) == len(epochs) * len(AM["generators"]) * len(AM["targets"])  # best over methods
+    assert len(stimuli) == 3 * len(AM["generators"]) * len(AM["targets"])  # best over methods and restarts
     best = runs.groupby(["epoch", "generator", "target"])["best_activation"].max()
     np.testing.assert_allclose(
         stimuli.set_index(["epoch", "generator", "target"])["best_activation"],
@@ -137,7 +190,8 @@ def test_mlflow_analysis_run_and_am_tags(tiny_run):
     assert ids["tracking_uri"] == f"sqlite:///{(tiny_run.root / 'mlruns' / 'mlflow.db').resolve()}"
     client = mlflow.MlflowClient(ids["tracking_uri"])
     run = client.get_run(ids["run_id"])
-    assert "claim1_early_selectivity.frac_selective_by_early_epoch" in run.data.metrics
+    assert "claim1_early_selectivity.frac_selective_by_early_epoch.value" in run.data.metrics
+    assert "claim1_early_selectivity.frac_selective_by_early_epoch.hi" in run.data.metrics
     assert ids["am_runs_missing"] == 0 and ids["am_runs_tagged"] > 0
     am_run_id = pd.read_csv(tiny_run.results / "am" / "summary.csv")["run_id"].iloc[0]
     tags = client.get_run(am_run_id).data.tags

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spikemax import SpikemaxError
-from spikemax.snn import ConvSNN, checkpoints, load_snn
+from spikemax.snn import ConvSNN, checkpoints, load_snn, progress
 from spikemax.tracking import tracking_uri
 from tests.conftest import TINY_SNN, run_cli, write_params
 
@@ -122,8 +122,10 @@ def test_training_writes_epoch_checkpoints_metrics_and_mlflow_run(project, snn_c
     assert list(snn_checkpoints) == [0, 1, 2]
     assert checkpoints(paths) == snn_checkpoints
     rows = list(csv.DictReader(open(paths.metrics / "snn_epochs.csv")))
-    assert list(rows[0]) == ["epoch", "train_loss", "val_loss", "val_acc", "test_acc"]
+    assert list(rows[0]) == ["epoch", "step", "progress", "train_loss", "val_loss", "val_acc", "test_acc"]
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert [float(r["progress"]) for r in rows] == [0.0, 1.0, 2.0]
+    assert [progress(p).epoch for p in snn_checkpoints.values()] == [0.0, 1.0, 2.0]
     assert rows[0]["train_loss"] == "" and all(float(r["train_loss"]) > 0 for r in rows[1:])
     summary = json.loads((paths.metrics / "snn.json").read_text())
     assert summary["epochs"] == 2
@@ -135,7 +137,7 @@ def test_training_writes_epoch_checkpoints_metrics_and_mlflow_run(project, snn_c
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     history = client.get_metric_history(runs[0].info.run_id, "test_acc")
-    assert [m.step for m in history] == [0, 1, 2]
+    assert [m.step for m in history] == [int(r["step"]) for r in rows]
     assert [m.value for m in history] == pytest.approx([float(r["test_acc"]) for r in rows])
 
 
@@ -158,9 +160,10 @@ def test_cli_training_is_deterministic(project, snn_checkpoints, tmp_path):
     write_params(tmp_path, {"prepare": params.prepare.model_dump(), "snn": {**TINY_SNN, "epochs": 1}})
     res = run_cli("train-snn", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "models" / "snn").iterdir()) == ["epoch=000.ckpt", "epoch=001.ckpt"]
+    names = sorted(p.name for p in (tmp_path / "models" / "snn").iterdir())
+    assert names == [snn_checkpoints[0].name, snn_checkpoints[1].name]
     a = torch.load(snn_checkpoints[1], weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "models" / "snn" / "epoch=001.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "models" / "snn" / names[1], weights_only=False)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

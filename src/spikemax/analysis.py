@@ -6,8 +6,16 @@ stage's `results/am/summary.csv` and run folders (optimal stimuli of the AM'd ep
 `metrics/analysis.json`; an MLflow run `analysis` in experiment `activation-maximization` carries
 the metrics and figures, and every AM run gets `selectivity.*` tags.
 
-The *optimal stimulus* of a neuron at an epoch (for one generator) is the best stimulus found by
-any method and seed for that (epoch, generator, target).
+Checkpoints are keyed by their index (`epoch` column: 0 = untrained, ordered by training
+progress); `progress` is the fractional epoch and `step` the optimizer step of each one.
+
+The *optimal stimulus* of a neuron at a checkpoint (for one generator) is the best stimulus found by
+any method and seed for that (epoch, generator, target); a *restart* is one seed of it (best over
+methods). A concept change is *restart-robust* when every restart of both checkpoints agrees on its
+concept and the two concepts differ; checkpoints whose restarts disagree are skipped.
+
+Every claim number carries a seeded 95 % percentile-bootstrap interval over neurons (`lo`, `hi`);
+correlations over checkpoints carry a permutation p-value.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from spikemax import SpikemaxError
 from spikemax import selectivity as S
 from spikemax.am import SUMMARY_COLUMNS
 from spikemax.params import Params, Paths
-from spikemax.stats import spearman
+from spikemax.stats import bootstrap_ci, mean_ci, spearman, spearman_ci, spearman_rho
 from spikemax.tracking import AM_EXPERIMENT
 
 STIMULUS_KEYS = ["epoch", "generator", "target"]
@@ -65,6 +73,24 @@ def concept_changes(epochs: Sequence[int], concepts: Sequence[int]) -> list[tupl
     ep = [int(epochs[i]) for i in order]
     cs = [int(concepts[i]) for i in order]
     return [(ep[i - 1], ep[i], cs[i - 1], cs[i]) for i in range(1, len(ep)) if cs[i] != cs[i - 1]]
+
+
+def robust_concept_changes(
+    epochs: Sequence[int], restart_concepts: Sequence[Sequence[int]]
+) -> list[tuple[int, int, int, int]]:
+    """Change events that exceed the spread between restarts: over the checkpoints whose restarts all
+    agree (one concept), in epoch order, the consecutive pairs whose concepts differ.
+
+    A checkpoint where two restarts disagree is skipped: its concept is not resolved by the search,
+    so a change into or out of it could be a different local optimum rather than a changed neuron.
+    """
+    settled = [(int(e), int(next(iter(set(cs))))) for e, cs in zip(epochs, restart_concepts) if len(set(cs)) == 1]
+    settled.sort()
+    return [
+        (settled[i - 1][0], settled[i][0], settled[i - 1][1], settled[i][1])
+        for i in range(1, len(settled))
+        if settled[i][1] != settled[i - 1][1]
+    ]
 
 
 def first_selective_epoch(epochs: Sequence[int], csi_values: Sequence[float], threshold: float) -> int | None:
@@ -123,7 +149,7 @@ def dataset_selectivity(
     import torch
 
     from spikemax.neurons import layer_rates
-    from spikemax.snn import load_snn
+    from spikemax.snn import load_snn, progress
 
     frames, layers = [], []
     for epoch in sorted(ckpts):
@@ -136,6 +162,7 @@ def dataset_selectivity(
             }
         df = unit_stats(rates, labels, num_classes, min_rate)
         df.insert(0, "epoch", epoch)
+        df.insert(1, "progress", progress(ckpts[epoch]).epoch)
         frames.append(df)
     return pd.concat(frames, ignore_index=True), layers
 
@@ -192,6 +219,13 @@ def optimal_stimuli(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.loc[idx].sort_values(["generator", "layer", "unit", "epoch"], kind="stable").reset_index(drop=True)
 
 
+def restart_stimuli(runs: pd.DataFrame) -> pd.DataFrame:
+    """Best run per (epoch, generator, target, seed) over methods: one stimulus per restart."""
+    keys = [*STIMULUS_KEYS, "seed"]
+    idx = runs.sort_values("best_activation", ascending=False, kind="stable").groupby(keys).head(1).index
+    return runs.loc[idx].sort_values(["generator", "layer", "unit", "epoch", "seed"], kind="stable")
+
+
 def grid_size(params: Params, generator: str) -> int | None:
     """Grid resolution of an ordinal latent (SN-GAN); None for categorical codes (VQ-VAE)."""
     if generator == "vqvae":
@@ -222,7 +256,7 @@ def trajectories(
                 else np.nan
             )
             r["pixel_corr_final"] = pixel_correlation(pixels[last], pixels[key])
-            tracked = row["epoch"] >= from_epoch
+            tracked = row["progress"] >= from_epoch
             r["concept_changed"] = bool(tracked and prev_concept is not None and row["concept"] != prev_concept)
             if tracked:
                 prev_concept = row["concept"]
@@ -231,12 +265,25 @@ def trajectories(
     return pd.DataFrame(rows)
 
 
-def neuron_changes(traj: pd.DataFrame, from_epoch: int) -> pd.DataFrame:
-    """Per tracked (generator, target): epochs tracked, concept sequence, change count."""
+def neuron_changes(traj: pd.DataFrame, from_epoch: float, restarts: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per tracked (generator, target): checkpoints tracked (progress >= from_epoch), concept sequence,
+    raw change count (optimal stimuli) and restart-robust change count (None with one restart)."""
     rows = []
+    by_neuron = dict(iter(restarts.groupby(["generator", "target"], sort=False))) if restarts is not None else {}
     for (gen, target), g in traj.groupby(["generator", "target"], sort=False):
-        g = g[g["epoch"] >= from_epoch].sort_values("epoch")
+        g = g[g["progress"] >= from_epoch].sort_values("epoch")
         events = concept_changes(g["epoch"].tolist(), g["concept"].tolist())
+        r = by_neuron.get((gen, target))
+        robust: int | None = None
+        settled: float | None = None
+        n_restarts = 0
+        if r is not None and len(g):
+            r = r[r["epoch"].isin(g["epoch"])]
+            per = r.groupby("epoch")["concept"].apply(list)
+            n_restarts = int(r.groupby("epoch")["seed"].nunique().min()) if len(r) else 0
+            if n_restarts >= 2:
+                robust = len(robust_concept_changes(per.index.tolist(), per.tolist()))
+                settled = float(np.mean([len(set(c)) == 1 for c in per]))
         rows.append(
             {
                 "generator": gen,
@@ -248,6 +295,10 @@ def neuron_changes(traj: pd.DataFrame, from_epoch: int) -> pd.DataFrame:
                 "changes": len(events),
                 "changed": len(events) > 0,
                 "distinct_concepts": int(g["concept"].nunique()),
+                "restarts": n_restarts,
+                "robust_changes": robust,
+                "robust_changed": None if robust is None else robust > 0,
+                "frac_restarts_agree": settled,
             }
         )
     return pd.DataFrame(rows)
@@ -263,11 +314,13 @@ def first_selective_table(units: pd.DataFrame, threshold: float) -> pd.DataFrame
     for (layer, unit), g in units.groupby(["layer", "unit"], sort=False):
         fe = first_selective_epoch(g["epoch"].tolist(), g["csi"].tolist(), threshold)
         last = g[g["epoch"] == final].iloc[0]
+        prog = dict(zip(g["epoch"], g["progress"])) if "progress" in g else {}
         rows.append(
             {
                 "layer": layer,
                 "unit": unit,
                 "first_selective_epoch": np.nan if fe is None else fe,
+                "first_selective_progress": np.nan if fe is None else prog.get(fe, np.nan),
                 "final_csi": last["csi"],
                 "final_preferred_class": last["preferred_class"],
                 "max_csi": g["csi"].max(),
@@ -277,35 +330,37 @@ def first_selective_table(units: pd.DataFrame, threshold: float) -> pd.DataFrame
 
 
 def epoch_table(units: pd.DataFrame, runs: pd.DataFrame, accuracy: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """Per epoch: accuracy, mean CSI and fraction selective (all units), mean AM gain and concept prob."""
-    t = (
-        units.groupby("epoch")
-        .agg(
-            mean_csi=("csi", "mean"),
-            frac_selective=("csi", lambda c: float(np.mean(c > threshold))),
-            mean_sparseness=("sparseness", "mean"),
-        )
-        .reset_index()
-    )
-    am = (
-        runs.groupby("epoch")
-        .agg(
-            am_gain=("am_gain_dataset", "mean"),
-            concept_prob=("concept_prob", "mean"),
-            perplexity=("perplexity", "mean"),
-            complexity=("complexity", "mean"),
-        )
-        .reset_index()
-    )
-    t = t.merge(am, on="epoch", how="left")
+    """Per checkpoint: progress, accuracy, mean CSI and fraction selective (all units), mean AM gain and
+    concept prob; `*_lo` / `*_hi` = 95 % bootstrap interval over units (CSI) or AM'd neurons (AM)."""
+    rows = []
+    for e, u in units.groupby("epoch"):
+        row: dict[str, Any] = {"epoch": e}
+        if "progress" in u:
+            row["progress"] = float(u["progress"].iloc[0])
+        for name, values in (("mean_csi", u["csi"]), ("frac_selective", (u["csi"] > threshold).astype(float))):
+            ci = mean_ci(values.to_numpy())
+            row.update({name: ci["value"], f"{name}_lo": ci["lo"], f"{name}_hi": ci["hi"]})
+        row["mean_sparseness"] = float(u["sparseness"].mean())
+        r = runs[runs["epoch"] == e]
+        for name, col in (("am_gain", "am_gain_dataset"), ("concept_prob", "concept_prob")):
+            # one value per AM'd neuron (mean over methods and restarts), resampled as neurons
+            per = r.groupby(["generator", "target"])[col].mean().to_numpy() if len(r) else np.array([])
+            ci = mean_ci(per)
+            row.update({name: ci["value"], f"{name}_lo": ci["lo"], f"{name}_hi": ci["hi"]})
+        row["perplexity"] = float(r["perplexity"].mean()) if len(r) else np.nan
+        row["complexity"] = float(r["complexity"].mean()) if len(r) else np.nan
+        rows.append(row)
+    t = pd.DataFrame(rows)
     if not accuracy.empty:
-        t = accuracy.merge(t, on="epoch", how="right")
+        acc = accuracy.drop(columns=[c for c in ("step", "progress") if c in accuracy and "progress" in t])
+        t = acc.merge(t, on="epoch", how="right")
     return t.sort_values("epoch").reset_index(drop=True)
 
 
 def wide_by_layer(df: pd.DataFrame, value: str, layers: list[str]) -> pd.DataFrame:
-    """epoch x layer table of the mean of `value` (one column per layer, depth order)."""
-    w = df.groupby(["epoch", "layer"])[value].mean().unstack("layer")
+    """checkpoint x layer table of the mean of `value` (one column per layer, depth order), with progress."""
+    keys = ["epoch", "progress"] if "progress" in df else ["epoch"]
+    w = df.groupby([*keys, "layer"])[value].mean().unstack("layer")
     return w.reindex(columns=[lay for lay in layers if lay in w.columns]).reset_index()
 
 
@@ -315,7 +370,7 @@ def read_accuracy(paths: Paths) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame(columns=["epoch", "test_acc"])
     df = pd.read_csv(path)
-    return df[[c for c in ("epoch", "val_acc", "test_acc") if c in df.columns]]
+    return df[[c for c in ("epoch", "step", "progress", "val_acc", "test_acc") if c in df.columns]]
 
 
 def _num(v: Any) -> float | None:
@@ -324,6 +379,44 @@ def _num(v: Any) -> float | None:
         return None
     v = float(v)
     return v if math.isfinite(v) else None
+
+
+def _matrix(df: pd.DataFrame, rows: list[str], value: str, epochs: list[int]) -> np.ndarray:
+    """(neurons x checkpoints) matrix of the mean `value` per (row keys, epoch); NaN where absent."""
+    if df.empty:
+        return np.zeros((0, len(epochs)))
+    w = df.groupby([*rows, "epoch"])[value].mean().unstack("epoch")
+    return w.reindex(columns=epochs).to_numpy(dtype=np.float64)
+
+
+def _col_means(m: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Column means over the rows idx, ignoring NaN (NaN where a column has no value)."""
+    sub = m[idx]
+    ok = np.isfinite(sub)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok.any(axis=0), np.where(ok, sub, 0).sum(axis=0) / ok.sum(axis=0), np.nan)
+
+
+def _corr_vs_acc(m: np.ndarray, acc: np.ndarray) -> dict:
+    """Spearman rho over checkpoints of the neuron-mean of m vs accuracy: permutation p, bootstrap CI."""
+    return spearman_ci(len(m), lambda idx: (_col_means(m, idx), acc))
+
+
+def _frac(mask: np.ndarray) -> dict:
+    """Fraction of neurons with the property, with its bootstrap interval."""
+    return mean_ci(np.asarray(mask, dtype=np.float64))
+
+
+def _stat_ci(values: np.ndarray, fn: Any) -> dict:
+    """A statistic of per-neuron values (NaN allowed) with its bootstrap interval over neurons."""
+    v = np.asarray(values, dtype=np.float64)
+
+    def stat(idx: np.ndarray) -> float | None:
+        x = v[idx]
+        x = x[np.isfinite(x)]
+        return float(fn(x)) if x.size else None
+
+    return bootstrap_ci(len(v), stat)
 
 
 def claims(
@@ -336,78 +429,114 @@ def claims(
     layers: list[str],
     params: Params,
 ) -> dict:
-    """metrics/analysis.json: the three claims of the abstract as measured numbers, overall and per layer."""
+    """metrics/analysis.json: the three claims of the abstract as measured numbers, overall and per
+    layer, each {"value", "lo", "hi", "n"} (95 % bootstrap interval over neurons) or, for correlations
+    over checkpoints, {"rho", "p", "n", "lo", "hi", "neurons"} (permutation p, bootstrap interval)."""
     a = params.analyze
     epochs = sorted(units["epoch"].unique().tolist())
-    early = min((e for e in epochs if e >= a.early_epoch), default=epochs[-1])
+    prog = units.groupby("epoch")["progress"].first().to_dict() if "progress" in units else {e: e for e in epochs}
+    early = min((e for e in epochs if prog[e] >= a.early_epoch), default=epochs[-1])
     final = epochs[-1]
-    acc = epochs_t["test_acc"] if "test_acc" in epochs_t else pd.Series(np.nan, index=epochs_t.index)
+    acc_by_epoch = dict(zip(epochs_t["epoch"], epochs_t["test_acc"])) if "test_acc" in epochs_t else {}
+    acc = np.array([acc_by_epoch.get(e, np.nan) for e in epochs], dtype=np.float64)
 
-    def csi_at(df: pd.DataFrame, e: int) -> pd.Series:
-        return df.loc[df["epoch"] == e, "csi"]
+    def csi_at(df: pd.DataFrame, e: int) -> np.ndarray:
+        return df.loc[df["epoch"] == e].sort_values(["layer", "unit"])["csi"].to_numpy(dtype=np.float64)
 
-    c1: dict[str, Any] = {
-        "early_epoch": early,
-        "final_epoch": final,
-        "csi_threshold": a.csi_threshold,
-        "min_rate": a.min_rate,
-    }
-    frac = selective_fraction_by_epoch(
-        [None if np.isnan(v) else int(v) for v in first["first_selective_epoch"]], [early]
-    )[0]
-    c1["frac_selective_by_early_epoch"] = _num(frac)
-    c1["frac_selective_final"] = _num(np.mean(csi_at(units, final) > a.csi_threshold))
-    c1["max_csi_early"] = _num(csi_at(units, early).max())
-    c1["per_layer"] = {}
-    for lay in layers:
-        u, f = units[units["layer"] == lay], first[first["layer"] == lay]
-        fse = f["first_selective_epoch"].dropna()
-        c1["per_layer"][lay] = {
+    def unit_block(u: pd.DataFrame, f: pd.DataFrame) -> dict[str, Any]:
+        early_csi, final_csi = csi_at(u, early), csi_at(u, final)
+        fse = f["first_selective_epoch"].to_numpy(dtype=np.float64)
+        return {
             "units": len(f),
-            "frac_selective_by_early_epoch": _num(np.mean(f["first_selective_epoch"] <= early)),
-            "frac_selective_final": _num(np.mean(csi_at(u, final) > a.csi_threshold)),
-            "mean_csi_early": _num(csi_at(u, early).mean()),
-            "mean_csi_final": _num(csi_at(u, final).mean()),
-            "max_csi_early": _num(csi_at(u, early).max()),
-            "median_first_selective_epoch": _num(fse.median()) if len(fse) else None,
-            "mean_sparseness_final": _num(u.loc[u["epoch"] == final, "sparseness"].mean()),
+            "frac_selective_by_early_epoch": _frac(np.nan_to_num(fse, nan=np.inf) <= early),
+            "frac_selective_final": _frac(final_csi > a.csi_threshold),
+            "mean_csi_early": mean_ci(early_csi),
+            "mean_csi_final": mean_ci(final_csi),
+            "max_csi_early": _stat_ci(early_csi, np.max),
+            "median_first_selective_progress": _stat_ci(f["first_selective_progress"].to_numpy(), np.median),
+            "mean_sparseness_final": mean_ci(u.loc[u["epoch"] == final, "sparseness"].to_numpy()),
         }
 
-    c2: dict[str, Any] = {
-        "spearman_mean_csi_vs_test_acc": spearman(epochs_t["mean_csi"], acc),
-        "spearman_am_gain_vs_test_acc": spearman(epochs_t["am_gain"], acc),
-        "spearman_concept_prob_vs_test_acc": spearman(epochs_t["concept_prob"], acc),
-        "test_acc_first": _num(acc.iloc[0]) if len(acc) else None,
-        "test_acc_final": _num(acc.iloc[-1]) if len(acc) else None,
+    whole = unit_block(units, first)
+    c1: dict[str, Any] = {
+        "early_epoch": early,
+        "early_progress": float(prog[early]),
+        "final_epoch": final,
+        "final_progress": float(prog[final]),
+        "csi_threshold": a.csi_threshold,
+        "min_rate": a.min_rate,
+        **{k: whole[k] for k in ("frac_selective_by_early_epoch", "frac_selective_final", "max_csi_early")},
         "per_layer": {},
     }
-    acc_by_epoch = dict(zip(epochs_t["epoch"], acc))
-    stim = traj.groupby("epoch")["pixel_corr_final"].mean() if len(traj) else pd.Series(dtype=float)
-    c2["spearman_similarity_to_final_vs_test_acc"] = spearman(
-        stim.to_numpy(), [acc_by_epoch.get(e, np.nan) for e in stim.index]
-    )
     for lay in layers:
-        m = units[units["layer"] == lay].groupby("epoch")["csi"].mean()
-        g = runs[runs["layer"] == lay].groupby("epoch")["am_gain_dataset"].mean()
+        c1["per_layer"][lay] = unit_block(units[units["layer"] == lay], first[first["layer"] == lay])
+
+    am_epochs = sorted(runs["epoch"].unique().tolist()) if len(runs) else []
+    am_acc = np.array([acc_by_epoch.get(e, np.nan) for e in am_epochs], dtype=np.float64)
+    neuron = ["generator", "target"]
+    csi_m = _matrix(units, ["layer", "unit"], "csi", epochs)
+    gain_m = _matrix(runs, neuron, "am_gain_dataset", am_epochs)
+    c2: dict[str, Any] = {
+        "checkpoints": len(epochs),
+        "am_checkpoints": len(am_epochs),
+        "spearman_mean_csi_vs_test_acc": _corr_vs_acc(csi_m, acc),
+        "spearman_am_gain_vs_test_acc": _corr_vs_acc(gain_m, am_acc),
+        "spearman_concept_prob_vs_test_acc": _corr_vs_acc(_matrix(runs, neuron, "concept_prob", am_epochs), am_acc),
+        "spearman_similarity_to_final_vs_test_acc": _corr_vs_acc(
+            _matrix(traj, neuron, "pixel_corr_final", am_epochs), am_acc
+        ),
+        "test_acc_first": _num(acc[0]) if len(acc) else None,
+        "test_acc_final": _num(acc[-1]) if len(acc) else None,
+        "per_layer": {},
+    }
+    for lay in layers:
+        u, r = units[units["layer"] == lay], runs[runs["layer"] == lay]
         t = traj[traj["layer"] == lay] if len(traj) else traj
+        gm = _matrix(r, neuron, "am_gain_dataset", am_epochs)
         c2["per_layer"][lay] = {
-            "spearman_mean_csi_vs_test_acc": spearman(m.to_numpy(), [acc_by_epoch.get(e, np.nan) for e in m.index]),
-            "spearman_am_gain_vs_test_acc": spearman(g.to_numpy(), [acc_by_epoch.get(e, np.nan) for e in g.index]),
-            "mean_am_gain": _num(g.mean()) if len(g) else None,
-            "mean_pixel_corr_consecutive": _num(t["pixel_corr_prev"].mean()) if len(t) else None,
-            "mean_latent_dist_consecutive": _num(t["latent_dist_prev"].mean()) if len(t) else None,
+            "spearman_mean_csi_vs_test_acc": _corr_vs_acc(_matrix(u, ["unit"], "csi", epochs), acc),
+            "spearman_am_gain_vs_test_acc": _corr_vs_acc(gm, am_acc),
+            "mean_am_gain": mean_ci(np.nanmean(gm, axis=1) if gm.size else []),
+            "mean_pixel_corr_consecutive": mean_ci(
+                t.groupby(neuron)["pixel_corr_prev"].mean().to_numpy() if len(t) else []
+            ),
+            "mean_latent_dist_consecutive": mean_ci(
+                t.groupby(neuron)["latent_dist_prev"].mean().to_numpy() if len(t) else []
+            ),
         }
 
     tracked = changes[changes["epochs_tracked"] >= 2] if len(changes) else changes
+    restarts = int(tracked["restarts"].min()) if len(tracked) and "restarts" in tracked else 0
+
+    def change_block(t: pd.DataFrame) -> dict[str, Any]:
+        robust = t["robust_changes"].astype(float).to_numpy() if restarts >= 2 else np.array([])
+        return {
+            "tracked_neurons": len(t),
+            "frac_neurons_changing_concept": _frac(t["changed"].to_numpy(dtype=bool)) if len(t) else mean_ci([]),
+            "mean_concept_changes": mean_ci(t["changes"].to_numpy(dtype=float) if len(t) else []),
+            "frac_neurons_changing_concept_robust": _frac(robust > 0) if robust.size else mean_ci([]),
+            "mean_concept_changes_robust": mean_ci(robust),
+            "frac_checkpoints_restarts_agree": mean_ci(
+                t["frac_restarts_agree"].astype(float).to_numpy() if restarts >= 2 and len(t) else []
+            ),
+        }
+
+    depth = np.array([layers.index(lay) for lay in tracked["layer"]] if len(tracked) else [], dtype=np.float64)
+
+    def depth_rho(col: str) -> dict:
+        if not len(tracked) or (col == "robust_changes" and restarts < 2):
+            return {"rho": None, "p": None, "n": 0, "lo": None, "hi": None}
+        v = tracked[col].astype(float).to_numpy()
+        res = dict(spearman(depth, v))
+        ci = bootstrap_ci(len(v), lambda idx: spearman_rho(depth[idx], v[idx]))
+        return {**res, "lo": ci["lo"], "hi": ci["hi"]}
+
     c3: dict[str, Any] = {
-        "from_epoch": a.concept_from_epoch,
-        "tracked_neurons": len(tracked),
-        "frac_neurons_changing_concept": _num(tracked["changed"].mean()) if len(tracked) else None,
-        "mean_concept_changes": _num(tracked["changes"].mean()) if len(tracked) else None,
-        "spearman_layer_depth_vs_changes": spearman(
-            [layers.index(lay) for lay in tracked["layer"]] if len(tracked) else [],
-            tracked["changes"] if len(tracked) else [],
-        ),
+        "from_progress": a.concept_from_epoch,
+        "restarts": restarts,
+        **change_block(tracked),
+        "spearman_layer_depth_vs_changes": depth_rho("changes"),
+        "spearman_layer_depth_vs_changes_robust": depth_rho("robust_changes"),
         "per_layer": {},
     }
     final_runs = traj[traj["epoch"] == traj["epoch"].max()] if len(traj) else traj
@@ -415,12 +544,10 @@ def claims(
         t = tracked[tracked["layer"] == lay] if len(tracked) else tracked
         fr = final_runs[final_runs["layer"] == lay] if len(final_runs) else final_runs
         c3["per_layer"][lay] = {
-            "tracked_neurons": len(t),
-            "frac_neurons_changing_concept": _num(t["changed"].mean()) if len(t) else None,
-            "mean_concept_changes": _num(t["changes"].mean()) if len(t) else None,
-            "frac_concept_is_preferred_class_final": (
-                _num(np.mean(fr["concept"] == fr["preferred_class"])) if len(fr) else None
-            ),
+            **change_block(t),
+            "frac_concept_is_preferred_class_final": _frac(fr["concept"].to_numpy() == fr["preferred_class"].to_numpy())
+            if len(fr)
+            else mean_ci([]),
         }
     return {"claim1_early_selectivity": c1, "claim2_selectivity_and_accuracy": c2, "claim3_concept_change": c3}
 
@@ -556,12 +683,19 @@ def log_mlflow(paths: Paths, summary: dict, out_dir: Path, runs: pd.DataFrame) -
 
 
 def layer_table(result: dict, layers: list[str]) -> pd.DataFrame:
-    """One row per layer with every per-layer number of the three claims (the report's layer table)."""
+    """One row per layer with every per-layer number of the three claims and its 95 % interval
+    (`NAME`, `NAME_lo`, `NAME_hi`; correlations also `NAME_p`): the report's layer table."""
     rows = []
     for lay in layers:
         row: dict[str, Any] = {"layer": lay}
         for _claim, body in result.items():
             for k, v in body.get("per_layer", {}).get(lay, {}).items():
-                row[k] = v["rho"] if isinstance(v, dict) else v
+                if isinstance(v, dict):
+                    row[k] = v.get("rho", v.get("value"))
+                    row[f"{k}_lo"], row[f"{k}_hi"] = v.get("lo"), v.get("hi")
+                    if "p" in v:
+                        row[f"{k}_p"] = v["p"]
+                else:
+                    row[k] = v
         rows.append(row)
     return pd.DataFrame(rows)

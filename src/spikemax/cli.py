@@ -143,16 +143,77 @@ def tune(params: Path = ParamsOpt) -> None:
 @one_line_errors
 def serve(
     params: Path = ParamsOpt,
-    host: str = typer.Option("127.0.0.1", help="address to bind"),
-    port: int = typer.Option(8765, help="port to bind"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (a non-loopback one needs a token)"),
+    port: int = typer.Option(8765, help="port to bind (0: any free port, printed)"),
+    token: str = typer.Option(
+        None, envvar="SPIKEMAX_TOKEN", help="bearer token every route but /health requires", show_default=False
+    ),
+    state: Path = typer.Option(None, help="session store folder (default: results/rig)"),
+) -> None:
+    """Serve closed-loop sessions over HTTP for rigs (living neurons); sessions survive restarts."""
+    p, paths = _load(params)
+    from spikemax.rig.app import serve as run
+
+    run(p, paths, host=host, port=port, token=token, state_dir=state)
+
+
+@app.command("rig-files")
+@one_line_errors
+def rig_files(
+    folder: Path = typer.Argument(..., help="folder shared with the rig (blocks of PNGs in, responses files back)"),
+    params: Path = ParamsOpt,
     generator: str = typer.Option(None, help="generator (default: maximize.generators[0])"),
     method: str = typer.Option(None, help="optimizer (default: maximize.methods[0])"),
+    budget: int = typer.Option(None, help="stimuli in all (default: maximize.budget)"),
+    seed: int = typer.Option(None, help="optimizer seed (default: maximize.seeds[0])"),
+    batch: int = typer.Option(None, help="stimuli per block (default: maximize.batch)"),
+    channels: int = typer.Option(1, help="responses per presentation (electrodes)"),
+    target_channel: int = typer.Option(0, help="channel to maximize (all are recorded)"),
+    poll: float = typer.Option(0.05, help="seconds between looks for a responses file"),
 ) -> None:
-    """Serve the ask/tell loop over HTTP for an external responder (a living neuron's rig)."""
+    """Drive one closed-loop session through a folder (rigs without HTTP); resumes after a crash."""
     p, paths = _load(params)
-    from spikemax.server import serve as run
+    from pydantic import ValidationError
 
-    run(p, paths, host=host, port=port, generator=generator, method=method)
+    from spikemax.rig.files import run_files
+    from spikemax.rig.models import SessionCreate
+    from spikemax.rig.sessions import RigError, SessionManager
+
+    fields = {"generator": generator, "method": method, "budget": budget, "seed": seed, "batch": batch}
+    try:
+        create = SessionCreate.model_validate(
+            {
+                **{k: v for k, v in fields.items() if v is not None},
+                "channels": channels,
+                "target_channel": target_channel,
+            }
+        )
+    except ValidationError as err:
+        from spikemax.rig.app import error_text
+
+        e = err.errors()[0]
+        raise SpikemaxError(error_text(e["loc"], e["msg"])) from None
+    folder.mkdir(parents=True, exist_ok=True)
+    manager = SessionManager(p, paths, folder / "state")
+    try:
+        status = run_files(
+            manager,
+            folder,
+            create,
+            poll=poll,
+            on_block=lambda st: print(
+                f"told {st['answered']}/{st['budget']} stimuli; best {st['best']['response'] if st['best'] else None}",
+                flush=True,
+            ),
+        )
+    except RigError as err:
+        raise SpikemaxError(str(err)) from None
+    except KeyboardInterrupt:
+        return
+    finally:
+        manager.close()
+    best = status["best"]
+    print(f"session {status['id']} finished: best {best['response'] if best else None} at {folder / 'finished.json'}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spikemax.analysis import selective_fraction_by_epoch
+from spikemax.stats import mean_ci
 
 
 def _plt():
@@ -31,83 +31,109 @@ def _show(ax: Any, pix: np.ndarray) -> None:
     ax.set_yticks([])
 
 
-def _integer_epochs(*axes: Any) -> None:
-    """Epoch axes show whole epochs only."""
-    from matplotlib.ticker import MaxNLocator
-
+def _progress_axis(*axes: Any) -> None:
+    """Training-progress axes: linear over the first epoch, logarithmic after, so that checkpoints
+    taken every few steps early in training stay apart from the once-per-epoch ones."""
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("epochs of training")
+
+
+def _band(ax: Any, x: Any, groups: Any, color: Any = None, fmt: str = "-o", label: str | None = None) -> None:
+    """Mean per x of each group's values with its 95 % bootstrap interval as a shaded band."""
+    cis = [mean_ci(np.asarray(v, dtype=np.float64)) for v in groups]
+    mean = np.array([np.nan if c["value"] is None else c["value"] for c in cis])
+    lo = np.array([np.nan if c["lo"] is None else c["lo"] for c in cis])
+    hi = np.array([np.nan if c["hi"] is None else c["hi"] for c in cis])
+    (line,) = ax.plot(x, mean, fmt, color=color, label=label, ms=3)
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def _by_checkpoint(df: pd.DataFrame, value: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(progress per checkpoint, that checkpoint's values) in training order."""
+    key = "progress" if "progress" in df else "epoch"
+    groups = list(df.groupby(key)[value])
+    return np.array([k for k, _ in groups], dtype=np.float64), [g.to_numpy() for _, g in groups]
 
 
 def fig_accuracy_selectivity(
     epochs_t: pd.DataFrame, units: pd.DataFrame, layers: list[str], threshold: float, path: Path
 ) -> None:
-    """Claim 2: test accuracy, mean CSI per layer and fraction selective per layer vs epoch."""
+    """Claim 2: test accuracy, mean CSI per layer and fraction selective per layer vs training progress,
+    with 95 % bootstrap bands over units (AM gain: over AM'd neurons)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    x = epochs_t["progress"] if "progress" in epochs_t else epochs_t["epoch"]
     if "test_acc" in epochs_t:
-        axes[0].plot(epochs_t["epoch"], epochs_t["test_acc"], "k-o", label="test accuracy")
-    axes[0].plot(epochs_t["epoch"], epochs_t["mean_csi"], "b-s", label="mean CSI (all units)")
+        axes[0].plot(x, epochs_t["test_acc"], "k-o", ms=3, label="test accuracy")
+    axes[0].plot(x, epochs_t["mean_csi"], "b-s", ms=3, label="mean CSI (all units)")
+    if "mean_csi_lo" in epochs_t:
+        axes[0].fill_between(x, epochs_t["mean_csi_lo"], epochs_t["mean_csi_hi"], color="b", alpha=0.2, lw=0)
     if epochs_t["am_gain"].notna().any():
         ax2 = axes[0].twinx()
-        g = epochs_t.dropna(subset=["am_gain"])  # AM ran on some epochs only: join those points
-        ax2.plot(g["epoch"], g["am_gain"], "r-^", label="mean AM gain")
+        ok = epochs_t["am_gain"].notna()  # AM may have run on some checkpoints only: join those points
+        ax2.plot(x[ok], epochs_t.loc[ok, "am_gain"], "r-^", ms=3, label="mean AM gain")
+        if "am_gain_lo" in epochs_t:
+            ax2.fill_between(
+                x[ok], epochs_t.loc[ok, "am_gain_lo"], epochs_t.loc[ok, "am_gain_hi"], color="r", alpha=0.15, lw=0
+            )
         ax2.set_ylabel("AM gain (AM best / dataset max)", color="r")
-    axes[0].set_xlabel("epoch")
     axes[0].legend(loc="upper left", fontsize=8)
-    axes[0].set_title("accuracy, selectivity, AM gain")
+    axes[0].set_title("accuracy, selectivity, AM gain (bands: 95 % CI)")
     for lay in layers:
-        u = units[units["layer"] == lay].groupby("epoch")["csi"]
-        axes[1].plot(u.mean().index, u.mean().values, "-o", label=lay)
-        axes[2].plot(u.mean().index, u.apply(lambda c: np.mean(c > threshold)).values, "-o", label=lay)
-    axes[1].set(xlabel="epoch", ylabel="mean CSI", title="mean CSI per layer")
-    axes[2].set(xlabel="epoch", ylabel=f"fraction CSI > {threshold}", title="selective units per layer")
+        u = units[units["layer"] == lay]
+        xs, csi = _by_checkpoint(u, "csi")
+        _band(axes[1], xs, csi, label=lay)
+        _band(axes[2], xs, [c > threshold for c in csi], label=lay)
+    axes[1].set(ylabel="mean CSI", title="mean CSI per layer")
+    axes[2].set(ylabel=f"fraction CSI > {threshold}", title="selective units per layer")
     axes[1].legend(fontsize=8)
-    _integer_epochs(*axes)
+    _progress_axis(*axes)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def fig_first_selective(
-    first: pd.DataFrame, epochs: list[int], layers: list[str], threshold: float, path: Path
+    first: pd.DataFrame, epochs: list[int], layers: list[str], threshold: float, path: Path, progress: list[float]
 ) -> None:
-    """Claim 1: cumulative fraction of units per layer that have become selective by each epoch."""
+    """Claim 1: cumulative fraction of units per layer that have become selective by each checkpoint."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for lay in layers:
-        f = first.loc[first["layer"] == lay, "first_selective_epoch"]
-        frac = selective_fraction_by_epoch([None if np.isnan(v) else v for v in f], epochs)
-        ax.plot(epochs, frac, "-o", label=f"{lay} ({len(f)} units)")
+        f = first.loc[first["layer"] == lay, "first_selective_epoch"].to_numpy(dtype=np.float64)
+        reached = [np.nan_to_num(f, nan=np.inf) <= e for e in epochs]
+        _band(ax, progress, reached, label=f"{lay} ({len(f)} units)")
     ax.set(
-        xlabel="epoch",
         ylabel=f"fraction with CSI > {threshold} so far",
         ylim=(-0.02, 1.02),
-        title="first epoch of selectivity (cumulative)",
+        title="first checkpoint of selectivity (cumulative; band: 95 % CI)",
     )
     ax.legend(fontsize=8)
-    _integer_epochs(ax)
+    _progress_axis(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def fig_am_gain(runs: pd.DataFrame, layers: list[str], path: Path) -> None:
-    """AM gain per layer and per method vs epoch."""
+    """AM gain per layer and per method vs training progress (per-layer bands: 95 % CI over neurons)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for lay in layers:
-        g = runs[runs["layer"] == lay].groupby("epoch")["am_gain_dataset"].mean()
-        if len(g):
-            axes[0].plot(g.index, g.values, "-o", label=lay)
+        r = runs[runs["layer"] == lay]
+        if len(r):
+            per = r.groupby(["progress", "generator", "target"])["am_gain_dataset"].mean().reset_index()
+            xs, vals = _by_checkpoint(per, "am_gain_dataset")
+            _band(axes[0], xs, vals, label=lay)
     for (gen, method), r in runs.groupby(["generator", "method"]):
-        g = r.groupby("epoch")["am_gain_dataset"].mean()
-        axes[1].plot(g.index, g.values, "-o", label=f"{gen}/{method}")
+        g = r.groupby("progress")["am_gain_dataset"].mean()
+        axes[1].plot(g.index, g.values, "-o", ms=3, label=f"{gen}/{method}")
     for ax, title in zip(axes, ("per layer", "per generator / method")):
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set(xlabel="epoch", ylabel="AM best / dataset max", title=f"AM gain {title}")
+        ax.set(ylabel="AM best / dataset max", title=f"AM gain {title}")
         ax.legend(fontsize=8)
-        _integer_epochs(ax)
+        _progress_axis(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -159,7 +185,7 @@ def fig_evolution(
             _show(ax, pixels[r["run_key"]])
             mark = " *" if r["concept_changed"] else ""
             ax.set_title(
-                f"e{e}: {classes[int(r['concept'])][:10]} {r['concept_prob']:.2f}{mark}\n"
+                f"{r.get('progress', e):.2f}ep: {classes[int(r['concept'])][:10]} {r['concept_prob']:.2f}{mark}\n"
                 f"act {r['best_activation']:.3g}",
                 fontsize=7,
                 color="red" if mark else "black",
@@ -167,7 +193,8 @@ def fig_evolution(
             if j == 0:
                 ax.set_ylabel(tg, fontsize=8)
     fig.suptitle(
-        f"{generator}: optimal stimulus per epoch\n(concept under the final SNN, its probability; * = changed)",
+        f"{generator}: optimal stimulus per checkpoint (epochs of training)\n"
+        "(concept under the final SNN, its probability; * = changed)",
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the two-line suptitle
@@ -189,9 +216,10 @@ def fig_concepts(traj: pd.DataFrame, layers: list[str], classes: list[str], path
     im = ax.imshow(
         np.ma.masked_invalid(grid), cmap="tab10", vmin=-0.5, vmax=9.5, aspect="auto", interpolation="nearest"
     )
-    ax.set_xticks(range(len(epochs)), [str(e) for e in epochs])
+    prog = seqs.groupby("epoch")["progress"].first().to_dict() if "progress" in seqs else {}
+    ax.set_xticks(range(len(epochs)), [f"{prog.get(e, e):.2g}" for e in epochs], rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), [f"{g}/{t}" for g, t in names], fontsize=6)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epochs of training")
     cbar = fig.colorbar(im, ax=ax, ticks=range(len(classes)))
     cbar.ax.set_yticklabels(classes, fontsize=7)
     ax.set_title("concept of the optimal stimulus per neuron")
@@ -278,7 +306,8 @@ def write_figures(
         return written[-1]
 
     fig_accuracy_selectivity(epochs_t, units, layers, threshold, out("accuracy_selectivity.png"))
-    fig_first_selective(first, epochs, layers, threshold, out("first_selective.png"))
+    prog = units.groupby("epoch")["progress"].first() if "progress" in units else pd.Series(epochs, index=epochs)
+    fig_first_selective(first, epochs, layers, threshold, out("first_selective.png"), [float(prog[e]) for e in epochs])
     fig_am_gain(runs, layers, out("am_gain.png"))
     targets = pick_neurons(traj, layers, grid_rows)
     for gen in sorted(traj["generator"].unique()):

@@ -37,6 +37,15 @@ class PrepareParams(Section):
     download: bool = True
 
 
+class CheckpointSchedule(Section):
+    """When `train_snn` saves a checkpoint: before training, at every epoch end, and early steps."""
+
+    every_steps: int = Field(0, ge=0)  # a checkpoint every N optimizer steps during the first epochs (0 = off)
+    early_epochs: int = Field(1, ge=1)  # ... during this many epochs
+    steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)  # and after these optimizer steps
+    every_epochs: int = Field(1, ge=1)  # and at the end of every N-th epoch (and of the last)
+
+
 class SNNParams(Section):
     """`train_snn` stage: architecture, neuron model and optimisation of the ConvSNN."""
 
@@ -55,6 +64,7 @@ class SNNParams(Section):
     batch_size: int = Field(128, ge=1)
     seed: int = Field(0, ge=0)
     threads: int = Field(1, ge=1)
+    checkpoints: CheckpointSchedule = Field(default_factory=CheckpointSchedule)
 
 
 class SNGANParams(Section):
@@ -130,7 +140,8 @@ class NoiseParams(Section):
     window: float | None = Field(None, gt=0.0)  # poisson: time steps counted (null = the SNN's T)
     repeats: int = Field(1, ge=1)  # noisy draws averaged per presentation
     aware: bool = False  # noise-aware optimizers (spikemax.optim.noisy): re-present the elite, best by mean
-    retest: float = Field(0.2, ge=0.0, lt=1.0)  # at most this fraction of each batch re-presented
+    retest: float = Field(0.05, ge=0.0, lt=1.0)  # at most this fraction of each batch re-presented
+    final: float = Field(0.15, ge=0.0, lt=1.0)  # last share of the budget spent racing the elite
     estimator: Literal["mean", "shrink", "lcb"] = "shrink"
 
     @classmethod
@@ -166,6 +177,10 @@ class MaximizeParams(Section):
     prior_images: int = Field(4000, ge=1)
     # true: TT's rank and lr are the tune stage's best trial (metrics/tune.json) instead of `tt`'s.
     tuned: bool = False
+    # Population mode: the targets of one (epoch, generator, method, seed) share one stimulus set of
+    # `budget` presentations, each told to every target's optimizer (spikemax.optim.Population).
+    population: bool = False
+    population_rule: Literal["round_robin", "progress"] = "round_robin"
     tt: TTOptions = Field(default_factory=TTOptions)
 
     @field_validator("noise", mode="before")
@@ -179,8 +194,11 @@ class AnalyzeParams(Section):
 
     csi_threshold: float = Field(0.5, ge=0.0, le=1.0)
     min_rate: float = Field(0.001, ge=0.0, le=1.0)  # mean test-set rate (spikes/step) below which CSI counts as 0
-    early_epoch: int = Field(1, ge=0)  # claim 1: units selective at or before this epoch count as "early"
-    concept_from_epoch: int = Field(1, ge=0)  # concept changes counted from here (epoch 0 = untrained)
+    # Both in epochs of training done (fractional: 0.25 = a quarter of the first epoch; 0 = untrained).
+    early_epoch: float = Field(
+        1.0, ge=0.0
+    )  # claim 1: units selective by the first checkpoint at or after this count as "early"
+    concept_from_epoch: float = Field(1.0, ge=0.0)  # concept changes counted between checkpoints from here on
     batch_size: int = Field(500, ge=1)  # images per forward pass when reading dataset responses
     max_images: int = Field(0, ge=0)  # test images for dataset selectivity (0 = the whole prepared test set)
     grid_rows: int = Field(16, ge=1)  # neurons shown in the stimulus-evolution grids

@@ -20,7 +20,7 @@ _MAX_METRICS_PER_CALL = 1000  # MLflow's limit on metrics in one log_batch reque
 _STREAM = "queries.arrows"  # the live query table: one Arrow IPC record batch per AM batch
 
 
-def _read_stream(path: Path) -> Any:
+def _read_stream(path: Path, schema: Any = None) -> Any:
     """Every whole record batch of an Arrow IPC stream as a table; a kill can cut the last one short."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
@@ -28,15 +28,19 @@ def _read_stream(path: Path) -> Any:
     batches = []
     try:
         with pa.OSFile(str(path)) as f:
-            for b in ipc.open_stream(f):
+            reader = ipc.open_stream(f)
+            schema = reader.schema  # a population table's schema is in its stream
+            for b in reader:
                 batches.append(b)
     except (pa.ArrowInvalid, OSError):
         pass
-    return pa.Table.from_batches(batches, schema=_query_schema(pa))
+    return pa.Table.from_batches(batches, schema=schema if schema is not None else _query_schema(pa))
 
 
 def read_queries(run_dir: str | Path) -> pd.DataFrame:
-    """The query table of a run dir: queries.parquet, or the flushed batches of an unfinished run."""
+    """The query table of a run dir or population dir: queries.parquet, or the flushed batches of
+    an unfinished run (a population table has `owner` and a list column `responses`, see
+    `PopulationTable`)."""
     import pandas as pd
 
     run_dir = Path(run_dir)
@@ -44,6 +48,14 @@ def read_queries(run_dir: str | Path) -> pd.DataFrame:
     if table.is_file():
         return pd.read_parquet(table)
     return _read_stream(run_dir / _STREAM).to_pandas()
+
+
+def neuron_queries(population: pd.DataFrame, j: int) -> pd.DataFrame:
+    """Neuron j's view of a population table, in the per-run columns (QUERY_COLUMNS)."""
+    out = population[["query", "batch", "indices"]].copy()
+    out["response"] = [float(r[j]) for r in population["responses"]]
+    out["elapsed_s"] = population["elapsed_s"]
+    return out.reset_index(drop=True)
 
 
 class MetricWriter:
@@ -270,6 +282,85 @@ def log_batches(loggers: Sequence[QueryLogger], indices: Sequence[np.ndarray], r
     share = (time.perf_counter() - t_start) / max(len(loggers), 1)
     for lg in loggers:
         lg.seconds += share
+
+
+POPULATION_COLUMNS = ("query", "batch", "indices", "owner", "responses", "elapsed_s")
+
+
+class PopulationTable:
+    """The query table of one presentation set in population mode: one row per presentation with
+    the proposing neuron (`owner`, a column of `responses`) and all m responses (list column,
+    in the order of `targets`). `population.json` beside it names the targets and their runs.
+
+    Written like a run's table (Arrow IPC stream per batch, `queries.parquet` on `close()`), so
+    `read_queries` reads a finished or an interrupted one.
+    """
+
+    def __init__(self, pop_dir: str | Path, meta: dict[str, Any]) -> None:
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
+        from spikemax.outputs import write_json
+
+        self.dir = Path(pop_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "queries.parquet").unlink(missing_ok=True)  # a rerun starts its table afresh
+        self.m = len(meta["targets"])
+        write_json(self.dir / "population.json", meta)
+        self.n_queries = self.n_batches = 0
+        self.seconds = 0.0
+        self.t0 = time.perf_counter()
+        self._schema = pa.schema(
+            [
+                ("query", pa.int64()),
+                ("batch", pa.int64()),
+                ("indices", pa.list_(pa.int64())),
+                ("owner", pa.int64()),
+                ("responses", pa.list_(pa.float64(), self.m)),
+                ("elapsed_s", pa.float64()),
+            ]
+        )
+        self._sink: Any = open(self.dir / _STREAM, "wb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._stream: Any = ipc.new_stream(self._sink, self._schema)
+
+    def log(self, indices: np.ndarray, owner: np.ndarray, responses: np.ndarray) -> None:
+        """Append one batch: indices (k, d), proposer (k,), responses (k, m)."""
+        import pyarrow as pa
+
+        t_start = time.perf_counter()
+        Y = np.asarray(responses, dtype=np.float64).reshape(len(indices), self.m)
+        k = len(Y)
+        self._stream.write_batch(
+            pa.record_batch(
+                [
+                    pa.array(np.arange(self.n_queries, self.n_queries + k), pa.int64()),
+                    pa.array(np.full(k, self.n_batches), pa.int64()),
+                    pa.array(list(np.asarray(indices, dtype=np.int64)), pa.list_(pa.int64())),
+                    pa.array(np.asarray(owner, dtype=np.int64), pa.int64()),
+                    pa.FixedSizeListArray.from_arrays(pa.array(Y.reshape(-1), pa.float64()), self.m),
+                    pa.array(np.full(k, time.perf_counter() - self.t0), pa.float64()),
+                ],
+                schema=self._schema,
+            )
+        )
+        self.n_queries += k
+        self.n_batches += 1
+        self.seconds += time.perf_counter() - t_start
+
+    def close(self) -> pd.DataFrame:
+        """Turn the stream into queries.parquet; returns the table."""
+        import pyarrow.parquet as pq
+
+        if self._stream is not None:
+            self._stream.close()
+            self._sink.close()
+            self._stream = self._sink = None
+            table = _read_stream(self.dir / _STREAM, self._schema)
+            tmp = self.dir / "queries.parquet.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, self.dir / "queries.parquet")
+            (self.dir / _STREAM).unlink(missing_ok=True)
+        return read_queries(self.dir)
 
 
 def _query_schema(pa: Any) -> Any:

@@ -39,7 +39,9 @@ code{background:#f3f3f3;padding:0 .2em}nav a{margin-right:1em}
 
 
 def fmt(v: Any, digits: int = 3) -> str:
-    """A table cell: numbers rounded, missing as an em dash."""
+    """A table cell: numbers rounded, missing as an em dash, an estimate dict as `value [lo, hi]`."""
+    if isinstance(v, dict):
+        return est(v, digits)
     if v is None:
         return "—"
     if isinstance(v, bool):
@@ -53,12 +55,30 @@ def fmt(v: Any, digits: int = 3) -> str:
     return html.escape(str(v))
 
 
-def rho(d: dict | None) -> str:
-    """'rho (p = ..., n = ...)' of a spearman() dict."""
+def _interval(d: dict, scale: float = 1.0, spec: str = ".3g") -> str:
+    """' [lo, hi]' of an estimate dict (the 95 % bootstrap interval), or '' when it has none."""
+    if d.get("lo") is None or d.get("hi") is None:
+        return ""
+    return f" [{scale * d['lo']:{spec}}, {scale * d['hi']:{spec}}]"
+
+
+def est(d: dict | None, digits: int = 3) -> str:
+    """'value [lo, hi]' of an estimate dict ({"value", "lo", "hi", "n"}) or a correlation dict."""
+    if not d:
+        return "—"
+    if "rho" in d:
+        return rho(d)
+    if d.get("value") is None:
+        return "—"
+    return f"{d['value']:.{digits}g}{_interval(d, spec=f'.{digits}g')}"
+
+
+def rho(d: dict | None, unit: str = "checkpoints") -> str:
+    """'rho [lo, hi] (p = ..., n = ...)' of a correlation dict (bootstrap interval over neurons)."""
     if not d or d.get("rho") is None:
         n = (d or {}).get("n", 0)
-        return f"undefined (n = {n} epochs, or a constant series)"
-    return f"{d['rho']:+.2f} (p = {d['p']:.2g}, n = {d['n']} epochs)"
+        return f"undefined (n = {n} {unit}, or a constant series)"
+    return f"{d['rho']:+.2f}{_interval(d, spec='+.2f')} (p = {d['p']:.2g}, n = {d['n']} {unit})"
 
 
 def table(df: pd.DataFrame, links: dict[str, str] | None = None) -> str:
@@ -101,13 +121,17 @@ def per_layer_frame(block: dict, keys: dict[str, str]) -> pd.DataFrame:
         row: dict[str, Any] = {"layer": layer}
         for key, label in keys.items():
             v = vals.get(key)
-            row[label] = v.get("rho") if isinstance(v, dict) else v
+            row[label] = est(v) if isinstance(v, dict) else v
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def pct(v: float | None) -> str:
-    """A fraction as a percentage."""
+def pct(v: float | dict | None) -> str:
+    """A fraction as a percentage; an estimate dict with its 95 % interval."""
+    if isinstance(v, dict):
+        if v.get("value") is None:
+            return "—"
+        return f"{100 * v['value']:.0f} %{_interval(v, 100, '.0f')}"
     return "—" if v is None else f"{100 * v:.0f} %"
 
 
@@ -117,38 +141,42 @@ def section_overview(a: dict, meta: dict, paths: Paths, ids: dict) -> str:
     min_rate = a["claim1_early_selectivity"].get("min_rate")
     silent = f"silent unit, or mean rate below {min_rate:g} spikes/step: 0" if min_rate else "silent unit: 0"
     return (
-        f"<p>Checkpoint epochs analysed: {', '.join(map(str, meta.get('epochs', [])))} "
-        f"(selectivity from the prepared test set at every epoch); AM'd epochs: "
-        f"{', '.join(map(str, meta.get('am_epochs', [])))}; {meta.get('am_runs', 0)} AM runs; spiking layers "
+        f"<p>Checkpoints analysed (epochs of training): {', '.join(f'{p:g}' for p in meta.get('progress', []))} "
+        f"(selectivity from the prepared test set at every checkpoint); AM'd checkpoints (indices): "
+        f"{', '.join(map(str, meta.get('am_epochs', [])))}; {meta.get('am_runs', 0)} AM runs "
+        f"({meta.get('restarts', 1)} restarts per checkpoint and neuron); spiking layers "
         f"{', '.join(meta.get('layers', []))}. Test accuracy {fmt(c2.get('test_acc_first'))} (first epoch) → "
         f"{fmt(c2.get('test_acc_final'))} (final). Project: <code>{html.escape(str(paths.root.resolve()))}</code>.</p>"
         "<p>CSI = (μ<sub>max</sub> − μ<sub>rest</sub>)/(μ<sub>max</sub> + μ<sub>rest</sub>) over class-mean firing "
         f"rates ({silent}); AM gain = best AM activation / highest activation over the test set; concept = class "
         "the final-epoch SNN assigns to the optimal stimulus (the best stimulus over methods and seeds).</p>"
+        "<p>Brackets are 95 % percentile-bootstrap intervals over neurons (1,000 seeded resamples); "
+        "p-values of correlations over checkpoints come from permuting the checkpoints (exact up to 8).</p>"
     )
 
 
 def section_claim1(a: dict, fig: Path) -> str:
     """Claim 1 numbers and figures."""
     c1 = a["claim1_early_selectivity"]
+    early, final = c1.get("early_progress", c1["early_epoch"]), c1.get("final_progress", c1["final_epoch"])
     df = per_layer_frame(
         c1,
         {
             "units": "units",
-            "frac_selective_by_early_epoch": f"selective by epoch {c1['early_epoch']}",
+            "frac_selective_by_early_epoch": f"selective by epoch {c1.get('early_progress', c1['early_epoch']):.2f}",
             "frac_selective_final": "selective at final epoch",
             "mean_csi_early": "mean CSI early",
             "mean_csi_final": "mean CSI final",
             "max_csi_early": "max CSI early",
-            "median_first_selective_epoch": "median first selective epoch",
+            "median_first_selective_progress": "median first selective (epochs)",
             "mean_sparseness_final": "sparseness final",
         },
     )
     return (
         f'<div class="claim">Measured: {pct(c1.get("frac_selective_by_early_epoch"))} of all units had CSI > '
-        f"{c1['csi_threshold']} by epoch {c1['early_epoch']} ({pct(c1.get('frac_selective_final'))} at the final "
-        f"epoch {c1['final_epoch']}); the highest CSI at epoch {c1['early_epoch']} was {fmt(c1.get('max_csi_early'))}. "
-        f"Per layer (input side first), selective by epoch {c1['early_epoch']}: "
+        f"{c1['csi_threshold']} by epoch {early:.2f} ({pct(c1.get('frac_selective_final'))} at the final "
+        f"checkpoint, epoch {final:g}); the highest CSI at epoch {early:.2f} was {fmt(c1.get('max_csi_early'))}. "
+        f"Per layer (input side first), selective by epoch {early:.2f}: "
         + ", ".join(
             f"{html.escape(lay)} {pct(v.get('frac_selective_by_early_epoch'))}"
             for lay, v in c1.get("per_layer", {}).items()
@@ -178,7 +206,7 @@ def section_claim2(a: dict, fig: Path, analysis_dir: Path) -> str:
     epochs = analysis_dir / "accuracy_by_epoch.csv"
     ep_table = table(pd.read_csv(epochs)) if epochs.is_file() else ""
     return (
-        '<div class="claim">Measured Spearman correlations across epochs with test accuracy: '
+        '<div class="claim">Measured Spearman correlations across checkpoints with test accuracy: '
         f"mean CSI {rho(c2.get('spearman_mean_csi_vs_test_acc'))}; mean AM gain {rho(c2.get('spearman_am_gain_vs_test_acc'))}; "
         f"concept probability of the optimal stimuli {rho(c2.get('spearman_concept_prob_vs_test_acc'))}; similarity of the "
         f"optimal stimulus to its final-epoch version {rho(c2.get('spearman_similarity_to_final_vs_test_acc'))}.</div>"
@@ -202,6 +230,9 @@ def section_claim3(a: dict, fig: Path) -> str:
             "tracked_neurons": "tracked (generator, neuron)",
             "frac_neurons_changing_concept": "changing concept",
             "mean_concept_changes": "mean changes",
+            "frac_neurons_changing_concept_robust": "changing concept (restart-robust)",
+            "mean_concept_changes_robust": "mean changes (restart-robust)",
+            "frac_checkpoints_restarts_agree": "restarts agree",
             "frac_concept_is_preferred_class_final": "final concept = preferred class",
         },
     )
@@ -216,8 +247,13 @@ def section_claim3(a: dict, fig: Path) -> str:
     return (
         f'<div class="claim">Measured: {pct(c3.get("frac_neurons_changing_concept"))} of {c3.get("tracked_neurons", 0)} '
         f"tracked (generator, neuron) pairs changed the concept of their optimal stimulus at least once from epoch "
-        f"{c3.get('from_epoch')} on (mean {fmt(c3.get('mean_concept_changes'))} changes); Spearman ρ between layer depth "
-        f"and number of changes {rho(c3.get('spearman_layer_depth_vs_changes')).replace(' epochs', ' neurons')}.</div>"
+        f"{c3.get('from_progress')} epochs of training on (mean {fmt(c3.get('mean_concept_changes'))} changes); "
+        f"restart-robust (both checkpoints' {c3.get('restarts', 0)} restarts agree, and the concepts differ): "
+        f"{pct(c3.get('frac_neurons_changing_concept_robust'))} (mean {fmt(c3.get('mean_concept_changes_robust'))} "
+        f"changes; restarts agreed at {pct(c3.get('frac_checkpoints_restarts_agree'))} of the tracked checkpoints). "
+        f"Spearman ρ between layer depth and number of changes "
+        f"{rho(c3.get('spearman_layer_depth_vs_changes'), 'neurons')}, restart-robust "
+        f"{rho(c3.get('spearman_layer_depth_vs_changes_robust'), 'neurons')}.</div>"
         + table(df)
         + image(fig / "concepts.png", "Concept of each tracked neuron's optimal stimulus per epoch.")
         + grids

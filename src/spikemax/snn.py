@@ -22,6 +22,9 @@ lr: 0.0005, epochs: 40}`` (hours on CPU; the defaults are sized for a few minute
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -35,8 +38,13 @@ from torch import Tensor, nn
 from spikemax import SpikemaxError
 from spikemax.params import Params, Paths
 
-CKPT_PATTERN = "epoch=*.ckpt"
-CSV_COLUMNS = ["epoch", "train_loss", "val_loss", "val_acc", "test_acc"]
+CKPT_PATTERN = "step=*-epoch=*.ckpt"
+LEGACY_PATTERN = "epoch=*.ckpt"  # before checkpoint schedules: one per epoch, named by epoch only
+_NAME = re.compile(r"step=(\d+)-epoch=(\d+(?:\.\d+)?)")
+_LEGACY = re.compile(r"epoch=(\d+)")
+# `epoch` = checkpoint index (0 = untrained; the epoch number under a once-per-epoch schedule),
+# `step` = optimizer steps done, `progress` = epochs of training done (fractional).
+CSV_COLUMNS = ["epoch", "step", "progress", "train_loss", "val_loss", "val_acc", "test_acc"]
 
 
 def _leaky(beta: float, threshold: float, slope: float) -> snn.Leaky:
@@ -339,29 +347,88 @@ def _lif_run(lif: snn.Leaky, current: Tensor, num_steps: int, static: bool) -> T
 # ---- training stage ---------------------------------------------------------------------------
 
 
-class EpochRecorder(L.Callback):
-    """Saves `epoch=NNN.ckpt` after every epoch and keeps one metrics row per epoch (MLflow step = epoch)."""
+def checkpoint_name(step: int, progress: float) -> str:
+    """File name of the checkpoint taken after `step` optimizer steps (`progress` epochs of training)."""
+    return f"step={step:06d}-epoch={progress:.3f}.ckpt"
 
-    def __init__(self, out_dir: Path) -> None:
+
+def schedule_steps(
+    every_steps: int, early_epochs: int, steps: list[int], steps_per_epoch: int, epochs: int, every_epochs: int = 1
+) -> list[int]:
+    """Optimizer steps after which a checkpoint is taken: 0, every `every_steps` steps during the first
+    `early_epochs` epochs, the explicit `steps`, and the end of every `every_epochs`-th epoch and of the
+    last one (sorted, unique, within training)."""
+    total = steps_per_epoch * epochs
+    ends = {steps_per_epoch * e for e in range(every_epochs, epochs + 1, every_epochs)} | {total}
+    out = {0, *ends, *(s for s in steps if 0 < s <= total)}
+    if every_steps > 0:
+        out.update(range(every_steps, min(early_epochs * steps_per_epoch, total) + 1, every_steps))
+    return sorted(out)
+
+
+@torch.no_grad()
+def evaluate(model: ConvSNN, loader: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, float]:
+    """Mean loss and accuracy of `model` over a loader (eval mode for the call, the mode restored after)."""
+    was_training = model.training
+    model.eval()
+    loss = correct = n = 0.0
+    for x, y in loader:
+        out = model(x)
+        loss += float(model._loss(out, y)) * len(y)
+        correct += float((out.sum(0).argmax(1) == y).sum())
+        n += len(y)
+    model.train(was_training)
+    return (loss / n, correct / n) if n else (math.nan, math.nan)
+
+
+class EpochRecorder(L.Callback):
+    """Saves `step=SSSSSS-epoch=E.EEE.ckpt` at scheduled optimizer steps and keeps one metrics row per
+    checkpoint (MLflow step = optimizer step). Epoch ends use the epoch's validation metrics; a checkpoint
+    inside an epoch evaluates the `eval_loaders` (validation, test) itself."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        steps: Iterable[int] = (),
+        steps_per_epoch: int = 1,
+        eval_loaders: Sequence[Iterable[tuple[Tensor, Tensor]]] = (),
+    ) -> None:
         self.out_dir = out_dir
+        self.steps = set(steps)
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.eval_loaders = list(eval_loaders)
         self.rows: list[dict[str, float]] = []
 
-    def record(self, trainer: L.Trainer, epoch: int) -> None:
-        """Checkpoint the current weights as `epoch` and log that epoch's metrics."""
-        trainer.save_checkpoint(self.out_dir / f"epoch={epoch:03d}.ckpt", weights_only=True)
-        got = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        row = {"epoch": epoch, **{k: got.get(k, math.nan) for k in CSV_COLUMNS[1:]}}
-        if epoch == 0:
+    def record(self, trainer: L.Trainer, step: int, metrics: dict[str, float] | None = None) -> None:
+        """Checkpoint the current weights as taken after `step` optimizer steps and log its metrics."""
+        progress = step / self.steps_per_epoch
+        trainer.save_checkpoint(self.out_dir / checkpoint_name(step, progress), weights_only=True)
+        got = metrics if metrics is not None else {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {"epoch": len(self.rows), "step": step, "progress": progress}
+        row.update({k: got.get(k, math.nan) for k in CSV_COLUMNS[3:]})
+        if step == 0:
             row["train_loss"] = math.nan  # no training has happened yet
         self.rows.append(row)
         if trainer.logger is not None:
-            metrics = {k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}
-            metrics.update({k: got[k] for k in ("train_acc", "test_loss") if k in got and epoch > 0})
-            trainer.logger.log_metrics(metrics, step=epoch)
+            logged = {k: v for k, v in row.items() if k not in ("epoch", "step") and not math.isnan(v)}
+            logged.update({k: got[k] for k in ("train_acc", "test_loss") if k in got and step > 0})
+            trainer.logger.log_metrics(logged, step=step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        if step in self.steps and step % self.steps_per_epoch and isinstance(pl_module, ConvSNN):
+            # inside an epoch Lightning has no validation metrics yet: evaluate here
+            val_loss, val_acc = evaluate(pl_module, self.eval_loaders[0]) if self.eval_loaders else (math.nan,) * 2
+            test_loss, test_acc = (
+                evaluate(pl_module, self.eval_loaders[1]) if len(self.eval_loaders) > 1 else (math.nan,) * 2
+            )
+            got = {"val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc}
+            self.record(trainer, step, got)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning 2 runs this hook after the epoch's validation, so val/test metrics are current.
-        self.record(trainer, trainer.current_epoch + 1)
+        if trainer.global_step in self.steps:
+            self.record(trainer, trainer.global_step)
 
 
 def build(params: Params, meta: dict) -> ConvSNN:
@@ -385,15 +452,35 @@ def build(params: Params, meta: dict) -> ConvSNN:
     )
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Training progress of a checkpoint: optimizer steps done (None for legacy names) and epochs done."""
+
+    step: int | None
+    epoch: float
+
+
+def progress(path: str | Path) -> Progress:
+    """Progress of a checkpoint from its name (`step=S-epoch=E.ckpt`, or legacy `epoch=E.ckpt`)."""
+    stem = Path(path).stem
+    if m := _NAME.fullmatch(stem):
+        return Progress(int(m.group(1)), float(m.group(2)))
+    if m := _LEGACY.fullmatch(stem):
+        return Progress(None, float(m.group(1)))
+    raise SpikemaxError(f"{Path(path).name}: not a checkpoint name (step=S-epoch=E.ckpt)")
+
+
 def checkpoints(paths: Paths) -> dict[int, Path]:
-    """Epoch -> checkpoint path of every `models/snn/epoch=NNN.ckpt`, sorted by epoch."""
-    found: dict[int, Path] = {}
-    for path in paths.snn_dir.glob(CKPT_PATTERN):
-        try:
-            found[int(path.stem.split("=", 1)[1])] = path
-        except ValueError:
-            continue
-    return dict(sorted(found.items()))
+    """Checkpoint index -> path of every checkpoint under `models/snn/`, ordered by training progress.
+
+    Index 0 is the untrained net; `progress(path)` gives each one's step and (fractional) epoch.
+    Legacy `epoch=NNN.ckpt` names are read only when no scheduled checkpoint exists.
+    """
+    found = [p for p in paths.snn_dir.glob(CKPT_PATTERN) if _NAME.fullmatch(p.stem)]
+    if not found:
+        found = [p for p in paths.snn_dir.glob(LEGACY_PATTERN) if _LEGACY.fullmatch(p.stem)]
+    ordered = sorted(found, key=lambda p: (progress(p).epoch, progress(p).step or 0))
+    return dict(enumerate(ordered))
 
 
 def load_snn(path: str | Path) -> ConvSNN:

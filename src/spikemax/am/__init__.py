@@ -5,6 +5,8 @@ SUMMARY_COLUMNS = [
     "run_key",
     "run_id",
     "epoch",
+    "step",
+    "progress",
     "generator",
     "target",
     "layer",

@@ -12,13 +12,10 @@ import numpy as np
 import torch
 
 from spikemax.optim import Optimizer
-from spikemax.querylog import QueryLogger, log_batches
+from spikemax.querylog import PopulationTable, QueryLogger, log_batches
 
 if TYPE_CHECKING:
     from spikemax.generators import LatentGrid
-
-if TYPE_CHECKING:
-    pass
 
 Responder = Callable[[torch.Tensor], np.ndarray]
 
@@ -170,28 +167,101 @@ def run_am_group(
             if on_batch is not None:
                 on_batch(k)
         step += 1
-    results = []
-    for t in tracks:
-        d = t.indices[0].shape[1] if t.indices else 0
-        stats = getattr(t.optimizer, "best_stats", None)
-        if stats is not None:
-            # Noise-aware: report the point with the best estimated mean (not the luckiest draw).
-            t.best, t.best_indices = stats.estimate, stats.index.copy()
-            t.best_image = _decode(grid, stats.index[None], max_images)[0]
-        results.append(
-            AMResult(
-                best_indices=t.best_indices,
-                best_response=t.best if t.best_indices is not None else float("nan"),
-                best_image=t.best_image,
-                indices=np.concatenate(t.indices) if t.indices else np.zeros((0, d), np.int32),
-                responses=np.concatenate(t.responses) if t.responses else np.zeros(0),
-                batches=np.concatenate(t.batches) if t.batches else np.zeros(0, np.int32),
-                stopped_early=bool(t.stopped),
-                stop_reason=t.stopped,
-                wall_s=t.wall,
+    return [_result(t, grid, max_images) for t in tracks]
+
+
+def _result(t: _Track, grid: LatentGrid, max_images: int) -> AMResult:
+    """The AMResult of a finished track."""
+    d = t.indices[0].shape[1] if t.indices else 0
+    stats = getattr(t.optimizer, "best_stats", None)
+    if stats is not None:
+        # Noise-aware: report the point with the best estimated mean (not the luckiest draw).
+        t.best, t.best_indices = stats.estimate, stats.index.copy()
+        t.best_image = _decode(grid, stats.index[None], max_images)[0]
+    return AMResult(
+        best_indices=t.best_indices,
+        best_response=t.best if t.best_indices is not None else float("nan"),
+        best_image=t.best_image,
+        indices=np.concatenate(t.indices) if t.indices else np.zeros((0, d), np.int32),
+        responses=np.concatenate(t.responses) if t.responses else np.zeros(0),
+        batches=np.concatenate(t.batches) if t.batches else np.zeros(0, np.int32),
+        stopped_early=bool(t.stopped),
+        stop_reason=t.stopped,
+        wall_s=t.wall,
+    )
+
+
+def run_am_population(
+    optimizers: Sequence[Optimizer],
+    grid: LatentGrid,
+    responder: Responder,
+    budget: int,
+    batch: int,
+    loggers: Sequence[QueryLogger | None] | None = None,
+    table: PopulationTable | None = None,
+    rule: str = "round_robin",
+    target_value: float | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    max_images: int = 512,
+) -> list[AMResult]:
+    """Population mode: m optimizers (one per neuron) share one stimulus set of `budget` presentations.
+
+    Each batch of `batch` points is composed by `spikemax.optim.Population` (`rule`) from the
+    optimizers' proposals; `responder(images)` returns (K, m) and optimizer j is told column j of
+    every presentation (off-policy for the points other neurons proposed). A logger of None skips
+    that neuron's logging (a neuron finished by an earlier attempt still proposes, so the
+    presentation set is the one planned). `table` records every presentation with all m responses.
+    The population stops early only when every neuron's best reached `target_value`. Every batch
+    is in the store and the tables before any optimizer is told it.
+    """
+    from spikemax.optim import Population
+
+    if budget <= 0 or batch <= 0:
+        raise ValueError(f"budget and batch must be positive (got {budget}, {batch})")
+    pop = Population(optimizers, rule=rule)
+    loggers = list(loggers) if loggers is not None else [None] * pop.m
+    tracks = [_Track(opt, lg, target_value) for opt, lg in zip(optimizers, loggers)]
+    step = spent = 0
+    while spent < budget and not tracks[0].stopped:
+        k = min(batch, budget - spent)
+        idx = pop.ask(k)
+        owner = pop.owner.copy()
+        images = _decode(grid, idx, max_images)
+        Y = _respond(responder, images, max_images).reshape(k, -1)
+        if Y.shape[1] != pop.m:
+            raise ValueError(f"responder gave {Y.shape[1]} responses per image for {pop.m} neurons")
+        logged = [j for j, t in enumerate(tracks) if t.logger is not None]
+        if logged:
+            log_batches(
+                [lg for j in logged if (lg := tracks[j].logger) is not None],
+                [idx] * len(logged),
+                [Y[:, j] for j in logged],
             )
-        )
-    return results
+        if table is not None:
+            table.log(idx, owner, Y)
+        pop.tell(idx, Y)
+        spent += k
+        for j, t in enumerate(tracks):
+            y = Y[:, j].copy()
+            if not np.all(np.isnan(y)):
+                b = int(np.nanargmax(y))
+                if y[b] > t.best:
+                    t.best, t.best_indices, t.best_image = float(y[b]), idx[b].copy(), images[b].clone()
+            t.indices.append(idx.astype(np.int32))
+            t.responses.append(y)
+            t.batches.append(np.full(k, step, dtype=np.int32))
+            t.n = spent
+            t.wall = time.perf_counter() - t.t0
+        if target_value is not None and spent < budget and all(t.best >= target_value for t in tracks):
+            reason = f"target_value {target_value:g} reached by every neuron after {spent} presentations"
+            for t in tracks:
+                t.stopped = reason
+                if t.logger is not None:
+                    t.logger.log_stop(reason)
+        if on_batch is not None:
+            on_batch(k)
+        step += 1
+    return [_result(t, grid, max_images) for t in tracks]
 
 
 def run_am(

@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Combo:
-    """One nested AM run: (checkpoint epoch, generator, target, method, seed) under one configuration."""
+    """One nested AM run: (checkpoint, generator, target, method, seed) under one configuration.
+
+    `epoch` is the checkpoint's index (0 = untrained); `step` and `progress` say how far training was
+    (optimizer steps, fractional epochs; step None for legacy `epoch=NNN.ckpt` names)."""
 
     epoch: int
     generator: str
@@ -31,6 +34,8 @@ class Combo:
     method: str
     seed: int
     key: str
+    step: int | None = None
+    progress: float = 0.0
 
     @property
     def run_dir(self) -> str:
@@ -121,10 +126,18 @@ PRIOR_METHODS = ("tt", "random", "auto")  # methods that take a data prior (`pri
 PRIOR_GENERATORS = ("vqvae",)  # codebook grids (unordered, with an encoder): where the prior is fitted
 
 
-def _config_hash(m: MaximizeParams, method: str, snn_ckpt: Path, gen_ckpt: Path, generator: str = "") -> str:
+def _config_hash(
+    m: MaximizeParams,
+    method: str,
+    snn_ckpt: Path,
+    gen_ckpt: Path,
+    targets: list[Target] | None = None,
+    generator: str = "",
+) -> str:
     """Hash of everything that changes a run's result besides its key fields (so DVC's rerun after
-    a code, checkpoint or params change never reuses a stale result, while a resume does)."""
-    cfg = {
+    a code, checkpoint or params change never reuses a stale result, while a resume does); in
+    population mode also the rule and the whole target set (every neuron learns from all)."""
+    cfg: dict[str, Any] = {
         "budget": m.budget,
         "batch": m.batch,
         "noise": m.noise.model_dump(),
@@ -137,6 +150,8 @@ def _config_hash(m: MaximizeParams, method: str, snn_ckpt: Path, gen_ckpt: Path,
         "gen": _digest(gen_ckpt),
         "code": _code_digest(),
     }
+    if m.population:
+        cfg["population"] = {"rule": m.population_rule, "targets": [t.name for t in targets or []]}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -151,7 +166,7 @@ def plan(params: Params, paths: Paths) -> Plan:
         raise _stage_error(f"budget and batch must be >= 1 (got {m.budget}, {m.batch})")
     if not (paths.prepared / "meta.json").is_file():
         raise _stage_error(f"no prepared data under {paths.prepared}: run `spikemax prepare` first")
-    available = snn.checkpoints(paths)
+    available = snn.checkpoints(paths)  # index (ordered by training progress) -> path
     if not available:
         raise _stage_error(f"no SNN checkpoints under {paths.snn_dir}: run `spikemax train-snn` first")
     have = sorted(available)
@@ -162,7 +177,10 @@ def plan(params: Params, paths: Paths) -> Plan:
         for e in m.epochs:
             ee = have[e] if e < 0 and -e <= len(have) else e
             if ee not in available:
-                raise _stage_error(f"epochs: no SNN checkpoint for epoch {e} (have {', '.join(map(str, have))})")
+                raise _stage_error(
+                    f"epochs: no SNN checkpoint for epoch {e} (epochs are checkpoint indices 0..{have[-1]}: "
+                    "0 = untrained, -1 = last)"
+                )
             if ee not in epochs:
                 epochs.append(ee)
         epochs.sort()
@@ -187,14 +205,23 @@ def plan(params: Params, paths: Paths) -> Plan:
     targets = resolve_targets(m, layers)
     combos = []
     for e in epochs:
+        prog = snn.progress(available[e])
         for g in m.generators:
             for method in m.methods:
-                h = _config_hash(m, method, available[e], gen_ckpts[g], g)
+                h = _config_hash(m, method, available[e], gen_ckpts[g], targets, g)
                 for seed in m.seeds:
                     for t in targets:
-                        key = _slug(f"e{e:03d}_{g}_{t.name}_{method}_s{seed}_{h}")
-                        combos.append(Combo(e, g, t, method, seed, key))
+                        key = _slug(f"e{e:03d}-{prog.epoch:.3f}_{g}_{t.name}_{method}_s{seed}_{h}")
+                        combos.append(Combo(e, g, t, method, seed, key, prog.step, prog.epoch))
     return Plan(epochs, {e: available[e] for e in epochs}, gen_ckpts, targets, combos)
+
+
+def population_key(combo: Combo) -> str:
+    """Name of the presentation set a population-mode combination belongs to (its dir under
+    results/am/populations/): the combination's key without the target."""
+    return _slug(
+        f"e{combo.epoch:03d}_{combo.generator}_pop_{combo.method}_s{combo.seed}_{combo.key.rsplit('_', 1)[-1]}"
+    )
 
 
 def _search_runs(client: Any, eid: str) -> list[Any]:

@@ -15,7 +15,7 @@ import torch
 from spikemax import images, tracking
 from spikemax.am import SUMMARY_COLUMNS
 from spikemax.am.loop import AMResult
-from spikemax.am.plan import PRIOR_GENERATORS, PRIOR_METHODS, Combo, Plan, finished_runs
+from spikemax.am.plan import PRIOR_GENERATORS, PRIOR_METHODS, Combo, Plan, finished_runs, population_key
 from spikemax.neurons import Target
 from spikemax.optim import Optimizer, make_optimizer, options_for
 from spikemax.outputs import write_json
@@ -115,15 +115,7 @@ class AMRuns:
     def open_run(self, combo: Combo, grid: LatentGrid, snn_ckpt: Path) -> OpenRun:
 
         m = self.m
-        warm_from = ""
-        if combo.method == "tt" and m.warm_start:
-            prev = self._prev_combo(combo)
-            # Only from a search that made the neuron fire: a silent neuron's search (e.g. class units
-            # of the untrained epoch 0) learned nothing about it, and starting from it cost queries
-            # (benchmarks: SN-GAN e0 -> e2 warm starts were slower on 6 of 8 neurons).
-            fired = prev is not None and float((self.done.get(prev.key) or {}).get("best_activation", 0.0) or 0.0) > 0
-            if prev is not None and fired and (self.am_dir / prev.run_dir / "tt_state.pkl").is_file():
-                warm_from = prev.key
+        warm_from = self.warm_source(combo)
         tags = {
             "mlflow.parentRunId": self.parent_id,
             tracking.RUN_KEY_TAG: combo.key,
@@ -143,6 +135,8 @@ class AMRuns:
                     "budget": m.budget,
                     "batch": m.batch,
                     "epoch": combo.epoch,
+                    "step": combo.step,
+                    "progress": combo.progress,
                     "target": combo.target.name,
                     "generator": combo.generator,
                     "seed": combo.seed,
@@ -155,6 +149,11 @@ class AMRuns:
                     "options": json.dumps(options_for(combo.method, m, grid)),
                     "resolved_method": options_for(combo.method, m, grid).get("resolved", combo.method),
                     "prior": bool(m.prior and combo.generator in PRIOR_GENERATORS and combo.method in PRIOR_METHODS),
+                    **(
+                        {"population": population_key(combo), "population_rule": m.population_rule}
+                        if m.population
+                        else {}
+                    ),
                 }
             ),
         )
@@ -165,6 +164,18 @@ class AMRuns:
             shutil.rmtree(run_dir)  # leftovers of an unfinished attempt
         logger = QueryLogger(self.client, run_id, run_dir, artifact_uri=run.info.artifact_uri)
         return OpenRun(combo, run_id, logger, warm_from)
+
+    def warm_source(self, combo: Combo) -> str:
+        """Key of the previous epoch's TT run this combination warm-starts from ("" = cold start)."""
+        if combo.method == "tt" and self.m.warm_start:
+            prev = self._prev_combo(combo)
+            # Only from a search that made the neuron fire: a silent neuron's search (e.g. class units
+            # of the untrained epoch 0) learned nothing about it, and starting from it cost queries
+            # (benchmarks: SN-GAN e0 -> e2 warm starts were slower on 6 of 8 neurons).
+            fired = prev is not None and float((self.done.get(prev.key) or {}).get("best_activation", 0.0) or 0.0) > 0
+            if prev is not None and fired and (self.am_dir / prev.run_dir / "tt_state.pkl").is_file():
+                return prev.key
+        return ""
 
     def _prev_combo(self, combo: Combo) -> Combo | None:
         epochs = self.plan.epochs
@@ -177,16 +188,17 @@ class AMRuns:
                 return c
         return None
 
-    def make_optimizer(self, op: OpenRun, grid: LatentGrid) -> Optimizer:
-
-        opts = options_for(op.combo.method, self.m, grid)
-        prior = self.prior_for(op.combo.generator, grid) if op.combo.method in PRIOR_METHODS else None
+    def make_optimizer(self, op: OpenRun | Combo, grid: LatentGrid) -> Optimizer:
+        """The optimizer of an open run (or of a finished combination re-proposing in a population)."""
+        combo, warm_from = (op.combo, op.warm_from) if isinstance(op, OpenRun) else (op, self.warm_source(op))
+        opts = options_for(combo.method, self.m, grid)
+        prior = self.prior_for(combo.generator, grid) if combo.method in PRIOR_METHODS else None
         if prior is not None:
             opts["prior"] = prior
-        if op.warm_from:
-            with open(self.am_dir / "runs" / op.warm_from / "tt_state.pkl", "rb") as f:
+        if warm_from:
+            with open(self.am_dir / "runs" / warm_from / "tt_state.pkl", "rb") as f:
                 opts["init"] = pickle.load(f)
-        return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
+        return make_optimizer(combo.method, grid.d, grid.n, seed=combo.seed, **opts)
 
     def prior_for(self, generator: str, grid: Any) -> Any:
         """The TT data prior of a codebook grid (None: ordered grid, or `prior: false`), fitted once
@@ -272,6 +284,8 @@ class AMRuns:
             "run_key": c.key,
             "run_id": op.run_id,
             "epoch": c.epoch,
+            "step": c.step,
+            "progress": c.progress,
             "generator": c.generator,
             "target": c.target.name,
             "layer": c.target.layer,
@@ -362,6 +376,10 @@ class AMRuns:
         keys = {c.key for c in self.plan.combos}
         for d in (self.am_dir / "runs").glob("*"):
             if d.is_dir() and d.name not in keys:
+                shutil.rmtree(d, ignore_errors=True)
+        pops = {population_key(c) for c in self.plan.combos} if self.m.population else set()
+        for d in (self.am_dir / "populations").glob("*"):
+            if d.is_dir() and d.name not in pops:
                 shutil.rmtree(d, ignore_errors=True)
 
     def write_metrics(self, df: pd.DataFrame, wall_s: float, n_queries_run: int) -> dict:

@@ -28,6 +28,8 @@ def make_optimizer(method: str, d: int, n: int | Sequence[int], seed: int = 0, *
     probe): re-presented elite, per-point statistics and `best` by estimated mean.
     """
     layer, options = split_noisy_options(options)
+    if layer is not None and "budget" in layer and method == "ngopt":
+        options["budget"] = layer["budget"]  # the run's budget serves both: NGOpt picks its algorithm by it
     base = _make_base(method, d, n, seed, **options)
     return base if layer is None else NoisyOptimizer(base, **layer)
 

@@ -35,10 +35,11 @@ shrink  empirical-Bayes posterior mean: the sample mean pulled toward the mean o
 lcb     the shrunk mean minus `kappa` standard errors (prefers points measured often).
 """
 
-TELL_VALUES = ("raw", "estimate")
+TELL_VALUES = ("raw", "estimate", "repeated")
 """What the base optimizer is told: each draw as measured ("raw": its elite stays the points that
 drew high, a stable search anchor; identifying the truly best point is this layer's job), or the
-point's current estimate with its elite archive re-valued after every tell ("estimate")."""
+point's current estimate with its elite archive re-valued after every tell ("estimate"), or the
+estimate only for points measured more than once, raw draws otherwise ("repeated")."""
 
 # Relative spread below which repeats count as identical (float round-off of a deterministic net).
 _CLEAN_RTOL = 1e-9
@@ -76,6 +77,8 @@ class NoisyOptimizer(Optimizer):
         kappa: float = 1.0,
         probe: int = 6,
         tell: str = "raw",
+        budget: int | None = None,
+        final: float = 0.0,
     ) -> None:
         super().__init__(base.d, base.n.tolist(), base.seed, base.batch)
         self.base = base
@@ -92,6 +95,12 @@ class NoisyOptimizer(Optimizer):
         if tell not in TELL_VALUES:
             raise ValueError(f"tell must be one of {', '.join(TELL_VALUES)}; got {tell!r}")
         self.tell_values = tell
+        # Budget-aware schedule: `retest` during the search, then the last `final` share of the
+        # budget goes to racing the elite (a final selection phase).
+        self.budget = None if budget is None else check_positive_int("budget", budget)
+        if not 0.0 <= float(final) < 1.0:
+            raise ValueError(f"final must be in [0, 1), got {final!r}")
+        self.final = float(final)
         self.n_retests = 0  # re-presentations asked so far
         self.clean = False  # set once `probe` repeats showed no spread at all
         self._key: dict[bytes, int] = {}
@@ -187,8 +196,19 @@ class NoisyOptimizer(Optimizer):
         return out
 
     # -- ask / tell ------------------------------------------------------------------------
+    def in_final(self) -> bool:
+        """Whether the next ask falls in the final selection phase (needs `budget` and `final`).
+
+        Progress is counted in responses told, so in population mode (told every presentation)
+        the phase starts with the shared set's last presentations."""
+        return self.budget is not None and self.final > 0 and self.n_told >= (1.0 - self.final) * self.budget
+
     def _n_retest(self, k: int) -> int:
-        if self.clean or self.retest == 0.0 or self._I.shape[0] == 0:
+        if self.clean or self._I.shape[0] == 0:
+            return 0
+        if self.in_final():
+            return k  # racing stops by itself once the leader is separated; the rest goes to search
+        if self.retest == 0.0:
             return 0
         return min(round(self.retest * k), k - 1) if k > 1 else int(self.n_retests == 0)
 
@@ -241,7 +261,8 @@ class NoisyOptimizer(Optimizer):
             self.base.tell(I, y)
             return
         told = y.copy()
-        told[ok] = self.estimates()[rows]
+        est = self.estimates()[rows]
+        told[ok] = est if self.tell_values == "estimate" else np.where(self._count[rows] > 1, est, y[ok])
         self.base.tell(I, told)
         _revalue_elite(self.base, self)
 
@@ -294,14 +315,17 @@ def _revalue_elite(base: Optimizer, noisy: NoisyOptimizer) -> None:
     base._elite_y = vals
 
 
-NOISY_OPTIONS = ("retest", "estimator", "pool", "kappa", "probe", "tell")
+NOISY_OPTIONS = ("retest", "estimator", "pool", "kappa", "probe", "tell", "budget", "final")
 
 
 def split_noisy_options(options: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Split make_optimizer options into the noise layer's (None if `noise_aware` is off) and the base's."""
     opts = dict(options)
     aware = bool(opts.pop("noise_aware", False))
-    layer = {k: opts.pop(k) for k in NOISY_OPTIONS if k in opts}
-    if layer and not aware:
-        raise ValueError(f"options {', '.join(sorted(layer))} need noise_aware=True")
-    return (layer if aware else None), opts
+    if not aware:
+        # `budget` is the run's budget, also an option of NGOpt: without the layer it stays the base's.
+        extra = [k for k in NOISY_OPTIONS if k in opts and k != "budget"]
+        if extra:
+            raise ValueError(f"options {', '.join(sorted(extra))} need noise_aware=True")
+        return None, opts
+    return {k: opts.pop(k) for k in NOISY_OPTIONS if k in opts}, opts

@@ -37,4 +37,6 @@ def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None
     noise: Any = getattr(m, "noise", None)
     if getattr(noise, "aware", False):  # the noise-aware layer (spikemax.optim.noisy) around any method
         opts.update(noise_aware=True, retest=noise.retest, estimator=noise.estimator)
+        if getattr(noise, "final", 0.0):  # the budget-aware schedule needs the run's budget
+            opts.update(final=noise.final, budget=int(m.budget))
     return opts

@@ -21,6 +21,7 @@ from spikemax.analysis import (
     neuron_changes,
     optimal_stimuli,
     read_accuracy,
+    restart_stimuli,
     stimulus_stats,
     trajectories,
     wide_by_layer,
@@ -80,7 +81,7 @@ def write_outputs(
     fig_dir.mkdir(parents=True, exist_ok=True)
     optimal = optimal_stimuli(runs)
     traj = trajectories(optimal, latents, params, pixels)
-    changes = neuron_changes(traj, a.concept_from_epoch)
+    changes = neuron_changes(traj, a.concept_from_epoch, restart_stimuli(runs))
     first = first_selective_table(units, a.csi_threshold)
     epochs_t = epoch_table(units, runs, read_accuracy(paths), a.csi_threshold)
     result = claims(units, first, runs, traj, changes, epochs_t, layers, params)
@@ -113,7 +114,9 @@ def write_outputs(
 
     result["meta"] = {
         "epochs": epochs,
+        "progress": [float(p) for p in units.groupby("epoch")["progress"].first()],
         "am_epochs": sorted(int(e) for e in runs["epoch"].unique()),
+        "restarts": int(runs["seed"].nunique()),
         "layers": layers,
         "am_runs": len(runs),
         "classes": list(classes),

@@ -19,12 +19,13 @@ from rich.progress import (
 )
 
 from spikemax import SpikemaxError, snn
-from spikemax.am.loop import run_am_group
-from spikemax.am.plan import Combo, plan
+from spikemax.am.loop import run_am_group, run_am_population
+from spikemax.am.plan import Combo, plan, population_key
 from spikemax.am.runs import AMRuns, OpenRun, dataset_stats, metric_batch, param_batch, stimulus_stats
 from spikemax.generators import LatentGrid, load_generator
 from spikemax.neurons import Target, make_responder
 from spikemax.params import Params, Paths
+from spikemax.querylog import PopulationTable
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -51,6 +52,7 @@ def run(params: Params, paths: Paths) -> dict:
                 "budget": m.budget,
                 "batch": m.batch,
                 "noise": json.dumps(m.noise.model_dump(), sort_keys=True),
+                "population": m.population_rule if m.population else "none",
                 "n_planned": len(plan_.combos),
                 "n_skipped_finished": len(plan_.combos) - len(todo),
                 "tuned_from": tuned_from or "none",
@@ -86,6 +88,12 @@ def run(params: Params, paths: Paths) -> dict:
                             group = [c for c in todo_e if (c.generator, c.method, c.seed) == (g, method, seed)]
                             if not group:
                                 continue
+                            if m.population:  # the whole presentation set, finished neurons included
+                                group = [
+                                    c
+                                    for c in plan_.combos
+                                    if (c.epoch, c.generator, c.method, c.seed) == (e, g, method, seed)
+                                ]
                             progress.update(q_task, description=f"e{e} {g} {method} s{seed} ({len(group)} targets)")
                             n_run += run_group(
                                 st,
@@ -154,15 +162,18 @@ def run_group(
     q_task: Any,
     runs_task: Any,
 ) -> int:
-    """Run the targets of one (epoch, generator, method, seed) in lock step; returns queries run."""
+    """Run the targets of one (epoch, generator, method, seed) in lock step, or as one population
+    (`maximize.population`: `group` is then every target, finished ones only re-propose); returns
+    queries run (presentations in population mode)."""
     m = st.m
     opens: list[OpenRun] = []
     try:
-        opens = [st.open_run(c, grid, snn_ckpt) for c in group]
-        optimizers = [st.make_optimizer(op, grid) for op in opens]
+        opens = [st.open_run(c, grid, snn_ckpt) for c in group if c.key not in st.done]
+        by_key = {op.combo.key: op for op in opens}
+        optimizers = [st.make_optimizer(by_key.get(c.key, c), grid) for c in group]
         # Warm runs get a cold twin (run alongside, not logged) so `queries_saved` is measured.
-        warm = [i for i, op in enumerate(opens) if op.warm_from]
-        twins = [st.make_cold_twin(opens[i], grid) for i in warm]
+        warm = [] if m.population else [i for i, c in enumerate(group) if c.key in by_key and by_key[c.key].warm_from]
+        twins = [st.make_cold_twin(by_key[group[i].key], grid) for i in warm]
         names = [c.target.name for c in group] + [group[i].target.name for i in warm]
         responder = make_responder(
             net,
@@ -173,26 +184,54 @@ def run_group(
             window=m.noise.window,
             repeats=m.noise.repeats,
         )
-        everything = run_am_group(
-            optimizers + twins,
-            grid,
-            responder,
-            m.budget,
-            m.batch,
-            loggers=[op.logger for op in opens] + [None] * len(twins),
-            target_value=m.target_value,
-            on_batch=lambda k: progress.advance(q_task, k),
-            max_images=m.max_images,
-        )
-        results = everything[: len(opens)]
-        cold = dict(zip(warm, everything[len(opens) :]))
-        extras = stimulus_stats(net, st.prepared, results)
-        for i, (op, opt, res, ex) in enumerate(zip(opens, optimizers, results, extras)):
+        if m.population:
+            pkey = population_key(group[0])
+            meta = {
+                "targets": [c.target.name for c in group],
+                "run_keys": [c.key for c in group],
+                "run_ids": [by_key[c.key].run_id if c.key in by_key else st.done[c.key]["run_id"] for c in group],
+                "method": group[0].method,
+                "rule": m.population_rule,
+                "budget": m.budget,
+                "batch": m.batch,
+            }
+            table = PopulationTable(st.am_dir / "populations" / pkey, meta)
+            everything = run_am_population(
+                optimizers,
+                grid,
+                responder,
+                m.budget,
+                m.batch,
+                loggers=[by_key[c.key].logger if c.key in by_key else None for c in group],
+                table=table,
+                rule=m.population_rule,
+                target_value=m.target_value,
+                on_batch=lambda k: progress.advance(q_task, k * len(opens)),
+                max_images=m.max_images,
+            )
+            table.close()
+        else:
+            everything = run_am_group(
+                optimizers + twins,
+                grid,
+                responder,
+                m.budget,
+                m.batch,
+                loggers=[op.logger for op in opens] + [None] * len(twins),
+                target_value=m.target_value,
+                on_batch=lambda k: progress.advance(q_task, k),
+                max_images=m.max_images,
+            )
+        results = everything[: len(group)]
+        cold = {group[i].key: r for i, r in zip(warm, everything[len(group) :])}
+        mine = [(by_key[c.key], opt, res) for c, opt, res in zip(group, optimizers, results) if c.key in by_key]
+        extras = stimulus_stats(net, st.prepared, [res for _, _, res in mine])
+        for (op, opt, res), ex in zip(mine, extras):
             j = col[op.combo.target]
             ex = {**ex, "dataset_csi": float(stats["csi"][j]), "dataset_sparseness": float(stats["sparseness"][j])}
-            st.finish_run(op, res, opt, float(stats["dataset_max"][j]), ex, cold=cold.get(i))
+            st.finish_run(op, res, opt, float(stats["dataset_max"][j]), ex, cold=cold.get(op.combo.key))
             progress.advance(runs_task, 1)
-        return sum(r.n_queries for r in everything)
+        return results[0].n_queries if m.population else sum(r.n_queries for r in everything)
     except Exception as err:
         for op in opens:
             if op.combo.key not in st.done:

@@ -15,11 +15,11 @@ from spikemax import tracking
 from spikemax.data import Prepared, PreparedDataModule
 from spikemax.outputs import write_json
 from spikemax.params import Params, Paths
-from spikemax.snn import CKPT_PATTERN, CSV_COLUMNS, EpochRecorder, build
+from spikemax.snn import CKPT_PATTERN, CSV_COLUMNS, LEGACY_PATTERN, EpochRecorder, build, schedule_steps
 
 
 def run(params: Params, paths: Paths) -> None:
-    """Train the ConvSNN: checkpoints for epoch 0..N, metrics/snn.json and metrics/snn_epochs.csv."""
+    """Train the ConvSNN: scheduled checkpoints (untrained first), metrics/snn.json and metrics/snn_epochs.csv."""
     threads = torch.get_num_threads()
     # Float sums (hence the trained weights) depend on the thread count: fix it for reproducibility.
     torch.set_num_threads(params.snn.threads)
@@ -41,15 +41,20 @@ def _train(params: Params, paths: Paths) -> None:
 
     out_dir = paths.snn_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(CKPT_PATTERN):  # a previous run with more epochs must not leak in
-        stale.unlink()
+    for pattern in (CKPT_PATTERN, LEGACY_PATTERN):  # a previous run with more checkpoints must not leak in
+        for stale in out_dir.glob(pattern):
+            stale.unlink()
 
     uri = tracking.configure(paths.root)
     tracking.experiment_id(tracking.SNN_EXPERIMENT, paths.root)
     logger = MLFlowLogger(
         experiment_name=tracking.SNN_EXPERIMENT, tracking_uri=uri, run_name=f"snn-{prepared.meta['dataset']}"
     )
-    recorder = EpochRecorder(out_dir)
+    train_loader = dm.train_dataloader()
+    per_epoch = len(train_loader)
+    c = s.checkpoints
+    steps = schedule_steps(c.every_steps, c.early_epochs, list(c.steps), per_epoch, s.epochs, c.every_epochs)
+    recorder = EpochRecorder(out_dir, steps, per_epoch, eval_loaders)
     trainer = L.Trainer(
         max_epochs=s.epochs,
         accelerator="cpu",
@@ -66,7 +71,7 @@ def _train(params: Params, paths: Paths) -> None:
     try:
         trainer.validate(model, dataloaders=eval_loaders, verbose=False)
         recorder.record(trainer, 0)
-        trainer.fit(model, train_dataloaders=dm.train_dataloader(), val_dataloaders=eval_loaders)
+        trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=eval_loaders)
         _write_outputs(paths, recorder.rows, s.epochs, s.num_steps, time.perf_counter() - start, logger)
     except BaseException:
         logger.finalize("failed")  # the MLflow run ends FAILED on every error path
@@ -77,7 +82,7 @@ def _train(params: Params, paths: Paths) -> None:
 def _write_outputs(
     paths: Paths, rows: list[dict], epochs: int, num_steps: int, seconds: float, logger: MLFlowLogger
 ) -> None:
-    """metrics/snn.json and the per-epoch CSV (a DVC plot), also logged to the MLflow run."""
+    """metrics/snn.json and the per-checkpoint CSV (a DVC plot), also logged to the MLflow run."""
 
     last = rows[-1]
     summary = {
@@ -86,6 +91,7 @@ def _write_outputs(
         "test_acc_epoch0": rows[0]["test_acc"],
         "best_test_acc": max(r["test_acc"] for r in rows),
         "epochs": epochs,
+        "checkpoints": len(rows),
         "num_steps": num_steps,
         "train_seconds": round(seconds, 1),
     }
@@ -95,5 +101,5 @@ def _write_outputs(
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in CSV_COLUMNS})
-    logger.log_metrics({"train_seconds": seconds}, step=epochs)
+    logger.log_metrics({"train_seconds": seconds}, step=int(last["step"]))
     logger.experiment.log_artifact(logger.run_id, str(paths.metrics / "snn_epochs.csv"))

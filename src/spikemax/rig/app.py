@@ -1,0 +1,237 @@
+"""The rig service over HTTP: FastAPI routers for health, sessions and stimuli; `serve` runs it on uvicorn.
+
+Every route but `GET /health` (and the schema pages `/docs`, `/openapi.json`) needs
+`Authorization: Bearer <token>` when the service has a token. Errors are JSON `{"detail": "<field>: <message>"}`:
+401 without a valid token, 404 unknown session or stimulus, 409 a stimulus already answered or a
+spent budget, 422 a malformed body or one that does not fit the session.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
+from fastapi.exceptions import HTTPException, RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from spikemax import SpikemaxError
+from spikemax.rig.models import (
+    AskRequest,
+    AskResponse,
+    Health,
+    RenderRequest,
+    SessionCreate,
+    SessionStatus,
+    Stimulus,
+    TellRequest,
+)
+from spikemax.rig.sessions import Invalid, RigError, SessionManager
+
+_bearer = HTTPBearer(auto_error=False)  # module level: FastAPI resolves the annotations from the globals
+_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 for JSON that json.loads refuses
+
+
+def error_text(loc: tuple | list, msg: str) -> str:
+    """`results[0].responses[1]: msg` from a pydantic location (the leading 'body' dropped)."""
+    parts = [p for p in loc if p != "body"] if loc and loc[0] == "body" else list(loc)
+    path = ""
+    for p in parts:
+        path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
+    return f"{path or 'body'}: {msg}"
+
+
+def pngs(grid: Any, indices: np.ndarray) -> list[bytes]:
+    """PNG bytes of grid points (k, d), in [0, 1] pixel space at the generator's resolution."""
+    from spikemax.images import png_bytes
+
+    return [png_bytes(im) for im in grid.decode_pixels(np.asarray(indices, dtype=np.int64))]
+
+
+def create_app(manager: SessionManager, token: str | None = None) -> FastAPI:
+    """The FastAPI app of one SessionManager; `token` guards every route but /health."""
+    import base64
+
+    app = FastAPI(
+        title="spikemax rig service",
+        description="Closed-loop activation maximization of a living neuron: sessions, stimuli, tells.",
+        version="1",
+    )
+
+    def authorized(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if token is None:
+            return
+        if creds is None or creds.scheme.lower() != "bearer":
+            raise HTTPException(401, "Authorization: Bearer <token> is required", {"WWW-Authenticate": "Bearer"})
+        if not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+            raise HTTPException(401, "the bearer token is wrong", {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RigError)
+    async def _rig_error(request: Request, err: RigError) -> JSONResponse:
+        return JSONResponse({"detail": " ".join(str(err).split())}, status_code=err.status)
+
+    @app.exception_handler(SpikemaxError)
+    async def _spikemax_error(request: Request, err: SpikemaxError) -> JSONResponse:
+        return JSONResponse({"detail": " ".join(str(err).split())}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        errors = err.errors()
+        first = errors[0]
+        msg = first["msg"]
+        if first.get("type") == "json_invalid":
+            msg = f"not valid JSON ({first.get('ctx', {}).get('error', msg)})"
+            return JSONResponse({"detail": f"body: {msg}"}, status_code=422)
+        # `detail` is the first error (one clear message); `errors` lists the first ten.
+        listed = [error_text(e["loc"], e["msg"]) for e in errors]
+        return JSONResponse({"detail": listed[0], "errors": listed[:10]}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 400 and err.detail == _PARSE_ERROR:
+            # json.loads refused the body (e.g. an integer of thousands of digits): a 422, not a dropped reply.
+            return JSONResponse({"detail": "body: not valid JSON, or a number in it does not fit"}, status_code=422)
+        return JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=err.headers)
+
+    health = APIRouter(tags=["health"])
+
+    @health.get("/health")
+    def get_health() -> Health:
+        """Liveness; needs no token."""
+        return Health(status="ok", sessions=len(manager.all()))
+
+    sessions = APIRouter(prefix="/sessions", tags=["sessions"], dependencies=[Depends(authorized)])
+
+    @sessions.post("", status_code=status.HTTP_201_CREATED)
+    def create_session(req: SessionCreate) -> SessionStatus:
+        """Create a session; fields left out take the maximize stage's defaults."""
+        return manager.create(req).status()
+
+    @sessions.get("")
+    def list_sessions() -> list[SessionStatus]:
+        """Every session, oldest first."""
+        return [s.status() for s in manager.all()]
+
+    @sessions.get("/{session_id}")
+    def get_session(session_id: str) -> SessionStatus:
+        """A session's status: asked, answered, pending, best."""
+        return manager.get(session_id).status()
+
+    stimuli = APIRouter(prefix="/sessions/{session_id}", tags=["stimuli"], dependencies=[Depends(authorized)])
+
+    @stimuli.post("/ask")
+    def ask(session_id: str, req: AskRequest | None = None) -> AskResponse:
+        """k new stimuli, each with a unique id, its grid indices and a base64 PNG."""
+        req = req or AskRequest.model_validate({})
+        asked = manager.ask(session_id, req.k)
+        s = manager.get(session_id)
+        encoded: list[str | None] = [None] * len(asked)
+        if req.png and asked:
+            encoded = [base64.b64encode(b).decode("ascii") for b in pngs(s.grid, np.stack([i for _, i in asked]))]
+        return AskResponse(
+            stimuli=[Stimulus(id=sid, indices=i.tolist(), png=p) for (sid, i), p in zip(asked, encoded)],
+            left=s.cfg.budget - s.n_asked,
+        )
+
+    @stimuli.post("/tell")
+    def tell(session_id: str, req: TellRequest) -> SessionStatus:
+        """Responses by stimulus id, all applied or none; replies with the session status."""
+        return manager.tell(session_id, req)
+
+    @stimuli.get("/stimuli")
+    def list_stimuli(session_id: str, pending: bool = True) -> list[Stimulus]:
+        """The session's stimuli not answered yet (pending=false: every asked stimulus), ids and indices."""
+        s = manager.get(session_id)
+        return [
+            Stimulus(id=sid, indices=st.indices.tolist())
+            for sid, st in list(s.stimuli.items())
+            if not (pending and st.answered)
+        ]
+
+    @stimuli.get("/stimuli/{stimulus_id}.png", response_class=Response)
+    def stimulus_png(session_id: str, stimulus_id: str) -> Response:
+        """One asked stimulus as a PNG file."""
+        s = manager.get(session_id)
+        stim = s.stimuli.get(stimulus_id)
+        if stim is None:
+            from spikemax.rig.sessions import NotFound
+
+            raise NotFound(f"stimulus {stimulus_id!r} not found in session {session_id}")
+        return Response(pngs(s.grid, stim.indices[None])[0], media_type="image/png")
+
+    @stimuli.post("/render")
+    def render(session_id: str, req: RenderRequest) -> list[str]:
+        """Base64 PNGs of grid points the rig chose (nothing is asked or counted)."""
+        s = manager.get(session_id)
+        for r, row in enumerate(req.indices):
+            if len(row) != s.grid.d:
+                raise Invalid(f"indices[{r}]: expected {s.grid.d} grid indices, got {len(row)}")
+            for j, v in enumerate(row):
+                if not 0 <= v < s.grid.n:
+                    raise Invalid(f"indices[{r}][{j}]: {v} is outside the grid (0..{s.grid.n - 1})")
+        return [base64.b64encode(b).decode("ascii") for b in pngs(s.grid, np.asarray(req.indices))]
+
+    app.include_router(health)
+    app.include_router(sessions)
+    app.include_router(stimuli)
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (or localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a one-line SpikemaxError (port in use, bad address)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as err:
+        raise SpikemaxError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
+def serve(
+    params: Any,
+    paths: Any,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token: str | None = None,
+    state_dir: str | Path | None = None,
+) -> None:
+    """`spikemax serve`: bind first (so a taken port touches no MLflow run), restore sessions, serve."""
+    import uvicorn
+
+    if not token and not is_loopback(host):
+        raise SpikemaxError(f"refusing to listen on non-loopback {host} without a token (--token or SPIKEMAX_TOKEN)")
+    sock = bind(host, port)
+    manager = None
+    try:
+        manager = SessionManager(params, paths, state_dir or paths.results / "rig")
+        app = create_app(manager, token or None)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        where = f"http://{host}:{sock.getsockname()[1]}"
+        print(
+            f"rig service on {where} ({len(manager.all())} sessions restored from {manager.store.path}); "
+            f"API docs {where}/docs; Ctrl-C stops",
+            flush=True,
+        )
+        server.run(sockets=[sock])
+    finally:
+        if manager is not None:
+            manager.close()
+        sock.close()
+        sys.stdout.flush()
