@@ -15,6 +15,8 @@ from spikemax import params as P
 from spikemax.data import Prepared
 from spikemax.stages.prepare import run as prepare
 
+from .servers import mlflow_server, postgres, ray_local  # noqa: F401 - fixtures for the scaling tests
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_PREPARE = {"dataset": "fashion-mnist", "train_size": 1000, "test_size": 300, "val_fraction": 0.2, "seed": 0}
 
@@ -106,3 +108,13 @@ def snn_checkpoints(project) -> dict[int, Path]:
         tiny = params.model_copy(update={"snn": P.SNNParams(**TINY_SNN)})
         train(tiny, paths)
     return checkpoints(paths)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -69,3 +69,24 @@ def test_panel_spreads_over_layers_and_skips_silent_units():
     assert {layer for layer, _ in panel} == {"a", "b"}
     with pytest.raises(SpikemaxError, match="no neuron"):
         pick_panel(layers, {"a": np.zeros((1, 3)), "b": np.zeros((1, 2))}, 2, seed=0)
+
+
+@pytest.mark.slow
+def test_two_workers_on_the_journal_share_n_trials(tune_project, monkeypatch):
+    import optuna
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    summary = run_stage(tiny(4), tune_project, workers=2)
+    assert summary["n_trials"] == 4
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tune_project.root / "optuna" / "journal.log"))
+    )
+    trials = optuna.load_study(study_name=summary["study"], storage=storage).get_trials()
+    finished = [tr for tr in trials if tr.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4 and len({tuple(sorted(tr.params.items())) for tr in finished}) == 4
+    assert len({tr.user_attrs["worker"] for tr in finished}) <= 2
+    client = mlflow.MlflowClient(tracking.configure(tune_project.root))
+    runs = client.search_runs([tracking.experiment_id("tuning", tune_project.root)])
+    assert sorted(int(r.data.tags["spikemax.trial"]) for r in runs) == sorted(
+        tr.number for tr in trials if "mlflow_run_id" in tr.user_attrs
+    )

@@ -131,12 +131,15 @@ def report(params: Path = ParamsOpt) -> None:
 
 @app.command()
 @one_line_errors
-def tune(params: Path = ParamsOpt) -> None:
+def tune(
+    params: Path = ParamsOpt,
+    workers: int = typer.Option(None, min=1, help="worker processes sharing the study (default: tune.workers)"),
+) -> None:
     """Tune TT rank and grid resolution with Optuna."""
     p, paths = _load(params)
     from spikemax.stages.tune import run
 
-    run(p, paths)
+    run(p, paths, workers=workers)
 
 
 @app.command()

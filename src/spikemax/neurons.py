@@ -97,11 +97,12 @@ def layer_rates(
     order = list(net.spiking_layers())
     upto = max((order.index(n) for n in names), default=len(order) - 1)
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    device = next(net.parameters()).device  # images go to the net (decoded on it: no copy)
     images = torch.as_tensor(images, dtype=torch.float32)
     for i in range(0, len(images), batch_size):
-        spikes = net.forward_spikes(images[i : i + batch_size], upto=order[upto])
+        spikes = net.forward_spikes(images[i : i + batch_size].to(device), upto=order[upto])
         for n in names:
-            chunks[n].append(_rates(spikes[n]).numpy())
+            chunks[n].append(_rates(spikes[n]).cpu().numpy())
     return {
         n: np.concatenate(c) if c else np.zeros((0, net.spiking_layers()[n]), dtype=np.float32)
         for n, c in chunks.items()

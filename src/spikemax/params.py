@@ -182,6 +182,12 @@ class MaximizeParams(Section):
     population: bool = False
     population_rule: Literal["round_robin", "progress"] = "round_robin"
     tt: TTOptions = Field(default_factory=TTOptions)
+    # Where the lock-step groups run: "local" (this process, in order) or "ray" (one task per group).
+    engine: Literal["local", "ray"] = "local"
+    # Ray cluster: "" starts a local one (ray_workers CPUs, 0 = all), "auto" joins this machine's,
+    # or "HOST:6379" / "ray://HOST:10001". Results go to the project's results/am (shared storage).
+    ray_address: str = ""
+    ray_workers: int = Field(0, ge=0)
 
     @field_validator("noise", mode="before")
     @classmethod
@@ -218,6 +224,20 @@ class TuneParams(Section):
     grid_n: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
     lr: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)]] = (0.01, 0.3)
     seed: int = Field(0, ge=0)
+    # Where the study lives: "" = the journal file optuna/journal.log (one machine), or an RDB URL
+    # (postgresql://user@host:port/db) that workers on several machines share.
+    storage: str = ""
+    workers: int = Field(1, ge=1)  # worker processes of one `spikemax tune` (`--workers` overrides)
+    heartbeat: int = Field(10, ge=1)  # seconds between an RDB worker's heartbeats (stale after 2x: FAIL)
+    rungs: int = Field(4, ge=1)  # intermediate scores per trial (pruner input), at equal query budgets
+
+    @field_validator("storage")
+    @classmethod
+    def _rdb_url(cls, value: str) -> str:
+        """An RDB URL (SQLAlchemy form) or "" for the journal file."""
+        if value and value.split("://", 1)[0].split("+")[0] not in ("postgresql", "mysql", "sqlite"):
+            raise PydanticCustomError("storage", "Input should be '' (journal file) or a postgresql/mysql/sqlite URL")
+        return value
 
     @field_validator("lr")
     @classmethod
@@ -237,6 +257,8 @@ class Params(Section):
     maximize: MaximizeParams = Field(default_factory=MaximizeParams)
     analyze: AnalyzeParams = Field(default_factory=AnalyzeParams)
     tune: TuneParams = Field(default_factory=TuneParams)
+    # Where training, decoding and the readout run: "auto" (CUDA when available, else CPU), "cpu", "cuda[:N]".
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)

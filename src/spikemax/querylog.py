@@ -97,11 +97,21 @@ class MetricWriter:
     def write_many(writes: Sequence[tuple[MetricWriter, dict[str, np.ndarray], int]], timestamp_ms: int) -> None:
         """`write` for several (writer, series, first_step): one transaction per store."""
         by_store: dict[int, list] = {}
+        remote = []
         for w, series, first in writes:
             if w._store is None:
-                w._log_batch(series, first, timestamp_ms)
+                remote.append((w, series, first))
             else:
                 by_store.setdefault(id(w._store), []).append((w, series, first))
+        if len(remote) == 1:
+            w, series, first = remote[0]
+            w._log_batch(series, first, timestamp_ms)
+        elif remote:
+            # An HTTP store takes one run per request: send the runs' requests concurrently and
+            # return only when every one is acknowledged (a told query is never lost).
+            futures = [_pool().submit(w._log_batch, series, first, timestamp_ms) for w, series, first in remote]
+            for f in futures:
+                f.result()
         for group in by_store.values():
             _bulk_insert(group[0][0]._store, [(w.run_id, series, first) for w, series, first in group], timestamp_ms)
 
@@ -115,6 +125,20 @@ class MetricWriter:
         ]
         for i in range(0, len(metrics), _MAX_METRICS_PER_CALL):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + _MAX_METRICS_PER_CALL], synchronous=True)
+
+
+_POOL: Any = None
+_POOL_THREADS = 8  # concurrent log_batch requests to an HTTP store
+
+
+def _pool() -> Any:
+    """The process's thread pool for concurrent store requests (created on first use)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="spikemax-log")
+    return _POOL
 
 
 def _bulk_insert(store: Any, writes: list[tuple[str, dict[str, np.ndarray], int]], timestamp_ms: int) -> None:
@@ -170,7 +194,8 @@ class QueryLogger:
         if client is not None and artifact_uri:
             from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-            self._artifacts = get_artifact_repository(artifact_uri)
+            # The client's store, not MLflow's process-global URI (mlflow-artifacts: URIs resolve against it).
+            self._artifacts = get_artifact_repository(artifact_uri, tracking_uri=client._tracking_client.tracking_uri)
         self.writer = MetricWriter(client, run_id) if client is not None and run_id is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.n_queries = 0

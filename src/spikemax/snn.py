@@ -174,7 +174,10 @@ class ConvSNN(L.LightningModule):
     @torch.no_grad()
     def class_probs(self, x: Tensor, batch_size: int = 256) -> Tensor:
         """Class probabilities (B, num_classes): softmax over output spike counts, as trained by ce_count."""
-        parts = [torch.softmax(self.spike_counts(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+        parts = [
+            torch.softmax(self.spike_counts(x[i : i + batch_size].to(self.device)), dim=1)
+            for i in range(0, len(x), batch_size)
+        ]
         return torch.cat(parts) if parts else torch.empty(0, self.num_classes)
 
     # ---- Lightning ------------------------------------------------------------------------

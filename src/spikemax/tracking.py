@@ -78,8 +78,10 @@ def experiment_id(name: str, root: str | Path) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    # A tracking server keeps artifacts where it was told to (--artifacts-destination), not here.
+    local = not uri.startswith(("http://", "https://"))
     try:
-        return client.create_experiment(name, artifact_location=f"{artifact_root(root)}/{name}")
+        return client.create_experiment(name, artifact_location=f"{artifact_root(root)}/{name}" if local else None)
     except mlflow.exceptions.MlflowException:
         # Another process created it between our look-up and our create.
         exp = client.get_experiment_by_name(name)

@@ -1,10 +1,23 @@
 """Optuna search over the TT maximizer's rank, grid resolution and step size (used by the `tune` stage).
 
 A trial runs TT on a fixed panel of neurons of one SNN checkpoint and scores it by the mean AM
-gain (best activation / highest activation over the test images) at a fixed query budget. Trials
-go to a JournalStorage file (safe for parallel workers) and, through optuna-integration's
-a callback, to the MLflow experiment `tuning` (one run per trial: its settings, score and
-per-neuron gains; optuna-integration's MLflowCallback is deprecated since Optuna 4.9).
+gain (best activation / highest activation over the test images) at a fixed query budget,
+reporting the score at `tune.rungs` intermediate budgets so a median pruner can stop bad trials.
+
+Many workers share one study (processes of one `spikemax tune --workers N`, or the same command
+on several machines with an RDB storage) and together run `tune.n_trials` trials:
+
+- a worker starts a trial only while COMPLETE + PRUNED + RUNNING < n_trials; a trial that lost
+  the race for the last slot (a smaller trial number took it) is failed unevaluated ("surplus");
+- each worker's TPE sampler has its own seed and the constant liar, and a trial whose settings
+  equal another live or finished trial's is failed unevaluated ("duplicate");
+- on an RDB storage workers send heartbeats: a killed worker's trial is failed by the others
+  (`fail_stale_trials`) and its slot is run again; on the journal file (one machine) one
+  invocation holds a lock, so RUNNING trials it finds are stale and failed at start.
+
+Every evaluated trial is exactly one run of the MLflow experiment `tuning`, opened when it starts
+(RUNNING; the pid of its worker tagged) and ended FINISHED, KILLED (pruned) or FAILED, also when a
+worker was killed (by whichever worker fails the stale trial).
 """
 
 from __future__ import annotations
@@ -12,6 +25,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import socket
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,7 +58,7 @@ def study_name(params: Params, epoch: int) -> str:
     t = params.tune
     key = json.dumps(
         {
-            "tune": t.model_dump(exclude={"n_trials"}),
+            "tune": t.model_dump(exclude={"n_trials", "storage", "workers", "heartbeat"}),
             "epoch": epoch,
             "snn": params.snn.model_dump(),
             "gen": params.generators.model_dump(),
@@ -71,19 +88,121 @@ def pick_panel(
     return panel
 
 
-def make_objective(params: Params, paths: Paths, epoch: int):
+FINISHED_STATES = ("COMPLETE", "PRUNED")  # a trial that used its slot (pruned trials were evaluated)
+LIVE_STATES = (*FINISHED_STATES, "RUNNING")  # trials holding one of the n_trials slots
+
+
+class Surplus(Exception):
+    """The trial started after the study's n_trials slots were taken (failed unevaluated)."""
+
+
+class Duplicate(Exception):
+    """The trial's settings equal another live or finished trial's (failed unevaluated)."""
+
+
+def worker_seed(seed: int, index: int, n_existing: int) -> int:
+    """Sampler seed of worker `index` on this host joining a study of `n_existing` trials: distinct
+    per worker, machine and invocation (a resumed study must not replay its first samples),
+    reproducible for the same study state."""
+    return zlib.crc32(f"{seed}/{socket.gethostname()}/{index}/{n_existing}".encode())
+
+
+def _states(names: tuple[str, ...]) -> tuple:
+    import optuna
+
+    return tuple(optuna.trial.TrialState[n] for n in names)
+
+
+def counts(study: Any) -> tuple[int, int]:
+    """(finished, running) trials of the study."""
+    trials = study.get_trials(deepcopy=False, states=_states(LIVE_STATES))
+    running = sum(tr.state.name == "RUNNING" for tr in trials)
+    return len(trials) - running, running
+
+
+def claim_slot(trial: Any, n_trials: int) -> None:
+    """Raise Surplus unless fewer than n_trials live trials have a smaller number (numbers are the
+    storage's own order, so of two workers racing for the last slot exactly one keeps it)."""
+    ahead = [
+        tr for tr in trial.study.get_trials(deepcopy=False, states=_states(LIVE_STATES)) if tr.number < trial.number
+    ]
+    if len(ahead) >= n_trials:
+        raise Surplus(f"trial {trial.number}: all {n_trials} slots taken")
+
+
+def check_unique(trial: Any) -> None:
+    """Raise Duplicate if another live or finished trial has exactly these settings."""
+    for tr in trial.study.get_trials(deepcopy=False, states=_states(LIVE_STATES)):
+        if tr.number != trial.number and tr.params == trial.params:
+            raise Duplicate(f"trial {trial.number} repeats trial {tr.number}: {trial.params}")
+
+
+class TrialRuns:
+    """One MLflow run per evaluated trial in the experiment `tuning`."""
+
+    def __init__(self, root: Any) -> None:
+        import mlflow
+
+        from spikemax import tracking
+
+        self.client = mlflow.MlflowClient(tracking.configure(root))
+        self.eid = tracking.experiment_id(TUNING_EXPERIMENT, root)
+
+    def open(self, trial: Any) -> str:
+        """Create the trial's run (RUNNING) and record its id on the trial."""
+        from mlflow.entities import Param
+
+        run = self.client.create_run(
+            self.eid,
+            run_name=f"trial-{trial.number}",
+            tags={
+                "spikemax.study": trial.study.study_name,
+                "spikemax.trial": str(trial.number),
+                "spikemax.worker": f"{socket.gethostname()}:{os.getpid()}",
+            },
+        )
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in trial.params.items()])
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        return run.info.run_id
+
+    def score(self, run_id: str, value: float, step: int) -> None:
+        """An intermediate (or the final) mean AM gain at `step` queries."""
+        self.client.log_metric(run_id, "mean_am_gain", float(value), step=step)
+
+    def close(self, run_id: str, state: str, targets: list[str], gains: list[float] | None = None) -> None:
+        """End the run: FINISHED (complete), KILLED (pruned) or FAILED, with per-neuron gains."""
+        from mlflow.entities import Metric, RunTag
+
+        metrics = [Metric(f"gain_{t.replace(':', '_')}", float(g), 0, 0) for t, g in zip(targets, gains or [])]
+        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag("state", state)])
+        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
+        self.client.set_terminated(run_id, status)
+
+    def fail_stale(self, run_id: str) -> None:
+        """The run of a trial whose worker died (no heartbeat): FAILED."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(
+            run_id, tags=[RunTag("state", "FAIL"), RunTag("spikemax.failure", "worker lost (no heartbeat)")]
+        )
+        self.client.set_terminated(run_id, "FAILED")
+
+
+def make_objective(params: Params, paths: Paths, epoch: int, runs: TrialRuns | None = None) -> tuple[Callable, list]:
     """The Optuna objective: mean AM gain of TT over the neuron panel for the trial's settings."""
+    import optuna
     import torch
 
     from spikemax.am.loop import run_am_group
     from spikemax.data import Prepared
+    from spikemax.devices import resolve
     from spikemax.generators import load_generator
     from spikemax.neurons import layer_rates, make_responder
     from spikemax.optim import make_optimizer, resolve_ordinal
     from spikemax.snn import checkpoints, load_snn
 
     t = params.tune
-    net = load_snn(checkpoints(paths)[epoch])
+    net = load_snn(checkpoints(paths)[epoch]).to(resolve(params.device))
     x_test, _ = Prepared.load(paths.prepared).tensors("test")
     with torch.no_grad():
         rates = layer_rates(net, x_test)
@@ -94,27 +213,53 @@ def make_objective(params: Params, paths: Paths, epoch: int):
     base_grid = load_generator(t.generator, paths.generators_dir / f"{t.generator}.ckpt")
     # Trials search with the ordinal the maximize stage would use on this grid.
     ordinal = resolve_ordinal(params.maximize.tt.ordinal, base_grid.ordered)
+    # Rung budgets are whole batches, so a trial cut into rungs asks exactly what one run would.
+    n_batches = -(-t.budget // t.batch)
+    cuts = sorted({min(t.budget, t.batch * round(n_batches * (i + 1) / t.rungs)) for i in range(t.rungs)} - {0})
 
-    def objective(trial) -> float:
+    def objective(trial: Any) -> float:
+        claim_slot(trial, t.n_trials)
         rank = trial.suggest_categorical("rank", t.ranks)
         grid_n = trial.suggest_categorical("grid_n", t.grid_n)
         lr = trial.suggest_float("lr", t.lr[0], t.lr[1], log=True)
-        grid = base_grid if grid_n == base_grid.n else with_resolution(base_grid, grid_n)
-        opts = [
-            make_optimizer("tt", grid.d, grid.n, seed=t.seed + j, rank=rank, lr=lr, batch=t.batch, ordinal=ordinal)
-            for j in range(len(targets))
-        ]
-        results = run_am_group(opts, grid, responder, t.budget, t.batch)
-        gains = np.array([r.best_response for r in results]) / dataset_max
+        check_unique(trial)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("targets", targets)
-        trial.set_user_attr("gains", [float(g) for g in gains])
-        return float(np.mean(gains))
+        run_id = runs.open(trial) if runs is not None else None
+        state, gains = "FAIL", None
+        try:
+            grid = base_grid if grid_n == base_grid.n else with_resolution(base_grid, grid_n)
+            opts = [
+                make_optimizer("tt", grid.d, grid.n, seed=t.seed + j, rank=rank, lr=lr, batch=t.batch, ordinal=ordinal)
+                for j in range(len(targets))
+            ]
+            best = np.full(len(targets), -np.inf)
+            done = 0
+            for cut in cuts:
+                results = run_am_group(opts, grid, responder, cut - done, t.batch)
+                best = np.fmax(best, [r.best_response for r in results])
+                done = cut
+                score = float(np.mean(best / dataset_max))
+                if run_id is not None:
+                    runs.score(run_id, score, done)  # type: ignore[union-attr]
+                if cut < t.budget:
+                    trial.report(score, done)
+                    if trial.should_prune():
+                        state = "PRUNED"
+                        raise optuna.TrialPruned(f"mean AM gain {score:.3f} after {done} queries")
+            gains = [float(g) for g in best / dataset_max]
+            trial.set_user_attr("gains", gains)
+            state = "COMPLETE"
+            return score
+        finally:
+            if run_id is not None:
+                runs.close(run_id, state, targets, gains)  # type: ignore[union-attr]
 
     return objective, targets
 
 
-def storage(paths: Paths):
-    """Optuna JournalStorage in optuna/ (a file that parallel workers can share; never a DVC out)."""
+def journal(paths: Paths) -> Any:
+    """Optuna JournalStorage in optuna/ (one machine; never a DVC out)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
@@ -123,34 +268,26 @@ def storage(paths: Paths):
     return optuna.storages.JournalStorage(JournalFileBackend(str(folder / "journal.log")))
 
 
-def mlflow_callback(paths: Paths):
-    """An Optuna callback logging each finished trial as one run of the MLflow experiment `tuning`."""
-    import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+def storage(params: Params, paths: Paths, runs: TrialRuns | None = None) -> Any:
+    """The study's storage: `tune.storage` (an RDB URL, with heartbeats) or the journal file."""
+    t = params.tune
+    if not t.storage:
+        return journal(paths)
+    import optuna
 
-    from spikemax import tracking
+    def failed(study: Any, trial: Any) -> None:
+        # Called in whichever worker finds the stale trial: its MLflow run must not stay RUNNING.
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and runs is not None:
+            runs.fail_stale(run_id)
 
-    client = mlflow.MlflowClient(tracking.configure(paths.root))
-    exp = tracking.experiment_id(TUNING_EXPERIMENT, paths.root)
-
-    def callback(study, trial) -> None:
-        run = client.create_run(
-            exp,
-            run_name=f"trial-{trial.number}",
-            tags={"spikemax.study": study.study_name, "spikemax.trial": str(trial.number)},
+    try:
+        return optuna.storages.RDBStorage(
+            t.storage,
+            heartbeat_interval=t.heartbeat,
+            grace_period=2 * t.heartbeat,
+            failed_trial_callback=failed,
+            engine_kwargs={"pool_pre_ping": True},
         )
-        ts = int(trial.datetime_complete.timestamp() * 1000) if trial.datetime_complete else 0
-        metrics = [Metric("mean_am_gain", float(trial.value), ts, 0)] if trial.value is not None else []
-        metrics += [
-            Metric(f"gain_{t.replace(':', '_')}", float(g), ts, 0)
-            for t, g in zip(trial.user_attrs.get("targets", []), trial.user_attrs.get("gains", []))
-        ]
-        client.log_batch(
-            run.info.run_id,
-            metrics=metrics,
-            params=[Param(k, str(v)) for k, v in trial.params.items()],
-            tags=[RunTag("state", trial.state.name)],
-        )
-        client.set_terminated(run.info.run_id, "FINISHED" if trial.value is not None else "FAILED")
-
-    return callback
+    except Exception as err:  # unreachable server, missing driver, bad URL: one line
+        raise SpikemaxError(f"tune.storage {t.storage!r}: {type(err).__name__}: {str(err).splitlines()[0]}") from None

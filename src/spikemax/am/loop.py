@@ -153,7 +153,7 @@ def run_am_group(
             if not np.all(np.isnan(y)):
                 b = int(np.nanargmax(y))
                 if y[b] > t.best:
-                    t.best, t.best_indices, t.best_image = float(y[b]), idx[b].copy(), imgs[b].clone()
+                    t.best, t.best_indices, t.best_image = float(y[b]), idx[b].copy(), imgs[b].cpu().clone()
             t.indices.append(idx.astype(np.int32))
             t.responses.append(y)
             t.batches.append(np.full(k, step, dtype=np.int32))
@@ -177,7 +177,7 @@ def _result(t: _Track, grid: LatentGrid, max_images: int) -> AMResult:
     if stats is not None:
         # Noise-aware: report the point with the best estimated mean (not the luckiest draw).
         t.best, t.best_indices = stats.estimate, stats.index.copy()
-        t.best_image = _decode(grid, stats.index[None], max_images)[0]
+        t.best_image = _decode(grid, stats.index[None], max_images)[0].cpu()
     return AMResult(
         best_indices=t.best_indices,
         best_response=t.best if t.best_indices is not None else float("nan"),
@@ -246,7 +246,7 @@ def run_am_population(
             if not np.all(np.isnan(y)):
                 b = int(np.nanargmax(y))
                 if y[b] > t.best:
-                    t.best, t.best_indices, t.best_image = float(y[b]), idx[b].copy(), images[b].clone()
+                    t.best, t.best_indices, t.best_image = float(y[b]), idx[b].copy(), images[b].cpu().clone()
             t.indices.append(idx.astype(np.int32))
             t.responses.append(y)
             t.batches.append(np.full(k, step, dtype=np.int32))

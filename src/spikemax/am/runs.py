@@ -90,7 +90,7 @@ def fit_grid_prior(grid: Any, prepared: Any, ckpt: Path, rank: int, n_images: in
 class AMRuns:
     """State of one `maximize` invocation."""
 
-    def __init__(self, params: Params, paths: Paths, plan_: Plan) -> None:
+    def __init__(self, params: Params, paths: Paths, plan_: Plan, scan: bool = True) -> None:
         import mlflow
 
         from spikemax.data import Prepared
@@ -105,7 +105,8 @@ class AMRuns:
         self.uri = tracking.configure(paths.root)
         self.client = mlflow.MlflowClient(self.uri)
         self.eid = tracking.experiment_id(tracking.AM_EXPERIMENT, paths.root)
-        self.done = finished_runs(self.client, self.eid, plan_, self.am_dir)
+        # scan=False: a worker running one group of a live stage (whose other runs are not stale).
+        self.done = finished_runs(self.client, self.eid, plan_, self.am_dir) if scan else {}
         self.failed: list[str] = []
         self.parent_id: str | None = None
         self.logging_s = 0.0  # time inside the query loggers (the cost of logging every query)

@@ -71,16 +71,21 @@ class MlflowEpochLogger(L.Callback):
         pl_module.train(was_training)
 
 
-def make_trainer(epochs: int, callbacks: list[L.Callback], max_steps: int = -1, validate: bool = True) -> L.Trainer:
-    """A CPU Trainer with a progress bar (rich on a terminal), no Lightning logger or checkpoints."""
+def make_trainer(
+    epochs: int, callbacks: list[L.Callback], max_steps: int = -1, validate: bool = True, device: str = "cpu"
+) -> L.Trainer:
+    """A Trainer on `device` (the `device` param) with a progress bar (rich on a terminal), no
+    Lightning logger or checkpoints."""
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from spikemax.devices import lightning
 
     bar = RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=20)
     return L.Trainer(
         max_epochs=epochs,
         max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
+        accelerator=lightning(device)[0],
+        devices=lightning(device)[1],
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,

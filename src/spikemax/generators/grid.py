@@ -52,6 +52,17 @@ class LatentGrid:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, d={self.d}, n={self.n}, shape={self.shape})"
 
+    @property
+    def device(self) -> torch.device:
+        """Where decoding runs (and where decoded images live)."""
+        return self.mean.device
+
+    def to(self, device: str | torch.device) -> LatentGrid:
+        """Decode on `device` (the generator's weights and every tensor a decode reads); returns self."""
+        self.net.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     def check_indices(self, indices: Tensor | np.ndarray | Sequence) -> Tensor:
         """Validate grid indices (k, d) with 0 <= i < n and return them as a LongTensor."""
         idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, Tensor) else indices)
@@ -75,8 +86,8 @@ class LatentGrid:
         """Images (k, C, H, W) in [0, 1] pixel space for grid indices (k, d)."""
         idx = self.check_indices(indices)
         if len(idx) == 0:
-            return torch.empty((0, *self.shape))
-        return torch.cat([self._decode(part) for part in idx.split(self.chunk)])
+            return torch.empty((0, *self.shape), device=self.device)
+        return torch.cat([self._decode(part.to(self.device)) for part in idx.split(self.chunk)])
 
     @torch.no_grad()
     def decode(self, indices: Tensor | np.ndarray) -> Tensor:

@@ -173,9 +173,15 @@ class SNGANGrid(LatentGrid):
         super().__init__(model.decoder, hp.latent_dim, hp.grid_n, hp.shape, hp.mean, hp.std)
         self.values = normal_quantiles(hp.grid_n)
 
+    def to(self, device: str | torch.device) -> SNGANGrid:
+        """Decode on `device`, the quantile table included."""
+        super().to(device)
+        self.values = self.values.to(device)
+        return self
+
     def latents(self, indices: Tensor) -> Tensor:
         """Continuous latents (k, d) of grid indices (k, d)."""
-        return self.values[self.check_indices(indices)]
+        return self.values[self.check_indices(indices).to(self.device)]
 
     def _decode(self, idx: Tensor) -> Tensor:
         return self.net(self.values[idx])

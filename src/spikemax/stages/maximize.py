@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from spikemax import SpikemaxError, snn
+from spikemax import SpikemaxError, devices, snn
 from spikemax.am.loop import run_am_group, run_am_population
 from spikemax.am.plan import Combo, plan, population_key
 from spikemax.am.runs import AMRuns, OpenRun, dataset_stats, metric_batch, param_batch, stimulus_stats
@@ -63,7 +63,8 @@ def run(params: Params, paths: Paths) -> dict:
     status = "FINISHED"
     try:
         # Inside the try: a corrupt checkpoint must end the parent run FAILED, not leave it RUNNING.
-        grids = {g: load_generator(g, p) for g, p in plan_.gen_ckpts.items()}
+        device = devices.resolve(params.device)  # decode and readout both on it; best images come back
+        grids = {g: load_generator(g, p).to(device) for g, p in plan_.gen_ckpts.items()}
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -74,12 +75,15 @@ def run(params: Params, paths: Paths) -> dict:
         ) as progress:
             runs_task = progress.add_task("AM runs", total=len(todo))
             q_task = progress.add_task("queries", total=len(todo) * m.budget)
+            if m.engine != "local":
+                n_run = run_remote(params, st, todo, progress, q_task, runs_task)
+                todo = []  # every group ran on the cluster
             for e in plan_.epochs:
                 todo_e = [c for c in todo if c.epoch == e]
                 if not todo_e:
                     continue
                 net = snn.load_snn(plan_.snn_ckpts[e])
-                net.eval()
+                net.eval().to(devices.resolve(params.device))
                 stats = dataset_stats(net, st.prepared, plan_.targets, m.max_images)
                 col = {t: i for i, t in enumerate(plan_.targets)}
                 for g in m.generators:
@@ -236,9 +240,121 @@ def run_group(
         for op in opens:
             if op.combo.key not in st.done:
                 st.fail_run(op, err)
+        if len(opens) < len(group):  # failed while opening: the rest has no run to mark, but failed
+            st.failed += [f"{c.key}: {type(err).__name__}: {err}"[:4000] for c in group[len(opens) :]]
         return 0
     except BaseException as err:  # interrupted: mark, then stop
         for op in opens:
             if op.combo.key not in st.done:
                 st.fail_run(op, err)
         raise
+
+
+def remote_stats(params: Params, paths: Paths, plan_: Any, epoch: int) -> dict[str, np.ndarray]:
+    """dataset_stats of one epoch's checkpoint, on a worker."""
+    from spikemax.data import Prepared
+
+    net = snn.load_snn(plan_.snn_ckpts[epoch])
+    net.eval().to(devices.resolve(params.device))
+    return dataset_stats(net, Prepared.load(paths.prepared), plan_.targets, params.maximize.max_images)
+
+
+class _Quiet:
+    """Progress sink of a remote group (the driver advances the bars when the group returns)."""
+
+    def advance(self, task: Any, k: float) -> None:
+        pass
+
+
+def run_remote(params: Params, st: AMRuns, todo: list[Combo], progress: Any, q_task: Any, runs_task: Any) -> int:
+    """Run every group of `todo` as one task on a Ray cluster (maximize.engine 'ray'); returns queries run.
+
+    A warm-started TT group waits for its chain's previous epoch, as in the local loop, so results
+    are the same; each task logs to the shared store and writes its run dirs itself.
+    """
+    from spikemax.am import engine
+
+    m, plan_ = st.m, st.plan
+    engine.connect(m.ray_address, m.ray_workers, engine.worker_env(st.uri))
+    jobs: list[engine.Job] = []
+    where: dict[tuple, int] = {}
+    first: list[tuple] = []
+    for i, e in enumerate(plan_.epochs):
+        todo_e = [c for c in todo if c.epoch == e]
+        if not todo_e:
+            continue
+        # The epoch's dataset stats are a task too; its groups start at once and read them at the end.
+        stats = ("first", len(first))
+        first.append((remote_stats, (params, st.paths, plan_, e)))
+        for g in m.generators:
+            for method in m.methods:
+                for seed in m.seeds:
+                    keys = [c.key for c in todo_e if (c.generator, c.method, c.seed) == (g, method, seed)]
+                    if not keys:
+                        continue
+                    if m.population:  # the whole presentation set, finished neurons included
+                        keys = [
+                            c.key
+                            for c in plan_.combos
+                            if (c.epoch, c.generator, c.method, c.seed) == (e, g, method, seed)
+                        ]
+                    prev = where.get((plan_.epochs[i - 1], g, method, seed)) if i else None
+                    after = [prev] if prev is not None and method == "tt" and m.warm_start else []
+                    where[(e, g, method, seed)] = len(jobs)
+                    jobs.append(engine.Job((params, st.paths, plan_, keys, st.parent_id, stats, st.uri), after))
+    n_run = 0
+    for _, res in engine.run_jobs(remote_group, jobs, first=first):
+        st.done.update(res["rows"])
+        st.failed += res["failed"]
+        st.logging_s += res["logging_s"]
+        n_run += res["queries"]
+        progress.advance(q_task, res["queries"])
+        progress.advance(runs_task, len(res["rows"]))
+        st.write_summary()
+    return n_run
+
+
+def remote_group(
+    params: Params,
+    paths: Paths,
+    plan_: Any,
+    keys: list[str],
+    parent_id: str,
+    stats: Any,
+    tracking_uri: str,
+) -> dict:
+    """One group on a worker: its finished runs (from an attempt before a worker died) are kept,
+    runs that attempt left RUNNING are failed, the rest run as in the local loop."""
+    import os
+
+    from spikemax.am.plan import read_summary
+    from spikemax.tracking import RUN_KEY_TAG
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the driver's store, whatever the worker started with
+
+    st = AMRuns(params, paths, plan_, scan=False)
+    st.parent_id = parent_id
+    group = [c for c in plan_.combos if c.key in set(keys)]
+    for c in group:
+        row = read_summary(st.am_dir, c)
+        if row is not None and st.client.get_run(row["run_id"]).info.status == "FINISHED":
+            st.done[c.key] = row
+            continue
+        for run in st.client.search_runs(
+            [st.eid], filter_string=f"tags.`{RUN_KEY_TAG}` = '{c.key}' and status = 'RUNNING'", max_results=100
+        ):
+            st.client.set_tag(run.info.run_id, "spikemax.failure", "interrupted (worker lost; group retried)")
+            st.client.set_terminated(run.info.run_id, "FAILED")
+    todo = [c for c in group if c.key not in st.done]
+    n = 0
+    if todo:
+        c0 = todo[0]
+        net = snn.load_snn(plan_.snn_ckpts[c0.epoch])
+        net.eval().to(devices.resolve(params.device))
+        grid = load_generator(c0.generator, plan_.gen_ckpts[c0.generator]).to(devices.resolve(params.device))
+        col = {t: i for i, t in enumerate(plan_.targets)}
+        seed = zlib.crc32(f"{c0.epoch}/{c0.generator}/{c0.method}/{c0.seed}".encode())
+        run = group if params.maximize.population else todo  # population: finished neurons only re-propose
+        n = run_group(st, run, grid, net, stats, col, plan_.snn_ckpts[c0.epoch], seed, _Quiet(), None, None)
+    rows = {c.key: st.done[c.key] for c in group if c.key in st.done}
+    return {"rows": rows, "failed": st.failed, "queries": n, "logging_s": st.logging_s}

@@ -39,7 +39,9 @@ def run(name: str, params: Params, paths: Paths, max_steps: int = -1) -> dict:
             ],
         )
         logger = MlflowEpochLogger(client, run_id, model.grid)
-        trainer = make_trainer(sect.epochs, [logger], max_steps=max_steps, validate=name == "vqvae")
+        trainer = make_trainer(
+            sect.epochs, [logger], max_steps=max_steps, validate=name == "vqvae", device=params.device
+        )
         t0 = time.perf_counter()
         trainer.fit(model, datamodule=dm)
         seconds = time.perf_counter() - t0

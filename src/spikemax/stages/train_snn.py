@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from spikemax import tracking
 from spikemax.data import Prepared, PreparedDataModule
+from spikemax.devices import lightning
 from spikemax.outputs import write_json
 from spikemax.params import Params, Paths
 from spikemax.snn import CKPT_PATTERN, CSV_COLUMNS, LEGACY_PATTERN, EpochRecorder, build, schedule_steps
@@ -55,10 +56,11 @@ def _train(params: Params, paths: Paths) -> None:
     c = s.checkpoints
     steps = schedule_steps(c.every_steps, c.early_epochs, list(c.steps), per_epoch, s.epochs, c.every_epochs)
     recorder = EpochRecorder(out_dir, steps, per_epoch, eval_loaders)
+    accelerator, devices = lightning(params.device)
     trainer = L.Trainer(
         max_epochs=s.epochs,
-        accelerator="cpu",
-        devices=1,
+        accelerator=accelerator,
+        devices=devices,
         deterministic=True,
         logger=logger,
         callbacks=[RichProgressBar(leave=True), recorder],

@@ -1,0 +1,178 @@
+"""Scaling the maximize stage: Ray engine vs in-process, and per-query logging against `mlflow server`.
+
+Run from anywhere with a trained project (default /work/repro-like layout: data/prepared, models/):
+  python benchmarks/bench_scale.py --project /path/to/project --out benchmarks/results/scale.json
+  python benchmarks/bench_scale.py --project P --quick     # smaller budget (smoke run)
+
+1. Engines: the same maximize plan (last checkpoint, both generators, tt + random, class:* targets)
+   run in-process and on a fresh local Ray cluster with `--workers` worker CPUs, each in its own
+   temp project (fresh sqlite store, fresh results). Reports the stage's wall time (cluster start
+   excluded, reported apart), the ratio ray/in-process, and whether both produced the same run keys
+   and the same query tables.
+2. Logging: the in-process plan again with MLFLOW_TRACKING_URI pointing at a real `mlflow server`
+   subprocess on a loopback port (sqlite backend): the stage's logging_share_pct (time inside the
+   query loggers / stage wall time) there and on the local sqlite store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+def _project(root: Path, source: Path, maximize: dict) -> tuple:
+    """A temp project sharing `source`'s prepared data and models, with its own outputs and store."""
+    from spikemax import params as P
+
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "prepared").symlink_to(source / "data" / "prepared")
+    (root / "models").symlink_to(source / "models")
+    base = yaml.safe_load((source / "params.yaml").read_text())
+    base["maximize"] = {**base.get("maximize", {}), **maximize}
+    (root / "params.yaml").write_text(yaml.safe_dump(base))
+    return P.load(root / "params.yaml", root=root)
+
+
+def _tables(paths) -> dict:
+    import pandas as pd
+
+    from spikemax.querylog import read_queries
+
+    df = pd.read_csv(paths.results / "am" / "summary.csv")
+    return {
+        r.run_key: read_queries(paths.results / "am" / r.run_dir).drop(columns="elapsed_s") for r in df.itertuples()
+    }
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].equals(b[k]) for k in a)
+
+
+def _stage(params, paths) -> tuple[float, dict]:
+    from spikemax.stages.maximize import run
+
+    t0 = time.perf_counter()
+    metrics = run(params, paths)
+    return time.perf_counter() - t0, metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(home: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination", str(home / "artifacts"), "--serve-artifacts",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 120:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("mlflow server did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--project", type=Path, default=Path("."), help="trained project root (data/, models/)")
+    ap.add_argument("--workers", type=int, default=2, help="Ray worker CPUs")
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="budget 128")
+    ap.add_argument("--skip", choices=["engines", "logging"], action="append", default=[])
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args()
+    source = args.project.resolve()
+    plan = {
+        "epochs": [-1],
+        "generators": ["sngan", "vqvae"],
+        "methods": ["tt", "random"],
+        "targets": ["class:*"],
+        "units_per_layer": 0,
+        "seeds": [0],
+        "budget": 128 if args.quick else args.budget,
+        "batch": 64,
+    }
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # an HTTP store prints a URL per run
+    import torch
+
+    out: dict = {
+        "plan": plan,
+        "workers": args.workers,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        tmp_path = Path(tmp)
+        local = _project(tmp_path / "local", source, plan)
+        wall_local, m_local = _stage(*local)
+        out["in_process"] = {"wall_s": round(wall_local, 2), "logging_share_pct": m_local["logging_share_pct"]}
+        rows.append(("in-process (sqlite)", wall_local, m_local["logging_share_pct"]))
+        if "engines" not in args.skip:
+            import ray
+
+            t0 = time.perf_counter()
+            ray.init(num_cpus=args.workers, include_dashboard=False, configure_logging=False, log_to_driver=False)
+            start_s = time.perf_counter() - t0
+            try:
+                remote = _project(tmp_path / "ray", source, {**plan, "engine": "ray"})
+                wall_ray, m_ray = _stage(*remote)
+            finally:
+                ray.shutdown()
+            same = _same(_tables(local[1]), _tables(remote[1]))
+            out["ray"] = {
+                "wall_s": round(wall_ray, 2),
+                "cluster_start_s": round(start_s, 2),
+                "ratio_vs_in_process": round(wall_ray / wall_local, 3),
+                "same_results": same,
+                "n_runs": m_ray["n_runs"],
+            }
+            rows.append((f"ray, {args.workers} workers", wall_ray, m_ray["logging_share_pct"]))
+        if "logging" not in args.skip:
+            proc, uri = _mlflow_server(tmp_path / "server")
+            try:
+                os.environ["MLFLOW_TRACKING_URI"] = uri
+                served = _project(tmp_path / "served", source, plan)
+                wall_srv, m_srv = _stage(*served)
+            finally:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+                proc.terminate()
+                proc.wait(30)
+            out["mlflow_server"] = {
+                "wall_s": round(wall_srv, 2),
+                "logging_share_pct": m_srv["logging_share_pct"],
+                "same_results": _same(_tables(local[1]), _tables(served[1])),
+            }
+            rows.append(("in-process (mlflow server)", wall_srv, m_srv["logging_share_pct"]))
+    print(f"{'engine':32s} {'wall s':>8s} {'logging %':>10s}")
+    for name, wall, share in rows:
+        print(f"{name:32s} {wall:8.2f} {share:10.2f}")
+    if "ray" in out:
+        print(f"ray / in-process: {out['ray']['ratio_vs_in_process']:.3f}  same results: {out['ray']['same_results']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
