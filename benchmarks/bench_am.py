@@ -120,49 +120,109 @@ def bench_overhead(net, grid, targets, budget, batch, repeats, root: Path) -> di
     }
 
 
-def bench_methods(net, grid, targets, methods, budgets, batch, seed, m) -> dict:
-    """Normalized best activation per method at each budget (prefixes of one run per neuron);
-    each method gets the maximize stage's options from params `m` (TT: `maximize.tt`, resolved
-    for this grid as the stage resolves it)."""
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """`method` or `method:key=value:...` (e.g. tt:cma=0.9, random:prior=1)."""
+    method, *pairs = spec.split(":")
+    opts: dict = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        opts[key] = json.loads(value) if value[:1] in "-0123456789tfn[{" else value
+    return method, opts
+
+
+def fit_prior(grid, prepared, rank: int, seed: int, max_images: int = 4000):
+    """TT prior of the codebook indices of (up to max_images) encoded train images."""
+    from spikemax.optim.prior import fit_tt_prior
+
+    x, _ = prepared.tensors("train")
+    idx = grid.encode(x[:max_images]).numpy()
+    t = time.perf_counter()
+    prior = fit_tt_prior(idx, grid.n, rank=rank, seed=seed)
+    print(f"  prior: {len(idx)} encoded train images, fit in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    return prior, idx
+
+
+def prior_entropy(net, grid, prior, classes: list[str], seed: int, k: int = 1000) -> dict:
+    """Predicted-class entropy (nats) of k prior samples and of k uniform codes under the SNN."""
+    from spikemax.stages.check_generators import _class_probs, _class_stats
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, idx in (("prior", prior.sample(k, rng)), ("uniform", rng.integers(0, grid.n, (k, grid.d)))):
+        parts = torch.as_tensor(idx).split(250)
+        probs = torch.cat([_class_probs(net, grid.decode(part)) for part in parts])
+        out[name] = round(_class_stats(probs, classes)["class_entropy"], 4)
+    return out
+
+
+def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared, prior=None) -> dict:
+    """Normalized best activation and AM gain per method at each budget (prefixes of one run per neuron).
+
+    Each method gets the maximize stage's options from params `m` (TT: `maximize.tt`, resolved for this
+    grid as the stage resolves it), updated by the variant's own options (`tt:cma=0.9`); `prior=1`
+    passes the fitted data prior. AM gain = best AM activation / best activation over the test images.
+    """
     from spikemax.am.loop import run_am_group
-    from spikemax.neurons import make_responder
+    from spikemax.neurons import firing_rates, make_responder
     from spikemax.optim import make_optimizer, options_for
 
     top = max(budgets)
     responder = make_responder(net, targets)
+    x, _ = prepared.tensors("test")
+    with torch.no_grad():
+        data_max = np.concatenate([firing_rates(net, x[i : i + 500], targets) for i in range(0, len(x), 500)]).max(0)
     curves: dict[str, np.ndarray] = {}
     walls, options = {}, {}
-    for method in methods:
+    for spec in methods:
+        method, extra = parse_variant(spec)
         opts = options_for(method, m, grid)
+        opts.update(extra)
+        if opts.pop("prior", 0):
+            if prior is None:
+                raise SystemExit(f"{spec}: prior=1 needs the vqvae grid")
+            opts["prior"] = prior
         if method == "ngopt":
             opts["budget"] = top
-        options[method] = dict(opts)
+        options[spec] = {k: v for k, v in opts.items() if k != "prior"} | ({"prior": True} if "prior" in opts else {})
         optimizers = [make_optimizer(method, grid.d, grid.n, seed=seed, **opts) for _ in targets]
         t = time.perf_counter()
         results = run_am_group(optimizers, grid, responder, top, batch)
-        walls[method] = round(time.perf_counter() - t, 2)
+        walls[spec] = round(time.perf_counter() - t, 2)
         best = np.stack([np.fmax.accumulate(np.nan_to_num(r.responses, nan=-np.inf)) for r in results])
-        curves[method] = best  # (neurons, top)
-        print(f"  {method}: {walls[method]} s", file=sys.stderr)
+        curves[spec] = best  # (neurons, top)
+        print(f"  {spec}: {walls[spec]} s", file=sys.stderr)
     ref = np.max(np.stack([c[:, -1] for c in curves.values()]), axis=0)  # per neuron
     ok = ref > 0  # a neuron no method could make fire has no scale
+    fires = data_max > 0
     out = {}
-    for method, c in curves.items():
-        out[method] = {"wall_s": walls[method], "options": options[method]}
+    for spec, c in curves.items():
+        out[spec] = {"wall_s": walls[spec], "options": options[spec]}
         for b in budgets:
             norm = c[ok, b - 1] / ref[ok]
-            out[method][str(b)] = {
+            gain = c[fires, b - 1] / data_max[fires]
+            out[spec][str(b)] = {
                 "median": round(float(np.median(norm)), 4) if ok.any() else None,
                 "mean": round(float(np.mean(norm)), 4) if ok.any() else None,
+                "median_am_gain": round(float(np.median(gain)), 4) if fires.any() else None,
+                "share_am_gain_gt_1": round(float(np.mean(gain > 1)), 4) if fires.any() else None,
             }
-    return {"targets": targets, "n_scored": int(ok.sum()), "budgets": budgets, "methods": out}
+    return {
+        "targets": targets,
+        "n_scored": int(ok.sum()),
+        "n_gain": int(fires.sum()),
+        "budgets": budgets,
+        "methods": out,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--generator", default="sngan")
-    ap.add_argument("--methods", default="tt,cma,random")
+    ap.add_argument("--generators", default="sngan,vqvae", help="comma list")
+    ap.add_argument(
+        "--methods", default="tt,cma,ngopt,random", help="comma list; variants as method:key=value (tt:cma=0.9)"
+    )
+    ap.add_argument("--prior", action="store_true", help="vqvae: fit the TT data prior (variants use prior=1)")
     ap.add_argument("--neurons", type=int, default=None, help="default 20 (8 with --quick)")
     ap.add_argument("--budgets", default=None, help="default 256,1024,4096 (256,1024 with --quick)")
     ap.add_argument("--batch", type=int, default=64)
@@ -185,40 +245,60 @@ def main() -> None:
             setattr(a, name, quick if a.quick else full)
     torch.set_num_threads(a.threads)
     budgets = [int(b) for b in a.budgets.split(",")]
-    params, paths, net, grid, epoch, _ = _setup(a.params, a.generator)
-    targets = _neurons(net, a.neurons, a.seed)
-    result = {
-        "checkpoint_epoch": epoch,
-        "generator": a.generator,
-        "grid": {"d": grid.d, "n": grid.n},
-        "threads": a.threads,
-        "cpus": os.cpu_count(),
-        "load_avg_1m": os.getloadavg()[0],
-    }
     skip = set(filter(None, a.skip.split(",")))
-    if "overhead" not in skip:
-        with tempfile.TemporaryDirectory() as tmp:
-            result["overhead"] = bench_overhead(
-                net, grid, targets[: a.overhead_targets], a.overhead_budget, a.batch, a.repeats, Path(tmp)
+    results = {}
+    for generator in a.generators.split(","):
+        params, _, net, grid, epoch, prepared = _setup(a.params, generator)
+        targets = _neurons(net, a.neurons, a.seed)
+        result: dict = {
+            "checkpoint_epoch": epoch,
+            "generator": generator,
+            "grid": {"d": grid.d, "n": grid.n, "ordered": bool(grid.ordered)},
+            "threads": a.threads,
+            "cpus": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0],
+        }
+        if "overhead" not in skip:
+            with tempfile.TemporaryDirectory() as tmp:
+                result["overhead"] = bench_overhead(
+                    net, grid, targets[: a.overhead_targets], a.overhead_budget, a.batch, a.repeats, Path(tmp)
+                )
+            o = result["overhead"]
+            print(
+                f"loop: {o['queries_per_s_off']} q/s without logging, {o['queries_per_s_logged']} q/s logged "
+                f"-> overhead {o['overhead_pct']} % by wall difference; time inside the logger "
+                f"{o['logging_share_pct']} % of the logged loop ({o['logging_ms_per_query_measured']} ms/query)"
             )
-        o = result["overhead"]
-        print(
-            f"loop: {o['queries_per_s_off']} q/s without logging, {o['queries_per_s_logged']} q/s logged "
-            f"-> overhead {o['overhead_pct']} % by wall difference; time inside the logger "
-            f"{o['logging_share_pct']} % of the logged loop ({o['logging_ms_per_query_measured']} ms/query)"
-        )
-    if "methods" not in skip:
-        result["methods"] = bench_methods(
-            net, grid, targets, a.methods.split(","), budgets, a.batch, a.seed, params.maximize
-        )
-        print(f"normalized best activation (median over {result['methods']['n_scored']} neurons):")
-        print("method  " + "  ".join(f"{b:>7}" for b in budgets) + "   wall_s")
-        for m, r in result["methods"]["methods"].items():
-            print(f"{m:7} " + "  ".join(f"{r[str(b)]['median']:>7}" for b in budgets) + f"   {r['wall_s']}")
-    result["load_avg_1m_end"] = os.getloadavg()[0]
+        prior = None
+        if a.prior and not grid.ordered:
+            prior, _ = fit_prior(grid, prepared, int(params.maximize.tt.rank), a.seed)
+            result["prior_class_entropy"] = prior_entropy(net, grid, prior, prepared.classes, a.seed)
+            print(f"class entropy (nats) of 1,000 samples under the SNN: {result['prior_class_entropy']}")
+        if "methods" not in skip:
+            methods = [s for s in a.methods.split(",") if "prior=1" not in s or prior is not None]
+            result["methods"] = r = bench_methods(
+                net, grid, targets, methods, budgets, a.batch, a.seed, params.maximize, prepared, prior
+            )
+            print(
+                f"{generator}: normalized best activation, median over {r['n_scored']} neurons"
+                f" (AM gain over {r['n_gain']}):"
+            )
+            print(
+                f"{'method':<24}"
+                + "".join(f"{b:>8}" for b in budgets)
+                + "   gain@"
+                + "/".join(map(str, budgets))
+                + "   wall_s"
+            )
+            for spec, row in r["methods"].items():
+                cells = "".join(f"{row[str(b)]['median']:>8}" for b in budgets)
+                gains = "/".join(f"{row[str(b)]['median_am_gain']}" for b in budgets)
+                print(f"{spec:<24}{cells}   {gains}   {row['wall_s']}")
+        result["load_avg_1m_end"] = os.getloadavg()[0]
+        results[generator] = result
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

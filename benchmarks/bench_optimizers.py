@@ -17,6 +17,8 @@ function evaluations) per query.
 Families (each with its maximum planted at a random grid point, so it is known exactly):
   separable  random table W (d, n); f = sum_j W[j, i_j]
   ackley, rastrigin, alpine   -F(x(i) - x(i*)) on the grid x = linspace(-a, a, n), shifted optimum
+  sphere, ellipsoid, rosenbrock   smooth continuous functions the same way: sum z^2; a randomly
+             rotated ellipsoid (condition number 100); Rosenbrock with its minimum moved to x(i*)
   tt         log of a random rank-3 non-negative TT tensor with cores in [0, 1) and all-ones slices
              at i* (every product of such cores is <= the all-ones product, so i* is a maximum)
   qubo       sparse Mattis spin glass: sum_{(j,l)} |J_jl| s*_j s*_l s_j s_l with s = 2 x - 1,
@@ -80,6 +82,25 @@ def make_continuous(family: str, d: int, n: int, rng: np.random.Generator) -> tu
     return (lambda I: -F(x[I] - x_star)), 0.0
 
 
+def make_smooth(family: str, d: int, n: int, rng: np.random.Generator) -> tuple[Func, float]:
+    """Sphere / rotated ellipsoid / Rosenbrock maximized at a random grid point (value 0)."""
+    a = {"sphere": 5.0, "ellipsoid": 5.0, "rosenbrock": 2.048}[family]
+    x, i_star = grid_shift(d, n, a, rng)
+    x_star = x[i_star]
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    scale = 10.0 ** (np.arange(d) / max(d - 1, 1))  # axis lengths 1..10: condition number 100
+
+    def F(Z: np.ndarray) -> np.ndarray:
+        if family == "sphere":
+            return np.sum(Z**2, axis=1)
+        if family == "ellipsoid":
+            return np.sum((Z @ Q * scale) ** 2, axis=1)
+        X = Z + 1.0  # Rosenbrock's minimum is at 1
+        return np.sum(100.0 * (X[:, 1:] - X[:, :-1] ** 2) ** 2 + (1.0 - X[:, :-1]) ** 2, axis=1)
+
+    return (lambda I: -F(x[I] - x_star)), 0.0
+
+
 def make_separable(d: int, n: int, rng: np.random.Generator) -> tuple[Func, float]:
     """f = sum_j W[j, i_j] for a random table W."""
     W = rng.random((d, n))
@@ -123,7 +144,8 @@ def make_qubo(d: int, n: int, rng: np.random.Generator, degree: int = 4) -> tupl
     return f, float(f(i_star[None])[0])
 
 
-FAMILIES = ("separable", "ackley", "rastrigin", "alpine", "tt", "qubo")
+FAMILIES = ("separable", "ackley", "rastrigin", "alpine", "tt", "qubo", "sphere", "ellipsoid", "rosenbrock")
+SMOOTH = ("sphere", "ellipsoid", "rosenbrock")
 
 
 def make_problem(family: str, d: int, n: int, seed: int) -> Problem:
@@ -135,23 +157,39 @@ def make_problem(family: str, d: int, n: int, seed: int) -> Problem:
         f, fmax = make_tt(d, n, rng)
     elif family == "qubo":
         f, fmax = make_qubo(d, n, rng)
+    elif family in SMOOTH:
+        f, fmax = make_smooth(family, d, n, rng)
     else:
         f, fmax = make_continuous(family, d, n, rng)
     R = np.random.default_rng(12345).integers(0, n, (1000, d))
     return Problem(f"{family}-d{d}-n{n}", family, d, n, f, fmax, float(np.mean(f(R))))
 
 
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """`method` or `method:key=value:...` (a variant with options, e.g. tt:cma=0.5:rank=3)."""
+    method, *pairs = spec.split(":")
+    opts: dict = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        opts[key] = json.loads(value) if value[:1] in "-0123456789tfn[{" else value
+    return method, opts
+
+
 def method_options(method: str, d: int, n: int, budget: int) -> dict:
     """Per-method options for the benchmark (package defaults unless stated)."""
+    method, opts = parse_variant(method)
     if method == "ngopt":
-        return {"budget": budget}
-    return {}
+        return {"budget": budget, **opts}
+    return opts
 
 
-def run_one(problem: Problem, method: str, seed: int, budgets: list[int]) -> dict:
+def run_one(problem: Problem, method: str, seed: int, budgets: list[int], batch: int | None = None) -> dict:
     """One run with the largest budget; scores at every budget from its prefix."""
     B = max(budgets)
-    opt = make_optimizer(method, problem.d, problem.n, seed=seed, **method_options(method, problem.d, problem.n, B))
+    opts = method_options(method, problem.d, problem.n, B)
+    if batch is not None:
+        opts["batch"] = batch
+    opt = make_optimizer(parse_variant(method)[0], problem.d, problem.n, seed=seed, **opts)
     t0 = time.perf_counter()
     res = run_maximize(opt, problem.f, B)
     wall = time.perf_counter() - t0
@@ -219,11 +257,11 @@ def summarize(rows: list[dict], methods: list[str], budgets: list[int]) -> dict:
 
 def print_table(summary: dict, budgets: list[int]) -> None:
     """Median (mean) normalized score per method and budget, and overhead."""
-    head = f"{'method':<8}" + "".join(f"{'B=' + str(b):>18}" for b in budgets) + f"{'ms/query':>11}"
+    head = f"{'method':<16}" + "".join(f"{'B=' + str(b):>18}" for b in budgets) + f"{'ms/query':>11}"
     print(head)
     for m, s in summary.items():
         cells = "".join(f"{s['median_score'][str(b)]:>10.3f} ({s['mean_score'][str(b)]:.3f})" for b in budgets)
-        print(f"{m:<8}{cells}{s['ms_per_query']:>11.3f}")
+        print(f"{m:<16}{cells}{s['ms_per_query']:>11.3f}")
     print("cells: median (mean) normalized score over problems x seeds")
 
 
@@ -255,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=None, help="e.g. 10x16,32x2 (d x n)")
     ap.add_argument("--budgets", default=None, help="e.g. 1000,4000")
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="points per ask for every method (default: each its own)")
     ap.add_argument("--overhead", action="store_true", help="only the d=768 overhead measurement")
     ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/optimizers-<suite>.json)")
     args = ap.parse_args(argv)
@@ -278,10 +317,10 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in range(suite["seeds"]):
                     problem = make_problem(family, d, n, seed)
                     for m in methods:
-                        row = run_one(problem, m, seed, budgets)
+                        row = run_one(problem, m, seed, budgets, args.batch)
                         rows.append(row)
                         sc = " ".join(f"{row['scores'][str(b)]:.3f}" for b in budgets)
-                        print(f"{problem.name:<22} s{seed} {m:<7} {sc}  {row['ms_per_query']:.3f} ms/q", flush=True)
+                        print(f"{problem.name:<22} s{seed} {m:<12} {sc}  {row['ms_per_query']:.3f} ms/q", flush=True)
         summary = summarize(rows, methods, budgets)
         print_table(summary, budgets)
         result = {"suite": suite_name, "config": {**suite, "methods": methods}, "summary": summary, "runs": rows}

@@ -94,6 +94,15 @@ def test_whole_pipeline_repro_on_a_fresh_repo(dvc_repo):
     # DVC sees the declared metrics.
     shown = sh(DVC, "metrics", "show", cwd=dvc_repo).stdout
     assert "metrics/am.json" in shown and "metrics/snn.json" in shown
+    # A new result of the tune study makes maximize (which reads it with `maximize.tuned`) changed.
+    tune_json = dvc_repo / "metrics" / "tune.json"
+    original_tune = tune_json.read_bytes()
+    tune_json.write_text(json.dumps({**json.loads(original_tune), "best_rank": 7}))
+    try:
+        status = json.loads(sh(DVC, "status", "--json", cwd=dvc_repo).stdout or "{}")
+    finally:
+        tune_json.write_bytes(original_tune)
+    assert "maximize" in {name.split("@")[0] for name in status}
     # Changing any module makes `dvc status` report exactly the stages that import it as changed.
     from tests.test_layout import STAGE_MODULES, closure
 

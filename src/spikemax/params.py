@@ -117,16 +117,19 @@ class TTOptions(Section):
     # (spikemax.optim.tt.resolve_ordinal), since ordinal steps only help on ordered grids.
     ordinal: float | Literal["auto"] = "auto"
     qtt: bool = False
+    # Share of each ask proposed by an internal CMA-ES; "auto": on for ordered grids (SN-GAN), off on
+    # codebooks (spikemax.optim.tt.resolve_cma).
+    cma: float | Literal["auto"] = "auto"
 
-    @field_validator("ordinal", mode="before")
+    @field_validator("ordinal", "cma", mode="before")
     @classmethod
-    def _check_ordinal(cls, value: Any) -> Any:
+    def _check_auto_share(cls, value: Any, info: Any) -> Any:
         """Accept "auto" or a probability in [0, 1] (one message for both forms)."""
         if value == "auto":
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
             return float(value)
-        raise PydanticCustomError("ordinal", "Input should be 'auto' or a number in [0, 1]")
+        raise PydanticCustomError(info.field_name, "Input should be 'auto' or a number in [0, 1]")
 
 
 class NoiseParams(Section):
@@ -159,7 +162,7 @@ class MaximizeParams(Section):
     units_per_layer: int = Field(0, ge=0)
     target_seed: int = Field(0, ge=0)
     max_images: int = Field(512, ge=1)
-    methods: list[Literal["tt", "random", "cma", "ngopt", "protes"]] = Field(
+    methods: list[Literal["auto", "tt", "random", "cma", "ngopt", "protes"]] = Field(
         default_factory=lambda: ["tt", "cma"], min_length=1
     )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -168,6 +171,12 @@ class MaximizeParams(Section):
     target_value: float | None = None
     warm_start: bool = True
     noise: NoiseParams = Field(default_factory=NoiseParams)
+    # Codebook grids (vqvae): TT starts from, and random samples, a TT prior fitted to the encoder's
+    # indices of `prior_images` prepared train images (spikemax.optim.prior); false = uniform codes.
+    prior: bool = True
+    prior_images: int = Field(4000, ge=1)
+    # true: TT's rank and lr are the tune stage's best trial (metrics/tune.json) instead of `tt`'s.
+    tuned: bool = False
     # Population mode: the targets of one (epoch, generator, method, seed) share one stimulus set of
     # `budget` presentations, each told to every target's optimizer (spikemax.optim.Population).
     population: bool = False

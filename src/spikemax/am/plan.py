@@ -122,8 +122,17 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
+PRIOR_METHODS = ("tt", "random", "auto")  # methods that take a data prior (`prior=`)
+PRIOR_GENERATORS = ("vqvae",)  # codebook grids (unordered, with an encoder): where the prior is fitted
+
+
 def _config_hash(
-    m: MaximizeParams, method: str, snn_ckpt: Path, gen_ckpt: Path, targets: list[Target] | None = None
+    m: MaximizeParams,
+    method: str,
+    snn_ckpt: Path,
+    gen_ckpt: Path,
+    targets: list[Target] | None = None,
+    generator: str = "",
 ) -> str:
     """Hash of everything that changes a run's result besides its key fields (so DVC's rerun after
     a code, checkpoint or params change never reuses a stale result, while a resume does); in
@@ -135,6 +144,8 @@ def _config_hash(
         "target_value": m.target_value,
         "options": options_for(method, m),
         "warm": bool(m.warm_start and method == "tt"),
+        # Only runs that can use the prior (codebook grids, tt / random) depend on its settings.
+        "prior": [m.prior, m.prior_images] if method in PRIOR_METHODS and generator in PRIOR_GENERATORS else None,
         "snn": _digest(snn_ckpt),
         "gen": _digest(gen_ckpt),
         "code": _code_digest(),
@@ -197,7 +208,7 @@ def plan(params: Params, paths: Paths) -> Plan:
         prog = snn.progress(available[e])
         for g in m.generators:
             for method in m.methods:
-                h = _config_hash(m, method, available[e], gen_ckpts[g], targets)
+                h = _config_hash(m, method, available[e], gen_ckpts[g], targets, g)
                 for seed in m.seeds:
                     for t in targets:
                         key = _slug(f"e{e:03d}-{prog.epoch:.3f}_{g}_{t.name}_{method}_s{seed}_{h}")

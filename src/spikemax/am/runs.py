@@ -15,7 +15,7 @@ import torch
 from spikemax import images, tracking
 from spikemax.am import SUMMARY_COLUMNS
 from spikemax.am.loop import AMResult
-from spikemax.am.plan import Combo, Plan, finished_runs, population_key, read_summary
+from spikemax.am.plan import PRIOR_GENERATORS, PRIOR_METHODS, Combo, Plan, finished_runs, population_key
 from spikemax.neurons import Target
 from spikemax.optim import Optimizer, make_optimizer, options_for
 from spikemax.outputs import write_json
@@ -53,6 +53,40 @@ class OpenRun:
     warm_from: str
 
 
+def queries_to_level(responses: np.ndarray, other: np.ndarray, fraction: float = 0.95) -> int:
+    """Queries until `responses` reach `fraction` of the best of both runs (its length if never)."""
+    y = np.nan_to_num(np.asarray(responses, dtype=np.float64), nan=-np.inf)
+    best = max(float(np.max(y, initial=-np.inf)), float(np.nanmax(np.r_[other, -np.inf])))
+    if not np.isfinite(best):
+        return int(y.size)
+    hit = np.flatnonzero(y >= best - (1.0 - fraction) * abs(best))
+    return int(hit[0]) + 1 if hit.size else int(y.size)
+
+
+def fit_grid_prior(grid: Any, prepared: Any, ckpt: Path, rank: int, n_images: int, cache: Path) -> Any:
+    """TT prior of the grid's encoder indices of the first `n_images` prepared train images; reused
+    from `cache` when the generator checkpoint, the train images and the settings are the same."""
+    import hashlib
+
+    from spikemax.optim.prior import TTPrior, fit_tt_prior
+
+    x, _ = prepared.tensors("train")
+    x = x[:n_images]
+    h = hashlib.sha1()
+    h.update(Path(ckpt).read_bytes())
+    h.update(x.numpy().tobytes())
+    h.update(f"{rank}/{n_images}".encode())
+    key = h.hexdigest()
+    if cache.is_file():
+        with np.load(cache) as z:
+            if str(z["key"]) == key:
+                return TTPrior.from_dict(z)
+    idx = grid.encode(x).numpy()
+    prior = fit_tt_prior(idx, grid.n, rank=rank, seed=0)
+    np.savez(cache, key=np.array(key), **prior.to_dict())
+    return prior
+
+
 class AMRuns:
     """State of one `maximize` invocation."""
 
@@ -76,6 +110,7 @@ class AMRuns:
         self.failed: list[str] = []
         self.parent_id: str | None = None
         self.logging_s = 0.0  # time inside the query loggers (the cost of logging every query)
+        self._priors: dict[str, Any] = {}
 
     # -- runs ---------------------------------------------------------------------------------
     def open_run(self, combo: Combo, grid: LatentGrid, snn_ckpt: Path) -> OpenRun:
@@ -113,6 +148,8 @@ class AMRuns:
                     "warm_start": bool(warm_from),
                     "checkpoint": snn_ckpt.name,
                     "options": json.dumps(options_for(combo.method, m, grid)),
+                    "resolved_method": options_for(combo.method, m, grid).get("resolved", combo.method),
+                    "prior": bool(m.prior and combo.generator in PRIOR_GENERATORS and combo.method in PRIOR_METHODS),
                     **(
                         {"population": population_key(combo), "population_rule": m.population_rule}
                         if m.population
@@ -133,7 +170,11 @@ class AMRuns:
         """Key of the previous epoch's TT run this combination warm-starts from ("" = cold start)."""
         if combo.method == "tt" and self.m.warm_start:
             prev = self._prev_combo(combo)
-            if prev is not None and (self.am_dir / prev.run_dir / "tt_state.pkl").is_file():
+            # Only from a search that made the neuron fire: a silent neuron's search (e.g. class units
+            # of the untrained epoch 0) learned nothing about it, and starting from it cost queries
+            # (benchmarks: SN-GAN e0 -> e2 warm starts were slower on 6 of 8 neurons).
+            fired = prev is not None and float((self.done.get(prev.key) or {}).get("best_activation", 0.0) or 0.0) > 0
+            if prev is not None and fired and (self.am_dir / prev.run_dir / "tt_state.pkl").is_file():
                 return prev.key
         return ""
 
@@ -148,29 +189,51 @@ class AMRuns:
                 return c
         return None
 
-    def _chain_first(self, combo: Combo) -> Combo | None:
-        for c in self.plan.combos:
-            if (c.epoch, c.generator, c.target, c.method, c.seed) == (
-                self.plan.epochs[0],
-                combo.generator,
-                combo.target,
-                combo.method,
-                combo.seed,
-            ):
-                return c
-        return None
-
     def make_optimizer(self, op: OpenRun | Combo, grid: LatentGrid) -> Optimizer:
         """The optimizer of an open run (or of a finished combination re-proposing in a population)."""
         combo, warm_from = (op.combo, op.warm_from) if isinstance(op, OpenRun) else (op, self.warm_source(op))
         opts = options_for(combo.method, self.m, grid)
+        prior = self.prior_for(combo.generator, grid) if combo.method in PRIOR_METHODS else None
+        if prior is not None:
+            opts["prior"] = prior
         if warm_from:
             with open(self.am_dir / "runs" / warm_from / "tt_state.pkl", "rb") as f:
                 opts["init"] = pickle.load(f)
         return make_optimizer(combo.method, grid.d, grid.n, seed=combo.seed, **opts)
 
+    def prior_for(self, generator: str, grid: Any) -> Any:
+        """The TT data prior of a codebook grid (None: ordered grid, or `prior: false`), fitted once
+        per stage run to the encoder's indices of the prepared train images, cached by content hash."""
+        if not self.m.prior or generator not in PRIOR_GENERATORS:
+            return None
+        if generator not in self._priors:
+            self._priors[generator] = fit_grid_prior(
+                grid,
+                self.prepared,
+                self.plan.gen_ckpts[generator],
+                self.m.tt.rank,
+                self.m.prior_images,
+                self.am_dir / f"prior_{generator}.npz",
+            )
+        return self._priors[generator]
+
+    def make_cold_twin(self, op: OpenRun, grid: Any) -> Any:
+        """The same run without the warm start (same seed, options and prior): the measured reference
+        of `queries_saved`."""
+        opts = options_for(op.combo.method, self.m, grid)
+        prior = self.prior_for(op.combo.generator, grid) if op.combo.method in PRIOR_METHODS else None
+        if prior is not None:
+            opts["prior"] = prior
+        return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
+
     def finish_run(
-        self, op: OpenRun, res: AMResult, optimizer: Optimizer, dataset_max: float, extras: dict[str, float]
+        self,
+        op: OpenRun,
+        res: AMResult,
+        optimizer: Optimizer,
+        dataset_max: float,
+        extras: dict[str, float],
+        cold: AMResult | None = None,
     ) -> dict:
         from spikemax import selectivity as S
 
@@ -180,12 +243,11 @@ class AMRuns:
         self.logging_s += op.logger.seconds
         q95 = res.queries_to(0.95)
         saved = 0
-        if op.warm_from:
-            first = self._chain_first(c)
-            first_row = read_summary(self.am_dir, first) if first is not None else None
-            if first_row is not None:
-                # Estimate: the cold start's queries to 95 % at the chain's first epoch minus this run's.
-                saved = int(first_row["queries_to_95"]) - q95
+        if op.warm_from and cold is not None:
+            # Measured: queries the cold twin (same neuron, seed and budget, no warm start) needs to
+            # reach 95 % of the better of the two bests, minus the warm run's (a run that never
+            # reaches it counts its whole budget).
+            saved = queries_to_level(cold.responses, res.responses) - queries_to_level(res.responses, cold.responses)
         image = res.best_image if res.best_image is not None else None
         np.savez(
             run_dir / "best.npz",

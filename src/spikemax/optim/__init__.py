@@ -18,7 +18,7 @@ from .options import options_for
 from .population import Population
 from .tt import TTOptimizer, resolve_ordinal
 
-METHODS = ("tt", "random", "cma", "ngopt", "protes")
+METHODS = ("tt", "random", "cma", "ngopt", "protes", "auto")
 
 
 def make_optimizer(method: str, d: int, n: int | Sequence[int], seed: int = 0, **options: Any) -> Optimizer:
@@ -35,6 +35,17 @@ def make_optimizer(method: str, d: int, n: int | Sequence[int], seed: int = 0, *
 
 
 def _make_base(method: str, d: int, n: int | Sequence[int], seed: int, **options: Any) -> Optimizer:
+    if method == "auto":  # the per-grid default: `options_for("auto", params, grid)` sets `resolved`
+        resolved = options.pop("resolved", None)
+        if resolved == "cma":
+            from .baselines import CMAOptimizer
+
+            return CMAOptimizer(d, n, seed=seed)
+        if resolved != "tt":
+            raise ValueError(
+                f"method 'auto' needs resolved='tt' or 'cma' (options_for resolves it per grid), got {resolved!r}"
+            )
+        method = "tt"
     if method == "tt":
         return TTOptimizer(d, n, seed=seed, **options)
     if method == "random":

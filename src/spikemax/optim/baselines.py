@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -12,15 +13,20 @@ from .base import Optimizer, OptionalDependencyError
 
 
 class RandomSearch(Optimizer):
-    """Uniform random points on the grid."""
+    """Uniform random points on the grid, or samples of a `prior` (a `TTPrior` of the same grid)."""
 
     method = "random"
 
-    def __init__(self, d: int, n: int | Sequence[int], seed: int = 0, batch: int = 100) -> None:
+    def __init__(self, d: int, n: int | Sequence[int], seed: int = 0, batch: int = 100, prior: Any = None) -> None:
         super().__init__(d, n, seed, batch)
         self.rng = np.random.default_rng(self.seed)
+        if prior is not None and np.asarray(getattr(prior, "n", [])).tolist() != self.n.tolist():
+            raise ValueError("prior does not fit this grid: fit it with the same n")
+        self.prior = prior
 
     def _ask(self, k: int) -> np.ndarray:
+        if self.prior is not None:
+            return np.asarray(self.prior.sample(k, self.rng), dtype=np.int64)
         return self.rng.integers(0, self.n[None, :], size=(k, self.d))
 
 
@@ -160,10 +166,8 @@ class NGOptOptimizer(Optimizer):
                     del self._asked[key]
             else:
                 cand = self.opt.parametrization.spawn_child(new_value=row.astype(np.float64))
-            try:
+            with contextlib.suppress(Exception):  # NGOpt rejects some told candidates; keep the run going
                 self.opt.tell(cand, loss)
-            except Exception:
-                pass
 
 
 PROTES_HINT = (

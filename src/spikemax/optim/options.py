@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .tt import resolve_ordinal
+from .tt import METHOD_AUTO, resolve_cma, resolve_ordinal
 
 
 class _HasOrdered(Protocol):
@@ -15,16 +15,23 @@ def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None
     """make_optimizer options of `method` under the maximize params, for `grid`.
 
     `params` is the whole `Params` or its `maximize` section; `grid` is a `LatentGrid` (or a bool,
-    whether the grid is ordered). TT's `ordinal: auto` is resolved from the grid's order; with
-    `grid=None` it stays "auto" (used where only the configuration is hashed).
+    whether the grid is ordered). TT's `ordinal: auto` and `cma: auto` are resolved from the grid's
+    order (so the run's logged options say what ran); with `grid=None` they stay "auto" (used where
+    only the configuration is hashed).
     """
     m = getattr(params, "maximize", params)
     opts: dict[str, Any] = {}
-    if method == "tt":
+    if method == "auto":  # the per-grid default method, recorded as `resolved` in the run's options
+        ordered_auto = None if grid is None else (grid if isinstance(grid, bool) else bool(grid.ordered))
+        resolved = "auto" if ordered_auto is None else METHOD_AUTO[ordered_auto]
+        opts = options_for("tt", params, grid) if resolved in ("tt", "auto") else {}
+        opts["resolved"] = resolved
+    elif method == "tt":
         opts = m.tt.model_dump()
         if grid is not None:
             ordered = grid if isinstance(grid, bool) else bool(grid.ordered)
             opts["ordinal"] = resolve_ordinal(opts["ordinal"], ordered)
+            opts["cma"] = resolve_cma(opts["cma"], ordered)
     elif method == "ngopt":
         opts = {"budget": int(m.budget)}  # NGOpt chooses its algorithm from the budget
     noise: Any = getattr(m, "noise", None)

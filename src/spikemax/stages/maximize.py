@@ -30,6 +30,7 @@ from spikemax.querylog import PopulationTable
 
 def run(params: Params, paths: Paths) -> dict:
     """Run every planned AM combination not finished yet; write summary, grids and metrics/am.json."""
+    params, tuned_from = with_tuned_settings(params, paths)
     plan_ = plan(params, paths)  # every params error surfaces here, before any run starts
     st = AMRuns(params, paths, plan_)
     m = st.m
@@ -54,6 +55,7 @@ def run(params: Params, paths: Paths) -> dict:
                 "population": m.population_rule if m.population else "none",
                 "n_planned": len(plan_.combos),
                 "n_skipped_finished": len(plan_.combos) - len(todo),
+                "tuned_from": tuned_from or "none",
             }
         ),
     )
@@ -133,6 +135,24 @@ def run(params: Params, paths: Paths) -> dict:
     return metrics
 
 
+def with_tuned_settings(params: Params, paths: Paths) -> tuple[Params, str]:
+    """`maximize.tuned`: params whose TT rank and lr are the tune stage's best trial, and the study's name."""
+    import json
+
+    if not params.maximize.tuned:
+        return params, ""
+    path = paths.metrics / "tune.json"
+    if not path.is_file():
+        raise SpikemaxError(f"maximize.tuned is true but {path} is missing: run `spikemax tune` first")
+    best = json.loads(path.read_text())
+    try:
+        tt = params.maximize.tt.model_copy(update={"rank": int(best["best_rank"]), "lr": float(best["best_lr"])})
+    except KeyError as err:
+        raise SpikemaxError(f"{path} has no {err.args[0]}: rerun `spikemax tune`") from err
+    m = params.maximize.model_copy(update={"tt": tt})
+    return params.model_copy(update={"maximize": m}), str(best.get("study", path))
+
+
 def run_group(
     st: AMRuns,
     group: list[Combo],
@@ -155,9 +175,13 @@ def run_group(
         opens = [st.open_run(c, grid, snn_ckpt) for c in group if c.key not in st.done]
         by_key = {op.combo.key: op for op in opens}
         optimizers = [st.make_optimizer(by_key.get(c.key, c), grid) for c in group]
+        # Warm runs get a cold twin (run alongside, not logged) so `queries_saved` is measured.
+        warm = [] if m.population else [i for i, c in enumerate(group) if c.key in by_key and by_key[c.key].warm_from]
+        twins = [st.make_cold_twin(by_key[group[i].key], grid) for i in warm]
+        names = [c.target.name for c in group] + [group[i].target.name for i in warm]
         responder = make_responder(
             net,
-            [c.target.name for c in group],
+            names,
             seed=noise_seed,
             model=m.noise.model,
             sigma=m.noise.sigma,
@@ -176,7 +200,7 @@ def run_group(
                 "batch": m.batch,
             }
             table = PopulationTable(st.am_dir / "populations" / pkey, meta)
-            results = run_am_population(
+            everything = run_am_population(
                 optimizers,
                 grid,
                 responder,
@@ -191,25 +215,27 @@ def run_group(
             )
             table.close()
         else:
-            results = run_am_group(
-                optimizers,
+            everything = run_am_group(
+                optimizers + twins,
                 grid,
                 responder,
                 m.budget,
                 m.batch,
-                loggers=[op.logger for op in opens],
+                loggers=[op.logger for op in opens] + [None] * len(twins),
                 target_value=m.target_value,
                 on_batch=lambda k: progress.advance(q_task, k),
                 max_images=m.max_images,
             )
+        results = everything[: len(group)]
+        cold = {group[i].key: r for i, r in zip(warm, everything[len(group) :])}
         mine = [(by_key[c.key], opt, res) for c, opt, res in zip(group, optimizers, results) if c.key in by_key]
         extras = stimulus_stats(net, st.prepared, [res for _, _, res in mine])
         for (op, opt, res), ex in zip(mine, extras):
             j = col[op.combo.target]
             ex = {**ex, "dataset_csi": float(stats["csi"][j]), "dataset_sparseness": float(stats["sparseness"][j])}
-            st.finish_run(op, res, opt, float(stats["dataset_max"][j]), ex)
+            st.finish_run(op, res, opt, float(stats["dataset_max"][j]), ex, cold=cold.get(op.combo.key))
             progress.advance(runs_task, 1)
-        return results[0].n_queries if m.population else sum(r.n_queries for r in results)
+        return results[0].n_queries if m.population else sum(r.n_queries for r in everything)
     except Exception as err:
         for op in opens:
             if op.combo.key not in st.done:

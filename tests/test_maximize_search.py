@@ -1,0 +1,192 @@
+"""The maximize stage's search settings: TT's per-grid `cma: auto` and the VQ-VAE data prior."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from spikemax import params as P
+from spikemax import tracking
+from spikemax.optim import options_for
+from spikemax.optim.tt import CMA_AUTO
+from spikemax.stages.maximize import run as run_stage
+
+from .conftest import write_params
+
+
+@pytest.fixture(autouse=True)
+def _own_store(monkeypatch):
+    """Keep one test's MLflow store out of the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _project_copy(root: Path, project, maximize: dict) -> tuple[P.Params, P.Paths]:
+    """A fresh project dir sharing the fixture's prepared data and models, with its own outputs."""
+    params, paths = project
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    for link, target in ((root / "data" / "prepared", paths.prepared), (root / "models", paths.root / "models")):
+        if not link.exists():
+            link.symlink_to(target)
+    path = write_params(root, {"prepare": params.prepare.model_dump(), "maximize": maximize})
+    return P.load(path, root=root)
+
+
+def test_options_for_resolves_cma_per_grid():
+    m = P.validate({}).maximize
+    assert m.tt.cma == "auto" and options_for("tt", m)["cma"] == "auto"
+    assert options_for("tt", m, True)["cma"] == CMA_AUTO[True] > 0
+    assert options_for("tt", m, False)["cma"] == 0.0
+    with pytest.raises(Exception, match="Input should be 'auto' or a number in"):
+        P.validate({"maximize": {"tt": {"cma": 2}}})
+
+
+@pytest.mark.parametrize("prior", [True, False])
+def test_stage_records_resolved_cma_and_the_prior_in_mlflow(
+    tmp_path, project, snn_checkpoints, generator_checkpoints, prior
+):
+    small = {
+        "epochs": [-1],
+        "generators": ["sngan", "vqvae"],
+        "targets": ["class:0"],
+        "units_per_layer": 0,
+        "methods": ["tt", "random"],
+        "budget": 32,
+        "batch": 16,
+        "prior": prior,
+        "prior_images": 200,
+    }
+    params, paths = _project_copy(tmp_path / "p", project, small)
+    assert run_stage(params, paths)["n_failed"] == 0
+    client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
+    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
+    runs = [r for r in client.search_runs([exp.experiment_id]) if tracking.RUN_KEY_TAG in r.data.tags]
+    assert len(runs) == 4
+    for r in runs:
+        g, method = r.data.params["generator"], r.data.params["method"]
+        if method == "tt":
+            assert json.loads(r.data.params["options"])["cma"] == CMA_AUTO[g == "sngan"]
+        assert r.data.params["prior"] == str(prior and g == "vqvae")
+    cache = paths.results / "am" / "prior_vqvae.npz"
+    assert cache.is_file() == prior
+    if prior:
+        with np.load(cache) as z:
+            assert z["theta"].shape[:2] == (z["n"].size, params.maximize.tt.rank)
+
+
+def test_queries_to_level_uses_the_better_best_of_both_runs():
+    from spikemax.am.runs import queries_to_level
+
+    warm, cold = np.array([0.0, 9.6, 10.0]), np.array([1.0, 2.0, 5.0, 9.0])
+    assert queries_to_level(warm, cold) == 2  # 9.6 >= 0.95 * 10
+    assert queries_to_level(cold, warm) == 4  # never reaches 9.5: its whole budget
+    assert queries_to_level(np.array([np.nan, 3.0]), np.array([np.nan])) == 2
+
+
+def test_queries_saved_is_measured_against_a_cold_run_of_the_same_neuron(
+    tmp_path, project, snn_checkpoints, generator_checkpoints
+):
+    from spikemax.am.runs import queries_to_level
+
+    small = {
+        "epochs": [0, -1],
+        "generators": ["vqvae"],
+        "targets": ["class:0", "lif1:0"],
+        "units_per_layer": 0,
+        "methods": ["tt"],
+        "budget": 48,
+        "batch": 16,
+        "prior_images": 200,
+    }
+    out = {}
+    for warm in (True, False):
+        params, paths = _project_copy(tmp_path / f"w{warm}", project, {**small, "warm_start": warm})
+        run_stage(params, paths)
+        df = pd.read_csv(paths.results / "am" / "summary.csv")
+        out[warm] = (paths.results / "am", df[df.epoch == df.epoch.max()].set_index("target"))
+    (am_w, w), (am_c, c) = out[True], out[False]
+    n_warm = 0
+    for target in w.index:
+        if not json.loads((am_w / w.loc[target, "run_dir"] / "summary.json").read_text())["warm_start_from"]:
+            assert w.loc[target, "queries_saved"] == 0  # started cold: its previous search never fired
+            continue
+        n_warm += 1
+        yw = pd.read_parquet(am_w / w.loc[target, "run_dir"] / "queries.parquet")["response"].to_numpy()
+        yc = pd.read_parquet(am_c / c.loc[target, "run_dir"] / "queries.parquet")["response"].to_numpy()
+        # The cold twin is the same run as the warm_start: false stage's run of that neuron.
+        assert w.loc[target, "queries_saved"] == queries_to_level(yc, yw) - queries_to_level(yw, yc)
+    assert n_warm >= 1  # lif1:0 fires at epoch 0 in the tiny net
+
+
+def test_tuned_maximize_runs_carry_the_study_best_settings(tmp_path, project, snn_checkpoints, generator_checkpoints):
+    small = {
+        "epochs": [-1],
+        "generators": ["sngan"],
+        "targets": ["class:0"],
+        "units_per_layer": 0,
+        "methods": ["tt"],
+        "budget": 16,
+        "batch": 16,
+        "tuned": True,
+    }
+    params, paths = _project_copy(tmp_path / "p", project, small)
+    with pytest.raises(Exception, match="tune.json is missing: run `spikemax tune` first"):
+        run_stage(params, paths)
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    (paths.metrics / "tune.json").write_text(json.dumps({"study": "tt-sngan-e2-x", "best_rank": 3, "best_lr": 0.037}))
+    run_stage(params, paths)
+    client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
+    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    nested = [r for r in runs if tracking.RUN_KEY_TAG in r.data.tags]
+    parent = [r for r in runs if r.data.params.get("tuned_from") == "tt-sngan-e2-x"]
+    assert len(nested) == 1 and len(parent) == 1
+    opts = json.loads(nested[0].data.params["options"])
+    assert (opts["rank"], opts["lr"], nested[0].data.params["rank"]) == (3, 0.037, "3")
+
+
+def test_method_auto_resolves_per_grid():
+    from spikemax.optim import make_optimizer
+    from spikemax.optim.tt import METHOD_AUTO
+
+    m = P.validate({"maximize": {"methods": ["auto"]}}).maximize
+    assert options_for("auto", m, True) == {"resolved": METHOD_AUTO[True]}
+    codebook = options_for("auto", m, False)
+    assert codebook["resolved"] == METHOD_AUTO[False] == "tt" and codebook["cma"] == 0.0
+    assert options_for("auto", m)["resolved"] == "auto"  # no grid: the configuration hash keeps "auto"
+    assert make_optimizer("auto", 4, 8, **options_for("auto", m, True)).method == METHOD_AUTO[True]
+    assert make_optimizer("auto", 4, 8, **codebook).method == "tt"
+    with pytest.raises(ValueError, match="method 'auto' needs resolved"):
+        make_optimizer("auto", 4, 8)
+
+
+def test_stage_records_the_method_auto_resolved_per_generator(
+    tmp_path, project, snn_checkpoints, generator_checkpoints
+):
+    from spikemax.optim.tt import METHOD_AUTO
+
+    small = {
+        "epochs": [-1],
+        "generators": ["sngan", "vqvae"],
+        "targets": ["class:0"],
+        "units_per_layer": 0,
+        "methods": ["auto"],
+        "budget": 16,
+        "batch": 16,
+        "prior_images": 200,
+    }
+    params, paths = _project_copy(tmp_path / "p", project, small)
+    assert run_stage(params, paths)["n_failed"] == 0
+    client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
+    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
+    runs = [r for r in client.search_runs([exp.experiment_id]) if tracking.RUN_KEY_TAG in r.data.tags]
+    got = {r.data.params["generator"]: r.data.params["resolved_method"] for r in runs}
+    assert got == {"sngan": METHOD_AUTO[True], "vqvae": METHOD_AUTO[False]}
+    for r in runs:
+        assert json.loads(r.data.params["options"])["resolved"] == got[r.data.params["generator"]]
+        assert r.data.params["method"] == "auto"
