@@ -15,6 +15,12 @@ from spikemax import SpikemaxError
 DATASETS = ("fashion-mnist", "cifar10")
 
 
+GeneratorName = Literal["sngan", "vqvae"]
+GENERATOR_NAMES: tuple[GeneratorName, ...] = ("sngan", "vqvae")
+MethodName = Literal["auto", "tt", "random", "cma", "ngopt", "protes"]
+DEFAULT_METHODS: tuple[MethodName, ...] = ("tt", "cma")
+
+
 class ParamsError(SpikemaxError):
     """A params.yaml value is missing, malformed or out of range."""
 
@@ -98,7 +104,7 @@ class VQVAEParams(Section):
 class GeneratorsParams(Section):
     """`train_generator` and `check_generators` stages."""
 
-    names: list[Literal["sngan", "vqvae"]] = Field(default_factory=lambda: ["sngan", "vqvae"])
+    names: list[GeneratorName] = Field(default_factory=lambda: list(GENERATOR_NAMES))
     sngan: SNGANParams = Field(default_factory=SNGANParams)
     vqvae: VQVAEParams = Field(default_factory=VQVAEParams)
     check_samples: int = Field(1000, ge=1)
@@ -157,14 +163,12 @@ class MaximizeParams(Section):
 
     # A list of checkpoint epochs (a negative entry counts from the last one: -1 = last) or "all".
     epochs: Literal["all"] | list[int] = Field("all", min_length=1)
-    generators: list[Literal["sngan", "vqvae"]] = Field(default_factory=lambda: ["sngan", "vqvae"], min_length=1)
+    generators: list[GeneratorName] = Field(default_factory=lambda: list(GENERATOR_NAMES), min_length=1)
     targets: list[str] = Field(default_factory=lambda: ["class:*"])
     units_per_layer: int = Field(0, ge=0)
     target_seed: int = Field(0, ge=0)
     max_images: int = Field(512, ge=1)
-    methods: list[Literal["auto", "tt", "random", "cma", "ngopt", "protes"]] = Field(
-        default_factory=lambda: ["tt", "cma"], min_length=1
-    )
+    methods: list[MethodName] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     budget: int = Field(1024, ge=1)
     batch: int = Field(64, ge=1)

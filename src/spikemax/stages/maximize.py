@@ -354,7 +354,7 @@ def remote_group(
         grid = load_generator(c0.generator, plan_.gen_ckpts[c0.generator]).to(devices.resolve(params.device))
         col = {t: i for i, t in enumerate(plan_.targets)}
         seed = zlib.crc32(f"{c0.epoch}/{c0.generator}/{c0.method}/{c0.seed}".encode())
-        run = group if params.maximize.population else todo  # population: finished neurons only re-propose
-        n = run_group(st, run, grid, net, stats, col, plan_.snn_ckpts[c0.epoch], seed, _Quiet(), None, None)
+        combos = group if params.maximize.population else todo  # population: finished neurons only re-propose
+        n = run_group(st, combos, grid, net, stats, col, plan_.snn_ckpts[c0.epoch], seed, _Quiet(), None, None)
     rows = {c.key: st.done[c.key] for c in group if c.key in st.done}
     return {"rows": rows, "failed": st.failed, "queries": n, "logging_s": st.logging_s}
