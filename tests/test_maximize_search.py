@@ -88,8 +88,17 @@ def test_queries_to_level_uses_the_better_best_of_both_runs():
     assert queries_to_level(np.array([np.nan, 3.0]), np.array([np.nan])) == 2
 
 
+def test_runs_tt_follows_method_auto_per_grid():
+    from spikemax.am.plan import runs_tt
+
+    assert runs_tt("tt", "sngan") and runs_tt("tt", "vqvae")
+    assert runs_tt("auto", "vqvae") and not runs_tt("auto", "sngan")  # auto: TT on codebooks, CMA-ES on quantiles
+    assert not runs_tt("cma", "vqvae")
+
+
+@pytest.mark.parametrize("method", ["tt", "auto"])  # auto runs TT on VQ-VAE: warm starts and twins too
 def test_queries_saved_is_measured_against_a_cold_run_of_the_same_neuron(
-    tmp_path, project, snn_checkpoints, generator_checkpoints
+    tmp_path, project, snn_checkpoints, generator_checkpoints, method
 ):
     from spikemax.am.runs import queries_to_level
 
@@ -98,7 +107,7 @@ def test_queries_saved_is_measured_against_a_cold_run_of_the_same_neuron(
         "generators": ["vqvae"],
         "targets": ["class:0", "lif1:0"],
         "units_per_layer": 0,
-        "methods": ["tt"],
+        "methods": [method],
         "budget": 48,
         "batch": 16,
         "prior_images": 200,

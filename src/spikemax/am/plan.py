@@ -122,6 +122,14 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
+def runs_tt(method: str, generator: str) -> bool:
+    """Whether `method` on `generator`'s grid runs TT (`auto` resolves per grid, as options_for does)."""
+    from spikemax.generators import grid_ordered
+    from spikemax.optim.tt import METHOD_AUTO
+
+    return method == "tt" or (method == "auto" and METHOD_AUTO[grid_ordered(generator)] == "tt")
+
+
 PRIOR_METHODS = ("tt", "random", "auto")  # methods that take a data prior (`prior=`)
 PRIOR_GENERATORS = ("vqvae",)  # codebook grids (unordered, with an encoder): where the prior is fitted
 
@@ -143,7 +151,7 @@ def _config_hash(
         "noise": m.noise.model_dump(),
         "target_value": m.target_value,
         "options": options_for(method, m),
-        "warm": bool(m.warm_start and method == "tt"),
+        "warm": bool(m.warm_start and runs_tt(method, generator)),
         # Only runs that can use the prior (codebook grids, tt / random) depend on its settings.
         "prior": [m.prior, m.prior_images] if method in PRIOR_METHODS and generator in PRIOR_GENERATORS else None,
         "snn": _digest(snn_ckpt),

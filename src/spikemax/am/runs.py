@@ -15,7 +15,7 @@ import torch
 from spikemax import images, tracking
 from spikemax.am import SUMMARY_COLUMNS
 from spikemax.am.loop import AMResult
-from spikemax.am.plan import PRIOR_GENERATORS, PRIOR_METHODS, Combo, Plan, finished_runs, population_key
+from spikemax.am.plan import PRIOR_GENERATORS, PRIOR_METHODS, Combo, Plan, finished_runs, population_key, runs_tt
 from spikemax.neurons import Target
 from spikemax.optim import Optimizer, make_optimizer, options_for
 from spikemax.outputs import write_json
@@ -130,7 +130,7 @@ class AMRuns:
             params=param_batch(
                 {
                     "method": combo.method,
-                    "rank": m.tt.rank if combo.method == "tt" else "none",
+                    "rank": m.tt.rank if runs_tt(combo.method, combo.generator) else "none",
                     "grid_n": grid.n,
                     "grid_d": grid.d,
                     "budget": m.budget,
@@ -168,7 +168,7 @@ class AMRuns:
 
     def warm_source(self, combo: Combo) -> str:
         """Key of the previous epoch's TT run this combination warm-starts from ("" = cold start)."""
-        if combo.method == "tt" and self.m.warm_start:
+        if runs_tt(combo.method, combo.generator) and self.m.warm_start:
             prev = self._prev_combo(combo)
             # Only from a search that made the neuron fire: a silent neuron's search (e.g. class units
             # of the untrained epoch 0) learned nothing about it, and starting from it cost queries
@@ -260,7 +260,7 @@ class AMRuns:
         images.save_convergence_png(
             res.responses, run_dir / "convergence.png", title=f"{c.target.name} e{c.epoch} {c.generator} {c.method}"
         )
-        if hasattr(optimizer, "state_dict") and c.method == "tt":
+        if hasattr(optimizer, "state_dict") and runs_tt(c.method, c.generator):
             with open(run_dir / "tt_state.pkl", "wb") as f:
                 pickle.dump(optimizer.state_dict(), f)
         gain = S.am_gain(res.best_response, dataset_max)

@@ -116,3 +116,14 @@ def vqvae_eval(model: Any, prepared: Any, split: str) -> dict[str, float]:
         f"{split}_recon_mse": sq / x.numel(),
         f"{split}_perplexity": perplexity_of(torch.cat(idxs), model.hparams["codes"]),
     }
+
+
+def grid_ordered(name: str) -> bool:
+    """Whether generator `name`'s grid is ordered (`LatentGrid.ordered`), without loading a checkpoint."""
+    if check_name(name) == "sngan":
+        from spikemax.generators.sngan import SNGANGrid
+
+        return SNGANGrid.ordered
+    from spikemax.generators.vqvae import VQVAEGrid
+
+    return VQVAEGrid.ordered

@@ -20,7 +20,7 @@ from rich.progress import (
 
 from spikemax import SpikemaxError, devices, snn
 from spikemax.am.loop import run_am_group, run_am_population
-from spikemax.am.plan import Combo, plan, population_key
+from spikemax.am.plan import Combo, plan, population_key, runs_tt
 from spikemax.am.runs import AMRuns, OpenRun, dataset_stats, metric_batch, param_batch, stimulus_stats
 from spikemax.generators import LatentGrid, load_generator
 from spikemax.neurons import Target, make_responder
@@ -299,7 +299,7 @@ def run_remote(params: Params, st: AMRuns, todo: list[Combo], progress: Any, q_t
                             if (c.epoch, c.generator, c.method, c.seed) == (e, g, method, seed)
                         ]
                     prev = where.get((plan_.epochs[i - 1], g, method, seed)) if i else None
-                    after = [prev] if prev is not None and method == "tt" and m.warm_start else []
+                    after = [prev] if prev is not None and runs_tt(method, g) and m.warm_start else []
                     where[(e, g, method, seed)] = len(jobs)
                     jobs.append(engine.Job((params, st.paths, plan_, keys, st.parent_id, stats, st.uri), after))
     n_run = 0
