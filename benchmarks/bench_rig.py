@@ -1,6 +1,6 @@
 """Rig service latency over loopback (ask 40 + tell 40, durable writes and MLflow) and SIGKILL durability.
 
-    python benchmarks/bench_rig.py --generators /work/repro/models/generators --rounds 30 --kills 20 --out rig.json
+    python benchmarks/bench_rig.py --generators models/generators --rounds 30 --kills 20 --out rig.json
 
 HTTP: a real uvicorn server on 127.0.0.1, one session per generator, `rounds` ask(k)+tell(k) round
 trips (p50/p95 of ask, tell and the round trip; the first round is a warm-up and not counted).
@@ -228,7 +228,7 @@ def bench_kills(params, paths, kills: int, k: int = 8, budget: int = 400) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--generators", type=Path, default=Path("/work/repro/models/generators"))
+    ap.add_argument("--generators", type=Path, default=Path("models/generators"), help="trained generator checkpoints")
     ap.add_argument("--k", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--kills", type=int, default=20)

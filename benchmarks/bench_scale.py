@@ -1,6 +1,6 @@
 """Scaling the maximize stage: Ray engine vs in-process, and per-query logging against `mlflow server`.
 
-Run from anywhere with a trained project (default /work/repro-like layout: data/prepared, models/):
+Run from anywhere with a trained project (its layout: data/prepared, models/):
   python benchmarks/bench_scale.py --project /path/to/project --out benchmarks/results/scale.json
   python benchmarks/bench_scale.py --project P --quick     # smaller budget (smoke run)
 
