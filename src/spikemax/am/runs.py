@@ -15,7 +15,16 @@ import torch
 from spikemax import images, tracking
 from spikemax.am import SUMMARY_COLUMNS
 from spikemax.am.loop import AMResult
-from spikemax.am.plan import PRIOR_GENERATORS, PRIOR_METHODS, Combo, Plan, finished_runs, population_key, runs_tt
+from spikemax.am.plan import (
+    PRIOR_GENERATORS,
+    PRIOR_METHODS,
+    Combo,
+    Plan,
+    finished_runs,
+    population_key,
+    read_summary,
+    runs_tt,
+)
 from spikemax.neurons import Target
 from spikemax.optim import Optimizer, make_optimizer, options_for
 from spikemax.outputs import write_json
@@ -173,7 +182,9 @@ class AMRuns:
             # Only from a search that made the neuron fire: a silent neuron's search (e.g. class units
             # of the untrained epoch 0) learned nothing about it, and starting from it cost queries
             # (benchmarks: SN-GAN e0 -> e2 warm starts were slower on 6 of 8 neurons).
-            fired = prev is not None and float((self.done.get(prev.key) or {}).get("best_activation", 0.0) or 0.0) > 0
+            # The previous run's summary from memory or, on a Ray worker that did not run it, from disk.
+            row = (self.done.get(prev.key) or read_summary(self.am_dir, prev) or {}) if prev is not None else {}
+            fired = prev is not None and float(row.get("best_activation", 0.0) or 0.0) > 0
             if prev is not None and fired and (self.am_dir / prev.run_dir / "tt_state.pkl").is_file():
                 return prev.key
         return ""
