@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,11 +56,11 @@ def neuron(indices: np.ndarray) -> np.ndarray:
 def bench_http(params, paths, k: int, rounds: int) -> dict:
     import uvicorn
 
-    from spikemax.rig.app import create_app
+    from spikemax.rig.app import bind, create_app
     from spikemax.rig.sessions import SessionManager
 
     manager = SessionManager(params, paths, paths.results / "rig")
-    sock = socket.create_server(("127.0.0.1", 0))
+    sock = bind("127.0.0.1", 0)  # the socket `spikemax serve` listens on (TCP_NODELAY)
     server = uvicorn.Server(uvicorn.Config(create_app(manager, "tok"), log_level="warning"))
     th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     th.start()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 
@@ -18,7 +17,7 @@ from PIL import Image
 
 from spikemax.am.loop import run_am
 from spikemax.optim import make_optimizer, options_for
-from spikemax.rig.app import create_app
+from spikemax.rig.app import bind, create_app
 from spikemax.rig.sessions import CLOSED_LOOP_TAG, SessionManager
 from tests.rig_support import as_results, make_project, neuron
 
@@ -30,7 +29,7 @@ def service(generator_checkpoints, tmp_path_factory):
     """A real uvicorn server on a free loopback port; yields (url, manager, params, paths)."""
     params, paths = make_project(tmp_path_factory.mktemp("righttp"), generator_checkpoints)
     manager = SessionManager(params, paths, paths.results / "rig")
-    sock = socket.create_server(("127.0.0.1", 0))
+    sock = bind("127.0.0.1", 0)  # the listening socket `spikemax serve` uses
     server = uvicorn.Server(uvicorn.Config(create_app(manager, TOKEN), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -257,3 +256,17 @@ def test_two_sessions_stay_isolated(http):
     assert png.headers["content-type"] == "image/png"
     assert png.content == base64.b64decode(sb[1]["png"])
     assert {s["id"] for s in http.get("/sessions").json()} >= {a, b}
+
+
+def test_keep_alive_replies_are_not_held_back_by_nagle():
+    """The listening socket says it is TCP with TCP_NODELAY (else every keep-alive reply waited for a delayed ACK)."""
+    import socket as sk
+
+    from spikemax.rig.app import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == sk.IPPROTO_TCP  # asyncio sets TCP_NODELAY on accepted sockets only for these
+        assert sock.getsockopt(sk.IPPROTO_TCP, sk.TCP_NODELAY) == 1
+    finally:
+        sock.close()
