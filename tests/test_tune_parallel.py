@@ -30,17 +30,23 @@ def _project(root: Path, shared: Path, tune: dict) -> Path:
 
 def _kill_one_running(storage: str, proc: subprocess.Popen, timeout: float = 240) -> int:
     """SIGKILL the worker of the first trial seen RUNNING with its run open; returns its number."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        for name in optuna.get_all_study_names(storage):
-            for tr in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
-                if tr.state.name == "RUNNING" and "mlflow_run_id" in tr.user_attrs:
-                    pid = int(tr.user_attrs["worker"].rsplit(":", 1)[1])
-                    os.kill(pid, signal.SIGKILL)
-                    return tr.number
-        time.sleep(0.05)
-    raise TimeoutError("no trial started")
+    # One storage (one connection pool) for the whole poll: a URL per call opened a new pool each
+    # time, and at 20 polls a second they used up the server's connections.
+    rdb = optuna.storages.RDBStorage(storage)
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            for name in optuna.get_all_study_names(rdb):
+                for tr in optuna.load_study(study_name=name, storage=rdb).get_trials(deepcopy=False):
+                    if tr.state.name == "RUNNING" and "mlflow_run_id" in tr.user_attrs:
+                        pid = int(tr.user_attrs["worker"].rsplit(":", 1)[1])
+                        os.kill(pid, signal.SIGKILL)
+                        return tr.number
+            time.sleep(0.05)
+        raise TimeoutError("no trial started")
+    finally:
+        rdb.engine.dispose()
 
 
 @pytest.mark.slow
