@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -16,25 +15,13 @@ from spikemax.optim import options_for
 from spikemax.optim.tt import CMA_AUTO
 from spikemax.stages.maximize import run as run_stage
 
-from .conftest import write_params
+from .test_maximize import _project_copy
 
 
 @pytest.fixture(autouse=True)
 def _own_store(monkeypatch):
     """Keep one test's MLflow store out of the next."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-def _project_copy(root: Path, project, maximize: dict) -> tuple[P.Params, P.Paths]:
-    """A fresh project dir sharing the fixture's prepared data and models, with its own outputs."""
-    params, paths = project
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "data").mkdir(exist_ok=True)
-    for link, target in ((root / "data" / "prepared", paths.prepared), (root / "models", paths.root / "models")):
-        if not link.exists():
-            link.symlink_to(target)
-    path = write_params(root, {"prepare": params.prepare.model_dump(), "maximize": maximize})
-    return P.load(path, root=root)
 
 
 def test_options_for_resolves_cma_per_grid():
