@@ -28,21 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from noise_common import setup
+
 
 def _setup(params_path: str, generator: str):
+    """noise_common.setup (last checkpoint, one generator) plus the prepared data, for AM gain."""
     from spikemax import params as P
-    from spikemax import snn
     from spikemax.data import Prepared
-    from spikemax.generators import checkpoint_path, load_generator
 
-    params, paths = P.load(params_path)
-    ckpts = snn.checkpoints(paths)
-    if not ckpts:
-        sys.exit(f"no SNN checkpoints under {paths.snn_dir}: run `dvc repro` first")
-    epoch = max(ckpts)
-    net = snn.load_snn(ckpts[epoch]).eval()
-    grid = load_generator(generator, checkpoint_path(generator, paths))
-    return params, paths, net, grid, epoch, Prepared.load(paths.prepared)
+    params, net, grid, epoch = setup(params_path, generator)
+    return params, net, grid, epoch, Prepared.load(P.load(params_path)[1].prepared)
 
 
 def _neurons(net, k: int, seed: int) -> list[str]:
@@ -248,7 +243,7 @@ def main() -> None:
     skip = set(filter(None, a.skip.split(",")))
     results = {}
     for generator in a.generators.split(","):
-        params, _, net, grid, epoch, prepared = _setup(a.params, generator)
+        params, net, grid, epoch, prepared = _setup(a.params, generator)
         targets = _neurons(net, a.neurons, a.seed)
         result: dict = {
             "checkpoint_epoch": epoch,
