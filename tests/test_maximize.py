@@ -136,6 +136,36 @@ def test_stage_outputs_mlflow_layout_and_rerun_skips(tmp_path, models):
     pd.testing.assert_frame_equal(pd.read_csv(am / "summary.csv"), df)
 
 
+def test_budget_last_searches_the_last_checkpoint_longer(tmp_path, models):
+    params, paths = _project_copy(
+        tmp_path / "p",
+        models,
+        {
+            **SMALL,
+            "generators": ["vqvae"],
+            "targets": ["class:1"],
+            "methods": ["ngopt"],
+            "budget": 32,
+            "budget_last": 64,
+        },
+    )
+    run_stage(params, paths)
+    df = pd.read_csv(paths.results / "am" / "summary.csv").set_index("epoch")
+    assert df.loc[0, "budget"] == df.loc[0, "n_queries"] == 32
+    assert df.loc[2, "budget"] == df.loc[2, "n_queries"] == 64
+    for e, row in df.iterrows():
+        q = pd.read_parquet(paths.results / "am" / row["run_dir"] / "queries.parquet")
+        assert len(q) == row["budget"]
+        # Comparable across checkpoints: the best within the first `budget` queries.
+        assert row["scan_best_activation"] == pytest.approx(q["response"][:32].max())
+        assert row["best_activation"] == pytest.approx(q["response"].max())
+        run = mlflow.MlflowClient(tracking.tracking_uri(paths.root)).get_run(row["run_id"])
+        assert run.data.params["budget"] == str(row["budget"])
+        assert json.loads(run.data.params["options"])["budget"] == row["budget"]  # NGOpt is told its budget
+    last = json.loads((paths.metrics / "am.json").read_text())["last_checkpoint"]
+    assert set(last) == {"vqvae/ngopt"} and last["vqvae/ngopt"]["n_runs"] == 1
+
+
 def test_targets_class_star_sampled_units_and_dedup():
     layers = {"lif1": 4, "lif2": 8, "fc_lif1": 32, "out": 10}
     m = P.MaximizeParams(targets=["class:*", "out:3", "lif2:5"], units_per_layer=3, target_seed=1)
@@ -158,6 +188,7 @@ def test_bad_params_fail_before_any_run(tmp_path, models):
         "unknown target": ({"targets": ["lif9:0"]}, "lif9"),
         "unit out of range": ({"targets": ["class:99"]}, "class:99"),
         "epoch without checkpoint": ({"epochs": [0, 7]}, "epoch 7"),
+        "budget_last below budget": ({"budget_last": 8}, "budget_last >= budget"),
     }
     for i, (case, (change, needle)) in enumerate(cases.items()):
         params, paths = _project_copy(tmp_path / f"p{i}", models, {**base, **change})

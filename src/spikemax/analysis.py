@@ -209,7 +209,9 @@ def stimulus_stats(
     stats = units[["epoch", "layer", "unit", "csi", "preferred_class", "sparseness", "dataset_max"]]
     out = out.drop(columns=[c for c in ("csi", "preferred_class", "sparseness") if c in out.columns])
     out = out.rename(columns={"dataset_max": "am_dataset_max"}).merge(stats, on=["epoch", "layer", "unit"], how="left")
-    out["am_gain_dataset"] = S.am_gain(out["best_activation"].to_numpy(), out["dataset_max"].to_numpy())
+    # At the scan's common budget: the last checkpoint may search longer (maximize.budget_last).
+    best = out["scan_best_activation"] if "scan_best_activation" in out else out["best_activation"]
+    out["am_gain_dataset"] = S.am_gain(best.to_numpy(dtype=float), out["dataset_max"].to_numpy())
     return out
 
 

@@ -171,6 +171,9 @@ class MaximizeParams(Section):
     methods: list[MethodName] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     budget: int = Field(1024, ge=1)
+    # Queries per run at the last checkpoint of the scan (null = `budget`): the trained network gets a
+    # deeper search; comparisons across checkpoints use each run's best within its first `budget` queries.
+    budget_last: int | None = Field(None, ge=1)
     batch: int = Field(64, ge=1)
     target_value: float | None = None
     warm_start: bool = True

@@ -20,5 +20,7 @@ SUMMARY_COLUMNS = [
     "dataset_max",
     "am_gain",
     "queries_saved",
+    "scan_best_activation",  # best within the first maximize.budget queries (= best_activation unless budget_last)
+    "scan_am_gain",
     "run_dir",
 ]

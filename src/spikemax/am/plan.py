@@ -36,6 +36,7 @@ class Combo:
     key: str
     step: int | None = None
     progress: float = 0.0
+    budget: int = 0  # queries of this run (maximize.budget, or budget_last at the scan's last checkpoint)
 
     @property
     def run_dir(self) -> str:
@@ -134,6 +135,16 @@ PRIOR_METHODS = ("tt", "random", "auto")  # methods that take a data prior (`pri
 PRIOR_GENERATORS = ("vqvae",)  # codebook grids (unordered, with an encoder): where the prior is fitted
 
 
+def budget_for(m: MaximizeParams, epoch: int, epochs: list[int]) -> int:
+    """Queries per run at this checkpoint: `budget_last` at the scan's last one, else `budget`."""
+    return m.budget_last if m.budget_last is not None and epoch == max(epochs) else m.budget
+
+
+def with_budget(m: MaximizeParams, budget: int) -> MaximizeParams:
+    """The maximize params as one run sees them: its own budget (NGOpt and the noisy layer are told it)."""
+    return m if budget in (0, m.budget) else m.model_copy(update={"budget": budget})
+
+
 def _config_hash(
     m: MaximizeParams,
     method: str,
@@ -170,8 +181,10 @@ def plan(params: Params, paths: Paths) -> Plan:
     from spikemax.optim import make_optimizer
 
     m = params.maximize
-    if m.budget <= 0 or m.batch <= 0:
-        raise _stage_error(f"budget and batch must be >= 1 (got {m.budget}, {m.batch})")
+    if m.budget <= 0 or m.batch <= 0 or (m.budget_last is not None and m.budget_last < m.budget):
+        raise _stage_error(
+            f"budget and batch must be >= 1 and budget_last >= budget (got {m.budget}, {m.batch}, {m.budget_last})"
+        )
     if not (paths.prepared / "meta.json").is_file():
         raise _stage_error(f"no prepared data under {paths.prepared}: run `spikemax prepare` first")
     available = snn.checkpoints(paths)  # index (ordered by training progress) -> path
@@ -214,13 +227,14 @@ def plan(params: Params, paths: Paths) -> Plan:
     combos = []
     for e in epochs:
         prog = snn.progress(available[e])
+        budget = budget_for(m, e, epochs)
         for g in m.generators:
             for method in m.methods:
-                h = _config_hash(m, method, available[e], gen_ckpts[g], targets, g)
+                h = _config_hash(with_budget(m, budget), method, available[e], gen_ckpts[g], targets, g)
                 for seed in m.seeds:
                     for t in targets:
                         key = _slug(f"e{e:03d}-{prog.epoch:.3f}_{g}_{t.name}_{method}_s{seed}_{h}")
-                        combos.append(Combo(e, g, t, method, seed, key, prog.step, prog.epoch))
+                        combos.append(Combo(e, g, t, method, seed, key, prog.step, prog.epoch, budget))
     return Plan(epochs, {e: available[e] for e in epochs}, gen_ckpts, targets, combos)
 
 

@@ -50,6 +50,7 @@ def run(params: Params, paths: Paths) -> dict:
                 "seeds": ",".join(map(str, m.seeds)),
                 "n_targets": len(plan_.targets),
                 "budget": m.budget,
+                "budget_last": m.budget_last or m.budget,
                 "batch": m.batch,
                 "noise": json.dumps(m.noise.model_dump(), sort_keys=True),
                 "population": m.population_rule if m.population else "none",
@@ -74,7 +75,7 @@ def run(params: Params, paths: Paths) -> dict:
             transient=False,
         ) as progress:
             runs_task = progress.add_task("AM runs", total=len(todo))
-            q_task = progress.add_task("queries", total=len(todo) * m.budget)
+            q_task = progress.add_task("queries", total=sum(c.budget for c in todo))
             if m.engine != "local":
                 n_run = run_remote(params, st, todo, progress, q_task, runs_task)
                 todo = []  # every group ran on the cluster
@@ -170,6 +171,7 @@ def run_group(
     (`maximize.population`: `group` is then every target, finished ones only re-propose); returns
     queries run (presentations in population mode)."""
     m = st.m
+    budget = group[0].budget or m.budget  # one checkpoint per group: one budget
     opens: list[OpenRun] = []
     try:
         opens = [st.open_run(c, grid, snn_ckpt) for c in group if c.key not in st.done]
@@ -178,6 +180,9 @@ def run_group(
         # Warm runs get a cold twin (run alongside, not logged) so `queries_saved` is measured.
         warm = [] if m.population else [i for i, c in enumerate(group) if c.key in by_key and by_key[c.key].warm_from]
         twins = [st.make_cold_twin(by_key[group[i].key], grid) for i in warm]
+        if twins and q_task is not None:  # the queries bar counts the twins' queries too: grow its total
+            task = next(t for t in progress.tasks if t.id == q_task)
+            progress.update(q_task, total=(task.total or 0) + len(twins) * budget)
         names = [c.target.name for c in group] + [group[i].target.name for i in warm]
         responder = make_responder(
             net,
@@ -196,7 +201,7 @@ def run_group(
                 "run_ids": [by_key[c.key].run_id if c.key in by_key else st.done[c.key]["run_id"] for c in group],
                 "method": group[0].method,
                 "rule": m.population_rule,
-                "budget": m.budget,
+                "budget": budget,
                 "batch": m.batch,
             }
             table = PopulationTable(st.am_dir / "populations" / pkey, meta)
@@ -204,7 +209,7 @@ def run_group(
                 optimizers,
                 grid,
                 responder,
-                m.budget,
+                budget,
                 m.batch,
                 loggers=[by_key[c.key].logger if c.key in by_key else None for c in group],
                 table=table,
@@ -219,7 +224,7 @@ def run_group(
                 optimizers + twins,
                 grid,
                 responder,
-                m.budget,
+                budget,
                 m.batch,
                 loggers=[op.logger for op in opens] + [None] * len(twins),
                 target_value=m.target_value,
@@ -308,7 +313,7 @@ def run_remote(params: Params, st: AMRuns, todo: list[Combo], progress: Any, q_t
         st.failed += res["failed"]
         st.logging_s += res["logging_s"]
         n_run += res["queries"]
-        progress.advance(q_task, res["queries"])
+        progress.advance(q_task, sum(int(r["n_queries"]) for r in res["rows"].values()))  # runs' queries, not twins
         progress.advance(runs_task, len(res["rows"]))
         st.write_summary()
     return n_run
