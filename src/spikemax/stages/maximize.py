@@ -301,16 +301,22 @@ def run_remote(params: Params, st: AMRuns, todo: list[Combo], progress: Any, q_t
                     prev = where.get((plan_.epochs[i - 1], g, method, seed)) if i else None
                     after = [prev] if prev is not None and runs_tt(method, g) and m.warm_start else []
                     where[(e, g, method, seed)] = len(jobs)
-                    jobs.append(engine.Job((params, st.paths, plan_, keys, st.parent_id, stats, st.uri), after))
+                    args = (params, st.paths, plan_, keys, st.parent_id, stats, st.uri)
+                    jobs.append(engine.Job(args, after, name=f"maximize group e{e} {g} {method} s{seed}"))
     n_run = 0
-    for _, res in engine.run_jobs(remote_group, jobs, first=first):
-        st.done.update(res["rows"])
-        st.failed += res["failed"]
-        st.logging_s += res["logging_s"]
-        n_run += res["queries"]
-        progress.advance(q_task, res["queries"])
-        progress.advance(runs_task, len(res["rows"]))
-        st.write_summary()
+    try:
+        for _, res in engine.run_jobs(remote_group, jobs, first=first):
+            st.done.update(res["rows"])
+            st.failed += res["failed"]
+            st.logging_s += res["logging_s"]
+            n_run += res["queries"]
+            progress.advance(q_task, res["queries"])
+            progress.advance(runs_task, len(res["rows"]))
+            st.write_summary()
+    except BaseException:
+        # A group whose worker died for the last time cannot fail its own open runs.
+        st.fail_open_children("interrupted (the group's Ray task failed or the stage stopped)")
+        raise
     return n_run
 
 
