@@ -153,7 +153,7 @@ def test_budget_last_searches_the_last_checkpoint_longer(tmp_path, models):
     df = pd.read_csv(paths.results / "am" / "summary.csv").set_index("epoch")
     assert df.loc[0, "budget"] == df.loc[0, "n_queries"] == 32
     assert df.loc[2, "budget"] == df.loc[2, "n_queries"] == 64
-    for e, row in df.iterrows():
+    for _, row in df.iterrows():
         q = pd.read_parquet(paths.results / "am" / row["run_dir"] / "queries.parquet")
         assert len(q) == row["budget"]
         # Comparable across checkpoints: the best within the first `budget` queries.

@@ -61,6 +61,25 @@ def test_same_seed_same_asks_and_in_range(method):
     assert not np.array_equal(other, runs[0][:12])
 
 
+@pytest.mark.parametrize(("method", "opts"), [(m, {}) for m in FAST] + [("tt", {"cma": 0.5})])
+def test_an_optimizer_asks_the_same_alone_or_in_lock_step_with_others(method, opts):
+    """The maximize stage runs a group's optimizers interleaved in one process (and a resumed part
+    of a group without its finished members): no optimizer may draw from a shared RNG."""
+    f, _, _ = separable(6, 8)
+
+    def asks(mates: list[int]) -> np.ndarray:
+        opts_ = [make_optimizer(method, 6, 8, seed=s, **opts) for s in [3, *mates]]
+        out = []
+        for _ in range(4):
+            for j, opt in enumerate(opts_):
+                I = opt.ask(10)
+                opt.tell(I, f(I))
+                out += [I] if j == 0 else []
+        return np.concatenate(out)
+
+    np.testing.assert_array_equal(asks([]), asks([4, 5]))
+
+
 @pytest.mark.parametrize("method", FAST)
 def test_maximize_spends_exactly_the_budget(method):
     f, _, _ = separable(5, 4)

@@ -16,14 +16,17 @@ from typing import Any
 from spikemax import SpikemaxError
 
 MAX_RETRIES = 3  # attempts after a worker (process or node) dies mid-group; finished runs are never redone
+CANCEL_WAIT_S = 30.0  # how long a failed or interrupted stage waits for its cancelled tasks to stop
 
 
 @dataclass
 class Job:
-    """One call `fn(*args)`; `after` lists indices of jobs whose results it waits for."""
+    """One call `fn(*args)`; `after` lists indices of jobs whose results it waits for; `name` is
+    what an error calls it."""
 
     args: tuple
     after: list[int] = field(default_factory=list)
+    name: str = ""
 
 
 def _ray() -> Any:
@@ -86,7 +89,7 @@ def run_jobs(
     each completes. A job waits for its `after` jobs; a dead worker's job is retried. `first`:
     calls (function, args) submitted before the jobs; an arg `("first", i)` of a job is replaced by
     `Later(result of first[i])`. On any exception here (Ctrl-C included) every job still pending is
-    cancelled."""
+    cancelled (and given CANCEL_WAIT_S to stop)."""
     ray = _ray()
     opts = {"num_cpus": 1, "max_retries": MAX_RETRIES}
 
@@ -115,8 +118,31 @@ def run_jobs(
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            yield index[ready[0]], ray.get(ready[0])
+            i = index[ready[0]]
+            yield i, _get(ray, ready[0], jobs[i].name or f"job {i}")
     except BaseException:
-        for ref in pending + early:
+        stop = pending + early
+        for ref in stop:
             ray.cancel(ref)
+        if stop:  # a running task gets KeyboardInterrupt and fails its open runs itself: give it that time
+            ray.wait(stop, num_returns=len(stop), timeout=CANCEL_WAIT_S)
         raise
+
+
+def _get(ray: Any, ref: Any, name: str) -> Any:
+    """A job's result; a job that lost its worker more than MAX_RETRIES times is one SpikemaxError,
+    and a SpikemaxError the job raised is raised as itself."""
+    from ray import exceptions as rx
+
+    try:
+        return ray.get(ref)
+    except rx.RayTaskError as err:
+        if isinstance(err.cause, SpikemaxError):
+            raise err.cause from None
+        raise
+    except (rx.WorkerCrashedError, rx.NodeDiedError, rx.OutOfMemoryError, rx.ObjectLostError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SpikemaxError(
+            f"{name} lost its Ray worker and {MAX_RETRIES} retries did not finish it ({type(err).__name__}: {first}); "
+            "the runs it finished are kept: rerun to resume"
+        ) from err

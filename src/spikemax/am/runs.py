@@ -337,6 +337,17 @@ class AMRuns:
             pass
         self.failed.append(f"{op.combo.key}: {msg}")
 
+    def fail_open_children(self, reason: str) -> None:
+        """Mark FAILED every run of this invocation's parent still RUNNING (its process is gone)."""
+        for run in self.client.search_runs(
+            [self.eid],
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' and status = 'RUNNING'",
+            max_results=10000,
+        ):
+            self.client.set_tag(run.info.run_id, "spikemax.failure", reason)
+            self.client.set_terminated(run.info.run_id, "FAILED")
+            self.failed.append(f"{run.data.tags.get(tracking.RUN_KEY_TAG, run.info.run_id)}: {reason}")
+
     # -- outputs ------------------------------------------------------------------------------
     def write_summary(self) -> pd.DataFrame:
         import pandas as pd

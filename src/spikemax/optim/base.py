@@ -33,6 +33,14 @@ def grid_sizes(d: int, n: int | Sequence[int]) -> np.ndarray:
     return sizes
 
 
+def cma_rng_options(seed: int) -> dict[str, Any]:
+    """pycma options that draw from this instance's own RandomState(seed). pycma's `seed` option
+    reseeds the global np.random, which every instance in the process then shares: optimizers run in
+    lock step changed each other's proposals, so a group's result depended on its other members (and a
+    resumed part of a group differed from the whole). A lone instance draws the same numbers as before."""
+    return {"seed": np.nan, "randn": np.random.RandomState(seed).randn}
+
+
 def check_k(k: Any) -> int:
     """Validate a batch size `k` (>= 1)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Optimizer, OptionalDependencyError
+from .base import Optimizer, OptionalDependencyError, cma_rng_options
 
 
 class RandomSearch(Optimizer):
@@ -59,7 +59,7 @@ class CMAOptimizer(Optimizer):
 
         super().__init__(d, n, seed, 1)
         dim = max(self.d, 2)  # pycma needs at least 2 dimensions
-        opts: dict[str, Any] = {"seed": self.seed + 1, "verbose": -9, "CMA_diagonal": False}
+        opts: dict[str, Any] = {**cma_rng_options(self.seed + 1), "verbose": -9, "CMA_diagonal": False}
         if popsize is not None:
             opts["popsize"] = int(popsize)
         self.es = cma.CMAEvolutionStrategy(np.full(dim, 0.5), float(sigma0), opts)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Optimizer, check_positive_float, check_positive_int
+from .base import Optimizer, check_positive_float, check_positive_int, cma_rng_options
 
 # Rescale messages every few modes only: each renormalization is a NumPy call, and products
 # of a few cores cannot overflow float64 (entries are bounded by the clip on theta).
@@ -231,7 +231,7 @@ class CMAProposals:
 
         self.n = n
         dim = max(n.size, 2)  # pycma needs at least 2 dimensions
-        opts: dict[str, Any] = {"seed": seed + 1, "verbose": -9, "CMA_diagonal": False}
+        opts: dict[str, Any] = {**cma_rng_options(seed + 1), "verbose": -9, "CMA_diagonal": False}
         self.es = cma.CMAEvolutionStrategy(np.full(dim, 0.5), sigma0, opts)
         # A generation may be larger than pycma's popsize (its weights stay those of popsize:
         # strong selection, which wins at budgets of a few generations).

@@ -306,16 +306,22 @@ def run_remote(params: Params, st: AMRuns, todo: list[Combo], progress: Any, q_t
                     prev = where.get((plan_.epochs[i - 1], g, method, seed)) if i else None
                     after = [prev] if prev is not None and runs_tt(method, g) and m.warm_start else []
                     where[(e, g, method, seed)] = len(jobs)
-                    jobs.append(engine.Job((params, st.paths, plan_, keys, st.parent_id, stats, st.uri), after))
+                    args = (params, st.paths, plan_, keys, st.parent_id, stats, st.uri)
+                    jobs.append(engine.Job(args, after, name=f"maximize group e{e} {g} {method} s{seed}"))
     n_run = 0
-    for _, res in engine.run_jobs(remote_group, jobs, first=first):
-        st.done.update(res["rows"])
-        st.failed += res["failed"]
-        st.logging_s += res["logging_s"]
-        n_run += res["queries"]
-        progress.advance(q_task, sum(int(r["n_queries"]) for r in res["rows"].values()))  # runs' queries, not twins
-        progress.advance(runs_task, len(res["rows"]))
-        st.write_summary()
+    try:
+        for _, res in engine.run_jobs(remote_group, jobs, first=first):
+            st.done.update(res["rows"])
+            st.failed += res["failed"]
+            st.logging_s += res["logging_s"]
+            n_run += res["queries"]
+            progress.advance(q_task, sum(int(r["n_queries"]) for r in res["rows"].values()))  # not twins
+            progress.advance(runs_task, len(res["rows"]))
+            st.write_summary()
+    except BaseException:
+        # A group whose worker died for the last time cannot fail its own open runs.
+        st.fail_open_children("interrupted (the group's Ray task failed or the stage stopped)")
+        raise
     return n_run
 
 
@@ -340,10 +346,14 @@ def remote_group(
     st = AMRuns(params, paths, plan_, scan=False)
     st.parent_id = parent_id
     group = [c for c in plan_.combos if c.key in set(keys)]
+    n = 0  # queries this stage invocation ran
     for c in group:
         row = read_summary(st.am_dir, c)
-        if row is not None and st.client.get_run(row["run_id"]).info.status == "FINISHED":
+        earlier = st.client.get_run(row["run_id"]) if row is not None else None
+        if row is not None and earlier is not None and earlier.info.status == "FINISHED":
             st.done[c.key] = row
+            if earlier.data.tags.get("mlflow.parentRunId") == parent_id and not params.maximize.population:
+                n += int(row["n_queries"])  # run by a lost attempt of this task: counted as in-process
             continue
         for run in st.client.search_runs(
             [st.eid], filter_string=f"tags.`{RUN_KEY_TAG}` = '{c.key}' and status = 'RUNNING'", max_results=100
@@ -351,7 +361,6 @@ def remote_group(
             st.client.set_tag(run.info.run_id, "spikemax.failure", "interrupted (worker lost; group retried)")
             st.client.set_terminated(run.info.run_id, "FAILED")
     todo = [c for c in group if c.key not in st.done]
-    n = 0
     if todo:
         c0 = todo[0]
         net = snn.load_snn(plan_.snn_ckpts[c0.epoch])
@@ -360,6 +369,6 @@ def remote_group(
         col = {t: i for i, t in enumerate(plan_.targets)}
         seed = zlib.crc32(f"{c0.epoch}/{c0.generator}/{c0.method}/{c0.seed}".encode())
         combos = group if params.maximize.population else todo  # population: finished neurons only re-propose
-        n = run_group(st, combos, grid, net, stats, col, plan_.snn_ckpts[c0.epoch], seed, _Quiet(), None, None)
+        n += run_group(st, combos, grid, net, stats, col, plan_.snn_ckpts[c0.epoch], seed, _Quiet(), None, None)
     rows = {c.key: st.done[c.key] for c in group if c.key in st.done}
     return {"rows": rows, "failed": st.failed, "queries": n, "logging_s": st.logging_s}
