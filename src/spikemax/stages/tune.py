@@ -63,7 +63,11 @@ class _OneLineUnrun(logging.Filter):
             self.quiet.add(msg.split(" failed", 1)[0] + " ")  # "Trial N "
             record.msg, record.args, record.exc_info, record.exc_text = f"tune: not run ({kind}): {err}", (), None, None
             return True
-        return not ("failed with value" in msg and any(msg.startswith(q) for q in self.quiet))
+        prefix = msg.split(" failed with value", 1)[0] + " "
+        if "failed with value" in msg and prefix in self.quiet:
+            self.quiet.discard(prefix)  # dropped once: a later trial of that number (another study) logs
+            return False
+        return True
 
 
 _FILTER = _OneLineUnrun()
@@ -238,7 +242,11 @@ def write_outputs(studies: dict[str, Any], paths: Paths, epoch: int, params: Par
         frames.append(df.assign(generator=g, study=study.study_name))
     out = paths.results / "tune"
     out.mkdir(parents=True, exist_ok=True)
-    pd.concat(frames, ignore_index=True).to_csv(out / "trials.csv", index=False)
+    trials = pd.concat(frames, ignore_index=True)
+    for col in ("rank", "grid_n"):  # integers, blank where a study has no such setting (VQ-VAE's grid_n)
+        if col in trials:
+            trials[col] = trials[col].astype("Int64")
+    trials.to_csv(out / "trials.csv", index=False)
     budget, batch = trial_budget(params)
     summary = {
         "epoch": epoch,
