@@ -223,3 +223,27 @@ def test_two_workers_on_the_journal_share_n_trials(tune_project, monkeypatch):
     assert sorted(int(r.data.tags["spikemax.trial"]) for r in runs) == sorted(
         tr.number for tr in trials if "mlflow_run_id" in tr.user_attrs
     )
+
+
+def test_am_gain_summary_is_the_median_gain_and_share_above_the_dataset():
+    from spikemax.selectivity import am_gain_summary
+
+    # gains 2, 1, 0.5 and undefined (a unit silent on every test image)
+    got = am_gain_summary(np.array([2.0, 1.0, 0.5, 3.0]), np.array([1.0, 1.0, 1.0, 0.0]))
+    assert got == {"median_am_gain": 1.0, "frac_above_dataset": 0.5}
+    assert am_gain_summary(np.array([1.0]), np.array([0.0]))["median_am_gain"] is None
+
+
+def test_tune_params_name_generators_once_and_read_the_older_single_generator():
+    assert P.validate({"tune": {"generator": "vqvae"}}).tune.generators == ["vqvae"]
+    assert P.validate({}).tune.generators == ["sngan", "vqvae"]
+    with pytest.raises(P.ParamsError, match="each generator once"):
+        P.validate({"tune": {"generators": ["sngan", "sngan"]}})
+    params = P.validate({"maximize": {"budget": 96, "batch": 32}})
+    from spikemax.tuning import study_name, trial_budget
+
+    assert trial_budget(params) == (96, 32)  # the maximize stage's unless tune sets its own
+    own = P.validate({"maximize": {"budget": 96, "batch": 32}, "tune": {"budget": 64}})
+    assert trial_budget(own) == (64, 32)
+    assert study_name(params, 3, "sngan") != study_name(own, 3, "sngan")  # another measure: another study
+    assert study_name(params, 3, "sngan").startswith("tt-sngan-e3-")
