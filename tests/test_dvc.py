@@ -52,6 +52,36 @@ def test_prepare_stage_repro_then_noop(dvc_repo):
     assert "Running stage 'prepare'" in third.stdout
 
 
+def test_a_new_tune_result_makes_maximize_changed(dvc_repo):
+    """The maximize stage as dvc.yaml defines it, recorded by real DVC as run (`dvc commit`): a new
+    best trial in metrics/tune.json (the tune stage's output) makes `dvc status` report it changed."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"maximize": stages["maximize"]}}))
+    shutil.copytree(REPO / "src", dvc_repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(dvc_repo, P.validate({"maximize": {"tuned": True}}).model_dump(mode="json"))
+    files = {
+        "data/prepared/meta.json": "{}",
+        "models/snn/step=0-epoch=0.ckpt": "snn",
+        "models/generators/sngan.ckpt": "sngan",
+        "models/generators/vqvae.ckpt": "vqvae",
+        "results/am/summary.csv": "run_key\n",
+        "metrics/am.json": "{}",
+    }
+    for rel, text in files.items():
+        (dvc_repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dvc_repo / rel).write_text(text)
+    best = {"sngan": {"study": "tt-sngan-e1-a", "best_rank": 3, "best_lr": 0.05, "best_grid_n": 16}}
+    tune_json = dvc_repo / "metrics" / "tune.json"
+    tune_json.write_text(json.dumps({"generators": best}))
+    sh(DVC, "commit", "-f", "maximize", cwd=dvc_repo)
+    assert json.loads(sh(DVC, "status", "--json", cwd=dvc_repo).stdout or "{}") == {}
+    best["sngan"]["best_rank"] = 5  # the study found another best trial
+    tune_json.write_text(json.dumps({"generators": best}))
+    status = json.loads(sh(DVC, "status", "--json", cwd=dvc_repo).stdout or "{}")
+    assert list(status) == ["maximize"]
+    assert {"changed deps": {"metrics/tune.json": "modified"}} in status["maximize"]
+
+
 def tiny_pipeline_params() -> dict:
     """Every stage of dvc.yaml at toy size: the whole pipeline in about a minute."""
     from tests.conftest import TINY_GENERATORS, TINY_SNN
@@ -97,7 +127,9 @@ def test_whole_pipeline_repro_on_a_fresh_repo(dvc_repo):
     # A new result of the tune study makes maximize (which reads it with `maximize.tuned`) changed.
     tune_json = dvc_repo / "metrics" / "tune.json"
     original_tune = tune_json.read_bytes()
-    tune_json.write_text(json.dumps({**json.loads(original_tune), "best_rank": 7}))
+    new_best = json.loads(original_tune)
+    new_best["generators"]["sngan"]["best_rank"] = 7
+    tune_json.write_text(json.dumps(new_best))
     try:
         status = json.loads(sh(DVC, "status", "--json", cwd=dvc_repo).stdout or "{}")
     finally:

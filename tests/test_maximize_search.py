@@ -120,30 +120,69 @@ def test_queries_saved_is_measured_against_a_cold_run_of_the_same_neuron(
 
 
 def test_tuned_maximize_runs_carry_the_study_best_settings(tmp_path, project, snn_checkpoints, generator_checkpoints):
+    """`maximize.tuned`: each generator's TT runs (tt; auto on VQ-VAE) run and record their study's
+    best rank, lr and (SN-GAN) grid_n; CMA-ES (auto on SN-GAN) runs as configured."""
     small = {
         "epochs": [-1],
-        "generators": ["sngan"],
+        "generators": ["sngan", "vqvae"],
         "targets": ["class:0"],
         "units_per_layer": 0,
-        "methods": ["tt"],
+        "methods": ["tt", "auto"],
         "budget": 16,
         "batch": 16,
+        "prior_images": 200,
         "tuned": True,
     }
     params, paths = _project_copy(tmp_path / "p", project, small)
     with pytest.raises(Exception, match="tune.json is missing: run `spikemax tune` first"):
         run_stage(params, paths)
+    studies = {
+        "sngan": {"study": "tt-sngan-e2-x", "best_rank": 3, "best_lr": 0.037, "best_grid_n": 8},
+        "vqvae": {"study": "tt-vqvae-e2-y", "best_rank": 2, "best_lr": 0.11},
+    }
     paths.metrics.mkdir(parents=True, exist_ok=True)
-    (paths.metrics / "tune.json").write_text(json.dumps({"study": "tt-sngan-e2-x", "best_rank": 3, "best_lr": 0.037}))
-    run_stage(params, paths)
+    (paths.metrics / "tune.json").write_text(json.dumps({"generators": studies}))
+    assert run_stage(params, paths)["n_failed"] == 0
     client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
     exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
     runs = client.search_runs([exp.experiment_id])
-    nested = [r for r in runs if tracking.RUN_KEY_TAG in r.data.tags]
-    parent = [r for r in runs if r.data.params.get("tuned_from") == "tt-sngan-e2-x"]
-    assert len(nested) == 1 and len(parent) == 1
-    opts = json.loads(nested[0].data.params["options"])
-    assert (opts["rank"], opts["lr"], nested[0].data.params["rank"]) == (3, 0.037, "3")
+    nested = {
+        (r.data.params["generator"], r.data.params["method"]): r.data.params
+        for r in runs
+        if tracking.RUN_KEY_TAG in r.data.tags
+    }
+    parent = [r for r in runs if r.data.params.get("tuned_from") == "tt-sngan-e2-x,tt-vqvae-e2-y"]
+    assert len(nested) == 4 and len(parent) == 1
+    for (g, method), p in nested.items():
+        opts = json.loads(p["options"])
+        if (g, method) == ("sngan", "auto"):  # CMA-ES: tuning leaves it as configured
+            assert (p["tuned"], p["rank"], p["grid_n"]) == ("none", "none", str(params.generators.sngan.grid_n))
+            continue
+        best = studies[g]
+        assert p["tuned"] == best["study"]
+        assert (opts["rank"], opts["lr"], p["rank"]) == (best["best_rank"], best["best_lr"], str(best["best_rank"]))
+        assert p["grid_n"] == str(best.get("best_grid_n", params.generators.vqvae.codes))
+    # The VQ-VAE TT runs started from a prior of their tuned rank.
+    with np.load(paths.results / "am" / "prior_vqvae_r2.npz") as z:
+        assert z["theta"].shape[1] == 2
+
+
+def test_tuned_settings_change_only_the_keys_of_runs_that_run_tt(project, snn_checkpoints, generator_checkpoints):
+    from spikemax.am.plan import plan
+
+    params, paths = project
+    base = P.validate(
+        {
+            **params.model_dump(),
+            "maximize": {"epochs": [-1], "targets": ["class:0"], "methods": ["tt", "auto", "cma"]},
+        }
+    )
+    tuned = {"sngan": {"study": "s", "rank": 3, "lr": 0.05, "grid_n": 8}, "vqvae": {"study": "v", "rank": 2, "lr": 0.1}}
+    with_tuned = base.model_copy(update={"maximize": base.maximize.with_tuned(tuned)})
+    before = {(c.generator, c.method): c.key for c in plan(base, paths).combos}
+    after = {(c.generator, c.method): c.key for c in plan(with_tuned, paths).combos}
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {("sngan", "tt"), ("vqvae", "tt"), ("vqvae", "auto")}
 
 
 def test_method_auto_resolves_per_grid():

@@ -24,9 +24,18 @@ def tune_project(project, snn_checkpoints, generator_checkpoints, tmp_path):
     return P.Paths(tmp_path)
 
 
-def tiny(n_trials: int) -> P.Params:
+def tiny(n_trials: int, generators: tuple[str, ...] = ("sngan", "vqvae")) -> P.Params:
     return P.validate(
-        {"tune": {"n_trials": n_trials, "budget": 32, "batch": 16, "neurons": 2, "ranks": [2, 3], "grid_n": [4, 8]}}
+        {
+            "tune": {
+                "generators": list(generators),
+                "n_trials": n_trials,
+                "neurons": 2,
+                "ranks": [2, 3],
+                "grid_n": [4, 8],
+            },
+            "maximize": {"budget": 32, "batch": 16, "prior_images": 200},
+        }
     )
 
 
@@ -34,19 +43,143 @@ def tiny(n_trials: int) -> P.Params:
 def test_study_runs_logs_and_resumes(tune_project, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     summary = run_stage(tiny(3), tune_project)
-    assert summary["n_trials"] == 3
-    assert summary["best_rank"] in (2, 3) and summary["best_grid_n"] in (4, 8)
-    assert 0.01 <= summary["best_lr"] <= 0.3 and summary["best_mean_am_gain"] > 0
+    assert (summary["budget"], summary["batch"], summary["score"]) == (32, 16, "median_am_gain")  # maximize's
+    sn, vq = summary["generators"]["sngan"], summary["generators"]["vqvae"]
+    assert sn["n_trials"] == vq["n_trials"] == 3 and sn["study"] != vq["study"]
+    assert sn["best_rank"] in (2, 3) and sn["best_grid_n"] in (4, 8)
+    assert vq["best_rank"] in (2, 3) and "best_grid_n" not in vq  # a codebook's size is the generator's
+    for s in (sn, vq):
+        assert 0.01 <= s["best_lr"] <= 0.3 and s["best_median_am_gain"] > 0
     assert json.loads((tune_project.metrics / "tune.json").read_text()) == summary
     assert (tune_project.root / "optuna" / "journal.log").is_file()
     client = mlflow.MlflowClient(tracking.configure(tune_project.root))
     runs = client.search_runs([tracking.experiment_id("tuning", tune_project.root)])
-    assert len(runs) == 3 and all("mean_am_gain" in r.data.metrics for r in runs)
+    assert len(runs) == 6 and all("median_am_gain" in r.data.metrics for r in runs)
+    assert {r.data.tags["spikemax.study"] for r in runs} == {sn["study"], vq["study"]}
     assert {r.data.params["rank"] for r in runs} <= {"2", "3"}
-    # Same params: the study is complete, nothing re-runs; one more trial asked: exactly one runs.
-    assert run_stage(tiny(3), tune_project)["n_trials"] == 3
-    assert run_stage(tiny(4), tune_project)["n_trials"] == 4
-    assert len(client.search_runs([tracking.experiment_id("tuning", tune_project.root)])) == 4
+    # Same params: the studies are complete, nothing re-runs; one more trial asked: exactly one each.
+    assert run_stage(tiny(3), tune_project)["generators"]["vqvae"]["n_trials"] == 3
+    assert len(client.search_runs([tracking.experiment_id("tuning", tune_project.root)])) == 6
+    more = run_stage(tiny(4), tune_project)["generators"]
+    assert more["sngan"]["n_trials"] == more["vqvae"]["n_trials"] == 4
+    assert len(client.search_runs([tracking.experiment_id("tuning", tune_project.root)])) == 8
+
+
+def test_trials_score_the_median_am_gain_maximize_reports(tune_project, monkeypatch):
+    """A trial's value is am_gain_summary's median over the panel, of the maximize stage's TT runs."""
+    import optuna
+
+    from spikemax.am.loop import run_am_group
+    from spikemax.am.runs import dataset_stats
+    from spikemax.data import Prepared
+    from spikemax.neurons import make_responder, parse_target
+    from spikemax.optim import make_optimizer, options_for
+    from spikemax.selectivity import am_gain_summary
+    from spikemax.snn import checkpoints, load_snn
+    from spikemax.tuning import make_objective
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = tiny(1, ("vqvae",))
+    params = params.model_copy(update={"tune": params.tune.model_copy(update={"rungs": 1})})
+    epoch = max(checkpoints(tune_project))
+    objective, targets = make_objective(params, tune_project, epoch, "vqvae")
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"rank": 3, "lr": 0.05})
+    study.optimize(objective, n_trials=1)
+    # The same runs by hand: the maximize stage's TT options with rank 3, lr 0.05, and its prior.
+    net = load_snn(checkpoints(tune_project)[epoch])
+    layers = dict(net.spiking_layers())
+    prepared = Prepared.load(tune_project.prepared)
+    dmax = dataset_stats(net, prepared, [parse_target(t, layers) for t in targets], 512)["dataset_max"]
+    grid = load_generator("vqvae", tune_project.generators_dir / "vqvae.ckpt")
+    m = params.maximize.model_copy(update={"tt": params.maximize.tt.model_copy(update={"rank": 3, "lr": 0.05})})
+    opts = options_for("tt", m, grid)
+    with np.load(tune_project.results / "tune" / "prior_vqvae_r3.npz") as z:
+        from spikemax.optim.prior import TTPrior
+
+        opts["prior"] = TTPrior.from_dict(z)
+    opt = [make_optimizer("tt", grid.d, grid.n, seed=j, **opts) for j in range(len(targets))]
+    res = run_am_group(opt, grid, make_responder(net, targets), 32, 16)
+    want = am_gain_summary(np.array([r.best_response for r in res]), dmax)
+    assert study.trials[0].value == pytest.approx(want["median_am_gain"])
+    assert study.trials[0].user_attrs["frac_above_dataset"] == pytest.approx(want["frac_above_dataset"])
+
+
+def test_a_study_without_a_completed_trial_has_a_clear_result():
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from spikemax.stages.tune import study_result
+
+    study = optuna.create_study(study_name="tt-vqvae-e2-x", direction="maximize")
+    dists = {"rank": CategoricalDistribution([2, 3]), "lr": FloatDistribution(0.01, 0.3, log=True)}
+    for rank in (2, 3):
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState.PRUNED,
+                params={"rank": rank, "lr": 0.1},
+                distributions=dists,
+                intermediate_values={16: 0.5},
+            )
+        )
+    got = study_result(study)
+    assert (got["n_trials"], got["n_pruned"], got["best_rank"], got["best_median_am_gain"]) == (2, 2, None, None)
+    assert got["note"].startswith("no trial completed (2 pruned")
+
+
+def test_read_tuned_takes_each_generators_best_and_says_what_is_wrong(tmp_path):
+    from spikemax.tuning import read_tuned
+
+    path = tmp_path / "tune.json"
+    with pytest.raises(SpikemaxError, match="tune.json is missing: run `spikemax tune` first"):
+        read_tuned(path)
+    path.write_text(json.dumps({"study": "tt-sngan-e2-x", "best_rank": 3, "best_lr": 0.1}))  # older tune stage
+    with pytest.raises(SpikemaxError, match="not a tune stage result of this version: rerun `spikemax tune`"):
+        read_tuned(path)
+    sn = {"study": "a", "best_rank": 3, "best_lr": 0.1, "best_grid_n": 8}
+    vq = {"study": "b", "best_rank": None, "best_lr": None, "note": "no trial completed (2 pruned, 0 failed)"}
+    path.write_text(json.dumps({"generators": {"sngan": sn, "vqvae": vq}}))
+    assert read_tuned(path, ["sngan"]) == {"sngan": {"study": "a", "rank": 3, "lr": 0.1, "grid_n": 8}}
+    with pytest.raises(SpikemaxError, match=r"study b \(vqvae\) has no best trial: no trial completed"):
+        read_tuned(path)
+
+
+def test_surplus_and_duplicate_trials_log_one_line():
+    import logging
+
+    import optuna
+
+    from spikemax.stages.tune import _quiet_unrun
+    from spikemax.tuning import Duplicate, Surplus
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logging.getLogger("optuna").addHandler(handler)
+    try:
+        _quiet_unrun()
+        study = optuna.create_study(direction="maximize")
+
+        def objective(trial):
+            trial.suggest_int("x", 0, 3)
+            raise (Surplus if trial.number == 0 else Duplicate)(f"trial {trial.number} repeats trial 0: x")
+
+        study.optimize(objective, n_trials=2, catch=(Surplus, Duplicate))
+        study.optimize(lambda trial: 1 / 0, n_trials=1, catch=(ZeroDivisionError,))  # others keep theirs
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+    warnings = [r for r in records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings[:2]] == [
+        "tune: not run (surplus): trial 0 repeats trial 0: x",
+        "tune: not run (duplicate): trial 1 repeats trial 0: x",
+    ]
+    assert all(r.exc_info is None for r in warnings[:2])
+    assert warnings[2].exc_info is not None and "ZeroDivisionError" in warnings[2].getMessage()
+    assert any("Trial 2 failed with value" in r.getMessage() for r in warnings[3:])  # only theirs
 
 
 def test_resolution_applies_to_continuous_latents_only(generator_checkpoints):
@@ -76,7 +209,7 @@ def test_two_workers_on_the_journal_share_n_trials(tune_project, monkeypatch):
     import optuna
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    summary = run_stage(tiny(4), tune_project, workers=2)
+    summary = run_stage(tiny(4, ("sngan",)), tune_project, workers=2)["generators"]["sngan"]
     assert summary["n_trials"] == 4
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tune_project.root / "optuna" / "journal.log"))
@@ -90,3 +223,27 @@ def test_two_workers_on_the_journal_share_n_trials(tune_project, monkeypatch):
     assert sorted(int(r.data.tags["spikemax.trial"]) for r in runs) == sorted(
         tr.number for tr in trials if "mlflow_run_id" in tr.user_attrs
     )
+
+
+def test_am_gain_summary_is_the_median_gain_and_share_above_the_dataset():
+    from spikemax.selectivity import am_gain_summary
+
+    # gains 2, 1, 0.5 and undefined (a unit silent on every test image)
+    got = am_gain_summary(np.array([2.0, 1.0, 0.5, 3.0]), np.array([1.0, 1.0, 1.0, 0.0]))
+    assert got == {"median_am_gain": 1.0, "frac_above_dataset": 0.5}
+    assert am_gain_summary(np.array([1.0]), np.array([0.0]))["median_am_gain"] is None
+
+
+def test_tune_params_name_generators_once_and_read_the_older_single_generator():
+    assert P.validate({"tune": {"generator": "vqvae"}}).tune.generators == ["vqvae"]
+    assert P.validate({}).tune.generators == ["sngan", "vqvae"]
+    with pytest.raises(P.ParamsError, match="each generator once"):
+        P.validate({"tune": {"generators": ["sngan", "sngan"]}})
+    params = P.validate({"maximize": {"budget": 96, "batch": 32}})
+    from spikemax.tuning import study_name, trial_budget
+
+    assert trial_budget(params) == (96, 32)  # the maximize stage's unless tune sets its own
+    own = P.validate({"maximize": {"budget": 96, "batch": 32}, "tune": {"budget": 64}})
+    assert trial_budget(own) == (64, 32)
+    assert study_name(params, 3, "sngan") != study_name(own, 3, "sngan")  # another measure: another study
+    assert study_name(params, 3, "sngan").startswith("tt-sngan-e3-")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from spikemax import SpikemaxError
@@ -182,7 +182,8 @@ class MaximizeParams(Section):
     # indices of `prior_images` prepared train images (spikemax.optim.prior); false = uniform codes.
     prior: bool = True
     prior_images: int = Field(4000, ge=1)
-    # true: TT's rank and lr are the tune stage's best trial (metrics/tune.json) instead of `tt`'s.
+    # true: runs whose method runs TT take their generator's tune study's best rank and lr (and on
+    # SN-GAN its grid_n) from metrics/tune.json instead of `tt`'s (spikemax.tuning.read_tuned).
     tuned: bool = False
     # Population mode: the targets of one (epoch, generator, method, seed) share one stimulus set of
     # `budget` presentations, each told to every target's optimizer (spikemax.optim.Population).
@@ -196,10 +197,31 @@ class MaximizeParams(Section):
     ray_address: str = ""
     ray_workers: int = Field(0, ge=0)
 
+    # The tune studies' best settings per generator ({"study", "rank", "lr"[, "grid_n"]}), set by the
+    # maximize stage from metrics/tune.json when `tuned` is true; never read from params.yaml.
+    _tuned: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
+
     @field_validator("noise", mode="before")
     @classmethod
     def _noise_sigma(cls, value: Any) -> Any:
         return NoiseParams.from_sigma(value)
+
+    def with_tuned(self, settings: dict[str, dict[str, Any]]) -> MaximizeParams:
+        """A copy that applies these per-generator tuned settings (see `for_generator`)."""
+        out = self.model_copy()
+        out._tuned = {g: dict(s) for g, s in settings.items()}
+        return out
+
+    def tuned_settings(self, generator: str) -> dict[str, Any]:
+        """The tune study's best settings of `generator` in force ({} = none)."""
+        return dict(self._tuned.get(generator, {}))
+
+    def for_generator(self, generator: str) -> MaximizeParams:
+        """These params with `tt`'s rank and lr replaced by `generator`'s tuned ones (self when none)."""
+        s = self._tuned.get(generator)
+        if not s:
+            return self
+        return self.model_copy(update={"tt": self.tt.model_copy(update={"rank": int(s["rank"]), "lr": float(s["lr"])})})
 
 
 class AnalyzeParams(Section):
@@ -219,14 +241,17 @@ class AnalyzeParams(Section):
 
 
 class TuneParams(Section):
-    """`tune` stage: Optuna search over TT rank, grid resolution and step size."""
+    """`tune` stage: one Optuna study per generator over TT rank, step size (and SN-GAN's grid resolution)."""
 
-    generator: Literal["sngan", "vqvae"] = "sngan"
+    # One study per generator, each trial searching with the TT the maximize stage runs on that grid
+    # (its `maximize.tt` options, and on VQ-VAE the data prior when `maximize.prior` is true).
+    generators: list[GeneratorName] = Field(default_factory=lambda: list(GENERATOR_NAMES), min_length=1)
     epoch: Literal["last"] | int = "last"
     neurons: int = Field(4, ge=1)
-    n_trials: int = Field(8, ge=1)
-    budget: int = Field(256, ge=1)
-    batch: int = Field(32, ge=1)
+    n_trials: int = Field(8, ge=1)  # per study (per generator)
+    # Queries per neuron per trial and per ask; None = the maximize stage's `budget` / `batch`.
+    budget: int | None = Field(None, ge=1)
+    batch: int | None = Field(None, ge=1)
     ranks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [2, 3, 5, 8], min_length=1)
     grid_n: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
     lr: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)]] = (0.01, 0.3)
@@ -237,6 +262,23 @@ class TuneParams(Section):
     workers: int = Field(1, ge=1)  # worker processes of one `spikemax tune` (`--workers` overrides)
     heartbeat: int = Field(10, ge=1)  # seconds between an RDB worker's heartbeats (stale after 2x: FAIL)
     rungs: int = Field(4, ge=1)  # intermediate scores per trial (pruner input), at equal query budgets
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_generator(cls, data: Any) -> Any:
+        """The older `generator: NAME` (one study) is `generators: [NAME]`."""
+        if isinstance(data, dict) and "generator" in data and "generators" not in data:
+            data = {**data, "generators": [data["generator"]]}
+            del data["generator"]
+        return data
+
+    @field_validator("generators")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        """Each generator's study once."""
+        if len(set(value)) != len(value):
+            raise PydanticCustomError("distinct", "Input should name each generator once")
+        return value
 
     @field_validator("storage")
     @classmethod

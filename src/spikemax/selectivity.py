@@ -83,6 +83,20 @@ def am_gain(best: np.ndarray | float, dataset_max: np.ndarray | float) -> np.nda
     return float(out) if out.ndim == 0 else out
 
 
+def am_gain_summary(best: np.ndarray, dataset_max: np.ndarray) -> dict[str, float | None]:
+    """What the maximize stage reports of a set of runs (and the tune stage scores a trial by):
+    the median AM gain over runs whose gain is defined, and the fraction of runs whose best beats
+    the best test image (None where no run has a value)."""
+    best = np.asarray(best, dtype=np.float64).reshape(-1)
+    dmax = np.asarray(dataset_max, dtype=np.float64).reshape(-1)
+    gain = np.asarray(am_gain(best, dmax), dtype=np.float64).reshape(-1)
+    ok = np.isfinite(gain)
+    return {
+        "median_am_gain": float(np.median(gain[ok])) if ok.any() else None,
+        "frac_above_dataset": float(np.mean(best > dmax)) if best.size else None,
+    }
+
+
 def normalized_perplexity(probs: np.ndarray) -> np.ndarray | float:
     """exp(entropy) / K of class distributions (..., K): 1/K = one class certain, 1 = uniform."""
     p = np.asarray(probs, dtype=np.float64)

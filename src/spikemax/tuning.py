@@ -1,8 +1,13 @@
-"""Optuna search over the TT maximizer's rank, grid resolution and step size (used by the `tune` stage).
+"""Optuna search over the TT maximizer's rank and step size, and SN-GAN's grid resolution (the `tune` stage).
 
-A trial runs TT on a fixed panel of neurons of one SNN checkpoint and scores it by the mean AM
-gain (best activation / highest activation over the test images) at a fixed query budget,
-reporting the score at `tune.rungs` intermediate budgets so a median pruner can stop bad trials.
+One study per generator (`tune.generators`). A trial runs the TT the maximize stage runs on that
+grid (its `maximize.tt` options, on VQ-VAE started from the data prior when `maximize.prior` is
+true) on a fixed panel of neurons of one SNN checkpoint, and scores it by the measure the maximize
+stage reports: the median AM gain (best activation / highest activation over the test images,
+`spikemax.selectivity.am_gain_summary`) at the maximize stage's budget and batch (unless
+`tune.budget` / `tune.batch` are set), reporting the score at `tune.rungs` intermediate budgets so
+a median pruner can stop bad trials. `maximize.tuned: true` applies each study's best settings
+(`read_tuned`) to the maximize runs of that generator whose method runs TT.
 
 Many workers share one study (processes of one `spikemax tune --workers N`, or the same command
 on several machines with an RDB storage) and together run `tune.n_trials` trials:
@@ -29,6 +34,7 @@ import os
 import socket
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,24 +55,73 @@ def with_resolution(grid: Any, n: int) -> Any:
         )
     out = copy.copy(grid)
     out.n = int(n)
-    out.values = normal_quantiles(int(n))
+    out.values = normal_quantiles(int(n)).to(grid.values.device)  # where the grid decodes
     return out
 
 
-def study_name(params: Params, epoch: int) -> str:
+def trial_budget(params: Params) -> tuple[int, int]:
+    """(queries per neuron, queries per ask) of a trial: tune's own, else the maximize stage's."""
+    t, m = params.tune, params.maximize
+    return t.budget or m.budget, t.batch or m.batch
+
+
+def study_name(params: Params, epoch: int, generator: str) -> str:
     """A name that changes whenever what a trial measures changes (so old trials never mix in)."""
-    t = params.tune
+    t, m = params.tune, params.maximize
     key = json.dumps(
         {
-            "tune": t.model_dump(exclude={"n_trials", "storage", "workers", "heartbeat"}),
+            "tune": t.model_dump(exclude={"generators", "n_trials", "storage", "workers", "heartbeat"}),
+            "generator": generator,
+            "budget": trial_budget(params),
+            "score": "median_am_gain",
             "epoch": epoch,
             "snn": params.snn.model_dump(),
             "gen": params.generators.model_dump(),
-            "ordinal": params.maximize.tt.ordinal,
+            # the TT the maximize stage runs (rank and lr are what the study varies)
+            "tt": m.tt.model_dump(exclude={"rank", "lr"}),
+            "prior": [m.prior, m.prior_images] if generator in _prior_generators() else None,
+            "max_images": m.max_images,
         },
         sort_keys=True,
     )
-    return f"tt-{t.generator}-e{epoch}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    return f"tt-{generator}-e{epoch}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def _prior_generators() -> tuple[str, ...]:
+    from spikemax.am.plan import PRIOR_GENERATORS
+
+    return PRIOR_GENERATORS
+
+
+def read_tuned(path: Path, generators: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Each generator's best settings in the tune stage's metrics/tune.json: {generator: {"study",
+    "rank", "lr"[, "grid_n"]}}; one-line error when the file is missing, from an older tune stage,
+    or a wanted generator's study has no completed trial."""
+    if not path.is_file():
+        raise SpikemaxError(f"maximize.tuned is true but {path} is missing: run `spikemax tune` first")
+    try:
+        studies = json.loads(path.read_text())["generators"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise SpikemaxError(f"{path} is not a tune stage result of this version: rerun `spikemax tune`") from None
+    out: dict[str, dict[str, Any]] = {}
+    for g, s in studies.items():
+        if generators is not None and g not in generators:
+            continue
+        if s.get("best_rank") is None:
+            raise SpikemaxError(f"maximize.tuned: study {s.get('study')} ({g}) has no best trial: {s.get('note')}")
+        out[g] = {"study": s["study"], "rank": int(s["best_rank"]), "lr": float(s["best_lr"])}
+        if s.get("best_grid_n") is not None:
+            out[g]["grid_n"] = int(s["best_grid_n"])
+    return out
+
+
+def tuned_grid(grid: Any, m: Any, generator: str, method: str) -> Any:
+    """The grid a maximize run searches: SN-GAN at the tuned resolution where tuned settings apply
+    (`maximize.tuned`, a method that runs TT), else `grid` itself."""
+    from spikemax.am.plan import runs_tt
+
+    n = m.tuned_settings(generator).get("grid_n") if runs_tt(method, generator) else None
+    return grid if n is None or n == grid.n else with_resolution(grid, n)
 
 
 def pick_panel(
@@ -166,14 +221,23 @@ class TrialRuns:
         return run.info.run_id
 
     def score(self, run_id: str, value: float, step: int) -> None:
-        """An intermediate (or the final) mean AM gain at `step` queries."""
-        self.client.log_metric(run_id, "mean_am_gain", float(value), step=step)
+        """An intermediate (or the final) median AM gain at `step` queries."""
+        self.client.log_metric(run_id, "median_am_gain", float(value), step=step)
 
-    def close(self, run_id: str, state: str, targets: list[str], gains: list[float] | None = None) -> None:
+    def close(
+        self,
+        run_id: str,
+        state: str,
+        targets: list[str],
+        gains: list[float] | None = None,
+        frac_above: float | None = None,
+    ) -> None:
         """End the run: FINISHED (complete), KILLED (pruned) or FAILED, with per-neuron gains."""
         from mlflow.entities import Metric, RunTag
 
         metrics = [Metric(f"gain_{t.replace(':', '_')}", float(g), 0, 0) for t, g in zip(targets, gains or [])]
+        if frac_above is not None:
+            metrics.append(Metric("frac_above_dataset", float(frac_above), 0, 0))
         self.client.log_batch(run_id, metrics=metrics, tags=[RunTag("state", state)])
         status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
         self.client.set_terminated(run_id, status)
@@ -188,72 +252,99 @@ class TrialRuns:
         self.client.set_terminated(run_id, "FAILED")
 
 
-def make_objective(params: Params, paths: Paths, epoch: int, runs: TrialRuns | None = None) -> tuple[Callable, list]:
-    """The Optuna objective: mean AM gain of TT over the neuron panel for the trial's settings."""
+def make_objective(
+    params: Params, paths: Paths, epoch: int, generator: str, runs: TrialRuns | None = None
+) -> tuple[Callable, list]:
+    """The Optuna objective of `generator`'s study: the median AM gain over the neuron panel of the
+    maximize stage's TT with the trial's rank and lr (and grid_n on SN-GAN)."""
     import optuna
     import torch
 
     from spikemax.am.loop import run_am_group
+    from spikemax.am.plan import PRIOR_GENERATORS
+    from spikemax.am.runs import dataset_stats, fit_grid_prior
     from spikemax.data import Prepared
     from spikemax.devices import resolve
-    from spikemax.generators import load_generator
-    from spikemax.neurons import layer_rates, make_responder
-    from spikemax.optim import make_optimizer, resolve_ordinal
+    from spikemax.generators import checkpoint_path, load_generator
+    from spikemax.neurons import layer_rates, make_responder, parse_target
+    from spikemax.optim import make_optimizer, options_for
+    from spikemax.selectivity import am_gain_summary
     from spikemax.snn import checkpoints, load_snn
 
-    t = params.tune
-    net = load_snn(checkpoints(paths)[epoch]).to(resolve(params.device))
-    x_test, _ = Prepared.load(paths.prepared).tensors("test")
+    t, m = params.tune, params.maximize
+    budget, batch = trial_budget(params)
+    device = resolve(params.device)
+    net = load_snn(checkpoints(paths)[epoch]).eval().to(device)
+    prepared = Prepared.load(paths.prepared)
+    x_test, _ = prepared.tensors("test")
     with torch.no_grad():
         rates = layer_rates(net, x_test)
-    panel = pick_panel(net.spiking_layers(), rates, t.neurons, t.seed)
+    layers = dict(net.spiking_layers())
+    panel = pick_panel(layers, rates, t.neurons, t.seed)
     targets = [f"{layer}:{unit}" for layer, unit in panel]
-    dataset_max = np.array([rates[layer][:, unit].max() for layer, unit in panel])
+    # The dataset max the maximize stage divides by (same function, same chunks).
+    dataset_max = dataset_stats(net, prepared, [parse_target(n, layers) for n in targets], m.max_images)["dataset_max"]
     responder = make_responder(net, targets)
-    base_grid = load_generator(t.generator, paths.generators_dir / f"{t.generator}.ckpt")
-    # Trials search with the ordinal the maximize stage would use on this grid.
-    ordinal = resolve_ordinal(params.maximize.tt.ordinal, base_grid.ordered)
+    ckpt = checkpoint_path(generator, paths)
+    base_grid = load_generator(generator, ckpt).to(device)
+    ordered = bool(base_grid.ordered)
+    priors: dict[int, Any] = {}  # by rank: a TT run's prior has the TT's rank
+
+    def prior(rank: int) -> Any:
+        if not (m.prior and generator in PRIOR_GENERATORS):
+            return None
+        if rank not in priors:
+            cache = paths.results / "tune" / f"prior_{generator}_r{rank}.npz"
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            priors[rank] = fit_grid_prior(base_grid, prepared, ckpt, rank, m.prior_images, cache)
+        return priors[rank]
+
     # Rung budgets are whole batches, so a trial cut into rungs asks exactly what one run would.
-    n_batches = -(-t.budget // t.batch)
-    cuts = sorted({min(t.budget, t.batch * round(n_batches * (i + 1) / t.rungs)) for i in range(t.rungs)} - {0})
+    n_batches = -(-budget // batch)
+    cuts = sorted({min(budget, batch * round(n_batches * (i + 1) / t.rungs)) for i in range(t.rungs)} - {0})
 
     def objective(trial: Any) -> float:
         claim_slot(trial, t.n_trials)
         rank = trial.suggest_categorical("rank", t.ranks)
-        grid_n = trial.suggest_categorical("grid_n", t.grid_n)
+        # grid_n re-grids SN-GAN's quantiles; a codebook's size is the generator's
+        grid_n = trial.suggest_categorical("grid_n", t.grid_n) if ordered else base_grid.n
         lr = trial.suggest_float("lr", t.lr[0], t.lr[1], log=True)
         check_unique(trial)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("targets", targets)
         run_id = runs.open(trial) if runs is not None else None
-        state, gains = "FAIL", None
+        state, gains, above = "FAIL", None, None
         try:
             grid = base_grid if grid_n == base_grid.n else with_resolution(base_grid, grid_n)
-            opts = [
-                make_optimizer("tt", grid.d, grid.n, seed=t.seed + j, rank=rank, lr=lr, batch=t.batch, ordinal=ordinal)
-                for j in range(len(targets))
-            ]
+            tt = m.tt.model_copy(update={"rank": rank, "lr": lr})
+            opts = options_for("tt", m.model_copy(update={"tt": tt}), grid)
+            if prior(rank) is not None:
+                opts["prior"] = prior(rank)
+            opts_ = [make_optimizer("tt", grid.d, grid.n, seed=t.seed + j, **opts) for j in range(len(targets))]
             best = np.full(len(targets), -np.inf)
             done = 0
             for cut in cuts:
-                results = run_am_group(opts, grid, responder, cut - done, t.batch)
+                results = run_am_group(opts_, grid, responder, cut - done, batch, max_images=m.max_images)
                 best = np.fmax(best, [r.best_response for r in results])
                 done = cut
-                score = float(np.mean(best / dataset_max))
+                summary = am_gain_summary(best, dataset_max)
+                score = float(summary["median_am_gain"] or 0.0)
                 if run_id is not None:
                     runs.score(run_id, score, done)  # type: ignore[union-attr]
-                if cut < t.budget:
+                if cut < budget:
                     trial.report(score, done)
                     if trial.should_prune():
                         state = "PRUNED"
-                        raise optuna.TrialPruned(f"mean AM gain {score:.3f} after {done} queries")
+                        raise optuna.TrialPruned(f"median AM gain {score:.3f} after {done} queries")
             gains = [float(g) for g in best / dataset_max]
+            above = summary["frac_above_dataset"]
             trial.set_user_attr("gains", gains)
+            trial.set_user_attr("frac_above_dataset", above)
             state = "COMPLETE"
             return score
         finally:
             if run_id is not None:
-                runs.close(run_id, state, targets, gains)  # type: ignore[union-attr]
+                runs.close(run_id, state, targets, gains, above)  # type: ignore[union-attr]
 
     return objective, targets
 

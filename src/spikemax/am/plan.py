@@ -131,6 +131,12 @@ def runs_tt(method: str, generator: str) -> bool:
     return method == "tt" or (method == "auto" and METHOD_AUTO[grid_ordered(generator)] == "tt")
 
 
+def run_settings(m: MaximizeParams, method: str, generator: str) -> MaximizeParams:
+    """The maximize params a run of `method` on `generator` runs with: with `maximize.tuned`, a run
+    whose method runs TT takes that generator's tune study's rank and lr (others run as configured)."""
+    return m.for_generator(generator) if runs_tt(method, generator) else m
+
+
 PRIOR_METHODS = ("tt", "random", "auto")  # methods that take a data prior (`prior=`)
 PRIOR_GENERATORS = ("vqvae",)  # codebook grids (unordered, with an encoder): where the prior is fitted
 
@@ -156,6 +162,7 @@ def _config_hash(
     """Hash of everything that changes a run's result besides its key fields (so DVC's rerun after
     a code, checkpoint or params change never reuses a stale result, while a resume does); in
     population mode also the rule and the whole target set (every neuron learns from all)."""
+    m = run_settings(m, method, generator)
     cfg: dict[str, Any] = {
         "budget": m.budget,
         "batch": m.batch,
@@ -169,6 +176,8 @@ def _config_hash(
         "gen": _digest(gen_ckpt),
         "code": _code_digest(),
     }
+    if runs_tt(method, generator) and "grid_n" in m.tuned_settings(generator):
+        cfg["grid_n"] = m.tuned_settings(generator)["grid_n"]  # a tuned SN-GAN grid resolution
     if m.population:
         cfg["population"] = {"rule": m.population_rule, "targets": [t.name for t in targets or []]}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]

@@ -23,6 +23,7 @@ from spikemax.am.plan import (
     finished_runs,
     population_key,
     read_summary,
+    run_settings,
     runs_tt,
     with_budget,
 )
@@ -120,12 +121,15 @@ class AMRuns:
         self.failed: list[str] = []
         self.parent_id: str | None = None
         self.logging_s = 0.0  # time inside the query loggers (the cost of logging every query)
-        self._priors: dict[str, Any] = {}
+        self._priors: dict[tuple[str, int], Any] = {}
 
     # -- runs ---------------------------------------------------------------------------------
     def open_run(self, combo: Combo, grid: LatentGrid, snn_ckpt: Path) -> OpenRun:
 
-        m = with_budget(self.m, combo.budget)
+        m = with_budget(
+            run_settings(self.m, combo.method, combo.generator), combo.budget
+        )  # tuned settings where they apply
+        tuned = m.tuned_settings(combo.generator) if runs_tt(combo.method, combo.generator) else {}
         warm_from = self.warm_source(combo)
         tags = {
             "mlflow.parentRunId": self.parent_id,
@@ -160,6 +164,7 @@ class AMRuns:
                     "options": json.dumps(options_for(combo.method, m, grid)),
                     "resolved_method": options_for(combo.method, m, grid).get("resolved", combo.method),
                     "prior": bool(m.prior and combo.generator in PRIOR_GENERATORS and combo.method in PRIOR_METHODS),
+                    "tuned": tuned.get("study", "none"),  # the tune study whose best rank, lr (grid_n) ran
                     **(
                         {"population": population_key(combo), "population_rule": m.population_rule}
                         if m.population
@@ -204,8 +209,9 @@ class AMRuns:
     def make_optimizer(self, op: OpenRun | Combo, grid: LatentGrid) -> Optimizer:
         """The optimizer of an open run (or of a finished combination re-proposing in a population)."""
         combo, warm_from = (op.combo, op.warm_from) if isinstance(op, OpenRun) else (op, self.warm_source(op))
-        opts = options_for(combo.method, with_budget(self.m, combo.budget), grid)
-        prior = self.prior_for(combo.generator, grid) if combo.method in PRIOR_METHODS else None
+        m = with_budget(run_settings(self.m, combo.method, combo.generator), combo.budget)
+        opts = options_for(combo.method, m, grid)
+        prior = self.prior_for(combo.generator, grid, m.tt.rank) if combo.method in PRIOR_METHODS else None
         if prior is not None:
             opts["prior"] = prior
         if warm_from:
@@ -213,27 +219,31 @@ class AMRuns:
                 opts["init"] = pickle.load(f)
         return make_optimizer(combo.method, grid.d, grid.n, seed=combo.seed, **opts)
 
-    def prior_for(self, generator: str, grid: Any) -> Any:
-        """The TT data prior of a codebook grid (None: ordered grid, or `prior: false`), fitted once
-        per stage run to the encoder's indices of the prepared train images, cached by content hash."""
+    def prior_for(self, generator: str, grid: Any, rank: int | None = None) -> Any:
+        """The TT data prior of a codebook grid (None: ordered grid, or `prior: false`) at `rank`
+        (default `tt.rank`; a tuned TT run's prior has its tuned rank), fitted once per stage run to
+        the encoder's indices of the prepared train images, cached by content hash."""
         if not self.m.prior or generator not in PRIOR_GENERATORS:
             return None
-        if generator not in self._priors:
-            self._priors[generator] = fit_grid_prior(
+        rank = self.m.tt.rank if rank is None else rank
+        if (generator, rank) not in self._priors:
+            name = f"prior_{generator}.npz" if rank == self.m.tt.rank else f"prior_{generator}_r{rank}.npz"
+            self._priors[generator, rank] = fit_grid_prior(
                 grid,
                 self.prepared,
                 self.plan.gen_ckpts[generator],
-                self.m.tt.rank,
+                rank,
                 self.m.prior_images,
-                self.am_dir / f"prior_{generator}.npz",
+                self.am_dir / name,
             )
-        return self._priors[generator]
+        return self._priors[generator, rank]
 
     def make_cold_twin(self, op: OpenRun, grid: Any) -> Any:
         """The same run without the warm start (same seed, options and prior): the measured reference
         of `queries_saved`."""
-        opts = options_for(op.combo.method, with_budget(self.m, op.combo.budget), grid)
-        prior = self.prior_for(op.combo.generator, grid) if op.combo.method in PRIOR_METHODS else None
+        m = with_budget(run_settings(self.m, op.combo.method, op.combo.generator), op.combo.budget)
+        opts = options_for(op.combo.method, m, grid)
+        prior = self.prior_for(op.combo.generator, grid, m.tt.rank) if op.combo.method in PRIOR_METHODS else None
         if prior is not None:
             opts["prior"] = prior
         return make_optimizer(op.combo.method, grid.d, grid.n, seed=op.combo.seed, **opts)
@@ -437,18 +447,16 @@ class AMRuns:
 
 
 def gain_stats(runs: pd.DataFrame) -> dict[str, Any]:
-    """AM gain over summary rows: medians, and the share of runs beating the best test image.
+    """What am.json reports of a set of summary rows: AM gain medians and the share of runs beating
+    the best test image (`selectivity.am_gain_summary`, the tune stage's score too); `n_silent` counts
+    runs on units silent on every test image (no AM gain; above the dataset only if AM drives them)."""
+    from spikemax.selectivity import am_gain_summary
 
-    A unit silent on every test image has no AM gain (0 / 0): it is counted in `n_silent`, and
-    `frac_above_dataset` is over the other runs."""
-    gain = runs["am_gain"].astype(float)
-    defined = runs["dataset_max"].astype(float) > 0
     return {
         "n_runs": len(runs),
-        "n_silent": int((~defined).sum()),
+        "n_silent": int((runs["dataset_max"].astype(float) <= 0).sum()),
         "median_best_activation": float(runs["best_activation"].median()),
-        "median_am_gain": float(gain[np.isfinite(gain)].median()) if np.isfinite(gain).any() else None,
-        "frac_above_dataset": float((gain[defined] > 1).mean()) if defined.any() else None,
+        **am_gain_summary(runs["best_activation"].to_numpy(float), runs["dataset_max"].to_numpy(float)),
         "median_queries_to_95": float(runs["queries_to_95"].median()),
     }
 

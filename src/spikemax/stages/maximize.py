@@ -26,6 +26,7 @@ from spikemax.generators import LatentGrid, load_generator
 from spikemax.neurons import Target, make_responder
 from spikemax.params import Params, Paths
 from spikemax.querylog import PopulationTable
+from spikemax.tuning import tuned_grid
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -103,7 +104,7 @@ def run(params: Params, paths: Paths) -> dict:
                             n_run += run_group(
                                 st,
                                 group,
-                                grids[g],
+                                tuned_grid(grids[g], m, g, method),
                                 net,
                                 stats,
                                 col,
@@ -137,21 +138,15 @@ def run(params: Params, paths: Paths) -> dict:
 
 
 def with_tuned_settings(params: Params, paths: Paths) -> tuple[Params, str]:
-    """`maximize.tuned`: params whose TT rank and lr are the tune stage's best trial, and the study's name."""
-    import json
+    """`maximize.tuned`: params carrying each generator's tune study's best settings (applied to the
+    runs whose method runs TT: `am.plan.run_settings`, `tuning.tuned_grid`), and the studies' names."""
+    from spikemax.tuning import read_tuned
 
     if not params.maximize.tuned:
         return params, ""
-    path = paths.metrics / "tune.json"
-    if not path.is_file():
-        raise SpikemaxError(f"maximize.tuned is true but {path} is missing: run `spikemax tune` first")
-    best = json.loads(path.read_text())
-    try:
-        tt = params.maximize.tt.model_copy(update={"rank": int(best["best_rank"]), "lr": float(best["best_lr"])})
-    except KeyError as err:
-        raise SpikemaxError(f"{path} has no {err.args[0]}: rerun `spikemax tune`") from err
-    m = params.maximize.model_copy(update={"tt": tt})
-    return params.model_copy(update={"maximize": m}), str(best.get("study", path))
+    tuned = read_tuned(paths.metrics / "tune.json", list(params.maximize.generators))
+    m = params.maximize.with_tuned(tuned)
+    return params.model_copy(update={"maximize": m}), ",".join(s["study"] for s in tuned.values()) or "none"
 
 
 def run_group(
@@ -366,6 +361,7 @@ def remote_group(
         net = snn.load_snn(plan_.snn_ckpts[c0.epoch])
         net.eval().to(devices.resolve(params.device))
         grid = load_generator(c0.generator, plan_.gen_ckpts[c0.generator]).to(devices.resolve(params.device))
+        grid = tuned_grid(grid, st.m, c0.generator, c0.method)
         col = {t: i for i, t in enumerate(plan_.targets)}
         seed = zlib.crc32(f"{c0.epoch}/{c0.generator}/{c0.method}/{c0.seed}".encode())
         combos = group if params.maximize.population else todo  # population: finished neurons only re-propose

@@ -1,11 +1,13 @@
-"""Stage `tune`: an Optuna study over TT settings, scored on a panel of neurons; trials to MLflow.
+"""Stage `tune`: one Optuna study over TT settings per generator, scored on a panel of neurons by the
+median AM gain (the maximize stage's measure); trials to MLflow, best settings to metrics/tune.json.
 
-`n_trials` is the study's total over every worker: this invocation's `workers` processes and any
+`n_trials` is each study's total over every worker: this invocation's `workers` processes and any
 other machine's on the same RDB storage (see spikemax.tuning for how slots are shared).
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import time
@@ -18,7 +20,6 @@ from spikemax.outputs import write_json
 from spikemax.params import Params, Paths
 from spikemax.snn import checkpoints
 from spikemax.tuning import (
-    FINISHED_STATES,
     Duplicate,
     Surplus,
     TrialRuns,
@@ -27,6 +28,7 @@ from spikemax.tuning import (
     make_objective,
     storage,
     study_name,
+    trial_budget,
     worker_seed,
 )
 
@@ -44,14 +46,55 @@ def _epoch(params: Params, paths: Paths) -> int:
     return epoch
 
 
+class _OneLineUnrun(logging.Filter):
+    """Optuna logs a trial failed by an exception it was told to catch as a warning with the whole
+    traceback, and a second line with its value. For a surplus or duplicate trial (failed on
+    purpose, never evaluated) one line says what happened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quiet: set[str] = set()  # "Trial N " prefixes whose follow-up line is dropped
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        msg = record.getMessage()
+        if isinstance(err, (Surplus, Duplicate)):
+            kind = "surplus" if isinstance(err, Surplus) else "duplicate"
+            self.quiet.add(msg.split(" failed", 1)[0] + " ")  # "Trial N "
+            record.msg, record.args, record.exc_info, record.exc_text = f"tune: not run ({kind}): {err}", (), None, None
+            return True
+        prefix = msg.split(" failed with value", 1)[0] + " "
+        if "failed with value" in msg and prefix in self.quiet:
+            self.quiet.discard(prefix)  # dropped once: a later trial of that number (another study) logs
+            return False
+        return True
+
+
+_FILTER = _OneLineUnrun()
+
+
+def _quiet_unrun() -> None:
+    """Install the one-line filter on Optuna's optimize logger (once per process)."""
+    logger = logging.getLogger("optuna.study._optimize")
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+
+
 def run(params: Params, paths: Paths, workers: int | None = None) -> dict:
-    """Complete the study to `tune.n_trials` finished trials with `workers` processes (default
-    `tune.workers`); write metrics/tune.json and results/tune/trials.csv."""
+    """Complete each generator's study to `tune.n_trials` finished trials with `workers` processes
+    (default `tune.workers`); write metrics/tune.json and results/tune/trials.csv."""
+    epoch = _epoch(params, paths)
+    studies: dict[str, Any] = {g: run_study(params, paths, epoch, g, workers) for g in params.tune.generators}
+    return write_outputs(studies, paths, epoch, params)
+
+
+def run_study(params: Params, paths: Paths, epoch: int, generator: str, workers: int | None = None) -> Any:
+    """Complete `generator`'s study to `tune.n_trials` finished trials; returns the study."""
     t = params.tune
     n_workers = workers or t.workers
-    epoch = _epoch(params, paths)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name = study_name(params, epoch)
+    _quiet_unrun()
+    name = study_name(params, epoch, generator)
     lock: Any = None
     if not t.storage:
         from filelock import FileLock
@@ -72,11 +115,14 @@ def run(params: Params, paths: Paths, workers: int | None = None) -> dict:
             if counts(study)[0] >= t.n_trials:
                 break
             if n_workers == 1:
-                work(params, paths, epoch, 0)
+                work(params, paths, epoch, generator, 0)
             else:
                 ctx = multiprocessing.get_context("spawn")
                 threads = max(1, (os.cpu_count() or 1) // n_workers)
-                procs = [ctx.Process(target=work, args=(params, paths, epoch, i, threads)) for i in range(n_workers)]
+                procs = [
+                    ctx.Process(target=work, args=(params, paths, epoch, generator, i, threads))
+                    for i in range(n_workers)
+                ]
                 for p in procs:
                     p.start()
                 for p in procs:
@@ -86,7 +132,7 @@ def run(params: Params, paths: Paths, workers: int | None = None) -> dict:
         finished = counts(study)[0]
         if finished < t.n_trials:
             raise SpikemaxError(f"study {name}: {finished} of {t.n_trials} trials finished (workers failed; see logs)")
-        return write_outputs(study, paths, epoch)
+        return study
     finally:
         if lock is not None:
             lock.release()
@@ -101,8 +147,9 @@ def _fail_running(study: Any, runs: TrialRuns) -> None:
             runs.fail_stale(run_id)
 
 
-def work(params: Params, paths: Paths, epoch: int, index: int, threads: int | None = None) -> int:
-    """One worker: run trials until the study has n_trials finished ones; returns trials it ran."""
+def work(params: Params, paths: Paths, epoch: int, generator: str, index: int, threads: int | None = None) -> int:
+    """One worker of `generator`'s study: run trials until it has n_trials finished ones; returns
+    trials it ran."""
     if threads is not None:  # a spawned worker: share the cores with its siblings
         import torch
 
@@ -112,13 +159,14 @@ def work(params: Params, paths: Paths, epoch: int, index: int, threads: int | No
 
     t = params.tune
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_unrun()  # a spawned worker's own logger
     runs = TrialRuns(paths.root)
-    study = optuna.load_study(study_name=study_name(params, epoch), storage=storage(params, paths, runs))
+    study = optuna.load_study(study_name=study_name(params, epoch, generator), storage=storage(params, paths, runs))
     seed = worker_seed(t.seed, index, len(study.get_trials(deepcopy=False)))
     study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=max(2, t.n_trials // 4), n_warmup_steps=0)
     heartbeat = is_heartbeat_enabled(study._storage)
-    objective, _ = make_objective(params, paths, epoch, runs)
+    objective, _ = make_objective(params, paths, epoch, generator, runs)
     ran = dups = 0
 
     def counted(trial: Any) -> float:
@@ -153,22 +201,60 @@ def work(params: Params, paths: Paths, epoch: int, index: int, threads: int | No
         ran += 1
 
 
-def write_outputs(study: Any, paths: Paths, epoch: int) -> dict:
-    """metrics/tune.json (best settings) and results/tune/trials.csv (one row per trial)."""
-    df = study.trials_dataframe(attrs=("number", "value", "params", "state"))
-    df.columns = [c.removeprefix("params_") for c in df.columns]
+def study_result(study: Any) -> dict:
+    """One study's entry of metrics/tune.json: its best trial's settings and score, or, when no
+    trial completed (every one pruned or failed), null settings and a note saying so."""
+    trials = study.get_trials(deepcopy=False)
+    by_state = {st: sum(tr.state.name == st for tr in trials) for st in ("COMPLETE", "PRUNED")}
+    finished = by_state["COMPLETE"] + by_state["PRUNED"]
+    out: dict[str, Any] = {
+        "study": study.study_name,
+        "n_trials": finished,
+        "n_pruned": by_state["PRUNED"],
+        "n_failed": len(trials) - finished,  # killed workers' trials, and unevaluated surplus/duplicates
+    }
+    if not by_state["COMPLETE"]:
+        names = sorted({k for tr in trials for k in tr.distributions})
+        note = f"no trial completed ({by_state['PRUNED']} pruned, {out['n_failed']} failed): no best settings"
+        return (
+            {**out, "best_median_am_gain": None, "best_frac_above_dataset": None}
+            | {f"best_{k}": None for k in names}
+            | {"note": note}
+        )
+    best = study.best_trial
+    return {
+        **out,
+        "best_median_am_gain": float(best.value),
+        "best_frac_above_dataset": best.user_attrs.get("frac_above_dataset"),
+        **{f"best_{k}": v for k, v in best.params.items()},
+    }
+
+
+def write_outputs(studies: dict[str, Any], paths: Paths, epoch: int, params: Params) -> dict:
+    """metrics/tune.json (each generator's best settings) and results/tune/trials.csv (one row per
+    trial of every study)."""
+    import pandas as pd
+
+    frames = []
+    for g, study in studies.items():
+        df = study.trials_dataframe(attrs=("number", "value", "params", "state"))
+        df.columns = [c.removeprefix("params_") for c in df.columns]
+        frames.append(df.assign(generator=g, study=study.study_name))
     out = paths.results / "tune"
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "trials.csv", index=False)
-    best = study.best_trial
-    finished = int(df["state"].isin(FINISHED_STATES).sum())
+    trials = pd.concat(frames, ignore_index=True)
+    for col in ("rank", "grid_n"):  # integers, blank where a study has no such setting (VQ-VAE's grid_n)
+        if col in trials:
+            trials[col] = trials[col].astype("Int64")
+    trials.to_csv(out / "trials.csv", index=False)
+    budget, batch = trial_budget(params)
     summary = {
-        "study": study.study_name,
         "epoch": epoch,
-        "n_trials": finished,
-        "n_failed": len(df) - finished,  # killed workers' trials, and unevaluated surplus/duplicates
-        "best_mean_am_gain": float(best.value),
-        **{f"best_{k}": v for k, v in best.params.items()},
+        "score": "median_am_gain",  # over the panel, as the maximize stage reports it per generator
+        "budget": budget,
+        "batch": batch,
+        "neurons": params.tune.neurons,
+        "generators": {g: study_result(study) for g, study in studies.items()},
     }
     write_json(paths.metrics / "tune.json", summary)
     return summary
