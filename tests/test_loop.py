@@ -106,6 +106,17 @@ def test_group_tells_each_optimizer_only_its_own_column():
         np.testing.assert_array_equal(res.best_indices, peak)
 
 
+def test_group_budgets_per_optimizer_and_a_shorter_loop_asks_the_same_points():
+    two = [make_optimizer("random", D, N, seed=s) for s in (0, 1)]
+    res = run_am_group(two, IndexGrid(), peak_responder, budget=[96, 40], batch=32)
+    assert [r.n_queries for r in res] == [96, 40]
+    assert [len(b) for b in np.split(res[1].batches, np.flatnonzero(np.diff(res[1].batches)) + 1)] == [32, 8]
+    alone = run_am(make_optimizer("random", D, N, seed=1), IndexGrid(), peak_responder, budget=40, batch=32)
+    np.testing.assert_array_equal(alone.indices, res[1].indices)  # a loop's budget is its own
+    with pytest.raises(ValueError, match="one budget per optimizer"):
+        run_am_group(two, IndexGrid(), peak_responder, budget=[96], batch=32)
+
+
 def test_responder_error_propagates_after_logging_what_was_measured(tmp_path):
     n_calls = 0
 

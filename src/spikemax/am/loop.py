@@ -100,7 +100,7 @@ def run_am_group(
     optimizers: Sequence[Optimizer],
     grid: LatentGrid,
     responder: Responder,
-    budget: int,
+    budget: int | Sequence[int],
     batch: int,
     loggers: Sequence[QueryLogger | None] | None = None,
     target_value: float | None = None,
@@ -110,23 +110,25 @@ def run_am_group(
     """Run several AM loops in lock step, sharing one decode and one responder call per step.
 
     `responder(images)` returns (K, m) with one column per optimizer (m = len(optimizers)); optimizer
-    j is told column j of its own rows only. Each loop spends exactly `budget` queries unless its
-    best reaches `target_value` (then it stops, and its logger records why). Every batch is logged
-    before the next one is asked, so an exception or kill loses nothing already measured.
+    j is told column j of its own rows only. Each loop spends exactly `budget` queries (or its own
+    entry of a per-optimizer list) unless its best reaches `target_value` (then it stops, and its
+    logger records why). Every batch is logged before the next one is asked, so an exception or kill
+    loses nothing already measured.
     """
-    if budget <= 0 or batch <= 0:
-        raise ValueError(f"budget and batch must be positive (got {budget}, {batch})")
+    budgets = [int(budget)] * len(optimizers) if isinstance(budget, (int, np.integer)) else [int(b) for b in budget]
+    if len(budgets) != len(optimizers) or min(budgets, default=1) <= 0 or batch <= 0:
+        raise ValueError(f"budget and batch must be positive, one budget per optimizer (got {budget}, {batch})")
     loggers = list(loggers) if loggers is not None else [None] * len(optimizers)
     tracks = [_Track(opt, lg, target_value) for opt, lg in zip(optimizers, loggers)]
     m = len(tracks)
     step = 0
     while True:
-        active = [j for j, t in enumerate(tracks) if t.n < budget and not t.stopped]
+        active = [j for j, t in enumerate(tracks) if t.n < budgets[j] and not t.stopped]
         if not active:
             break
         asked = []
         for j in active:
-            k = min(batch, budget - tracks[j].n)
+            k = min(batch, budgets[j] - tracks[j].n)
             asked.append(np.asarray(tracks[j].optimizer.ask(k), dtype=np.int64).reshape(k, -1))
         all_idx = np.concatenate(asked, axis=0)
         images = _decode(grid, all_idx, max_images)
@@ -159,7 +161,7 @@ def run_am_group(
             t.batches.append(np.full(k, step, dtype=np.int32))
             t.n += k
             t.wall = time.perf_counter() - t.t0
-            if t.target_value is not None and t.best >= t.target_value and t.n < budget:
+            if t.target_value is not None and t.best >= t.target_value and t.n < budgets[j]:
                 # Early stop is a choice the params made: record it, keep everything measured.
                 t.stopped = f"target_value {t.target_value:g} reached after {t.n} queries"
                 if t.logger is not None:

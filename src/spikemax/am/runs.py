@@ -269,7 +269,9 @@ class AMRuns:
             # Measured: queries the cold twin (same neuron, seed and budget, no warm start) needs to
             # reach 95 % of the better of the two bests, minus the warm run's (a run that never
             # reaches it counts its whole budget).
-            saved = queries_to_level(cold.responses, res.responses) - queries_to_level(res.responses, cold.responses)
+            # Over the scan's first `budget` queries (the twin's budget when the run has budget_last).
+            warm_head = res.responses[: len(cold.responses)]
+            saved = queries_to_level(cold.responses, warm_head) - queries_to_level(warm_head, cold.responses)
         image = res.best_image if res.best_image is not None else None
         np.savez(
             run_dir / "best.npz",

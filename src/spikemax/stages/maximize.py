@@ -175,9 +175,10 @@ def run_group(
         # Warm runs get a cold twin (run alongside, not logged) so `queries_saved` is measured.
         warm = [] if m.population else [i for i, c in enumerate(group) if c.key in by_key and by_key[c.key].warm_from]
         twins = [st.make_cold_twin(by_key[group[i].key], grid) for i in warm]
+        # A twin spends the scan's `budget` (not budget_last): queries_saved compares the first `budget` queries.
         if twins and q_task is not None:  # the queries bar counts the twins' queries too: grow its total
             task = next(t for t in progress.tasks if t.id == q_task)
-            progress.update(q_task, total=(task.total or 0) + len(twins) * budget)
+            progress.update(q_task, total=(task.total or 0) + len(twins) * m.budget)
         names = [c.target.name for c in group] + [group[i].target.name for i in warm]
         responder = make_responder(
             net,
@@ -219,7 +220,7 @@ def run_group(
                 optimizers + twins,
                 grid,
                 responder,
-                budget,
+                [budget] * len(optimizers) + [m.budget] * len(twins),
                 m.batch,
                 loggers=[op.logger for op in opens] + [None] * len(twins),
                 target_value=m.target_value,
