@@ -15,11 +15,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from spikemax import params as P
-from spikemax import querylog, tracking
+from spikemax import querylog, snn, tracking
 from spikemax.am import SUMMARY_COLUMNS
 from spikemax.am.plan import plan, resolve_targets
+from spikemax.data import Prepared
+from spikemax.neurons import layer_rates
 from spikemax.stages.maximize import run as run_stage
 
 from .conftest import write_params
@@ -180,6 +183,34 @@ def test_targets_class_star_sampled_units_and_dedup():
     assert [t.name for t in other] != names
     with pytest.raises(P.ParamsError, match="lif3"):
         resolve_targets(P.MaximizeParams(targets=["lif3:0"]), layers)
+
+
+def test_sampled_units_are_live_units_of_the_trained_network(tmp_path, models):
+    layers = {"lif1": 4, "lif2": 8, "fc_lif1": 32, "out": 10}
+    live = {name: np.arange(n) % 3 == 0 for name, n in layers.items()}  # lif1: units 0 and 3 only
+    m = P.MaximizeParams(targets=[], units_per_layer=3, target_seed=1)
+    ts = resolve_targets(m, layers, live)
+    assert all(live[t.layer][t.unit] for t in ts)
+    assert sorted(t.unit for t in ts if t.layer == "lif1") == [0, 3]  # fewer live than asked: all of them
+    assert sum(t.layer == "fc_lif1" for t in ts) == 3
+
+    # The stage's default draws from units that fire on some prepared test image at the last checkpoint.
+    params, paths = _project_copy(tmp_path / "p", models, {**SMALL, "targets": [], "units_per_layer": 2})
+    assert params.maximize.units_from == "live"
+    pl = plan(params, paths)
+    net = snn.load_snn(pl.snn_ckpts[max(pl.epochs)])
+    x, _ = Prepared.load(paths.prepared).tensors("test")
+    with torch.no_grad():
+        rates = layer_rates(net.eval(), x)
+    assert pl.targets and all(rates[t.layer][:, t.unit].max() > 0 for t in pl.targets)
+    every = plan(
+        *_project_copy(tmp_path / "q", models, {**SMALL, "targets": [], "units_per_layer": 2, "units_from": "all"})
+    )
+    assert len(every.targets) == 2 * len(layers_of(net))
+
+
+def layers_of(net) -> dict[str, int]:
+    return dict(net.spiking_layers())
 
 
 def test_bad_params_fail_before_any_run(tmp_path, models):

@@ -166,6 +166,9 @@ class MaximizeParams(Section):
     generators: list[GeneratorName] = Field(default_factory=lambda: list(GENERATOR_NAMES), min_length=1)
     targets: list[str] = Field(default_factory=lambda: ["class:*"])
     units_per_layer: int = Field(0, ge=0)
+    # Where those units are drawn from: "live" = units of the trained network (last checkpoint) that
+    # fire on some prepared test image (a unit silent on all of them has no AM gain), or "all".
+    units_from: Literal["live", "all"] = "live"
     target_seed: int = Field(0, ge=0)
     max_images: int = Field(512, ge=1)
     methods: list[MethodName] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)

@@ -79,8 +79,11 @@ def _to_target(name: str, layers: dict[str, int]) -> Target:
         raise _stage_error(f"target {name!r}: {err}") from None
 
 
-def resolve_targets(m: MaximizeParams, layers: dict[str, int]) -> list[Target]:
-    """Explicit targets, `class:*`, then `units_per_layer` units sampled per spiking layer (deduplicated)."""
+def resolve_targets(
+    m: MaximizeParams, layers: dict[str, int], live: dict[str, np.ndarray] | None = None
+) -> list[Target]:
+    """Explicit targets, `class:*`, then `units_per_layer` units sampled per spiking layer (deduplicated);
+    with `live` (layer -> bool per unit) the sample is drawn from the live units only."""
     names: list[str] = []
     for t in m.targets:
         if t.strip() == "class:*":
@@ -91,7 +94,8 @@ def resolve_targets(m: MaximizeParams, layers: dict[str, int]) -> list[Target]:
     if m.units_per_layer:
         rng = np.random.default_rng(m.target_seed)
         for layer, units in layers.items():
-            picked = np.sort(rng.choice(units, size=min(m.units_per_layer, units), replace=False))
+            pool = np.arange(units) if live is None else np.flatnonzero(live[layer])
+            picked = np.sort(rng.choice(pool, size=min(m.units_per_layer, len(pool)), replace=False))
             out += [_to_target(f"{layer}:{int(u)}", layers) for u in picked]
     seen: set[tuple[str, int]] = set()
     unique: list[Target] = []
@@ -232,7 +236,8 @@ def plan(params: Params, paths: Paths) -> Plan:
     for e in epochs[1:]:
         if dict(snn.load_snn(available[e]).spiking_layers()) != layers:
             raise _stage_error(f"checkpoint of epoch {e} has other layers than epoch {epochs[0]}")
-    targets = resolve_targets(m, layers)
+    live = live_units(net if epochs[0] == have[-1] else snn.load_snn(available[have[-1]]), paths, m)
+    targets = resolve_targets(m, layers, live)
     combos = []
     for e in epochs:
         prog = snn.progress(available[e])
@@ -245,6 +250,21 @@ def plan(params: Params, paths: Paths) -> Plan:
                         key = _slug(f"e{e:03d}-{prog.epoch:.3f}_{g}_{t.name}_{method}_s{seed}_{h}")
                         combos.append(Combo(e, g, t, method, seed, key, prog.step, prog.epoch, budget))
     return Plan(epochs, {e: available[e] for e in epochs}, gen_ckpts, targets, combos)
+
+
+def live_units(net: Any, paths: Paths, m: MaximizeParams) -> dict[str, np.ndarray] | None:
+    """`units_from: live`: per spiking layer, which units of `net` fire on some prepared test image."""
+    if not m.units_per_layer or m.units_from != "live":
+        return None
+    import torch
+
+    from spikemax.data import Prepared
+    from spikemax.neurons import layer_rates
+
+    x, _ = Prepared.load(paths.prepared).tensors("test")
+    with torch.no_grad():
+        rates = layer_rates(net.eval(), x, batch_size=m.max_images)
+    return {name: r.max(axis=0) > 0 for name, r in rates.items()}
 
 
 def population_key(combo: Combo) -> str:
