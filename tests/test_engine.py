@@ -37,6 +37,16 @@ def _tables(paths: P.Paths) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     return df.drop(columns="run_id"), queries
 
 
+def assert_same_results(a: P.Paths, b: P.Paths) -> None:
+    """Same summary rows (ids and timings aside) and the same query table for every run key."""
+    df_a, q_a = _tables(a)
+    df_b, q_b = _tables(b)
+    pd.testing.assert_frame_equal(df_b, df_a)
+    assert q_b.keys() == q_a.keys()
+    for key, q in q_a.items():
+        pd.testing.assert_frame_equal(q_b[key], q, obj=key)
+
+
 @pytest.mark.slow
 def test_ray_engine_equals_in_process(tmp_path, project, snn_checkpoints, generator_checkpoints, ray_local):
     local = _project_copy(tmp_path / "local", project, SMALL)
@@ -45,16 +55,11 @@ def test_ray_engine_equals_in_process(tmp_path, project, snn_checkpoints, genera
     m_ray = run_stage(*remote)
     assert m_ray["n_runs"] == m_local["n_runs"] == 2 * 3 * 2 * 2 and m_ray["n_failed"] == 0
     assert m_ray["queries_run"] == m_local["queries_run"]
-    df_local, q_local = _tables(local[1])
-    df_ray, q_ray = _tables(remote[1])
-    pd.testing.assert_frame_equal(df_ray, df_local)
-    assert q_ray.keys() == q_local.keys()
-    for key, q in q_local.items():
-        pd.testing.assert_frame_equal(q_ray[key], q, obj=key)
+    assert_same_results(local[1], remote[1])
     # The tasks' runs are nested under the driver's parent run, each FINISHED once.
     nested = [r for r in _runs(remote[1].root) if "spikemax.run_key" in r.data.tags]
     parent = {r.info.run_id for r in _runs(remote[1].root) if "spikemax.run_key" not in r.data.tags}
-    assert len(nested) == len(df_ray) and {r.info.status for r in nested} == {"FINISHED"}
+    assert len(nested) == m_ray["n_runs"] and {r.info.status for r in nested} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in nested} == parent
     # Rerun: nothing left to do, nothing redone.
     assert run_stage(*remote)["queries_run"] == 0

@@ -19,24 +19,10 @@ from spikemax.stages.maximize import run as run_stage
 from spikemax.tracking import RUN_KEY_TAG
 
 from . import ray_kill
-from .test_engine import _tables
+from .test_engine import SMALL, assert_same_results
 from .test_maximize import _project_copy, _runs
 
-KILL = {
-    "epochs": [0, -1],
-    "generators": ["sngan"],
-    "targets": ["class:0", "lif1:0", "lif2:1"],
-    "units_per_layer": 0,
-    "methods": ["tt", "random"],
-    "seeds": [0],
-    "budget": 32,
-    "batch": 16,
-}
-
-
-@pytest.fixture(autouse=True)
-def _own_store(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+KILL = {**SMALL, "seeds": [0]}  # one restart: the killed group and its warm-started successor
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +74,7 @@ def test_a_killed_worker_is_retried_and_finished_runs_are_kept(
 
     assert m_ray["n_runs"] == m_local["n_runs"] == 2 * 3 * 2 and m_ray["n_failed"] == m_local["n_failed"] == 0
     assert m_ray["queries_run"] == m_local["queries_run"]  # the lost attempt's finished run counts once
-    df_local, q_local = _tables(local[1])
-    df_ray, q_ray = _tables(remote[1])
-    pd.testing.assert_frame_equal(df_ray, df_local)
-    assert q_ray.keys() == q_local.keys()
-    for key, q in q_local.items():
-        pd.testing.assert_frame_equal(q_ray[key], q, obj=key)
+    assert_same_results(local[1], remote[1])
 
     # The run finished before the kill is the one in the summary, its files untouched by the retry.
     summary = pd.read_csv(remote[1].results / "am" / "summary.csv").set_index("run_key")
