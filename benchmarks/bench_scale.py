@@ -14,13 +14,16 @@ Run from anywhere with a trained project (its layout: data/prepared, models/):
    the stage's logging_share_pct (time inside the query loggers, including the wait for the
    server's acknowledgements at each run's close / stage wall time), the time inside the loggers
    per query (less noisy on a shared machine), and the stage's wall time against the local sqlite
-   store's. `--repeats N` runs the server part N times (a fresh server each); `--sync` sends every
-   batch synchronously instead of mirroring it in the background (the previous design).
+   store's. `--repeats N` runs the server part N times (a fresh server and database each);
+   `--design sync` sends every batch synchronously instead of mirroring it in the background (the
+   previous design); `--design mirrored --design sync` alternates both in each repeat. A PostgreSQL
+   `--backend-store-uri` gets a fresh database per server run on that server.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -74,6 +77,21 @@ def _per_query(metrics: dict) -> float:
     return round(1000 * metrics["logging_s"] / max(metrics["queries_run"], 1), 4)
 
 
+def _backend(uri: str | None, name: str) -> str | None:
+    """A fresh database `bench_NAME` on the PostgreSQL server of `uri` (other URIs as given)."""
+    if not uri or not uri.startswith("postgresql"):
+        return uri
+    import sqlalchemy
+
+    db = f"bench_{name}".replace("-", "_")
+    engine = sqlalchemy.create_engine(uri, isolation_level="AUTOCOMMIT")
+    with engine.connect() as con:
+        con.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{db}"'))
+        con.execute(sqlalchemy.text(f'CREATE DATABASE "{db}"'))
+    engine.dispose()
+    return str(sqlalchemy.engine.make_url(uri).set(database=db).render_as_string(hide_password=False))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,15 +126,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="budget 128")
     ap.add_argument("--skip", choices=["engines", "logging"], action="append", default=[])
     ap.add_argument("--repeats", type=int, default=1, help="runs of the mlflow-server part")
-    ap.add_argument("--sync", action="store_true", help="log synchronously (no background mirroring)")
+    ap.add_argument(
+        "--design",
+        choices=["mirrored", "sync"],
+        action="append",
+        help="mirrored (default): metrics go to the server from a background thread; sync: every batch is "
+        "acknowledged before the optimizer is told (the previous design); several: alternated per repeat",
+    )
     ap.add_argument("--server-workers", type=int, default=2, help="mlflow server --workers")
     ap.add_argument("--backend-store-uri", help="mlflow server's backend store (default: a fresh sqlite file)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
-    if args.sync:
-        from spikemax.querylog import QueryLogger
+    designs = args.design or ["mirrored"]
+    from spikemax.querylog import QueryLogger
 
-        QueryLogger.mirror_remote = False
     source = args.project.resolve()
     plan = {
         "epochs": [-1],
@@ -171,12 +194,15 @@ def main() -> None:
             rows.append((f"ray, {args.workers} workers", wall_ray, m_ray["logging_share_pct"], _per_query(m_ray)))
         if "logging" not in args.skip:
             out["mlflow_server"] = []
-            design = "sync" if args.sync else "mirrored"
-            for rep in range(args.repeats):
-                proc, uri = _mlflow_server(tmp_path / f"server{rep}", args.backend_store_uri, args.server_workers)
+            for rep, design in itertools.product(range(args.repeats), designs):
+                QueryLogger.mirror_remote = design == "mirrored"
+                name = f"{rep}-{design}"
+                proc, uri = _mlflow_server(
+                    tmp_path / f"server{name}", _backend(args.backend_store_uri, name), args.server_workers
+                )
                 try:
                     os.environ["MLFLOW_TRACKING_URI"] = uri
-                    served = _project(tmp_path / f"served{rep}", source, plan)
+                    served = _project(tmp_path / f"served{name}", source, plan)
                     wall_srv, m_srv = _stage(*served)
                 finally:
                     os.environ.pop("MLFLOW_TRACKING_URI", None)
