@@ -10,13 +10,20 @@ Run from anywhere with a trained project (its layout: data/prepared, models/):
    excluded, reported apart), the ratio ray/in-process, and whether both produced the same run keys
    and the same query tables.
 2. Logging: the in-process plan again with MLFLOW_TRACKING_URI pointing at a real `mlflow server`
-   subprocess on a loopback port (sqlite backend): the stage's logging_share_pct (time inside the
-   query loggers / stage wall time) there and on the local sqlite store.
+   subprocess on a loopback port (sqlite backend, or `--backend-store-uri`, e.g. a PostgreSQL URL):
+   the stage's logging_share_pct (time inside the query loggers, including the wait for the
+   server's acknowledgements at each run's close / stage wall time), the time inside the loggers
+   per query (less noisy on a shared machine), and the stage's wall time against the local sqlite
+   store's. `--repeats N` runs the server part N times (a fresh server and database each);
+   `--design sync` sends every batch synchronously instead of mirroring it in the background (the
+   previous design); `--design mirrored --design sync` alternates both in each repeat. A PostgreSQL
+   `--backend-store-uri` gets a fresh database per server run on that server.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -65,18 +72,38 @@ def _stage(params, paths) -> tuple[float, dict]:
     return time.perf_counter() - t0, metrics
 
 
+def _per_query(metrics: dict) -> float:
+    """Milliseconds inside the query loggers per logged query."""
+    return round(1000 * metrics["logging_s"] / max(metrics["queries_run"], 1), 4)
+
+
+def _backend(uri: str | None, name: str) -> str | None:
+    """A fresh database `bench_NAME` on the PostgreSQL server of `uri` (other URIs as given)."""
+    if not uri or not uri.startswith("postgresql"):
+        return uri
+    import sqlalchemy
+
+    db = f"bench_{name}".replace("-", "_")
+    engine = sqlalchemy.create_engine(uri, isolation_level="AUTOCOMMIT")
+    with engine.connect() as con:
+        con.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{db}"'))
+        con.execute(sqlalchemy.text(f'CREATE DATABASE "{db}"'))
+    engine.dispose()
+    return str(sqlalchemy.engine.make_url(uri).set(database=db).render_as_string(hide_password=False))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _mlflow_server(home: Path) -> tuple[subprocess.Popen, str]:
+def _mlflow_server(home: Path, backend: str | None, workers: int) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", str(workers), "--backend-store-uri", backend or f"sqlite:///{home / 'mlflow.db'}",
         "--artifacts-destination", str(home / "artifacts"), "--serve-artifacts",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -98,8 +125,21 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="budget 128")
     ap.add_argument("--skip", choices=["engines", "logging"], action="append", default=[])
+    ap.add_argument("--repeats", type=int, default=1, help="runs of the mlflow-server part")
+    ap.add_argument(
+        "--design",
+        choices=["mirrored", "sync"],
+        action="append",
+        help="mirrored (default): metrics go to the server from a background thread; sync: every batch is "
+        "acknowledged before the optimizer is told (the previous design); several: alternated per repeat",
+    )
+    ap.add_argument("--server-workers", type=int, default=2, help="mlflow server --workers")
+    ap.add_argument("--backend-store-uri", help="mlflow server's backend store (default: a fresh sqlite file)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
+    designs = args.design or ["mirrored"]
+    from spikemax.querylog import QueryLogger
+
     source = args.project.resolve()
     plan = {
         "epochs": [-1],
@@ -126,8 +166,12 @@ def main() -> None:
         tmp_path = Path(tmp)
         local = _project(tmp_path / "local", source, plan)
         wall_local, m_local = _stage(*local)
-        out["in_process"] = {"wall_s": round(wall_local, 2), "logging_share_pct": m_local["logging_share_pct"]}
-        rows.append(("in-process (sqlite)", wall_local, m_local["logging_share_pct"]))
+        out["in_process"] = {
+            "wall_s": round(wall_local, 2),
+            "logging_share_pct": m_local["logging_share_pct"],
+            "logging_ms_per_query": _per_query(m_local),
+        }
+        rows.append(("in-process (sqlite)", wall_local, m_local["logging_share_pct"], _per_query(m_local)))
         if "engines" not in args.skip:
             import ray
 
@@ -147,26 +191,39 @@ def main() -> None:
                 "same_results": same,
                 "n_runs": m_ray["n_runs"],
             }
-            rows.append((f"ray, {args.workers} workers", wall_ray, m_ray["logging_share_pct"]))
+            rows.append((f"ray, {args.workers} workers", wall_ray, m_ray["logging_share_pct"], _per_query(m_ray)))
         if "logging" not in args.skip:
-            proc, uri = _mlflow_server(tmp_path / "server")
-            try:
-                os.environ["MLFLOW_TRACKING_URI"] = uri
-                served = _project(tmp_path / "served", source, plan)
-                wall_srv, m_srv = _stage(*served)
-            finally:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-                proc.terminate()
-                proc.wait(30)
-            out["mlflow_server"] = {
-                "wall_s": round(wall_srv, 2),
-                "logging_share_pct": m_srv["logging_share_pct"],
-                "same_results": _same(_tables(local[1]), _tables(served[1])),
-            }
-            rows.append(("in-process (mlflow server)", wall_srv, m_srv["logging_share_pct"]))
-    print(f"{'engine':32s} {'wall s':>8s} {'logging %':>10s}")
-    for name, wall, share in rows:
-        print(f"{name:32s} {wall:8.2f} {share:10.2f}")
+            out["mlflow_server"] = []
+            for rep, design in itertools.product(range(args.repeats), designs):
+                QueryLogger.mirror_remote = design == "mirrored"
+                name = f"{rep}-{design}"
+                proc, uri = _mlflow_server(
+                    tmp_path / f"server{name}", _backend(args.backend_store_uri, name), args.server_workers
+                )
+                try:
+                    os.environ["MLFLOW_TRACKING_URI"] = uri
+                    served = _project(tmp_path / f"served{name}", source, plan)
+                    wall_srv, m_srv = _stage(*served)
+                finally:
+                    os.environ.pop("MLFLOW_TRACKING_URI", None)
+                    proc.terminate()
+                    proc.wait(30)
+                out["mlflow_server"].append(
+                    {
+                        "design": design,
+                        "wall_s": round(wall_srv, 2),
+                        "wall_vs_sqlite": round(wall_srv / wall_local, 3),
+                        "logging_share_pct": m_srv["logging_share_pct"],
+                        "logging_ms_per_query": _per_query(m_srv),
+                        "same_results": _same(_tables(local[1]), _tables(served[1])),
+                    }
+                )
+                rows.append(
+                    (f"mlflow server ({design}) #{rep + 1}", wall_srv, m_srv["logging_share_pct"], _per_query(m_srv))
+                )
+    print(f"{'engine':32s} {'wall s':>8s} {'logging %':>10s} {'ms/query':>9s}")
+    for name, wall, share, per_query in rows:
+        print(f"{name:32s} {wall:8.2f} {share:10.2f} {per_query:9.4f}")
     if "ray" in out:
         print(f"ray / in-process: {out['ray']['ratio_vs_in_process']:.3f}  same results: {out['ray']['same_results']}")
     if args.out:

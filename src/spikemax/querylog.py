@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,12 +66,16 @@ class MetricWriter:
     MLflow's own table models and latest-metric bookkeeping, and `write_many` puts several runs'
     rows in one transaction: `log_batch` builds an ORM object per row and commits per run, which
     made logging every query cost a quarter of the AM loop. Other stores (HTTP) get plain
-    `log_batch` calls. Both are read back identically by `get_metric_history`.
+    `log_batch` calls, synchronous by default; `mirror()` sends them from a background thread
+    instead (`_Mirror`), acknowledged by `flush()`. Both are read back identically by
+    `get_metric_history`.
     """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
         self._store = None
+        self._pending = 0  # mirrored writes not yet acknowledged by the store (guarded by _MIRROR.cv)
+        self._error: BaseException | None = None  # a mirrored write that failed after its retries
         try:
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
@@ -92,6 +97,33 @@ class MetricWriter:
     def write(self, series: dict[str, np.ndarray], first_step: int, timestamp_ms: int) -> None:
         """Log series[key][i] at step first_step + i for every key (NaN allowed)."""
         MetricWriter.write_many([(self, series, first_step)], timestamp_ms)
+
+    def mirror(self, series: dict[str, np.ndarray], first_step: int, timestamp_ms: int) -> None:
+        """`write` from the background sender: returns at once; `flush()` waits for the store's answer.
+
+        Only for writes whose rows are durable elsewhere first (the run's query table), and only
+        on a non-bulk store (bulk stores write in-line: a local INSERT is cheaper than a thread).
+        Raises the error of an earlier mirrored write of this run that failed after its retries.
+        """
+        self.raise_failed()
+        _MIRROR.put(self, series, int(first_step), int(timestamp_ms))
+
+    def flush(self) -> None:
+        """Wait until the store acknowledged every mirrored write of this run (raises if one failed)."""
+        _MIRROR.wait(self)
+        self.raise_failed()
+
+    def abandon(self, reason: str) -> None:
+        """Send none of this run's mirrored writes still queued (its run is being failed)."""
+        if self._error is None:
+            self._error = RuntimeError(f"abandoned: {reason}")
+
+    def raise_failed(self) -> None:
+        """Raise the error of a mirrored write that did not reach the store."""
+        if self._error is not None:
+            raise RuntimeError(
+                f"metrics of run {self.run_id} did not reach the tracking store: {self._error}"
+            ) from self._error
 
     @staticmethod
     def write_many(writes: Sequence[tuple[MetricWriter, dict[str, np.ndarray], int]], timestamp_ms: int) -> None:
@@ -116,15 +148,100 @@ class MetricWriter:
             _bulk_insert(group[0][0]._store, [(w.run_id, series, first) for w, series, first in group], timestamp_ms)
 
     def _log_batch(self, series: dict[str, np.ndarray], first_step: int, timestamp_ms: int) -> None:
+        self._send([(series, first_step, timestamp_ms)])
+
+    def _send(self, writes: Sequence[tuple[dict[str, np.ndarray], int, int]]) -> None:
+        """Several (series, first_step, timestamp_ms) of this run in as few log_batch requests as allowed."""
         from mlflow.entities import Metric
 
         metrics = [
-            Metric(key, float(v), int(timestamp_ms), int(first_step) + i)
+            Metric(key, float(v), int(ts), int(first_step) + i)
+            for series, first_step, ts in writes
             for key, values in series.items()
             for i, v in enumerate(np.asarray(values).reshape(-1))
         ]
         for i in range(0, len(metrics), _MAX_METRICS_PER_CALL):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + _MAX_METRICS_PER_CALL], synchronous=True)
+
+
+class _Mirror:
+    """The process's background sender of mirrored metric writes (`MetricWriter.mirror`).
+
+    One thread gathers what the AM loops queued for `linger_s` (or until a flush is asked), then
+    sends each run's writes merged into requests of up to 1,000 metrics, runs concurrently over the
+    thread pool but never two requests of one run at once; the next round starts when this one is
+    answered, so a slow store gets fewer, larger requests. A failed request is retried with backoff
+    (MLflow's primary key makes a retried insert of the same rows a no-op); after the last retry its
+    error is kept on the writer and raised by its next `mirror` or `flush`.
+    """
+
+    linger_s = 0.5
+    retries = (0.5, 2.0, 5.0)  # backoff before each retry, seconds
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition()
+        self._items: list[tuple[MetricWriter, dict[str, np.ndarray], int, int]] = []
+        self._flushing = 0
+        self._thread: threading.Thread | None = None
+
+    def put(self, writer: MetricWriter, series: dict[str, np.ndarray], first_step: int, timestamp_ms: int) -> None:
+        """Queue one write (the series are copied: the caller may reuse its arrays)."""
+        copied = {k: np.array(v, dtype=np.float64).reshape(-1) for k, v in series.items()}
+        with self.cv:
+            self._items.append((writer, copied, first_step, timestamp_ms))
+            writer._pending += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="spikemax-mirror", daemon=True)
+                self._thread.start()
+            self.cv.notify_all()
+
+    def wait(self, writer: MetricWriter) -> None:
+        """Block until every queued write of `writer` is answered (sent now, without lingering)."""
+        with self.cv:
+            self._flushing += 1
+            self.cv.notify_all()
+            try:
+                while writer._pending:
+                    self.cv.wait()
+            finally:
+                self._flushing -= 1
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self._items:
+                    self.cv.wait()
+                deadline = time.monotonic() + self.linger_s
+                while not self._flushing and (left := deadline - time.monotonic()) > 0:
+                    self.cv.wait(left)
+                items, self._items = self._items, []
+            by_writer: dict[int, list] = {}
+            for w, series, first, ts in items:
+                by_writer.setdefault(id(w), [w]).append((series, first, ts))
+            futures = [_pool().submit(self._deliver, g[0], g[1:]) for g in by_writer.values()]
+            for f in futures:
+                f.result()  # _deliver never raises
+            with self.cv:
+                for g in by_writer.values():
+                    g[0]._pending -= len(g) - 1
+                self.cv.notify_all()
+
+    def _deliver(self, writer: MetricWriter, writes: list[tuple[dict[str, np.ndarray], int, int]]) -> None:
+        """Send one run's writes, retrying; a final failure is kept on the writer."""
+        if writer._error is not None:
+            return  # the run is failed already: its later rows would be a gap-ridden history
+        for delay in (*self.retries, None):
+            try:
+                writer._send(writes)
+                return
+            except Exception as err:
+                if delay is None:
+                    writer._error = err
+                    return
+                time.sleep(delay)
+
+
+_MIRROR = _Mirror()
 
 
 _POOL: Any = None
@@ -180,7 +297,16 @@ class QueryLogger:
     run_dir=None). A kill between batches loses nothing: both writes are complete before `log`
     returns (the store first, so it is never behind the table). Given the run's `artifact_uri`,
     artifacts go straight to its repository (`client.log_artifact` looks the run up every call).
+
+    On a remote store (an `mlflow server`) with a `run_dir`, the table is the durable record: it is
+    written before `log` returns and the metrics are mirrored to the server in the background
+    (`MetricWriter.mirror`), every one acknowledged before `close()` returns. A run is marked
+    FINISHED only after `close()`, so a kill or a lost request leaves it unfinished and the stage
+    redoes it; a FINISHED run on the server has every told query. `mirror_remote = False` sends
+    synchronously instead (the store before the table, as on a local store).
     """
+
+    mirror_remote = True
 
     def __init__(
         self,
@@ -198,6 +324,8 @@ class QueryLogger:
             self._artifacts = get_artifact_repository(artifact_uri, tracking_uri=client._tracking_client.tracking_uri)
         self.writer = MetricWriter(client, run_id) if client is not None and run_id is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        # Mirrored: only with a local table to be the durable record, and only where writes are slow.
+        self.mirrored = bool(self.mirror_remote and self.writer is not None and not self.writer.bulk and run_dir)
         self.n_queries = 0
         self.n_batches = 0
         self.best = float("nan")
@@ -260,7 +388,12 @@ class QueryLogger:
             (self.run_dir / "STOPPED_EARLY").write_text(reason + "\n")
 
     def close(self) -> pd.DataFrame | None:
-        """Turn the stream into queries.parquet (and log it as an artifact); returns the table."""
+        """Wait for the mirrored metrics, turn the stream into queries.parquet (and log it as an
+        artifact); returns the table."""
+        if self.mirrored and self.writer is not None:
+            t_start = time.perf_counter()
+            self.writer.flush()
+            self.seconds += time.perf_counter() - t_start
         if self.run_dir is None:
             return None
         if self._stream is None:  # closed already: the parquet is the table
@@ -292,18 +425,26 @@ class QueryLogger:
 def log_batches(loggers: Sequence[QueryLogger], indices: Sequence[np.ndarray], responses: Sequence[np.ndarray]) -> None:
     """Record one batch for each of several runs, their metrics in one store transaction.
 
-    Returns once every batch is in the store and then in its query table, so a kill afterwards
-    loses nothing, and the store is never behind a table.
+    Returns once every batch is in its query table and in the store (mirrored runs: queued for
+    the server, acknowledged by `close()`), so a kill afterwards loses nothing, and a local
+    store is never behind a table.
     """
     t_start = time.perf_counter()
+    for lg in loggers:
+        if lg.mirrored and lg.writer is not None:
+            lg.writer.raise_failed()  # before the table grows: a failed run stops here
     idx = [np.asarray(i, dtype=np.int64) for i in indices]
     series = [lg._series(np.asarray(r, dtype=np.float64).reshape(-1)) for lg, r in zip(loggers, responses)]
+    ts = int(time.time() * 1000)
+    firsts = [lg.n_queries for lg in loggers]
     MetricWriter.write_many(
-        [(lg.writer, s, lg.n_queries) for lg, s in zip(loggers, series) if lg.writer is not None],
-        int(time.time() * 1000),
+        [(lg.writer, s, first) for lg, s, first in zip(loggers, series, firsts) if lg.writer and not lg.mirrored], ts
     )
     for lg, i, s in zip(loggers, idx, series):
         lg._append(i, s)
+    for lg, s, first in zip(loggers, series, firsts):
+        if lg.mirrored and lg.writer is not None:
+            lg.writer.mirror(s, first, ts)
     share = (time.perf_counter() - t_start) / max(len(loggers), 1)
     for lg in loggers:
         lg.seconds += share

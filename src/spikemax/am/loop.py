@@ -142,7 +142,7 @@ def run_am_group(
             ys.append(y_all[row : row + len(idx), col].copy())
             rows.append(row)
             row += len(idx)
-        # Every run's batch is in the store and its table before any optimizer sees it.
+        # Every run's batch is in its table (and a local store) before any optimizer sees it.
         logged = [i for i, j in enumerate(active) if tracks[j].logger is not None]
         loggers_now = [lg for i in logged if (lg := tracks[active[i]].logger) is not None]
         if logged:
@@ -214,7 +214,8 @@ def run_am_population(
     that neuron's logging (a neuron finished by an earlier attempt still proposes, so the
     presentation set is the one planned). `table` records every presentation with all m responses.
     The population stops early only when every neuron's best reached `target_value`. Every batch
-    is in the store and the tables before any optimizer is told it.
+    is in the tables (and a local store) before any optimizer is told it; an `mlflow server` gets
+    it from `QueryLogger`'s background mirror, acknowledged when the run's logger is closed.
     """
     from spikemax.optim import Population
 

@@ -342,6 +342,8 @@ class AMRuns:
 
     def fail_run(self, op: OpenRun, err: BaseException) -> None:
         msg = f"{type(err).__name__}: {err}"[:4000]
+        if op.logger.writer is not None:
+            op.logger.writer.abandon(msg)  # the queued metrics of a failed run need not reach the server
         try:
             self.client.set_tag(op.run_id, "spikemax.failure", msg)
             self.client.set_terminated(op.run_id, "FAILED")
