@@ -31,13 +31,13 @@ import torch
 from noise_common import setup
 
 
-def _setup(params_path: str, generator: str):
+def _setup(params_path: str, generator: str, root: str | None = None):
     """noise_common.setup (last checkpoint, one generator) plus the prepared data, for AM gain."""
     from spikemax import params as P
     from spikemax.data import Prepared
 
-    params, net, grid, epoch = setup(params_path, generator)
-    return params, net, grid, epoch, Prepared.load(P.load(params_path)[1].prepared)
+    params, net, grid, epoch = setup(params_path, generator, root)
+    return params, net, grid, epoch, Prepared.load(P.load(params_path, root)[1].prepared)
 
 
 def _neurons(net, k: int, seed: int) -> list[str]:
@@ -191,7 +191,10 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared
     fires = data_max > 0
     out = {}
     for spec, c in curves.items():
-        out[spec] = {"wall_s": walls[spec], "options": options[spec]}
+        # Per-neuron bests at each budget (None: never fired), so runs of other methods on the same
+        # neurons and seed can be merged and renormalized later (`merge_methods`).
+        best_at = {str(b): [float(v) if np.isfinite(v) else None for v in c[:, b - 1]] for b in budgets}
+        out[spec] = {"wall_s": walls[spec], "options": options[spec], "best": best_at}
         for b in budgets:
             norm = c[ok, b - 1] / ref[ok]
             gain = c[fires, b - 1] / data_max[fires]
@@ -203,6 +206,7 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared
             }
     return {
         "targets": targets,
+        "data_max": [float(v) for v in data_max],
         "n_scored": int(ok.sum()),
         "n_gain": int(fires.sum()),
         "budgets": budgets,
@@ -213,6 +217,7 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--root", default=None, help="project with the repro'd outputs (default: working directory)")
     ap.add_argument("--generators", default="sngan,vqvae", help="comma list")
     ap.add_argument(
         "--methods", default="tt,cma,ngopt,random", help="comma list; variants as method:key=value (tt:cma=0.9)"
@@ -243,7 +248,7 @@ def main() -> None:
     skip = set(filter(None, a.skip.split(",")))
     results = {}
     for generator in a.generators.split(","):
-        params, net, grid, epoch, prepared = _setup(a.params, generator)
+        params, net, grid, epoch, prepared = _setup(a.params, generator, a.root)
         targets = _neurons(net, a.neurons, a.seed)
         result: dict = {
             "checkpoint_epoch": epoch,
