@@ -3,6 +3,8 @@
 Run from a project root that has run `dvc repro` up to train_generator (models/snn, models/generators):
   python benchmarks/bench_am.py --out benchmarks/results/am.json
   python benchmarks/bench_am.py --quick            # smaller budgets, fewer neurons (smoke run)
+  python benchmarks/bench_am.py --root /tmp/repro --seed 1 --methods auto:prior=1,ngopt --prior --out a.json
+  python benchmarks/bench_am.py --merge a.json,b.json --out ab.json   # runs of other methods, same neurons
 
 1. Overhead: the same lock-step AM loop (same seeds, so the same queries) with every query logged
    (MLflow `log_batch` to a fresh sqlite store + the parquet query table) and with logging off;
