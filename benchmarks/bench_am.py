@@ -3,6 +3,8 @@
 Run from a project root that has run `dvc repro` up to train_generator (models/snn, models/generators):
   python benchmarks/bench_am.py --out benchmarks/results/am.json
   python benchmarks/bench_am.py --quick            # smaller budgets, fewer neurons (smoke run)
+  python benchmarks/bench_am.py --root /tmp/repro --seed 1 --methods auto:prior=1,ngopt --prior --out a.json
+  python benchmarks/bench_am.py --merge a.json,b.json --out ab.json   # runs of other methods, same neurons
 
 1. Overhead: the same lock-step AM loop (same seeds, so the same queries) with every query logged
    (MLflow `log_batch` to a fresh sqlite store + the parquet query table) and with logging off;
@@ -31,13 +33,13 @@ import torch
 from noise_common import setup
 
 
-def _setup(params_path: str, generator: str):
+def _setup(params_path: str, generator: str, root: str | None = None):
     """noise_common.setup (last checkpoint, one generator) plus the prepared data, for AM gain."""
     from spikemax import params as P
     from spikemax.data import Prepared
 
-    params, net, grid, epoch = setup(params_path, generator)
-    return params, net, grid, epoch, Prepared.load(P.load(params_path)[1].prepared)
+    params, net, grid, epoch = setup(params_path, generator, root)
+    return params, net, grid, epoch, Prepared.load(P.load(params_path, root)[1].prepared)
 
 
 def _neurons(net, k: int, seed: int) -> list[str]:
@@ -183,19 +185,40 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared
         t = time.perf_counter()
         results = run_am_group(optimizers, grid, responder, top, batch)
         walls[spec] = round(time.perf_counter() - t, 2)
-        best = np.stack([np.fmax.accumulate(np.nan_to_num(r.responses, nan=-np.inf)) for r in results])
-        curves[spec] = best  # (neurons, top)
+        curves[spec] = np.stack([np.fmax.accumulate(np.nan_to_num(r.responses, nan=-np.inf)) for r in results])
         print(f"  {spec}: {walls[spec]} s", file=sys.stderr)
-    ref = np.max(np.stack([c[:, -1] for c in curves.values()]), axis=0)  # per neuron
-    ok = ref > 0  # a neuron no method could make fire has no scale
-    fires = data_max > 0
+    # Per-neuron bests at each budget (None: no finite response), so runs of other methods on the same
+    # neurons and seed can be merged and renormalized later (`--merge`).
+    best = {
+        spec: {str(b): [float(v) if np.isfinite(v) else None for v in c[:, b - 1]] for b in budgets}
+        for spec, c in curves.items()
+    }
+    meta = {spec: {"wall_s": walls[spec], "options": options[spec]} for spec in curves}
+    return score(targets, [float(v) for v in data_max], budgets, best, meta)
+
+
+def score(targets: list[str], data_max: list[float], budgets: list[int], best: dict, meta: dict) -> dict:
+    """Median normalized best and AM gain per method and budget from per-neuron bests `best[spec][B]`.
+
+    Normalized best of a run at B = its best in the first B queries / the best any method found for that
+    neuron (at the largest budget); neurons no method made fire have no scale and are left out.
+    """
+    top = str(max(budgets))
+    arr = {
+        spec: {b: np.array([-np.inf if v is None else v for v in vals], dtype=np.float64) for b, vals in per.items()}
+        for spec, per in best.items()
+    }
+    ref = np.max(np.stack([a[top] for a in arr.values()]), axis=0)  # per neuron
+    ok = ref > 0
+    dmax = np.asarray(data_max, dtype=np.float64)
+    fires = dmax > 0
     out = {}
-    for spec, c in curves.items():
-        out[spec] = {"wall_s": walls[spec], "options": options[spec]}
-        for b in budgets:
-            norm = c[ok, b - 1] / ref[ok]
-            gain = c[fires, b - 1] / data_max[fires]
-            out[spec][str(b)] = {
+    for spec, a in arr.items():
+        out[spec] = {**meta.get(spec, {}), "best": best[spec]}
+        for b in map(str, budgets):
+            norm = a[b][ok] / ref[ok]
+            gain = a[b][fires] / dmax[fires]
+            out[spec][b] = {
                 "median": round(float(np.median(norm)), 4) if ok.any() else None,
                 "mean": round(float(np.mean(norm)), 4) if ok.any() else None,
                 "median_am_gain": round(float(np.median(gain)), 4) if fires.any() else None,
@@ -203,6 +226,7 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared
             }
     return {
         "targets": targets,
+        "data_max": list(data_max),
         "n_scored": int(ok.sum()),
         "n_gain": int(fires.sum()),
         "budgets": budgets,
@@ -210,9 +234,51 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared
     }
 
 
+def merge(paths: list[str]) -> dict:
+    """Results of several bench_am JSONs on the same neurons (same --seed, --neurons, checkpoint) as one,
+    renormalized over every method of every file (a later file's method of the same name wins)."""
+    merged: dict = {}
+    for path in paths:
+        for generator, result in json.loads(Path(path).read_text()).items():
+            r = result.get("methods")
+            if r is None or "best" not in next(iter(r["methods"].values()), {}):
+                raise SystemExit(f"{path}: {generator} has no per-neuron bests (rerun it with this bench_am)")
+            if generator not in merged:
+                merged[generator] = {**result, "merged_from": [path]}
+                continue
+            into = merged[generator]
+            m = into["methods"]
+            if r["targets"] != m["targets"] or r["budgets"] != m["budgets"] or r["data_max"] != m["data_max"]:
+                raise SystemExit(
+                    f"{path}: {generator} ran other neurons, budgets or checkpoint than {into['merged_from']}"
+                )
+            m["methods"].update(r["methods"])
+            into["merged_from"].append(path)
+    for result in merged.values():
+        m = result["methods"]
+        best = {spec: row["best"] for spec, row in m["methods"].items()}
+        meta = {spec: {k: row[k] for k in ("wall_s", "options") if k in row} for spec, row in m["methods"].items()}
+        result["methods"] = score(m["targets"], m["data_max"], m["budgets"], best, meta)
+    return merged
+
+
+def print_methods(generator: str, r: dict) -> None:
+    """The method table of one generator: median normalized best per budget, AM gain, wall time."""
+    budgets = r["budgets"]
+    print(f"{generator}: normalized best activation, median over {r['n_scored']} neurons (AM gain over {r['n_gain']}):")
+    print(
+        f"{'method':<24}" + "".join(f"{b:>8}" for b in budgets) + "   gain@" + "/".join(map(str, budgets)) + "   wall_s"
+    )
+    for spec, row in r["methods"].items():
+        cells = "".join(f"{row[str(b)]['median']:>8}" for b in budgets)
+        gains = "/".join(f"{row[str(b)]['median_am_gain']}" for b in budgets)
+        print(f"{spec:<24}{cells}   {gains}   {row.get('wall_s')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--root", default=None, help="project with the repro'd outputs (default: working directory)")
     ap.add_argument("--generators", default="sngan,vqvae", help="comma list")
     ap.add_argument(
         "--methods", default="tt,cma,ngopt,random", help="comma list; variants as method:key=value (tt:cma=0.9)"
@@ -229,7 +295,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="budgets 256,1024; 8 neurons; 1 repeat")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: overhead,methods")
     ap.add_argument("--out", default=None, help="write results JSON here")
+    ap.add_argument("--merge", default=None, help="comma list of JSONs of this script: print and --out them as one")
     a = ap.parse_args()
+    if a.merge:
+        merged = merge(a.merge.split(","))
+        for generator, result in merged.items():
+            print_methods(generator, result["methods"])
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(merged, indent=2) + "\n")
+        return
     for name, full, quick in (
         ("budgets", "256,1024,4096", "256,1024"),
         ("neurons", 20, 8),
@@ -243,7 +318,7 @@ def main() -> None:
     skip = set(filter(None, a.skip.split(",")))
     results = {}
     for generator in a.generators.split(","):
-        params, net, grid, epoch, prepared = _setup(a.params, generator)
+        params, net, grid, epoch, prepared = _setup(a.params, generator, a.root)
         targets = _neurons(net, a.neurons, a.seed)
         result: dict = {
             "checkpoint_epoch": epoch,
@@ -274,21 +349,7 @@ def main() -> None:
             result["methods"] = r = bench_methods(
                 net, grid, targets, methods, budgets, a.batch, a.seed, params.maximize, prepared, prior
             )
-            print(
-                f"{generator}: normalized best activation, median over {r['n_scored']} neurons"
-                f" (AM gain over {r['n_gain']}):"
-            )
-            print(
-                f"{'method':<24}"
-                + "".join(f"{b:>8}" for b in budgets)
-                + "   gain@"
-                + "/".join(map(str, budgets))
-                + "   wall_s"
-            )
-            for spec, row in r["methods"].items():
-                cells = "".join(f"{row[str(b)]['median']:>8}" for b in budgets)
-                gains = "/".join(f"{row[str(b)]['median_am_gain']}" for b in budgets)
-                print(f"{spec:<24}{cells}   {gains}   {row['wall_s']}")
+            print_methods(generator, r)
         result["load_avg_1m_end"] = os.getloadavg()[0]
         results[generator] = result
     if a.out:

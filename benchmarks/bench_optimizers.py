@@ -255,6 +255,34 @@ def summarize(rows: list[dict], methods: list[str], budgets: list[int]) -> dict:
     return out
 
 
+def smooth_table(rows: list[dict], methods: list[str], budgets: list[int]) -> dict:
+    """Median score over seeds per smooth problem and over problems x seeds per smooth family, per method.
+
+    The issue's check: TT >= CMA-ES on each smooth continuous function at every budget.
+    """
+    out: dict = {"problem": {}, "family": {}}
+    for level, key in (("problem", "problem"), ("family", "family")):
+        groups = dict.fromkeys(r[key] for r in rows if r["family"] in SMOOTH)
+        for g in groups:
+            out[level][g] = {
+                m: {
+                    str(b): float(np.median([r["scores"][str(b)] for r in rows if r[key] == g and r["method"] == m]))
+                    for b in budgets
+                }
+                for m in methods
+                if any(r[key] == g and r["method"] == m for r in rows)
+            }
+    return out
+
+
+def print_smooth(table: dict, budgets: list[int]) -> None:
+    """Per smooth family and problem: each method's median score per budget."""
+    for level in ("family", "problem"):
+        for g, per in table[level].items():
+            cells = "  ".join(f"{m} " + "/".join(f"{v[str(b)]:.3f}" for b in budgets) for m, v in per.items())
+            print(f"{g:<22} {cells}")
+
+
 def print_table(summary: dict, budgets: list[int]) -> None:
     """Median (mean) normalized score per method and budget, and overhead."""
     head = f"{'method':<16}" + "".join(f"{'B=' + str(b):>18}" for b in budgets) + f"{'ms/query':>11}"
@@ -323,7 +351,15 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{problem.name:<22} s{seed} {m:<12} {sc}  {row['ms_per_query']:.3f} ms/q", flush=True)
         summary = summarize(rows, methods, budgets)
         print_table(summary, budgets)
-        result = {"suite": suite_name, "config": {**suite, "methods": methods}, "summary": summary, "runs": rows}
+        smooth = smooth_table(rows, methods, budgets)
+        print_smooth(smooth, budgets)
+        result = {
+            "suite": suite_name,
+            "config": {**suite, "methods": methods},
+            "summary": summary,
+            "smooth": smooth,
+            "runs": rows,
+        }
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"optimizers-{suite_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -16,13 +16,16 @@ import numpy as np
 import torch
 
 
-def setup(params_path: str, generator: str) -> tuple[Any, Any, Any, int]:
-    """(params, net, grid, epoch) of the last SNN checkpoint and one generator of a repro'd project."""
+def setup(params_path: str, generator: str, root: str | None = None) -> tuple[Any, Any, Any, int]:
+    """(params, net, grid, epoch) of the last SNN checkpoint and one generator of a repro'd project.
+
+    `root` is the project whose outputs (models/, data/prepared) are read; default the working directory.
+    """
     from spikemax import params as P
     from spikemax import snn
     from spikemax.generators import checkpoint_path, load_generator
 
-    params, paths = P.load(params_path)
+    params, paths = P.load(params_path, root)
     ckpts = snn.checkpoints(paths)
     if not ckpts:
         sys.exit(f"no SNN checkpoints under {paths.snn_dir}: run `dvc repro` first")

@@ -226,6 +226,26 @@ def test_protes_runs_when_installed():
     assert np.mean(res.history[-50:]) > np.mean(res.history[:50])  # it learns
 
 
+def test_protes_wrapper_asks_exactly_what_the_reference_loop_asks():
+    """Ask/tell PROTES is the reference `protes.protes` loop: same seed, same queries (tie-free f)."""
+    pytest.importorskip("jax")
+    reference = pytest.importorskip("protes").protes
+    d, n, k, m = 6, 5, 20, 200
+    W = np.random.default_rng(0).random((d, n))  # continuous values: no ties in the elite sort
+
+    def f(I):
+        return W[np.arange(d), np.asarray(I)].sum(axis=1)
+
+    asked = []
+    reference(lambda I: (asked.append(np.asarray(I)), f(I))[1], d, n, m=m, k=k, seed=3, is_max=True)
+    opt = make_optimizer("protes", d, n, seed=3, batch=k)
+    for expected in asked:
+        I = opt.ask()
+        np.testing.assert_array_equal(I, expected)
+        opt.tell(I, f(I))
+    assert len(asked) == m // k
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_tt_finds_exact_maximum_of_separable_problem(seed):
     f, fmax, imax = separable(8, 8, seed=10 + seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -31,3 +32,55 @@ def test_scores_of_one_run_are_normalized():
     p = bench.make_problem("separable", 8, 4, seed=0)
     row = bench.run_one(p, "random", 0, [100, 300])
     assert 0.0 <= row["scores"]["100"] <= row["scores"]["300"] <= 1.0
+
+
+def test_smooth_table_is_the_median_per_problem_and_per_family():
+    rows = [
+        {"problem": f"sphere-d{d}", "family": "sphere", "method": m, "scores": {"10": v}}
+        for d, m, v in [(2, "tt", 0.2), (2, "tt", 0.4), (3, "tt", 1.0), (2, "cma", 0.5), (3, "cma", 0.5)]
+    ] + [{"problem": "qubo-d2", "family": "qubo", "method": "tt", "scores": {"10": 0.0}}]
+    t = bench.smooth_table(rows, ["tt", "cma"], [10])
+    assert t["problem"]["sphere-d2"] == {"tt": {"10": pytest.approx(0.3)}, "cma": {"10": 0.5}}
+    assert t["family"]["sphere"]["tt"]["10"] == pytest.approx(0.4)  # median of 0.2, 0.4, 1.0
+    assert "qubo" not in t["family"] and "qubo-d2" not in t["problem"]  # smooth functions only
+
+
+am_spec = importlib.util.spec_from_file_location(
+    "bench_am", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_am.py"
+)
+bench_am = importlib.util.module_from_spec(am_spec)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # bench_am imports noise_common
+try:
+    am_spec.loader.exec_module(bench_am)
+finally:
+    sys.path.pop(0)
+
+
+def _am_result(best: dict, targets=("a:0", "a:1", "a:2"), data_max=(1.0, 2.0, 0.0)) -> dict:
+    r = bench_am.score(list(targets), list(data_max), [1, 2], best, {})
+    return {"sngan": {"methods": r}}
+
+
+def test_am_score_normalizes_by_the_best_any_method_found():
+    best = {
+        "x": {"1": [1.0, 1.0, None], "2": [2.0, 1.0, None]},
+        "y": {"1": [0.5, 4.0, None], "2": [1.0, 4.0, None]},
+    }
+    r = bench_am.score(["a:0", "a:1", "a:2"], [1.0, 2.0, 0.0], [1, 2], best, {})
+    assert r["n_scored"] == 2  # neuron 2 never fired for any method: no scale
+    assert r["methods"]["x"]["2"]["mean"] == pytest.approx((2 / 2 + 1 / 4) / 2)
+    assert r["methods"]["y"]["1"]["mean"] == pytest.approx((0.5 / 2 + 4 / 4) / 2)
+    assert r["n_gain"] == 2 and r["methods"]["y"]["2"]["share_am_gain_gt_1"] == 0.5  # 4 / 2 > 1, 1 / 1 is not
+
+
+def test_am_merge_scores_separate_runs_as_one(tmp_path):
+    x = {"x": {"1": [1.0, 1.0, None], "2": [2.0, 1.0, None]}}
+    y = {"y": {"1": [0.5, 4.0, None], "2": [1.0, 4.0, None]}}
+    (tmp_path / "x.json").write_text(json.dumps(_am_result(x)))
+    (tmp_path / "y.json").write_text(json.dumps(_am_result(y)))
+    merged = bench_am.merge([str(tmp_path / "x.json"), str(tmp_path / "y.json")])
+    together = bench_am.score(["a:0", "a:1", "a:2"], [1.0, 2.0, 0.0], [1, 2], {**x, **y}, {})
+    assert merged["sngan"]["methods"] == together
+    (tmp_path / "z.json").write_text(json.dumps(_am_result(y, targets=("b:0", "a:1", "a:2"))))
+    with pytest.raises(SystemExit, match="other neurons"):
+        bench_am.merge([str(tmp_path / "x.json"), str(tmp_path / "z.json")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -189,6 +190,37 @@ def import_protes() -> Any:
         raise OptionalDependencyError(PROTES_HINT) from err
 
 
+@functools.cache
+def _protes_functions(lr: float) -> tuple[Any, Any, Any, Any]:
+    """The reference loop's jitted interface, sampler and Adam step for one lr, built once per process.
+
+    Built per optimizer, the closures were new functions to `jax.jit`, so each of a group of runs
+    compiled its own copies (about 4 s each on 2 cores); shared, they compile once per shape.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    pm = import_protes()
+    optim = optax.adam(lr)
+    interface = jax.jit(pm._interface_matrices)
+    sample = jax.jit(jax.vmap(pm._sample, (None, None, None, None, 0)))
+    likelihood = jax.jit(jax.vmap(pm._likelihood, (None, None, None, None, 0)))
+
+    def loss(P_cur, I_cur):
+        Pl, Pm, Pr = P_cur
+        return jnp.mean(-likelihood(Pl, Pm, Pr, interface(Pm, Pr), I_cur))
+
+    grad = jax.grad(loss)
+
+    @jax.jit
+    def step(state, P_cur, I_cur):
+        updates, state = optim.update(grad(P_cur, I_cur), state)
+        return state, jax.tree_util.tree_map(lambda p, u: p + u, P_cur, updates)
+
+    return interface, sample, step, optim.init
+
+
 class ProtesOptimizer(Optimizer):
     """The reference PROTES (Batsheva et al. 2023, JAX) driven step by step as ask/tell.
 
@@ -213,7 +245,6 @@ class ProtesOptimizer(Optimizer):
         pm = import_protes()
         import jax
         import jax.numpy as jnp
-        import optax
 
         super().__init__(d, n, seed, batch)
         if np.any(self.n != self.n[0]) or self.d < 3:
@@ -223,25 +254,8 @@ class ProtesOptimizer(Optimizer):
         self.rng = jax.random.PRNGKey(self.seed)
         self.rng, key = jax.random.split(self.rng)
         self.P = pm._generate_initial(self.d, int(self.n[0]), int(r), key)
-        optim = optax.adam(float(lr))
-        self.state = optim.init(self.P)
-        interface = jax.jit(pm._interface_matrices)
-        self._sample = jax.jit(jax.vmap(pm._sample, (None, None, None, None, 0)))
-        likelihood = jax.jit(jax.vmap(pm._likelihood, (None, None, None, None, 0)))
-        self._interface = interface
-
-        def loss(P_cur, I_cur):
-            Pl, Pm, Pr = P_cur
-            return jnp.mean(-likelihood(Pl, Pm, Pr, interface(Pm, Pr), I_cur))
-
-        grad = jax.grad(loss)
-
-        @jax.jit
-        def step(state, P_cur, I_cur):
-            updates, state = optim.update(grad(P_cur, I_cur), state)
-            return state, jax.tree_util.tree_map(lambda p, u: p + u, P_cur, updates)
-
-        self._step = step
+        self._interface, self._sample, self._step, init = _protes_functions(float(lr))
+        self.state = init(self.P)
 
     def _ask(self, k: int) -> np.ndarray:
         Pl, Pm, Pr = self.P
