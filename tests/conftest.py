@@ -27,6 +27,13 @@ def _few_threads():
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def own_store(monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: keep one stage run's store out of the next
+    (modules that run stages use it with `pytestmark = pytest.mark.usefixtures("own_store")`)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def write_params(root: Path, sections: dict) -> Path:
     """Write a params.yaml into `root` and return its path."""
     root.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _own_store(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+pytestmark = pytest.mark.usefixtures("own_store")
 
 
 def _tables(paths: P.Paths) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:

@@ -25,10 +25,7 @@ from .test_maximize import _project_copy, _runs
 KILL = {**SMALL, "seeds": [0]}  # one restart: the killed group and its warm-started successor
 
 
-@pytest.fixture(autouse=True)
-def _own_store(monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: keep one run's store out of the next."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+pytestmark = pytest.mark.usefixtures("own_store")
 
 
 @pytest.fixture(scope="module")

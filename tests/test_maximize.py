@@ -40,10 +40,7 @@ def _project_copy(root: Path, project, maximize: dict) -> tuple[P.Params, P.Path
     return P.load(path, root=root)
 
 
-@pytest.fixture(autouse=True)
-def _own_store(monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: keep one test's store out of the next."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+pytestmark = pytest.mark.usefixtures("own_store")
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,7 @@ from spikemax.stages.maximize import run as run_stage
 
 from .test_maximize import _project_copy, _runs
 
-
-@pytest.fixture(autouse=True)
-def _own_store(monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: keep one test's store out of the next."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+pytestmark = pytest.mark.usefixtures("own_store")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,13 +14,9 @@ from spikemax.optim import options_for
 from spikemax.optim.tt import CMA_AUTO
 from spikemax.stages.maximize import run as run_stage
 
-from .test_maximize import _project_copy
+from .test_maximize import _project_copy, _runs
 
-
-@pytest.fixture(autouse=True)
-def _own_store(monkeypatch):
-    """Keep one test's MLflow store out of the next."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+pytestmark = pytest.mark.usefixtures("own_store")
 
 
 def test_options_for_resolves_cma_per_grid():
@@ -50,9 +45,7 @@ def test_stage_records_resolved_cma_and_the_prior_in_mlflow(
     }
     params, paths = _project_copy(tmp_path / "p", project, small)
     assert run_stage(params, paths)["n_failed"] == 0
-    client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
-    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
-    runs = [r for r in client.search_runs([exp.experiment_id]) if tracking.RUN_KEY_TAG in r.data.tags]
+    runs = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
     assert len(runs) == 4
     for r in runs:
         g, method = r.data.params["generator"], r.data.params["method"]
@@ -143,9 +136,7 @@ def test_tuned_maximize_runs_carry_the_study_best_settings(tmp_path, project, sn
     paths.metrics.mkdir(parents=True, exist_ok=True)
     (paths.metrics / "tune.json").write_text(json.dumps({"generators": studies}))
     assert run_stage(params, paths)["n_failed"] == 0
-    client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
-    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id])
+    runs = _runs(paths.root)
     nested = {
         (r.data.params["generator"], r.data.params["method"]): r.data.params
         for r in runs
@@ -217,9 +208,7 @@ def test_stage_records_the_method_auto_resolved_per_generator(
     }
     params, paths = _project_copy(tmp_path / "p", project, small)
     assert run_stage(params, paths)["n_failed"] == 0
-    client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
-    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
-    runs = [r for r in client.search_runs([exp.experiment_id]) if tracking.RUN_KEY_TAG in r.data.tags]
+    runs = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
     got = {r.data.params["generator"]: r.data.params["resolved_method"] for r in runs}
     assert got == {"sngan": METHOD_AUTO[True], "vqvae": METHOD_AUTO[False]}
     for r in runs:
