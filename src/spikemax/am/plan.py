@@ -234,9 +234,11 @@ def plan(params: Params, paths: Paths) -> Plan:
     net = snn.load_snn(available[epochs[0]])
     layers = dict(net.spiking_layers())
     for e in epochs[1:]:
-        if dict(snn.load_snn(available[e]).spiking_layers()) != layers:
+        net = snn.load_snn(available[e])
+        if dict(net.spiking_layers()) != layers:
             raise _stage_error(f"checkpoint of epoch {e} has other layers than epoch {epochs[0]}")
-    live = live_units(net if epochs[0] == have[-1] else snn.load_snn(available[have[-1]]), paths, m)
+    # `net` is now the plan's last checkpoint: usually the trained network the live units come from.
+    live = live_units(net if epochs[-1] == have[-1] else snn.load_snn(available[have[-1]]), paths, m)
     targets = resolve_targets(m, layers, live)
     combos = []
     for e in epochs:
