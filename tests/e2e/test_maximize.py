@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -24,21 +23,7 @@ from spikemax.am.plan import plan, resolve_targets
 from spikemax.data import Prepared
 from spikemax.neurons import layer_rates
 from spikemax.stages.maximize import run as run_stage
-
-from .conftest import write_params
-
-
-def _project_copy(root: Path, project, maximize: dict) -> tuple[P.Params, P.Paths]:
-    """A fresh project dir sharing the fixture's prepared data and models, with its own outputs."""
-    params, paths = project
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "data").mkdir(exist_ok=True)
-    for link, target in ((root / "data" / "prepared", paths.prepared), (root / "models", paths.root / "models")):
-        if not link.exists():
-            link.symlink_to(target)
-    path = write_params(root, {"prepare": params.prepare.model_dump(), "maximize": maximize})
-    return P.load(path, root=root)
-
+from tests.support.maximize import am_runs, project_copy
 
 pytestmark = pytest.mark.usefixtures("own_store")
 
@@ -47,15 +32,6 @@ pytestmark = pytest.mark.usefixtures("own_store")
 def models(project, snn_checkpoints, generator_checkpoints):
     """Both tiny generators and the tiny SNN's checkpoints (epochs 0..2) in `project`."""
     return project
-
-
-def _runs(root: Path) -> list:
-    uri = tracking.tracking_uri(root)
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id], max_results=10000)
 
 
 SMALL = {
@@ -72,7 +48,7 @@ SMALL = {
 
 @pytest.mark.slow
 def test_stage_outputs_mlflow_layout_and_rerun_skips(tmp_path, models):
-    params, paths = _project_copy(tmp_path / "p", models, SMALL)
+    params, paths = project_copy(tmp_path / "p", models, SMALL)
     pl = plan(params, paths)
     n_targets = len(pl.targets)
     assert pl.epochs == [0, 2] and n_targets == 2
@@ -109,7 +85,7 @@ def test_stage_outputs_mlflow_layout_and_rerun_skips(tmp_path, models):
         assert (src == prev.name) == (prev["best_activation"] > 0) and src in ("", prev.name)
     assert (df[(df.method != "tt") | (df.epoch == 0)]["queries_saved"] == 0).all()
 
-    runs = _runs(paths.root)
+    runs = am_runs(paths.root)
     parents = [r for r in runs if tracking.RUN_KEY_TAG not in r.data.tags]
     nested = [r for r in runs if tracking.RUN_KEY_TAG in r.data.tags]
     assert len(parents) == 1 and len(nested) == n
@@ -132,12 +108,12 @@ def test_stage_outputs_mlflow_layout_and_rerun_skips(tmp_path, models):
     # A rerun finds every combination finished (by run tag) and runs nothing.
     again = run_stage(params, paths)
     assert again["queries_run"] == 0 and again["n_runs"] == n
-    assert len([r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]) == n
+    assert len([r for r in am_runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]) == n
     pd.testing.assert_frame_equal(pd.read_csv(am / "summary.csv"), df)
 
 
 def test_budget_last_searches_the_last_checkpoint_longer(tmp_path, models):
-    params, paths = _project_copy(
+    params, paths = project_copy(
         tmp_path / "p",
         models,
         {
@@ -192,7 +168,7 @@ def test_sampled_units_are_live_units_of_the_trained_network(tmp_path, models):
     assert sum(t.layer == "fc_lif1" for t in ts) == 3
 
     # The stage's default draws from units that fire on some prepared test image at the last checkpoint.
-    params, paths = _project_copy(tmp_path / "p", models, {**SMALL, "targets": [], "units_per_layer": 2})
+    params, paths = project_copy(tmp_path / "p", models, {**SMALL, "targets": [], "units_per_layer": 2})
     assert params.maximize.units_from == "live"
     pl = plan(params, paths)
     net = snn.load_snn(pl.snn_ckpts[max(pl.epochs)])
@@ -201,7 +177,7 @@ def test_sampled_units_are_live_units_of_the_trained_network(tmp_path, models):
         rates = layer_rates(net.eval(), x)
     assert pl.targets and all(rates[t.layer][:, t.unit].max() > 0 for t in pl.targets)
     every = plan(
-        *_project_copy(tmp_path / "q", models, {**SMALL, "targets": [], "units_per_layer": 2, "units_from": "all"})
+        *project_copy(tmp_path / "q", models, {**SMALL, "targets": [], "units_per_layer": 2, "units_from": "all"})
     )
     assert len(every.targets) == 2 * len(layers_of(net))
 
@@ -219,7 +195,7 @@ def test_bad_params_fail_before_any_run(tmp_path, models):
         "budget_last below budget": ({"budget_last": 8}, "budget_last >= budget"),
     }
     for i, (case, (change, needle)) in enumerate(cases.items()):
-        params, paths = _project_copy(tmp_path / f"p{i}", models, {**base, **change})
+        params, paths = project_copy(tmp_path / f"p{i}", models, {**base, **change})
         with pytest.raises(P.ParamsError, match=re.escape(needle)) as err:
             run_stage(params, paths)
         msg = str(err.value)
@@ -235,9 +211,9 @@ def test_bad_params_fail_before_any_run(tmp_path, models):
 
 
 def test_bad_params_via_cli_is_one_line(tmp_path, models):
-    from .conftest import run_cli
+    from tests.support.project import run_cli
 
-    _project_copy(tmp_path / "p", models, {**SMALL, "targets": ["nope:1"]})
+    project_copy(tmp_path / "p", models, {**SMALL, "targets": ["nope:1"]})
     res = run_cli("maximize", cwd=tmp_path / "p")
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
@@ -257,7 +233,7 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
         "budget": budget,
         "batch": batch,
     }
-    params, paths = _project_copy(tmp_path / "p", models, cfg)
+    params, paths = project_copy(tmp_path / "p", models, cfg)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "spikemax.cli", "maximize"],
@@ -284,7 +260,7 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
             proc.kill()
 
     client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
-    runs = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
+    runs = [r for r in am_runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
     finished_before = {r.data.tags[tracking.RUN_KEY_TAG]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
     killed = [r for r in runs if r.info.status == "RUNNING"]
     assert len(finished_before) == 2 and killed
@@ -303,7 +279,7 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
 
     metrics = run_stage(params, paths)  # resume
     assert metrics["n_runs"] == 4 and metrics["n_failed"] == 0
-    runs = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
+    runs = [r for r in am_runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
     done = [r for r in runs if r.info.status == "FINISHED"]
     assert sorted(r.data.tags[tracking.RUN_KEY_TAG] for r in done) == sorted(
         pd.read_csv(am / "summary.csv")["run_key"]
@@ -315,7 +291,7 @@ def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
     } == finished_before  # not rerun
     for r in killed:
         assert client.get_run(r.info.run_id).info.status == "FAILED"
-    parents = [r for r in _runs(paths.root) if r.data.tags.get("spikemax.stage") == "maximize"]
+    parents = [r for r in am_runs(paths.root) if r.data.tags.get("spikemax.stage") == "maximize"]
     assert sorted(r.info.status for r in parents) == ["FAILED", "FINISHED"]  # the killed one, the resume
     df = pd.read_csv(am / "summary.csv")
     assert len(df) == 4 and (df["n_queries"] == budget).all()

@@ -14,8 +14,7 @@ from spikemax import SpikemaxError, querylog, tracking
 from spikemax.am.plan import plan, population_key
 from spikemax.am.runs import AMRuns
 from spikemax.stages.maximize import run as run_stage
-
-from .test_maximize import _project_copy, _runs
+from tests.support.maximize import am_runs, project_copy
 
 pytestmark = pytest.mark.usefixtures("own_store")
 
@@ -67,7 +66,7 @@ def _pop_dir(paths, pl) -> Path:
 
 
 def test_population_routes_each_column_to_its_optimizer_and_logs_one_shared_table(tmp_path, models, monkeypatch):
-    params, paths = _project_copy(tmp_path / "p", models, POP)
+    params, paths = project_copy(tmp_path / "p", models, POP)
     pl = plan(params, paths)
     told = _record_tells(monkeypatch)
     metrics = run_stage(params, paths)
@@ -130,7 +129,7 @@ def test_population_changes_the_config_hash():
 
 
 def test_population_resume_redoes_the_group_and_skips_finished_neurons(tmp_path, models, monkeypatch):
-    params, paths = _project_copy(tmp_path / "p", models, POP)
+    params, paths = project_copy(tmp_path / "p", models, POP)
     pl = plan(params, paths)
     real_finish = AMRuns.finish_run
     calls = []
@@ -145,7 +144,7 @@ def test_population_resume_redoes_the_group_and_skips_finished_neurons(tmp_path,
     with pytest.raises(SpikemaxError, match="disk full"):
         run_stage(params, paths)
     monkeypatch.setattr(AMRuns, "finish_run", real_finish)
-    first = [r for r in _runs(paths.root) if r.info.status == "FINISHED" and tracking.RUN_KEY_TAG in r.data.tags]
+    first = [r for r in am_runs(paths.root) if r.info.status == "FINISHED" and tracking.RUN_KEY_TAG in r.data.tags]
     assert [r.data.tags[tracking.RUN_KEY_TAG] for r in first] == [pl.combos[0].key]
     done_id = first[0].info.run_id
     before = querylog.read_queries(paths.results / "am" / pl.combos[0].run_dir)
@@ -153,7 +152,7 @@ def test_population_resume_redoes_the_group_and_skips_finished_neurons(tmp_path,
     told = _record_tells(monkeypatch)
     metrics = run_stage(params, paths)
     assert metrics["n_runs"] == 3 and metrics["n_failed"] == 0 and metrics["queries_run"] == POP["budget"]
-    nested = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
+    nested = [r for r in am_runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
     finished = {r.data.tags[tracking.RUN_KEY_TAG]: r.info.run_id for r in nested if r.info.status == "FINISHED"}
     assert set(finished) == {c.key for c in pl.combos} and finished[pl.combos[0].key] == done_id
     assert sorted(r.info.status for r in nested) == ["FAILED", "FAILED", "FINISHED", "FINISHED", "FINISHED"]

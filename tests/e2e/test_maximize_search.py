@@ -13,8 +13,7 @@ from spikemax import tracking
 from spikemax.optim import options_for
 from spikemax.optim.tt import CMA_AUTO
 from spikemax.stages.maximize import run as run_stage
-
-from .test_maximize import _project_copy, _runs
+from tests.support.maximize import am_runs, project_copy
 
 pytestmark = pytest.mark.usefixtures("own_store")
 
@@ -43,9 +42,9 @@ def test_stage_records_resolved_cma_and_the_prior_in_mlflow(
         "prior": prior,
         "prior_images": 200,
     }
-    params, paths = _project_copy(tmp_path / "p", project, small)
+    params, paths = project_copy(tmp_path / "p", project, small)
     assert run_stage(params, paths)["n_failed"] == 0
-    runs = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
+    runs = [r for r in am_runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
     assert len(runs) == 4
     for r in runs:
         g, method = r.data.params["generator"], r.data.params["method"]
@@ -94,7 +93,7 @@ def test_queries_saved_is_measured_against_a_cold_run_of_the_same_neuron(
     }
     out = {}
     for warm in (True, False):
-        params, paths = _project_copy(tmp_path / f"w{warm}", project, {**small, "warm_start": warm})
+        params, paths = project_copy(tmp_path / f"w{warm}", project, {**small, "warm_start": warm})
         run_stage(params, paths)
         df = pd.read_csv(paths.results / "am" / "summary.csv")
         out[warm] = (paths.results / "am", df[df.epoch == df.epoch.max()].set_index("target"))
@@ -126,7 +125,7 @@ def test_tuned_maximize_runs_carry_the_study_best_settings(tmp_path, project, sn
         "prior_images": 200,
         "tuned": True,
     }
-    params, paths = _project_copy(tmp_path / "p", project, small)
+    params, paths = project_copy(tmp_path / "p", project, small)
     with pytest.raises(Exception, match="tune.json is missing: run `spikemax tune` first"):
         run_stage(params, paths)
     studies = {
@@ -136,7 +135,7 @@ def test_tuned_maximize_runs_carry_the_study_best_settings(tmp_path, project, sn
     paths.metrics.mkdir(parents=True, exist_ok=True)
     (paths.metrics / "tune.json").write_text(json.dumps({"generators": studies}))
     assert run_stage(params, paths)["n_failed"] == 0
-    runs = _runs(paths.root)
+    runs = am_runs(paths.root)
     nested = {
         (r.data.params["generator"], r.data.params["method"]): r.data.params
         for r in runs
@@ -206,9 +205,9 @@ def test_stage_records_the_method_auto_resolved_per_generator(
         "batch": 16,
         "prior_images": 200,
     }
-    params, paths = _project_copy(tmp_path / "p", project, small)
+    params, paths = project_copy(tmp_path / "p", project, small)
     assert run_stage(params, paths)["n_failed"] == 0
-    runs = [r for r in _runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
+    runs = [r for r in am_runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
     got = {r.data.params["generator"]: r.data.params["resolved_method"] for r in runs}
     assert got == {"sngan": METHOD_AUTO[True], "vqvae": METHOD_AUTO[False]}
     for r in runs:

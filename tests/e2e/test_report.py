@@ -19,8 +19,7 @@ from spikemax import params as P
 from spikemax import report as R
 from spikemax import selectivity as S
 from spikemax.data import Prepared
-
-from .conftest import TINY_GENERATORS, TINY_PREPARE, TINY_SNN, run_cli, write_params
+from tests.support.project import TINY_GENERATORS, TINY_PREPARE, TINY_SNN, run_cli, write_params
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 AM = {

@@ -9,7 +9,7 @@ import pytest
 
 from spikemax import SpikemaxError, tracking
 from spikemax import params as P
-from tests.conftest import TINY_GENERATORS, TINY_PREPARE, TINY_SNN
+from tests.support.project import TINY_GENERATORS, TINY_PREPARE, TINY_SNN
 
 
 class Boom(RuntimeError):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from spikemax import params as P
-from tests.conftest import REPO, write_params
+from tests.support.project import REPO, write_params
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 
@@ -84,7 +84,7 @@ def test_a_new_tune_result_makes_maximize_changed(dvc_repo):
 
 def tiny_pipeline_params() -> dict:
     """Every stage of dvc.yaml at toy size: the whole pipeline in about a minute."""
-    from tests.conftest import TINY_GENERATORS, TINY_SNN
+    from tests.support.project import TINY_GENERATORS, TINY_SNN
 
     return {
         "prepare": {"train_size": 500, "test_size": 200, "val_fraction": 0.2},
@@ -136,7 +136,7 @@ def test_whole_pipeline_repro_on_a_fresh_repo(dvc_repo):
         tune_json.write_bytes(original_tune)
     assert "maximize" in {name.split("@")[0] for name in status}
     # Changing any module makes `dvc status` report exactly the stages that import it as changed.
-    from tests.test_layout import STAGE_MODULES, closure
+    from tests.support.layout import STAGE_MODULES, closure
 
     users: dict[Path, set[str]] = {}
     for stage, module in STAGE_MODULES.items():

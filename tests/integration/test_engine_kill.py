@@ -17,10 +17,9 @@ from spikemax.am import engine
 from spikemax.am.plan import plan
 from spikemax.stages.maximize import run as run_stage
 from spikemax.tracking import RUN_KEY_TAG
-
-from . import ray_kill
-from .test_engine import SMALL, assert_same_results
-from .test_maximize import _project_copy, _runs
+from tests.support import ray_kill
+from tests.support.maximize import ENGINE_SMALL as SMALL
+from tests.support.maximize import am_runs, assert_same_results, project_copy
 
 KILL = {**SMALL, "seeds": [0]}  # one restart: the killed group and its warm-started successor
 
@@ -64,8 +63,8 @@ def _alive(pid: int) -> bool:
 def test_a_killed_worker_is_retried_and_finished_runs_are_kept(
     tmp_path, project, snn_checkpoints, generator_checkpoints, ray_killer
 ):
-    local = _project_copy(tmp_path / "local", project, KILL)
-    remote = _project_copy(tmp_path / "ray", project, {**KILL, "engine": "ray"})
+    local = project_copy(tmp_path / "local", project, KILL)
+    remote = project_copy(tmp_path / "ray", project, {**KILL, "engine": "ray"})
     # Epoch 0's TT group: its worker dies while finishing its second run; epoch -1's TT group waits for it.
     ray_kill.plan_kill(ray_killer, epoch=0, generator="sngan", method="tt", seed=0, after=1, once=True)
     m_ray = run_stage(*remote)
@@ -87,7 +86,7 @@ def test_a_killed_worker_is_retried_and_finished_runs_are_kept(
 
     # MLflow: nothing RUNNING; one FINISHED run per key (the summary's); only the killed attempt's
     # open runs of that group have a second, FAILED run.
-    runs = _runs(remote[1].root)
+    runs = am_runs(remote[1].root)
     assert "RUNNING" not in {r.info.status for r in runs}
     nested = [r for r in runs if RUN_KEY_TAG in r.data.tags]
     finished = {r.data.tags[RUN_KEY_TAG]: r.info.run_id for r in nested if r.info.status == "FINISHED"}
@@ -107,7 +106,7 @@ def test_a_group_that_keeps_losing_its_worker_fails_the_stage(
     tmp_path, project, snn_checkpoints, generator_checkpoints, ray_killer, monkeypatch
 ):
     monkeypatch.setattr(engine, "MAX_RETRIES", 1)  # each attempt starts a worker: keep them few
-    params, paths = _project_copy(
+    params, paths = project_copy(
         tmp_path / "p", project, {**KILL, "epochs": [-1], "methods": ["random"], "engine": "ray"}
     )
     (e,) = plan(params, paths).epochs
@@ -117,7 +116,7 @@ def test_a_group_that_keeps_losing_its_worker_fails_the_stage(
     ):
         run_stage(params, paths)
     assert len(ray_kill.deaths(ray_killer)) == 2
-    runs = _runs(paths.root)
+    runs = am_runs(paths.root)
     (parent,) = [r for r in runs if RUN_KEY_TAG not in r.data.tags]
     assert parent.info.status == "FAILED"
     nested = [r for r in runs if RUN_KEY_TAG in r.data.tags]

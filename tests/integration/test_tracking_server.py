@@ -11,8 +11,7 @@ import pytest
 
 from spikemax import querylog, tracking
 from spikemax.stages.maximize import run as run_stage
-
-from .test_maximize import _project_copy
+from tests.support.maximize import project_copy
 
 SMALL = {
     "epochs": [-1],
@@ -53,10 +52,10 @@ def test_maximize_through_mlflow_server_reads_back_like_sqlite(
     tmp_path, project, snn_checkpoints, generator_checkpoints, mlflow_server, monkeypatch
 ):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    local = _project_copy(tmp_path / "sqlite", project, SMALL)
+    local = project_copy(tmp_path / "sqlite", project, SMALL)
     run_stage(*local)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    served = _project_copy(tmp_path / "served", project, SMALL)
+    served = project_copy(tmp_path / "served", project, SMALL)
     metrics = run_stage(*served)
     assert metrics["n_failed"] == 0 and metrics["n_runs"] == 4, metrics
     want, got = _read(local_uri(local[1].root)), _read(mlflow_server.uri)

@@ -14,8 +14,7 @@ import optuna
 import pytest
 
 from spikemax import tracking
-
-from .conftest import TINY_PREPARE, write_params
+from tests.support.project import TINY_PREPARE, write_params
 
 N_TRIALS = 6
 

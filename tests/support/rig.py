@@ -9,7 +9,7 @@ import numpy as np
 
 from spikemax import params as P
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_project(root: Path, checkpoints: dict[str, Path]) -> tuple[P.Params, P.Paths]:

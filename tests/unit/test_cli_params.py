@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spikemax import params as P
-from tests.conftest import run_cli, write_params
+from tests.support.project import run_cli, write_params
 
 COMMANDS = {
     "prepare",
@@ -103,13 +103,13 @@ def test_tt_ordinal_is_auto_by_default_and_accepts_a_probability():
     assert P.validate({}).maximize.tt.ordinal == "auto"
     assert P.validate({"maximize": {"tt": {"ordinal": 1}}}).maximize.tt.ordinal == 1.0
     for config in ("params.yaml", "configs/paper-cifar10.yaml"):
-        params, _ = P.load(P.Path(__file__).resolve().parents[1] / config)
+        params, _ = P.load(P.Path(__file__).resolve().parents[2] / config)
         assert params.maximize.tt.ordinal == "auto"
 
 
 def test_defaults_validate_and_repo_params_are_valid():
     P.validate({})
-    params, _ = P.load(P.Path(__file__).resolve().parents[1] / "params.yaml")
+    params, _ = P.load(P.Path(__file__).resolve().parents[2] / "params.yaml")
     assert params.prepare.dataset == "fashion-mnist"
 
 

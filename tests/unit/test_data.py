@@ -12,7 +12,7 @@ from spikemax import SpikemaxError
 from spikemax import data as D
 from spikemax import params as P
 from spikemax.stages.prepare import run as prepare
-from tests.conftest import write_params
+from tests.support.project import write_params
 
 
 def test_prepare_shapes_dtypes_and_sizes(prepared):

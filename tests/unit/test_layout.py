@@ -8,68 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
-
-SRC = REPO / "src"
-PKG = SRC / "spikemax"
-# DVC stage -> its stage module (train_generator is a foreach stage: one module for both generators).
-STAGE_MODULES = {
-    "prepare": "spikemax.stages.prepare",
-    "train_snn": "spikemax.stages.train_snn",
-    "train_generator": "spikemax.stages.train_generator",
-    "check_generators": "spikemax.stages.check_generators",
-    "tune": "spikemax.stages.tune",
-    "maximize": "spikemax.stages.maximize",
-    "analyze": "spikemax.stages.analyze",
-    "report": "spikemax.stages.report",
-}
-
-
-def module_file(name: str) -> Path | None:
-    """The source file of module `name` inside spikemax (a package's __init__.py), None if not ours."""
-    if name != "spikemax" and not name.startswith("spikemax."):
-        return None
-    base = SRC.joinpath(*name.split("."))
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    return None
-
-
-def _imports(path: Path, name: str) -> set[str]:
-    """Module names a file imports anywhere (lazy imports in functions too), relative ones resolved."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                mod = f"{base}.{node.module}" if node.module else base
-            else:
-                mod = node.module or ""
-            out.add(mod)
-            # `from pkg import mod` imports a submodule when one of that name exists.
-            out.update(f"{mod}.{a.name}" for a in node.names if module_file(f"{mod}.{a.name}") is not None)
-    return out
-
-
-def closure(name: str) -> set[Path]:
-    """Every spikemax source file that importing `name` can execute (parent packages included)."""
-    seen: set[str] = set()
-    todo = [name]
-    while todo:
-        mod = todo.pop()
-        parts = mod.split(".")
-        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
-            sub = ".".join(parts[:i])
-            if sub not in seen and module_file(sub) is not None:
-                seen.add(sub)
-                todo.extend(_imports(module_file(sub), sub))  # type: ignore[arg-type]
-    return {module_file(m) for m in seen}  # type: ignore[misc]
+from tests.support.layout import PKG, STAGE_MODULES, closure, module_file
+from tests.support.project import REPO
 
 
 def dvc_code_deps(stage: dict) -> set[Path]:
@@ -126,3 +66,49 @@ def test_only_stage_modules_and_the_cli_run_stages():
                 pytest.fail(f"{rel} imports {node.module}: only cli.py runs stages")
             if isinstance(node, ast.FunctionDef):
                 assert node.name != "run_stage", f"{rel} defines run_stage outside stages/"
+
+
+TESTS = REPO / "tests"
+BENCH = REPO / "benchmarks"
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Absolute module names that `path` imports (relative imports resolved against the tests package)."""
+    names = set()
+    pkg = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = pkg.rsplit(".", node.level - 1)[0] if node.level > 1 else pkg
+                base = f"{parent}.{base}".rstrip(".")
+            names.add(base)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_tests_mirror_the_source_and_share_helpers_through_support():
+    """Test modules live in unit/, integration/ or e2e/; none imports another test module (shared code is in support/)."""
+    for path in TESTS.rglob("test_*.py"):
+        rel = path.relative_to(TESTS)
+        assert rel.parts[0] in {"unit", "integration", "e2e"}, f"tests/{rel}: put it under unit/, integration/ or e2e/"
+        for name in _imported_names(path):
+            last = name.rsplit(".", 1)[-1]
+            assert not (name.startswith("tests") and last.startswith("test_")), (
+                f"tests/{rel} imports test module {name}"
+            )
+    for sub in ("unit", "integration", "e2e", "support"):
+        for folder in [TESTS / sub, *(p for p in (TESTS / sub).rglob("*") if p.is_dir() and p.name != "__pycache__")]:
+            assert (folder / "__init__.py").is_file(), (
+                f"{folder.relative_to(REPO)} needs __init__.py (unique module names)"
+            )
+
+
+def test_benchmarks_use_public_functions_only():
+    """Benchmarks import no private name of spikemax and no stage module's internals."""
+    for path in BENCH.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("spikemax"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"benchmarks/{path.name} imports private {private} from {node.module}"

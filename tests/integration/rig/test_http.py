@@ -19,7 +19,7 @@ from spikemax.am.loop import run_am
 from spikemax.optim import make_optimizer, options_for
 from spikemax.rig.app import bind, create_app
 from spikemax.rig.sessions import CLOSED_LOOP_TAG, SessionManager
-from tests.rig_support import as_results, make_project, neuron
+from tests.support.rig import as_results, make_project, neuron
 
 TOKEN = "s3cret"
 

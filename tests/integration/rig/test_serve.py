@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from spikemax.rig.sessions import SESSION_TAG
-from tests.rig_support import as_results, make_project, neuron
+from tests.support.rig import as_results, make_project, neuron
 
 TOKEN = "t0ken"
 

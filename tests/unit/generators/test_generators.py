@@ -11,7 +11,7 @@ import torch
 
 from spikemax import SpikemaxError, tracking
 from spikemax.generators import NAMES, LatentGrid, load_generator, normal_quantiles
-from tests.conftest import run_cli
+from tests.support.project import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_cli_train_generator_end_to_end(tmp_path, project):
     """`spikemax train-generator vqvae` as DVC runs it: checkpoint, metrics JSON, sample PNG."""
     import shutil
 
-    from tests.conftest import TINY_GENERATORS, TINY_PREPARE, write_params
+    from tests.support.project import TINY_GENERATORS, TINY_PREPARE, write_params
 
     _, paths = project
     shutil.copytree(paths.prepared, tmp_path / "data" / "prepared")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 spec = importlib.util.spec_from_file_location(
-    "bench_optimizers", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_optimizers.py"
+    "bench_optimizers", Path(__file__).resolve().parents[3] / "benchmarks" / "bench_optimizers.py"
 )
 bench = importlib.util.module_from_spec(spec)
 sys.modules["bench_optimizers"] = bench  # dataclasses look their module up
@@ -46,10 +46,10 @@ def test_smooth_table_is_the_median_per_problem_and_per_family():
 
 
 am_spec = importlib.util.spec_from_file_location(
-    "bench_am", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_am.py"
+    "bench_am", Path(__file__).resolve().parents[3] / "benchmarks" / "bench_am.py"
 )
 bench_am = importlib.util.module_from_spec(am_spec)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # bench_am imports noise_common
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))  # bench_am imports noise_common
 try:
     am_spec.loader.exec_module(bench_am)
 finally:

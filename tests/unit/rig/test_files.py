@@ -12,7 +12,7 @@ import numpy as np
 from spikemax.rig.files import read_responses, run_files
 from spikemax.rig.models import SessionCreate
 from spikemax.rig.sessions import SessionManager
-from tests.rig_support import make_project
+from tests.support.rig import make_project
 
 # The rig: answers each block with the mean brightness of its PNGs (2 channels); its first answer is
 # malformed (one value per stimulus), and once that is refused it writes a correct CSV file.

@@ -7,7 +7,7 @@ import pytest
 
 from spikemax.rig.models import SessionCreate, TellRequest
 from spikemax.rig.sessions import Conflict, Invalid, NotFound, SessionManager
-from tests.rig_support import as_results, make_project, neuron
+from tests.support.rig import as_results, make_project, neuron
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from spikemax import SpikemaxError
 from spikemax.snn import ConvSNN, checkpoints, load_snn, progress
 from spikemax.tracking import tracking_uri
-from tests.conftest import TINY_SNN, run_cli, write_params
+from tests.support.project import TINY_SNN, run_cli, write_params
 
 
 def active_net(seed: int = 0, gain: float = 2.5, **kw) -> ConvSNN:
