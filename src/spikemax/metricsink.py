@@ -79,6 +79,8 @@ class BulkSqlSink(MetricSink):
 class LogBatchSink(MetricSink):
     """Rows through the public `log_batch` API, synchronously."""
 
+    run_id: str
+
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         super().__init__(run_id)
         self.client = client

@@ -76,6 +76,12 @@ def population(m: int) -> Columns:
     return Columns(owner=True, response=False, channels=m)
 
 
+def rig(channels: int) -> Columns:
+    """The columns of a rig session's table: stimulus ids, the target channel's response and every
+    channel's, no timing (the rig's own log has the times)."""
+    return Columns(stimulus=True, channels=channels, elapsed=False)
+
+
 QUERY_COLUMNS = RUN.names()
 POPULATION_COLUMNS = population(1).names()
 
@@ -103,7 +109,7 @@ def _record_batch(
             raise ValueError(f"a query table with a {name!r} column needs its values")
     if columns.stimulus:
         arrays.append(pa.array([str(s) for s in stimulus or []], pa.string()))
-    arrays.append(pa.array(list(idx.reshape(k, -1)), pa.list_(pa.int64())))
+    arrays.append(pa.array(list(idx.reshape(k, -1)) if k else [], pa.list_(pa.int64())))
     if columns.owner:
         arrays.append(pa.array(np.asarray(owner, dtype=np.int64), pa.int64()))
     if columns.response:

@@ -11,15 +11,15 @@ from spikemax.querytable import (
     POPULATION_COLUMNS,
     QUERY_COLUMNS,
     RUN,
-    Columns,
     QueryTable,
     neuron_queries,
     population,
     read_queries,
+    rig,
     write_queries,
 )
 
-RIG = Columns(stimulus=True, channels=3, elapsed=False)  # the rig's layout: ids, target channel, all channels
+RIG = rig(3)  # a rig session's layout: stimulus ids, the target channel, all three channels
 
 
 def test_columns_of_runs_populations_and_the_rig():
@@ -72,6 +72,9 @@ def test_streamed_and_whole_tables_are_the_same_table(tmp_path):
 
 def test_a_rewritten_snapshot_replaces_the_table(tmp_path):
     rng = np.random.default_rng(1)
+    empty = {"indices": np.zeros((0,), int), "response": [], "responses": np.zeros((0, 3)), "stimulus": []}
+    write_queries(tmp_path, RIG, batch=[], **empty)  # a session with nothing told yet
+    assert list(read_queries(tmp_path).columns) == list(RIG.names()) and len(read_queries(tmp_path)) == 0
     for k in (4, 6):
         rows = _rig_rows(rng, k)
         write_queries(tmp_path, RIG, batch=np.zeros(k, int), **rows)
