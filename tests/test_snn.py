@@ -131,6 +131,10 @@ def test_training_writes_epoch_checkpoints_metrics_and_mlflow_run(project, snn_c
     assert summary["epochs"] == 2
     assert summary["test_acc"] == pytest.approx(float(rows[-1]["test_acc"]))
     assert float(rows[-1]["test_acc"]) > float(rows[0]["test_acc"])
+    # A checkpoint holds the bare network (no Lightning prefix) and its constructor arguments.
+    ckpt = torch.load(snn_checkpoints[2], map_location="cpu", weights_only=True)
+    assert all(key.startswith("blocks.") for key in ckpt["state_dict"])
+    assert ConvSNN(**ckpt["hyper_parameters"]).state_dict().keys() == ckpt["state_dict"].keys()
 
     client = mlflow.MlflowClient(tracking_uri(paths.root))
     exp = client.get_experiment_by_name("snn")
