@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import types
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -13,6 +15,7 @@ from pydantic_core import PydanticCustomError
 from spikemax import SpikemaxError
 
 DATASETS = ("fashion-mnist", "cifar10")
+MAX_BUDGET = 10**7  # queries per run: beyond this a run would take days and its query table gigabytes
 
 
 GeneratorName = Literal["sngan", "vqvae"]
@@ -25,10 +28,80 @@ class ParamsError(SpikemaxError):
     """A params.yaml value is missing, malformed or out of range."""
 
 
+def _fit(annotation: Any, value: Any) -> bool | str | None:
+    """How `value` fits the number parts of `annotation`: True (natively), the kind wanted (a
+    boolean, float or string given where an int or float is meant), or None (not a number question)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _fit(get_args(annotation)[0], value)
+    if origin in (Union, types.UnionType):
+        fits = [_fit(member, value) for member in get_args(annotation)]
+        if True in fits:
+            return True
+        return next((f for f in fits if isinstance(f, str)), None)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        args = [a for a in get_args(annotation) if a is not Ellipsis]
+        items = (
+            [_fit(args[0], v) for v in value]
+            if origin is list or len(args) == 1
+            else [_fit(a, v) for a, v in zip(args, value)]
+        )
+        return next((f for f in items if isinstance(f, str)), True)
+    if annotation is int:
+        if type(value) is int:
+            return True
+        return "an integer" if isinstance(value, (bool, float, str)) else None
+    if annotation is float:
+        if isinstance(value, bool):
+            return "a number"
+        return True if isinstance(value, (int, float)) else None
+    if origin is Literal:
+        return True if value in get_args(annotation) and not isinstance(value, bool) else None
+    if annotation is type(None):
+        return True if value is None else None
+    return True if isinstance(annotation, type) and isinstance(value, annotation) else None
+
+
+def _mistyped(annotation: Any, value: Any) -> str | None:
+    """The kind of value wanted where `value` gives a bool/float/string for a count (None: fine)."""
+    fit = _fit(annotation, value)
+    return fit if isinstance(fit, str) else None
+
+
+def _repeated(values: list[Any]) -> Any:
+    """The first value listed twice (None when all are distinct)."""
+    seen: set[Any] = set()
+    for v in values:
+        key = v if isinstance(v, Hashable) else repr(v)
+        if key in seen:
+            return v
+        seen.add(key)
+    return None
+
+
+def _check_distinct(value: list[Any]) -> list[Any]:
+    """A list field whose entries must be distinct (a repeated run key would run twice)."""
+    if isinstance(value, list) and (dup := _repeated(value)) is not None:
+        raise PydanticCustomError(
+            "distinct", "Input should list each value once ({dup} is repeated)", {"dup": repr(dup)}
+        )
+    return value
+
+
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, not silently ignored; floats must be finite."""
+    """Base of every section: unknown keys are errors, not silently ignored; floats must be finite;
+    counts are strict ints (a boolean, float or string is not a count)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: Any) -> Any:
+        """Refuse what pydantic's lax mode would coerce: `true` as 1, 3.0 or "3" as an int, `true` as 1.0."""
+        want = _mistyped(cls.model_fields[info.field_name].annotation, value)
+        if want is not None:
+            raise PydanticCustomError("strict_number", "Input should be {want}", {"want": want})
+        return value
 
 
 class PrepareParams(Section):
@@ -172,11 +245,11 @@ class MaximizeParams(Section):
     target_seed: int = Field(0, ge=0)
     max_images: int = Field(512, ge=1)
     methods: list[MethodName] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    budget: int = Field(1024, ge=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
+    budget: int = Field(1024, ge=1, le=MAX_BUDGET)
     # Queries per run at the last checkpoint of the scan (null = `budget`): the trained network gets a
     # deeper search; comparisons across checkpoints use each run's best within its first `budget` queries.
-    budget_last: int | None = Field(None, ge=1)
+    budget_last: int | None = Field(None, ge=1, le=MAX_BUDGET)
     batch: int = Field(64, ge=1)
     target_value: float | None = None
     warm_start: bool = True
@@ -208,6 +281,12 @@ class MaximizeParams(Section):
     @classmethod
     def _noise_sigma(cls, value: Any) -> Any:
         return NoiseParams.from_sigma(value)
+
+    @field_validator("epochs", "generators", "targets", "methods", "seeds")
+    @classmethod
+    def _no_repeats(cls, value: Any) -> Any:
+        """Each checkpoint, generator, target, method and seed once: a repeat would run its keys twice."""
+        return _check_distinct(value)
 
     def with_tuned(self, settings: dict[str, dict[str, Any]]) -> MaximizeParams:
         """A copy that applies these per-generator tuned settings (see `for_generator`)."""
@@ -253,7 +332,7 @@ class TuneParams(Section):
     neurons: int = Field(4, ge=1)
     n_trials: int = Field(8, ge=1)  # per study (per generator)
     # Queries per neuron per trial and per ask; None = the maximize stage's `budget` / `batch`.
-    budget: int | None = Field(None, ge=1)
+    budget: int | None = Field(None, ge=1, le=MAX_BUDGET)
     batch: int | None = Field(None, ge=1)
     ranks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [2, 3, 5, 8], min_length=1)
     grid_n: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
@@ -374,13 +453,40 @@ def validate(data: dict[str, Any] | None) -> Params:
         raise ParamsError(_format_error(err)) from None
 
 
+class _RepeatedKeyError(yaml.YAMLError):
+    """A mapping gives one key twice (YAML forbids it; PyYAML would keep the last silently)."""
+
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"key {key!r} repeated at line {line}")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe YAML loader, refusing a mapping that repeats a key."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise _RepeatedKeyError(key, key_node.start_mark.line + 1)
+            seen.add(key if isinstance(key, Hashable) else repr(key))
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | Path = "params.yaml", root: str | Path | None = None) -> tuple[Params, Paths]:
     """Read a params file; return the validated params and the project paths (root: cwd by default)."""
     path = Path(path).resolve()
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path.name}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+    except _RepeatedKeyError as err:
+        raise ParamsError(f"{path.name} line {err.line}: key {err.key!r} is given twice") from None
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""

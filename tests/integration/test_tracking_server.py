@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spikemax import querylog, tracking
+from spikemax import metricsink, querylog, tracking
 from spikemax.stages.maximize import run as run_stage
 from tests.support.maximize import project_copy
 
@@ -121,8 +121,8 @@ def _batches(n_batches: int = 12, n_runs: int = 3, k: int = 40) -> list[list[np.
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(querylog._MIRROR, "retries", (0.01, 0.01, 0.01))
-    monkeypatch.setattr(querylog._MIRROR, "linger_s", 0.05)
+    monkeypatch.setattr(metricsink.HttpMirror, "retries", (0.01, 0.01, 0.01))
+    monkeypatch.setattr(metricsink.HttpMirror, "linger_s", 0.05)
 
 
 def test_mirrored_metrics_reach_the_server_after_the_table_and_read_back_like_sqlite(
@@ -155,7 +155,7 @@ def test_mirrored_metrics_reach_the_server_after_the_table_and_read_back_like_sq
     gate.set()
     for lg in loggers:
         lg.close()
-        assert lg.writer is not None and lg.writer._pending == 0
+        assert lg.writer.pending == 0
     got, want = _histories(client, loggers), _histories(local, want_loggers)
     assert got == want and len(got[0]["activation"]) == 12 * 40
 

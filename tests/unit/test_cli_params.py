@@ -166,3 +166,74 @@ def test_noise_aware_params_reach_every_method():
     assert "noise_aware" not in options_for("tt", P.validate({}), True)
     no_final = P.validate({"maximize": {"noise": {**noise, "final": 0.0}}})
     assert "budget" not in options_for("tt", no_final, True)
+
+
+def test_non_utf8_params_file_is_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_bytes(b"prepare:\n  dataset: fashion-mnist\n  root: caf\xe9\n")
+    res = run_cli("prepare", "--params", str(bad), cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == "error: params.yaml: not UTF-8 text (byte 45 is 0xe9)"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("maximize:\n  budget: 64\n  seeds: [0]\n  budget: 8\n", "params.yaml line 4: key 'budget' is given twice"),
+        ("maximize:\n  budget: 64\nmaximize:\n  batch: 8\n", "params.yaml line 3: key 'maximize' is given twice"),
+    ],
+)
+def test_repeated_yaml_key_is_refused_and_named(tmp_path, text, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    assert str(err.value) == expected
+    res = run_cli("maximize", "--params", str(path), cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("maximize", "expected"),
+    [
+        ({"budget": True}, "maximize.budget: Input should be an integer (got True)"),
+        ({"budget": 64.0}, "maximize.budget: Input should be an integer (got 64.0)"),
+        ({"budget": "64"}, "maximize.budget: Input should be an integer (got '64')"),
+        ({"batch": False}, "maximize.batch: Input should be an integer (got False)"),
+        ({"seeds": [0, True]}, "maximize.seeds: Input should be an integer (got [0, True])"),
+        ({"target_value": True}, "maximize.target_value: Input should be a number (got True)"),
+        ({"budget": 10**7 + 1}, "maximize.budget: Input should be less than or equal to 10000000"),
+        ({"budget_last": 10**9}, "maximize.budget_last: Input should be less than or equal to 10000000"),
+        ({"seeds": [-1]}, "maximize.seeds.0: Input should be greater than or equal to 0 (got -1)"),
+        ({"seeds": [0, 1, 0]}, "maximize.seeds: Input should list each value once (0 is repeated)"),
+        ({"methods": ["tt", "cma", "tt"]}, "maximize.methods: Input should list each value once ('tt' is repeated)"),
+        ({"generators": ["vqvae", "vqvae"]}, "maximize.generators: Input should list each value once ('vqvae' is"),
+        (
+            {"targets": ["class:1", "lif1:0", "class:1"]},
+            "maximize.targets: Input should list each value once ('class:1'",
+        ),
+        ({"epochs": [-1, -1]}, "maximize.epochs: Input should list each value once (-1 is repeated)"),
+    ],
+)
+def test_counts_are_strict_bounded_and_lists_distinct(maximize, expected):
+    with pytest.raises(P.ParamsError) as err:
+        P.validate({"maximize": maximize})
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_other_sections_count_strictly_too():
+    with pytest.raises(P.ParamsError, match=r"^tune.budget: Input should be less than or equal to 10000000"):
+        P.validate({"tune": {"budget": 10**8}})
+    with pytest.raises(P.ParamsError, match=r"^snn.epochs: Input should be an integer \(got True\)"):
+        P.validate({"snn": {"epochs": True}})
+    with pytest.raises(P.ParamsError, match=r"^tune.epoch: Input should be an integer \(got True\)"):
+        P.validate({"tune": {"epoch": True}})
+
+
+def test_well_typed_values_still_validate():
+    m = P.validate(
+        {"maximize": {"budget": 10**7, "seeds": [0, 3], "target_value": 2, "epochs": [0, -1], "budget_last": None}}
+    ).maximize
+    assert (m.budget, m.seeds, m.target_value, m.epochs) == (10**7, [0, 3], 2.0, [0, -1])
+    assert P.validate({"tune": {"lr": [0.01, 1], "epoch": "last"}}).tune.lr == (0.01, 1.0)
+    assert P.validate({"prepare": {"download": False}}).prepare.download is False

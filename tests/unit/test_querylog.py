@@ -6,7 +6,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from spikemax import images, querylog, tracking
+from spikemax import images, metricsink, querylog, tracking
 
 
 def _run(tmp_path):
@@ -91,10 +91,9 @@ def _history(client, run_id, key):
 def test_bulk_metric_writes_read_back_like_log_batch(tmp_path):
     client, bulk_run = _run(tmp_path)
     plain_run = client.create_run(tracking.experiment_id(tracking.AM_EXPERIMENT, tmp_path)).info.run_id
-    bulk = querylog.MetricWriter(client, bulk_run)
-    plain = querylog.MetricWriter(client, plain_run)
-    plain._store = None  # the public log_batch path, as on an HTTP store
-    assert bulk.bulk and not plain.bulk
+    bulk = metricsink.open_sink(client, bulk_run)
+    plain = metricsink.LogBatchSink(client, plain_run)  # the public log_batch path, as on an HTTP store
+    assert isinstance(bulk, metricsink.BulkSqlSink) and not bulk.mirrored and not plain.mirrored
     series = [
         {"a": np.array([0.5, np.nan, np.inf]), "b": np.array([-np.inf, 2.0, 1.0])},
         {"a": np.array([3.0]), "b": np.array([np.nan])},

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spikemax import SpikemaxError
-from spikemax.snn import ConvSNN, checkpoints, load_snn, progress
+from spikemax.snn import MAX_CHECKPOINTS, ConvSNN, checkpoints, load_snn, progress, schedule_steps, spike_count_loss
 from spikemax.tracking import tracking_uri
 from tests.support.project import TINY_SNN, run_cli, write_params
 
@@ -61,7 +61,7 @@ def test_fused_bptt_gradient_matches_snntorch_autograd(cfg):
     grads = []
     for forward in (net.forward_spikes, net.forward_spikes_steps):
         net.zero_grad()
-        net._loss(forward(x)["out"], y).backward()
+        spike_count_loss(forward(x)["out"], y, net.hparams.loss, net.num_steps).backward()
         grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
     fast, ref = grads
     for name in ref:
@@ -104,7 +104,7 @@ def test_surrogate_gradient_reaches_first_layer(loss):
     net.train()
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     out = net(x)
-    value = net._loss(out, y)
+    value = spike_count_loss(out, y, loss, net.num_steps)
     value.backward()
     assert torch.isfinite(value)
     assert net.blocks["lif1"][0].weight.grad.abs().sum() > 0
@@ -131,6 +131,10 @@ def test_training_writes_epoch_checkpoints_metrics_and_mlflow_run(project, snn_c
     assert summary["epochs"] == 2
     assert summary["test_acc"] == pytest.approx(float(rows[-1]["test_acc"]))
     assert float(rows[-1]["test_acc"]) > float(rows[0]["test_acc"])
+    # A checkpoint holds the bare network (no Lightning prefix) and its constructor arguments.
+    ckpt = torch.load(snn_checkpoints[2], map_location="cpu", weights_only=True)
+    assert all(key.startswith("blocks.") for key in ckpt["state_dict"])
+    assert ConvSNN(**ckpt["hyper_parameters"]).state_dict().keys() == ckpt["state_dict"].keys()
 
     client = mlflow.MlflowClient(tracking_uri(paths.root))
     exp = client.get_experiment_by_name("snn")
@@ -187,3 +191,64 @@ def test_cli_neurons_lists_layers_and_rejects_corrupt_file(snn_checkpoints, tmp_
     res = run_cli("neurons", "--checkpoint", str(bad))
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_built_networks_are_freed():
+    """snntorch registers every neuron class-wide; spikemax empties that registry (snn/lif.py), so a
+    dropped network (e.g. a checkpoint the AM stage is done with) is garbage-collected."""
+    import gc
+    import weakref
+
+    import snntorch
+
+    refs = [weakref.ref(ConvSNN(channels=[2], hidden=[3])) for _ in range(3)]
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert snntorch.SpikingNeuron.instances == []
+    net = active_net()  # a kept network still runs its snntorch reference loop after the registry is emptied
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(net.forward_spikes(x)["out"], net.forward_spikes_steps(x)["out"])
+
+
+def test_checkpoint_schedule_is_bounded_before_it_is_built():
+    assert schedule_steps(0, 1, [3, 5], 10, 2) == [0, 3, 5, 10, 20]
+    # Overlapping parts count once: 1000 epoch ends that the early steps repeat are fine.
+    assert len(schedule_steps(10, 999, [], 10, MAX_CHECKPOINTS - 1)) == MAX_CHECKPOINTS
+    with pytest.raises(SpikemaxError, match=rf"schedule takes {MAX_CHECKPOINTS + 1} checkpoints \(at most"):
+        schedule_steps(0, 1, [], 10, MAX_CHECKPOINTS)
+    with pytest.raises(SpikemaxError, match=f"more than {MAX_CHECKPOINTS} checkpoints"):
+        schedule_steps(0, 1, [], 85, 10**12)  # refused by counting: the set would exhaust memory
+    with pytest.raises(SpikemaxError, match="more than"):
+        schedule_steps(1, 10**9, [], 85, 10**9)
+
+
+@pytest.mark.parametrize(
+    ("snn", "device", "expected"),
+    [
+        ({"epochs": 10**12}, "cpu", "snn.checkpoints: the schedule takes more than 1000 checkpoints"),
+        ({"epochs": 1500}, "cpu", "snn.checkpoints: the schedule takes 1501 checkpoints"),
+        ({"epochs": 1}, "cuda:9", "device 'cuda:9'"),
+    ],
+)
+def test_a_refused_training_run_leaves_the_checkpoints_as_they_were(project, tmp_path, snn, device, expected):
+    """Everything that can refuse train-snn runs before it deletes the previous checkpoints."""
+    from spikemax import params as P
+    from spikemax.stages.train_snn import run as train
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 9:
+        pytest.skip("a tenth GPU exists here")
+    params, paths = project
+    root = tmp_path / "proj"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "prepared").symlink_to(paths.prepared)
+    models = root / "models" / "snn"
+    models.mkdir(parents=True)
+    before = {"step=000000-epoch=0.000.ckpt": b"a", "step=000010-epoch=1.000.ckpt": b"b", "epoch=003.ckpt": b"c"}
+    for name, data in before.items():
+        (models / name).write_bytes(data)
+    tiny = params.model_copy(update={"snn": P.SNNParams(**{**TINY_SNN, "batch_size": 512, **snn}), "device": device})
+    with pytest.raises(SpikemaxError, match=expected):
+        train(tiny, P.Paths(root))
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == before
+    assert not (root / "mlruns").exists() or device.startswith("cuda")
