@@ -1,4 +1,4 @@
-"""The activation-maximization loop and the maximize stage's planning and run bookkeeping."""
+"""The activation-maximization loop and the maximize stage's planning, execution and bookkeeping."""
 
 # Columns of results/am/summary.csv: one row per finished AM run (the analysis stage reads it).
 SUMMARY_COLUMNS = [
@@ -24,3 +24,12 @@ SUMMARY_COLUMNS = [
     "scan_am_gain",
     "run_dir",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """`spikemax.am.fit_grid_prior` (public): the data prior the stage fits on a codebook grid."""
+    if name == "fit_grid_prior":
+        from spikemax.am.prior import fit_grid_prior
+
+        return fit_grid_prior
+    raise AttributeError(name)
