@@ -14,6 +14,7 @@ import pytest
 
 from spikemax import SpikemaxError
 from spikemax.am import engine
+from spikemax.am.engine import EngineSettings
 from spikemax.am.plan import plan
 from spikemax.stages.maximize import run as run_stage
 from spikemax.tracking import RUN_KEY_TAG
@@ -23,6 +24,7 @@ from .test_engine import SMALL, assert_same_results
 from .test_maximize import _project_copy, _runs
 
 KILL = {**SMALL, "seeds": [0]}  # one restart: the killed group and its warm-started successor
+ON_RAY = EngineSettings("ray")  # joins the fixture's cluster
 
 
 pytestmark = pytest.mark.usefixtures("own_store")
@@ -65,10 +67,10 @@ def test_a_killed_worker_is_retried_and_finished_runs_are_kept(
     tmp_path, project, snn_checkpoints, generator_checkpoints, ray_killer
 ):
     local = _project_copy(tmp_path / "local", project, KILL)
-    remote = _project_copy(tmp_path / "ray", project, {**KILL, "engine": "ray"})
+    remote = _project_copy(tmp_path / "ray", project, KILL)
     # Epoch 0's TT group: its worker dies while finishing its second run; epoch -1's TT group waits for it.
     ray_kill.plan_kill(ray_killer, epoch=0, generator="sngan", method="tt", seed=0, after=1, once=True)
-    m_ray = run_stage(*remote)
+    m_ray = run_stage(*remote, ON_RAY)
     m_local = run_stage(*local)
     (death,) = ray_kill.deaths(ray_killer)
     assert not _alive(death["pid"])
@@ -107,15 +109,13 @@ def test_a_group_that_keeps_losing_its_worker_fails_the_stage(
     tmp_path, project, snn_checkpoints, generator_checkpoints, ray_killer, monkeypatch
 ):
     monkeypatch.setattr(engine, "MAX_RETRIES", 1)  # each attempt starts a worker: keep them few
-    params, paths = _project_copy(
-        tmp_path / "p", project, {**KILL, "epochs": [-1], "methods": ["random"], "engine": "ray"}
-    )
+    params, paths = _project_copy(tmp_path / "p", project, {**KILL, "epochs": [-1], "methods": ["random"]})
     (e,) = plan(params, paths).epochs
     ray_kill.plan_kill(ray_killer, epoch=e, generator="sngan", method="random", seed=0, after=0, once=False)
     with pytest.raises(
         SpikemaxError, match=rf"group e{e} sngan random s0 lost its Ray worker and 1 retries did not finish it"
     ):
-        run_stage(params, paths)
+        run_stage(params, paths, ON_RAY)
     assert len(ray_kill.deaths(ray_killer)) == 2
     runs = _runs(paths.root)
     (parent,) = [r for r in runs if RUN_KEY_TAG not in r.data.tags]
@@ -130,4 +130,4 @@ def test_a_group_that_keeps_losing_its_worker_fails_the_stage(
     assert json.loads((paths.metrics / "am.json").read_text())["n_failed"] == 3
 
     ray_killer.unlink()  # the cluster heals: a rerun resumes and finishes the group
-    assert run_stage(params, paths)["n_runs"] == 3
+    assert run_stage(params, paths, ON_RAY)["n_runs"] == 3

@@ -25,11 +25,3 @@ SUMMARY_COLUMNS = [
     "run_dir",
 ]
 
-
-def __getattr__(name: str) -> object:
-    """`spikemax.am.fit_grid_prior` (public): the data prior the stage fits on a codebook grid."""
-    if name == "fit_grid_prior":
-        from spikemax.am.prior import fit_grid_prior
-
-        return fit_grid_prior
-    raise AttributeError(name)

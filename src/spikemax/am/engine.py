@@ -87,9 +87,8 @@ class InProcess:
         self.device = device
 
     def run(self, ctx: Context, progress: Progress, on_group: Callable[[], None]) -> int:
-        from spikemax.am.group import run_group
+        from spikemax.am.group import run_group, tuned_grid
         from spikemax.am.measures import dataset_stats
-        from spikemax.am.policy import tuned_grid
         from spikemax.snn import load_snn
 
         n = 0

@@ -254,6 +254,13 @@ def finish_run(
     return row
 
 
+def tuned_grid(grid: LatentGrid, grid_n: int | None) -> LatentGrid:
+    """The grid a run searches: SN-GAN at a tuned resolution `grid_n` (None: `grid` itself)."""
+    from spikemax.tuning import with_resolution
+
+    return grid if grid_n is None or grid_n == grid.n else with_resolution(grid, grid_n)
+
+
 def group_on_worker(
     params: Params, paths: Paths, plan: Plan, index: int, parent_id: str, stats: Any, tracking_uri: str
 ) -> dict:
@@ -262,7 +269,6 @@ def group_on_worker(
     import os
 
     from spikemax import devices
-    from spikemax.am.policy import tuned_grid
     from spikemax.generators import load_generator
     from spikemax.snn import load_snn
 

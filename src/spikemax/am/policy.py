@@ -28,7 +28,7 @@ def runs_tt(method: str, generator: str) -> bool:
     """Whether `method` on `generator`'s grid runs TT (`auto` resolves per grid)."""
     from spikemax.generators import grid_ordered
 
-    return resolve_method(method, grid_ordered(generator)) == "tt"
+    return method == "tt" or (method == "auto" and resolve_method(method, grid_ordered(generator)) == "tt")
 
 
 def prior_applies(method: str, generator: str) -> bool:
@@ -53,7 +53,7 @@ def with_budget(m: MaximizeParams, budget: int) -> MaximizeParams:
 
 def tuned_for(tuned: Tuned, method: str, generator: str) -> dict[str, Any]:
     """The tune study's settings a run takes ({} = none): only runs whose method runs TT take them."""
-    return dict(tuned.get(generator, {})) if runs_tt(method, generator) else {}
+    return dict(tuned[generator]) if generator in tuned and runs_tt(method, generator) else {}
 
 
 def run_settings(m: MaximizeParams, tuned: Tuned, method: str, generator: str) -> MaximizeParams:
@@ -63,10 +63,3 @@ def run_settings(m: MaximizeParams, tuned: Tuned, method: str, generator: str) -
     if not s:
         return m
     return m.model_copy(update={"tt": m.tt.model_copy(update={"rank": int(s["rank"]), "lr": float(s["lr"])})})
-
-
-def tuned_grid(grid: Any, grid_n: int | None) -> Any:
-    """The grid a run searches: SN-GAN at a tuned resolution `grid_n` (None: `grid` itself)."""
-    from spikemax.tuning import with_resolution
-
-    return grid if grid_n is None or grid_n == grid.n else with_resolution(grid, grid_n)

@@ -26,7 +26,7 @@ STATE_FIELDS = "tt_state.json"  # ... and everything else as JSON: no format tha
 
 def save_state(state: dict[str, Any], run_dir: Path) -> None:
     """Store an optimizer's `state_dict()`: its arrays in an .npz, the rest as JSON."""
-    arrays = {k: np.asarray(v) for k, v in state.items() if isinstance(v, np.ndarray)}
+    arrays: dict[str, Any] = {k: np.asarray(v) for k, v in state.items() if isinstance(v, np.ndarray)}
     fields = {k: v for k, v in state.items() if k not in arrays}
     np.savez(run_dir / STATE_ARRAYS, **arrays)
     write_json(run_dir / STATE_FIELDS, {"fields": fields, "arrays": sorted(arrays)}, indent=None)

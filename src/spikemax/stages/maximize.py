@@ -19,11 +19,11 @@ from spikemax.params import Params, Paths
 def run(params: Params, paths: Paths, engine: EngineSettings | None = None) -> dict:
     """Run every planned AM run not finished yet; write summary, grids and metrics/am.json."""
     settings = engine or EngineSettings.resolve(params.maximize)
+    # Everything is validated before anything is opened or written (a refused run changes nothing).
+    plan_ = plan(params, paths, *tuned_settings(params, paths))
+    device = devices.resolve(params.device)
+    grids = {g: load_generator(g, p).to(device) for g, p in plan_.gen_ckpts.items()}
     with project_lock(paths, "maximize"), sigterm_interrupts():
-        # Everything is validated before anything is opened or written (a refused run changes nothing).
-        plan_ = plan(params, paths, *tuned_settings(params, paths))
-        device = devices.resolve(params.device)
-        grids = {g: load_generator(g, p).to(device) for g, p in plan_.gen_ckpts.items()}
         ctx = Context.create(params, paths, plan_)
         ctx.tracker.fail_stale()  # under the lock: a RUNNING run's process is dead, whatever its plan
         ctx.done = ctx.tracker.finished({r.key: r for r in plan_.runs}, ctx.files.read_row)
