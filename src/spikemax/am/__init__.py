@@ -24,4 +24,3 @@ SUMMARY_COLUMNS = [
     "scan_am_gain",
     "run_dir",
 ]
-
