@@ -101,12 +101,24 @@ def check_generators(params: Path = ParamsOpt) -> None:
 
 @app.command()
 @one_line_errors
-def maximize(params: Path = ParamsOpt) -> None:
+def maximize(
+    params: Path = ParamsOpt,
+    engine: str | None = typer.Option(
+        None, "--engine", envvar="SPIKEMAX_ENGINE", help="where the groups run: local or ray (not a param)"
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", envvar="SPIKEMAX_RAY_ADDRESS", help='Ray cluster: "" starts one, "auto", HOST:6379'
+    ),
+    ray_workers: int | None = typer.Option(
+        None, "--ray-workers", envvar="SPIKEMAX_RAY_WORKERS", help="CPUs of a started Ray cluster (0 = all)"
+    ),
+) -> None:
     """Run activation maximization over checkpoints x generators x targets x methods x seeds."""
     p, paths = _load(params)
+    from spikemax.am.engine import EngineSettings
     from spikemax.stages.maximize import run
 
-    run(p, paths)
+    run(p, paths, EngineSettings.resolve(p.maximize, engine, ray_address, ray_workers))
 
 
 @app.command()

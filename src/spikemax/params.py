@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from spikemax import SpikemaxError
@@ -266,16 +266,15 @@ class MaximizeParams(Section):
     population: bool = False
     population_rule: Literal["round_robin", "progress"] = "round_robin"
     tt: TTOptions = Field(default_factory=TTOptions)
-    # Where the lock-step groups run: "local" (this process, in order) or "ray" (one task per group).
-    engine: Literal["local", "ray"] = "local"
-    # Ray cluster: "" starts a local one (ray_workers CPUs, 0 = all), "auto" joins this machine's,
-    # or "HOST:6379" / "ray://HOST:10001". Results go to the project's results/am (shared storage).
-    ray_address: str = ""
-    ray_workers: int = Field(0, ge=0)
-
-    # The tune studies' best settings per generator ({"study", "rank", "lr"[, "grid_n"]}), set by the
-    # maximize stage from metrics/tune.json when `tuned` is true; never read from params.yaml.
-    _tuned: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
+    # Deprecated (engine settings are not params: changing them must not rerun the stage): use
+    # `spikemax maximize --engine/--ray-address/--ray-workers` or SPIKEMAX_ENGINE / SPIKEMAX_RAY_ADDRESS
+    # / SPIKEMAX_RAY_WORKERS. Still read when set here (spikemax.am.engine.EngineSettings).
+    engine: Literal["local", "ray"] | None = None
+    ray_address: str | None = None
+    ray_workers: int | None = Field(None, ge=0)
+    # true: warm-started runs also run a cold twin (same seed, no warm start, not logged) so that
+    # `queries_saved` is measured; off by default (the twins cost about a fifth of the stage's queries).
+    measure_warm_start: bool = False
 
     @field_validator("noise", mode="before")
     @classmethod
@@ -287,23 +286,6 @@ class MaximizeParams(Section):
     def _no_repeats(cls, value: Any) -> Any:
         """Each checkpoint, generator, target, method and seed once: a repeat would run its keys twice."""
         return _check_distinct(value)
-
-    def with_tuned(self, settings: dict[str, dict[str, Any]]) -> MaximizeParams:
-        """A copy that applies these per-generator tuned settings (see `for_generator`)."""
-        out = self.model_copy()
-        out._tuned = {g: dict(s) for g, s in settings.items()}
-        return out
-
-    def tuned_settings(self, generator: str) -> dict[str, Any]:
-        """The tune study's best settings of `generator` in force ({} = none)."""
-        return dict(self._tuned.get(generator, {}))
-
-    def for_generator(self, generator: str) -> MaximizeParams:
-        """These params with `tt`'s rank and lr replaced by `generator`'s tuned ones (self when none)."""
-        s = self._tuned.get(generator)
-        if not s:
-            return self
-        return self.model_copy(update={"tt": self.tt.model_copy(update={"rank": int(s["rank"]), "lr": float(s["lr"])})})
 
 
 class AnalyzeParams(Section):

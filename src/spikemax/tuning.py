@@ -88,7 +88,7 @@ def study_name(params: Params, epoch: int, generator: str) -> str:
 
 
 def _prior_generators() -> tuple[str, ...]:
-    from spikemax.am.plan import PRIOR_GENERATORS
+    from spikemax.am.policy import PRIOR_GENERATORS
 
     return PRIOR_GENERATORS
 
@@ -113,15 +113,6 @@ def read_tuned(path: Path, generators: list[str] | None = None) -> dict[str, dic
         if s.get("best_grid_n") is not None:
             out[g]["grid_n"] = int(s["best_grid_n"])
     return out
-
-
-def tuned_grid(grid: Any, m: Any, generator: str, method: str) -> Any:
-    """The grid a maximize run searches: SN-GAN at the tuned resolution where tuned settings apply
-    (`maximize.tuned`, a method that runs TT), else `grid` itself."""
-    from spikemax.am.plan import runs_tt
-
-    n = m.tuned_settings(generator).get("grid_n") if runs_tt(method, generator) else None
-    return grid if n is None or n == grid.n else with_resolution(grid, n)
 
 
 def pick_panel(
@@ -261,8 +252,9 @@ def make_objective(
     import torch
 
     from spikemax.am.loop import run_am_group
-    from spikemax.am.plan import PRIOR_GENERATORS
-    from spikemax.am.runs import dataset_stats, fit_grid_prior
+    from spikemax.am.measures import dataset_stats
+    from spikemax.am.policy import PRIOR_GENERATORS
+    from spikemax.am.prior import fit_grid_prior
     from spikemax.data import Prepared
     from spikemax.devices import resolve
     from spikemax.generators import checkpoint_path, load_generator

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from spikemax import SpikemaxError, querylog, tracking
-from spikemax.am.plan import plan, population_key
-from spikemax.am.runs import AMRuns
+from spikemax.am import group as am_group
+from spikemax.am.group import Context
+from spikemax.am.plan import plan
 from spikemax.stages.maximize import run as run_stage
 from tests.support.maximize import am_runs, project_copy
 
@@ -42,11 +43,11 @@ POP = {
 def _record_tells(monkeypatch) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """Patch the stage's optimizers to record every tell, by run key."""
     told: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    real = AMRuns.make_optimizer
+    real = Context.optimizer
 
-    def make(self, op, grid):
-        opt = real(self, op, grid)
-        key = getattr(op, "combo", op).key
+    def make(self, spec, grid, warm_from):
+        opt = real(self, spec, grid, warm_from)
+        key = spec.key
         inner = opt.tell
         told[key] = []
 
@@ -57,12 +58,12 @@ def _record_tells(monkeypatch) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]
         opt.tell = tell  # type: ignore[method-assign]
         return opt
 
-    monkeypatch.setattr(AMRuns, "make_optimizer", make)
+    monkeypatch.setattr(Context, "optimizer", make)
     return told
 
 
 def _pop_dir(paths, pl) -> Path:
-    return paths.results / "am" / "populations" / population_key(pl.combos[0])
+    return paths.results / "am" / "populations" / pl.runs[0].population
 
 
 def test_population_routes_each_column_to_its_optimizer_and_logs_one_shared_table(tmp_path, models, monkeypatch):
@@ -70,7 +71,7 @@ def test_population_routes_each_column_to_its_optimizer_and_logs_one_shared_tabl
     pl = plan(params, paths)
     told = _record_tells(monkeypatch)
     metrics = run_stage(params, paths)
-    m, budget = len(pl.combos), POP["budget"]
+    m, budget = len(pl.runs), POP["budget"]
     assert metrics["n_runs"] == m == 3 and metrics["n_failed"] == 0
     # Budget counts presentations of the shared set: B in all, not m * B.
     assert metrics["queries_run"] == budget
@@ -80,7 +81,7 @@ def test_population_routes_each_column_to_its_optimizer_and_logs_one_shared_tabl
     meta = json.loads((pop_dir / "population.json").read_text())
     assert list(table.columns) == list(querylog.POPULATION_COLUMNS)
     assert table["query"].tolist() == list(range(budget)) and table["batch"].max() == 2
-    assert meta["targets"] == [c.target.name for c in pl.combos] and meta["run_keys"] == [c.key for c in pl.combos]
+    assert meta["targets"] == [c.target.name for c in pl.runs] and meta["run_keys"] == [c.key for c in pl.runs]
     # Round robin: every neuron proposed its share of every batch (16 = 6 + 5 + 5, 8 = 3 + 3 + 2).
     owners = np.bincount(table["owner"], minlength=m)
     assert owners.sum() == budget and owners.max() - owners.min() <= 1
@@ -90,7 +91,7 @@ def test_population_routes_each_column_to_its_optimizer_and_logs_one_shared_tabl
 
     client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
     df = pd.read_csv(paths.results / "am" / "summary.csv").set_index("run_key")
-    for j, c in enumerate(pl.combos):
+    for j, c in enumerate(pl.runs):
         # Optimizer j was told exactly column j of every presentation, in presentation order.
         tI = np.concatenate([t[0] for t in told[c.key]])
         ty = np.concatenate([t[1] for t in told[c.key]])
@@ -131,37 +132,37 @@ def test_population_changes_the_config_hash():
 def test_population_resume_redoes_the_group_and_skips_finished_neurons(tmp_path, models, monkeypatch):
     params, paths = project_copy(tmp_path / "p", models, POP)
     pl = plan(params, paths)
-    real_finish = AMRuns.finish_run
+    real_finish = am_group.finish_run
     calls = []
 
-    def flaky_finish(self, op, *args, **kwargs):
-        calls.append(op.combo.key)
+    def flaky_finish(ctx, op, *args, **kwargs):
+        calls.append(op.spec.key)
         if len(calls) == 2:
             raise RuntimeError("disk full")
-        return real_finish(self, op, *args, **kwargs)
+        return real_finish(ctx, op, *args, **kwargs)
 
-    monkeypatch.setattr(AMRuns, "finish_run", flaky_finish)
+    monkeypatch.setattr(am_group, "finish_run", flaky_finish)
     with pytest.raises(SpikemaxError, match="disk full"):
         run_stage(params, paths)
-    monkeypatch.setattr(AMRuns, "finish_run", real_finish)
+    monkeypatch.setattr(am_group, "finish_run", real_finish)
     first = [r for r in am_runs(paths.root) if r.info.status == "FINISHED" and tracking.RUN_KEY_TAG in r.data.tags]
-    assert [r.data.tags[tracking.RUN_KEY_TAG] for r in first] == [pl.combos[0].key]
+    assert [r.data.tags[tracking.RUN_KEY_TAG] for r in first] == [pl.runs[0].key]
     done_id = first[0].info.run_id
-    before = querylog.read_queries(paths.results / "am" / pl.combos[0].run_dir)
+    before = querylog.read_queries(paths.results / "am" / pl.runs[0].run_dir)
 
     told = _record_tells(monkeypatch)
     metrics = run_stage(params, paths)
     assert metrics["n_runs"] == 3 and metrics["n_failed"] == 0 and metrics["queries_run"] == POP["budget"]
     nested = [r for r in am_runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
     finished = {r.data.tags[tracking.RUN_KEY_TAG]: r.info.run_id for r in nested if r.info.status == "FINISHED"}
-    assert set(finished) == {c.key for c in pl.combos} and finished[pl.combos[0].key] == done_id
+    assert set(finished) == {c.key for c in pl.runs} and finished[pl.runs[0].key] == done_id
     assert sorted(r.info.status for r in nested) == ["FAILED", "FAILED", "FINISHED", "FINISHED", "FINISHED"]
     # The finished neuron re-proposed but was not logged again; the set presented is the planned one.
-    assert set(told) == {c.key for c in pl.combos}
+    assert set(told) == {c.key for c in pl.runs}
     table = querylog.read_queries(_pop_dir(paths, pl))
     assert len(table) == POP["budget"]
     pd.testing.assert_frame_equal(
         before.drop(columns="elapsed_s"), querylog.neuron_queries(table, 0).drop(columns="elapsed_s")
     )
     meta = json.loads((_pop_dir(paths, pl) / "population.json").read_text())
-    assert meta["run_ids"] == [finished[c.key] for c in pl.combos]
+    assert meta["run_ids"] == [finished[c.key] for c in pl.runs]

@@ -59,7 +59,7 @@ def test_stage_records_resolved_cma_and_the_prior_in_mlflow(
 
 
 def test_queries_to_level_uses_the_better_best_of_both_runs():
-    from spikemax.am.runs import queries_to_level
+    from spikemax.am.summary import queries_to_level
 
     warm, cold = np.array([0.0, 9.6, 10.0]), np.array([1.0, 2.0, 5.0, 9.0])
     assert queries_to_level(warm, cold) == 2  # 9.6 >= 0.95 * 10
@@ -68,7 +68,7 @@ def test_queries_to_level_uses_the_better_best_of_both_runs():
 
 
 def test_runs_tt_follows_method_auto_per_grid():
-    from spikemax.am.plan import runs_tt
+    from spikemax.am.policy import runs_tt
 
     assert runs_tt("tt", "sngan") and runs_tt("tt", "vqvae")
     assert runs_tt("auto", "vqvae") and not runs_tt("auto", "sngan")  # auto: TT on codebooks, CMA-ES on quantiles
@@ -79,7 +79,7 @@ def test_runs_tt_follows_method_auto_per_grid():
 def test_queries_saved_is_measured_against_a_cold_run_of_the_same_neuron(
     tmp_path, project, snn_checkpoints, generator_checkpoints, method
 ):
-    from spikemax.am.runs import queries_to_level
+    from spikemax.am.summary import queries_to_level
 
     small = {
         "epochs": [0, -1],
@@ -93,7 +93,9 @@ def test_queries_saved_is_measured_against_a_cold_run_of_the_same_neuron(
     }
     out = {}
     for warm in (True, False):
-        params, paths = project_copy(tmp_path / f"w{warm}", project, {**small, "warm_start": warm})
+        params, paths = project_copy(
+            tmp_path / f"w{warm}", project, {**small, "warm_start": warm, "measure_warm_start": True}
+        )
         run_stage(params, paths)
         df = pd.read_csv(paths.results / "am" / "summary.csv")
         out[warm] = (paths.results / "am", df[df.epoch == df.epoch.max()].set_index("target"))
@@ -168,16 +170,15 @@ def test_tuned_settings_change_only_the_keys_of_runs_that_run_tt(project, snn_ch
         }
     )
     tuned = {"sngan": {"study": "s", "rank": 3, "lr": 0.05, "grid_n": 8}, "vqvae": {"study": "v", "rank": 2, "lr": 0.1}}
-    with_tuned = base.model_copy(update={"maximize": base.maximize.with_tuned(tuned)})
-    before = {(c.generator, c.method): c.key for c in plan(base, paths).combos}
-    after = {(c.generator, c.method): c.key for c in plan(with_tuned, paths).combos}
+    before = {(r.generator, r.method): r.key for r in plan(base, paths).runs}
+    after = {(r.generator, r.method): r.key for r in plan(base, paths, tuned).runs}
     changed = {k for k in before if before[k] != after[k]}
     assert changed == {("sngan", "tt"), ("vqvae", "tt"), ("vqvae", "auto")}
 
 
 def test_method_auto_resolves_per_grid():
+    from spikemax.am.policy import METHOD_AUTO
     from spikemax.optim import make_optimizer
-    from spikemax.optim.tt import METHOD_AUTO
 
     m = P.validate({"maximize": {"methods": ["auto"]}}).maximize
     assert options_for("auto", m, True) == {"resolved": METHOD_AUTO[True]}
@@ -193,7 +194,7 @@ def test_method_auto_resolves_per_grid():
 def test_stage_records_the_method_auto_resolved_per_generator(
     tmp_path, project, snn_checkpoints, generator_checkpoints
 ):
-    from spikemax.optim.tt import METHOD_AUTO
+    from spikemax.am.policy import METHOD_AUTO
 
     small = {
         "epochs": [-1],

@@ -70,7 +70,7 @@ def test_trials_score_the_median_am_gain_maximize_reports(tune_project, monkeypa
     import optuna
 
     from spikemax.am.loop import run_am_group
-    from spikemax.am.runs import dataset_stats
+    from spikemax.am.measures import dataset_stats
     from spikemax.data import Prepared
     from spikemax.neurons import make_responder, parse_target
     from spikemax.optim import make_optimizer, options_for

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from spikemax.am.engine import EngineSettings
 from spikemax.querylog import read_queries
 from spikemax.stages.maximize import run as run_stage
 from tests.support.maximize import ENGINE_SMALL as SMALL
@@ -16,9 +17,10 @@ pytestmark = pytest.mark.usefixtures("own_store")
 @pytest.mark.slow
 def test_ray_engine_equals_in_process(tmp_path, project, snn_checkpoints, generator_checkpoints, ray_local):
     local = project_copy(tmp_path / "local", project, SMALL)
-    remote = project_copy(tmp_path / "ray", project, {**SMALL, "engine": "ray", "ray_address": ray_local})
+    remote = project_copy(tmp_path / "ray", project, SMALL)
+    on_ray = EngineSettings("ray", ray_local)  # engine settings are not params: no rerun when they change
     m_local = run_stage(*local)
-    m_ray = run_stage(*remote)
+    m_ray = run_stage(*remote, on_ray)
     assert m_ray["n_runs"] == m_local["n_runs"] == 2 * 3 * 2 * 2 and m_ray["n_failed"] == 0
     assert m_ray["queries_run"] == m_local["queries_run"]
     assert_same_results(local[1], remote[1])
@@ -28,7 +30,7 @@ def test_ray_engine_equals_in_process(tmp_path, project, snn_checkpoints, genera
     assert len(nested) == m_ray["n_runs"] and {r.info.status for r in nested} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in nested} == parent
     # Rerun: nothing left to do, nothing redone.
-    assert run_stage(*remote)["queries_run"] == 0
+    assert run_stage(*remote, on_ray)["queries_run"] == 0
 
 
 @pytest.mark.slow
@@ -38,8 +40,8 @@ def test_a_retried_group_keeps_finished_runs_and_redoes_the_lost_one(
     from mlflow import MlflowClient
 
     from spikemax import tracking
+    from spikemax.am.group import group_on_worker, stats_on_worker
     from spikemax.am.plan import plan
-    from spikemax.stages.maximize import remote_group, remote_stats
 
     params, paths = project_copy(
         tmp_path / "p", project, {**SMALL, "epochs": [-1], "methods": ["random"], "seeds": [0]}
@@ -57,8 +59,10 @@ def test_a_retried_group_keeps_finished_runs_and_redoes_the_lost_one(
     zombie = client.create_run(eid, tags={tracking.RUN_KEY_TAG: lost.run_key}).info.run_id
     parent = client.create_run(eid).info.run_id
     pl = plan(params, paths)
-    stats = remote_stats(params, paths, pl, int(lost.epoch))
-    res = remote_group(params, paths, pl, list(before.run_key), parent, stats, uri)  # Ray's retry of the group
+    (index,) = [i for i, g in enumerate(pl.groups) if lost.run_key in {r.key for r in g.runs}]
+    assert {r.key for r in pl.groups[index].runs} == set(before.run_key)
+    stats = stats_on_worker(params, paths, pl.groups[index].snn_ckpt, pl.targets)
+    res = group_on_worker(params, paths, pl, index, parent, stats, uri)  # Ray's retry of the group
     assert res["failed"] == [] and res["queries"] == SMALL["budget"]  # only the lost run ran again
     assert set(res["rows"]) == set(before.run_key)
     for row in before.itertuples():

@@ -14,6 +14,7 @@ import pytest
 
 from spikemax import SpikemaxError
 from spikemax.am import engine
+from spikemax.am.engine import EngineSettings
 from spikemax.am.plan import plan
 from spikemax.stages.maximize import run as run_stage
 from spikemax.tracking import RUN_KEY_TAG
@@ -22,6 +23,7 @@ from tests.support.maximize import ENGINE_SMALL as SMALL
 from tests.support.maximize import am_runs, assert_same_results, project_copy
 
 KILL = {**SMALL, "seeds": [0]}  # one restart: the killed group and its warm-started successor
+ON_RAY = EngineSettings("ray")  # joins the fixture's cluster
 
 
 pytestmark = pytest.mark.usefixtures("own_store")
@@ -64,10 +66,10 @@ def test_a_killed_worker_is_retried_and_finished_runs_are_kept(
     tmp_path, project, snn_checkpoints, generator_checkpoints, ray_killer
 ):
     local = project_copy(tmp_path / "local", project, KILL)
-    remote = project_copy(tmp_path / "ray", project, {**KILL, "engine": "ray"})
+    remote = project_copy(tmp_path / "ray", project, KILL)
     # Epoch 0's TT group: its worker dies while finishing its second run; epoch -1's TT group waits for it.
     ray_kill.plan_kill(ray_killer, epoch=0, generator="sngan", method="tt", seed=0, after=1, once=True)
-    m_ray = run_stage(*remote)
+    m_ray = run_stage(*remote, ON_RAY)
     m_local = run_stage(*local)
     (death,) = ray_kill.deaths(ray_killer)
     assert not _alive(death["pid"])
@@ -106,15 +108,13 @@ def test_a_group_that_keeps_losing_its_worker_fails_the_stage(
     tmp_path, project, snn_checkpoints, generator_checkpoints, ray_killer, monkeypatch
 ):
     monkeypatch.setattr(engine, "MAX_RETRIES", 1)  # each attempt starts a worker: keep them few
-    params, paths = project_copy(
-        tmp_path / "p", project, {**KILL, "epochs": [-1], "methods": ["random"], "engine": "ray"}
-    )
+    params, paths = project_copy(tmp_path / "p", project, {**KILL, "epochs": [-1], "methods": ["random"]})
     (e,) = plan(params, paths).epochs
     ray_kill.plan_kill(ray_killer, epoch=e, generator="sngan", method="random", seed=0, after=0, once=False)
     with pytest.raises(
         SpikemaxError, match=rf"group e{e} sngan random s0 lost its Ray worker and 1 retries did not finish it"
     ):
-        run_stage(params, paths)
+        run_stage(params, paths, ON_RAY)
     assert len(ray_kill.deaths(ray_killer)) == 2
     runs = am_runs(paths.root)
     (parent,) = [r for r in runs if RUN_KEY_TAG not in r.data.tags]
@@ -129,4 +129,4 @@ def test_a_group_that_keeps_losing_its_worker_fails_the_stage(
     assert json.loads((paths.metrics / "am.json").read_text())["n_failed"] == 3
 
     ray_killer.unlink()  # the cluster heals: a rerun resumes and finishes the group
-    assert run_stage(params, paths)["n_runs"] == 3
+    assert run_stage(params, paths, ON_RAY)["n_runs"] == 3

@@ -1,7 +1,7 @@
 """Test-only Ray worker hook that SIGKILLs the worker running a chosen maximize group, mid-group.
 
 `install` is a Ray `worker_process_setup_hook` (it runs in every worker process the cluster starts,
-retried ones included). It wraps `AMRuns.finish_run` in that worker only: when `KILL_ENV` names a
+retried ones included). It wraps `spikemax.am.group.finish_run` in that worker only: when `KILL_ENV` names a
 plan file that exists and the finishing run belongs to the planned (epoch, generator, method, seed)
 group, the worker records what it finished and SIGKILLs itself while finishing the next run once
 `after` runs of the group have finished in this attempt (0: at its first). A `once` plan is claimed
@@ -50,17 +50,17 @@ def _claim(path: Path) -> bool:
 
 
 def install() -> None:
-    """Worker setup hook: wrap AMRuns.finish_run with the kill (no-op unless KILL_ENV is set)."""
+    """Worker setup hook: wrap spikemax.am.group.finish_run with the kill (no-op unless KILL_ENV is set)."""
     plan_path = os.environ.get(KILL_ENV)
     if not plan_path:
         return
-    from spikemax.am.runs import AMRuns
+    from spikemax.am import group as am_group
 
     path = Path(plan_path)
-    finish = AMRuns.finish_run
+    finish = am_group.finish_run
 
     def finish_then_die(self: Any, op: Any, *args: Any, **kwargs: Any) -> dict:
-        c = op.combo
+        c = op.spec
         try:
             plan = json.loads(path.read_text())
         except FileNotFoundError:  # not armed, or a `once` plan already fired
@@ -73,11 +73,11 @@ def install() -> None:
         mine = self.__dict__.setdefault("_killed_finished", {})  # this attempt's finished runs of the group
         if len(mine) < plan["after"] or (plan["once"] and not _claim(path)):
             row = finish(self, op, *args, **kwargs)
-            mine[c.key] = {"run_id": row["run_id"], "files": digests(self.am_dir / c.run_dir)}
+            mine[c.key] = {"run_id": row["run_id"], "files": digests(self.files.am_dir / c.run_dir)}
             return row
         with open(path.with_suffix(".deaths"), "a") as f:
             f.write(json.dumps({"pid": os.getpid(), "dying": c.key, "finished": mine}) + "\n")
         os.kill(os.getpid(), signal.SIGKILL)
         raise AssertionError("unreachable: SIGKILL")
 
-    AMRuns.finish_run = finish_then_die  # type: ignore[method-assign]
+    am_group.finish_run = finish_then_die

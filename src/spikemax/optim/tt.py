@@ -43,12 +43,6 @@ def resolve_ordinal(ordinal: float | str, ordered: bool) -> float:
 CMA_AUTO = {True: 0.5, False: 0.0}
 
 
-# `method: auto`, by whether the grid is ordered: on SN-GAN's quantile grid CMA-ES matched or beat
-# every TT variant tried at 256-1,024 queries (bench_am, seeds 0 and 1), while on codebooks TT (with
-# the data prior) beats CMA-ES by far.
-METHOD_AUTO = {True: "cma", False: "tt"}
-
-
 def resolve_cma(cma: float | str, ordered: bool) -> float:
     """TT's `cma` share for a grid: "auto" -> CMA_AUTO[ordered], a number in [0, 1] as given."""
     if isinstance(cma, str) and cma == "auto":

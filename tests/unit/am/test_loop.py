@@ -182,7 +182,7 @@ def test_options_for_resolves_tt_ordinal_for_the_grid(monkeypatch):
     # Without a grid (the config hash) "auto" stays, so an explicit value gets its own run key.
     assert options_for("tt", m)["ordinal"] == "auto"
     explicit = P.validate({"maximize": {"tt": {"ordinal": 1.0}}}).maximize
-    monkeypatch.setattr("spikemax.am.plan._digest", lambda path: "x")
+    monkeypatch.setattr("spikemax.am.plan.file_digest", lambda path: "x")
     assert _config_hash(m, "tt", "a", "b") != _config_hash(explicit, "tt", "a", "b")
     assert options_for("cma", m, True) == {}
     assert options_for("ngopt", m, True) == {"budget": m.budget}
