@@ -28,7 +28,7 @@ from spikemax.am.engine import EngineSettings
 from spikemax.am.results import STATE_ARRAYS, STATE_FIELDS, load_state
 from spikemax.am.runtime import project_lock
 from spikemax.stages.maximize import run as run_stage
-from tests.conftest import run_cli, write_params
+from tests.support.project import run_cli, write_params
 
 pytestmark = pytest.mark.usefixtures("own_store")
 

@@ -24,7 +24,7 @@ from spikemax import neurons
 from spikemax import params as params_mod
 from spikemax.generators import LatentGrid
 from spikemax.querylog import read_queries
-from tests.conftest import write_params
+from tests.support.project import write_params
 
 pytestmark = pytest.mark.usefixtures("own_store")
 
