@@ -19,6 +19,9 @@ import numpy as np
 from .base import Optimizer, check_positive_float, check_positive_int, cma_diagonal, cma_rng_options
 
 _THETA_CLIP = 30.0
+# Rescale the float64 chain products every few factors only (each rescaling is a NumPy call):
+# 8 factors of at most r e^30 cannot overflow float64.
+_RENORM_EVERY = 8
 # The model's float type: float32 halves the memory traffic of the dense passes over the cores
 # (exp, Adam, cumulative sums), which dominate at d = 4,096; its 24-bit mantissa resolves the
 # sampling probabilities and the Adam steps far below what a few hundred queries can tell apart.
@@ -87,44 +90,65 @@ def ind_qtt_to_tt(Iq: np.ndarray, q: np.ndarray) -> np.ndarray:
 def tt_cores(theta: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Non-negative cores G = exp(theta), zero on padded (masked-out) grid values."""
     G = np.exp(theta)
-    G *= mask[:, None, :, None]
+    if not mask.all():  # one n for every mode (the usual grid): nothing padded, no pass
+        G *= mask[:, None, :, None]
     return G
 
 
+def value_major(theta: Any) -> np.ndarray:
+    """theta (D, r, N, r) as MODEL_DTYPE stored value-major, i.e. as (D, N, r, r) in memory: a grid
+    point's slices G_k[:, x_k, :] are then contiguous r x r blocks, which the gradient gathers and
+    adds to; elementwise passes (exp, Adam) keep the layout."""
+    a = np.asarray(theta, dtype=MODEL_DTYPE).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(a).transpose(0, 2, 1, 3)
+
+
 def _block(d: int) -> int:
-    """Block length of the two-level chains: about sqrt(d), so both Python loops run ~sqrt(d) times."""
-    return max(1, int(np.ceil(np.sqrt(d))))
+    """Block length of the two-level chains: about sqrt(d) / 4 steps inside the blocks, and a log-depth
+    scan over the about 4 sqrt(d) blocks (~30 NumPy steps at d = 4,096 instead of 4,096)."""
+    return max(1, int(np.ceil(np.sqrt(d) / 4)))
+
+
+def _scan_products(Q: np.ndarray) -> np.ndarray:
+    """Inclusive prefix products Q_0 ... Q_j of matrices Q (..., nb, r, r), rescaled (Hillis-Steele)."""
+    nb, s = Q.shape[-3], 1
+    while s < nb:
+        Q[..., s:, :, :] = Q[..., :-s, :, :] @ Q[..., s:, :, :]
+        Q /= Q.sum(axis=(-2, -1), keepdims=True)
+        s *= 2
+    return Q
 
 
 def chain_left(M: np.ndarray) -> np.ndarray:
     """Messages V[..., k, :] proportional to 1^T M_0 ... M_{k-1} (k = 0..d) of matrices M (..., d, r, r).
 
     Every message is rescaled to sum 1 (what uses them is invariant to their scale). Computed in
-    blocks of about sqrt(d) matrices: prefix products inside all blocks at once, then the vectors
-    entering each block, so the Python loops run ~2 sqrt(d) times instead of d (the cost at d = 4,096).
+    blocks: prefix products inside all blocks at once, a log-depth scan over the block products, then
+    every message from the one entering its block; ~30 Python steps at d = 4,096 instead of d.
+    In float64, rescaled every few steps: entries are at most r e^30 per factor (theta is clipped).
     """
     *lead, d, r, _ = M.shape
+    M = np.asarray(M, dtype=np.float64)
     B = _block(d)
     nb = -(-d // B)
     if nb * B > d:  # pad with identities (they leave the products unchanged)
-        eye = np.broadcast_to(np.eye(r, dtype=M.dtype), (*lead, nb * B - d, r, r))
+        eye = np.broadcast_to(np.eye(r), (*lead, nb * B - d, r, r))
         M = np.concatenate([M, eye], axis=-3)
-    Mb = M.reshape(*lead, nb, B, r, r)
-    P = np.empty_like(Mb)  # P[..., j, i] = Mb[..., j, 0] ... Mb[..., j, i], rescaled
-    p = Mb[..., 0, :, :]
-    P[..., 0, :, :] = p / p.sum(axis=(-2, -1), keepdims=True)
+    Mb = np.moveaxis(M.reshape(*lead, nb, B, r, r), -3, 0)  # (B, ..., nb, r, r)
+    P = np.empty(Mb.shape)  # P[i, ..., j] = Mb[0, ..., j] ... Mb[i, ..., j], rescaled now and then
+    P[0] = Mb[0]
     for i in range(1, B):
-        p = P[..., i - 1, :, :] @ Mb[..., i, :, :]
-        P[..., i, :, :] = p / p.sum(axis=(-2, -1), keepdims=True)
-    C = np.empty((*lead, nb, r), dtype=M.dtype)  # the message entering block j
-    c = np.full((*lead, r), 1.0 / r, dtype=M.dtype)
-    for j in range(nb):
-        C[..., j, :] = c
-        c = (c[..., None, :] @ P[..., j, B - 1, :, :])[..., 0, :]
-        c = c / c.sum(axis=-1, keepdims=True)
-    V = (C[..., :, None, None, :] @ P)[..., 0, :].reshape(*lead, nb * B, r)[..., :d, :]
+        np.matmul(P[i - 1], Mb[i], out=P[i])
+        if i % _RENORM_EVERY == 0:
+            P[i] /= P[i].sum(axis=(-2, -1), keepdims=True)
+    Q = _scan_products(P[B - 1] / P[B - 1].sum(axis=(-2, -1), keepdims=True))  # blocks 0..j
+    C = np.empty((*lead, nb, r))  # the message entering block j: 1^T Q_{j-1}
+    C[..., 0, :] = 1.0
+    C[..., 1:, :] = Q[..., :-1, :, :].sum(axis=-2)
+    V = np.moveaxis((C[..., None, :] @ P)[..., 0, :], 0, -2)  # (..., nb, B, r)
+    V = V.reshape(*lead, nb * B, r)[..., :d, :]
     V = V / V.sum(axis=-1, keepdims=True)
-    first = np.full((*lead, 1, r), 1.0 / r, dtype=M.dtype)
+    first = np.full((*lead, 1, r), 1.0 / r)
     return np.concatenate([first, V], axis=-2)
 
 
@@ -146,43 +170,48 @@ def tt_interfaces_left(S: np.ndarray) -> np.ndarray:
 def chain_states(F: np.ndarray, a0: np.ndarray) -> np.ndarray:
     """States a (b, d+1) of the maps a_{k+1} = F[:, k, a_k] (F int (b, d, r)) from a_0 = a0 (b,).
 
-    Compositions of the maps inside blocks of about sqrt(d) steps at once, then the states entering
-    each block: ~2 sqrt(d) vectorized steps instead of d.
+    Compositions of the maps inside blocks at once, a log-depth scan over the blocks' compositions,
+    then every state from the one entering its block: ~30 vectorized steps at d = 4,096 instead of d.
     """
     b, d, r = F.shape
+    a0 = np.asarray(a0)
     B = _block(d)
     nb = -(-d // B)
     if nb * B > d:  # pad with identity maps
         F = np.concatenate([F, np.broadcast_to(np.arange(r), (b, nb * B - d, r))], axis=1)
-    Fb = F.reshape(b, nb, B, r)
-    C = np.empty_like(Fb)  # C[:, j, i] = Fb[:, j, i] o ... o Fb[:, j, 0]
-    C[:, :, 0] = Fb[:, :, 0]
+    Fi = np.ascontiguousarray(np.moveaxis(F.reshape(b, nb, B, r), 2, 0)).reshape(B, b * nb, r)
+    base = (np.arange(b * nb) * r)[:, None]
+    C = np.empty_like(Fi)  # C[i] = Fi[i] o ... o Fi[0], per (sample, block)
+    C[0] = Fi[0]
     for i in range(1, B):
-        C[:, :, i] = np.take_along_axis(Fb[:, :, i], C[:, :, i - 1], axis=-1)
+        np.take(Fi[i], base + C[i - 1], out=C[i])
+    Q, s = C[B - 1].reshape(b, nb, r).copy(), 1  # Q[:, j] = block j's map o ... o block 0's
+    while s < nb:
+        Q[:, s:] = np.take_along_axis(Q[:, s:], Q[:, :-s], axis=-1)
+        s *= 2
     entry = np.empty((b, nb), dtype=F.dtype)
-    s, rows = a0, np.arange(b)
-    for j in range(nb):
-        entry[:, j] = s
-        s = C[rows, j, B - 1, s]
-    A = np.take_along_axis(C, entry[:, :, None, None], axis=-1)[..., 0].reshape(b, nb * B)[:, :d]
+    entry[:, 0] = a0
+    entry[:, 1:] = np.take_along_axis(Q[:, :-1], a0[:, None, None], axis=-1)[..., 0]
+    A = np.take_along_axis(C, entry.reshape(1, b * nb, 1), axis=-1)[..., 0]  # (B, b * nb)
+    A = np.moveaxis(A.reshape(B, b, nb), 0, 2).reshape(b, nb * B)[:, :d]
     return np.concatenate([a0[:, None], A], axis=1)
 
 
-def tt_sample(G: np.ndarray, Z: np.ndarray, u: np.ndarray) -> np.ndarray:
+def tt_sample(G: np.ndarray, Z: np.ndarray, u: np.ndarray, S: np.ndarray | None = None) -> np.ndarray:
     """Exact samples from P ∝ TT(G) on uniforms u (b, d), one uniform per dimension.
 
     A non-negative TT is a hidden Markov chain over its bond indices a_0..a_d: the chain has the
     transitions T_k[a, a'] ∝ S_k[a, a'] z_{k+1}[a'] (S = cores summed over the grid value, z the right
     interfaces), and given it the values are independent, x_k ∝ G_k[a_k, :, a_{k+1}]. So the chain
     is drawn first (inverse CDF per step, the steps composed in blocks: `chain_states`), then every
-    x_k at once by inverse CDF of its row; the uniform of step k is reused for x_k (its position
+    x_k at once by bisection in its cumulative row; the uniform of step k is reused for x_k (its position
     inside the chosen chain interval is again uniform). The same distribution as drawing x_k given
-    x_<k left to right (d sequential steps), with O(sqrt d) Python steps.
+    x_<k left to right (d sequential steps), with O(sqrt d) Python steps. S: `core_sums(G)` if known.
     """
     d, r, N, _ = G.shape
     b = u.shape[0]
     u = np.asarray(u, dtype=np.float64)
-    S = core_sums(G)
+    S = core_sums(G) if S is None else S
     T = S * Z[1:, None, :]
     T[0] = T[0].sum(axis=0)  # the all-ones left boundary sums core 0's left bond: one start row
     cT = np.cumsum(T, axis=2, dtype=np.float64)  # (d, r, r)
@@ -197,16 +226,24 @@ def tt_sample(G: np.ndarray, Z: np.ndarray, u: np.ndarray) -> np.ndarray:
     width = cT[ks, a, a1] - lower
     v = np.divide(t[np.arange(b)[:, None], ks, a] - lower, width, out=np.zeros_like(width), where=width > 0)
     v = np.clip(v, 0.0, 1.0 - 2.0**-40)
-    G0 = G[0].sum(axis=0)  # x_0 given a_1 alone: core 0 summed over its left bond, as the chain
-    X = np.empty((b, d), dtype=np.int64)
-    step = max(1, (1 << 22) // (d * N))  # rows of b samples at a time: bounded memory at n = 512
-    for lo in range(0, b, step):
-        sl = slice(lo, lo + step)
-        rows = G[ks, a[sl], :, a1[sl]]  # (c, d, N): the row each value is drawn from
-        rows[:, 0] = G0[:, a1[sl, 0]].T
-        c = np.cumsum(rows, axis=-1, out=rows)
-        X[sl] = np.argmax(c > (v[sl] * c[:, :, -1])[:, :, None], axis=-1)
-    return X
+    # x_k by bisection in the cumulative cores over the value, laid out (d, N, r, r) (contiguous r x r
+    # blocks when G is value-major); core 0 summed over its left bond (x_0 depends on a_1 alone).
+    cG = np.array(G.transpose(0, 2, 1, 3))  # (d, N, r, r) C-ordered
+    for x in range(1, N):  # slice adds: numpy's cumsum over a middle axis loops per (k, a, a') element
+        cG[:, x] += cG[:, x - 1]
+    cG[0, :, 0, :] = cG[0].sum(axis=1)  # the chain starts in state a_0 = 0
+    flat = cG.reshape(-1)
+    base = ks * (N * r * r) + a * r + a1
+    thr = v * flat[base + (N - 1) * r * r]
+    lo = np.zeros((b, d), dtype=np.int64)
+    hi = np.full((b, d), N, dtype=np.int64)
+    for _ in range(int(np.ceil(np.log2(N + 1)))):  # the first value whose cumulative weight exceeds thr
+        active = lo < hi
+        mid = np.minimum((lo + hi) // 2, N - 1)
+        right = active & (flat[base + mid * (r * r)] <= thr)
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(active & ~right, mid, hi)
+    return np.minimum(lo, N - 1)
 
 
 def core_sums(G: np.ndarray) -> np.ndarray:
@@ -219,19 +256,22 @@ def tt_messages(Gx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return chain_left(Gx), chain_right(Gx)
 
 
-def tt_grad_loglik(G: np.ndarray, mask: np.ndarray, X: np.ndarray, w: np.ndarray, Z: np.ndarray) -> np.ndarray:
+def tt_grad_loglik(
+    G: np.ndarray, mask: np.ndarray, X: np.ndarray, w: np.ndarray, Z: np.ndarray, S: np.ndarray | None = None
+) -> np.ndarray:
     """Gradient w.r.t. theta (G = exp theta) of sum_b w_b log p(X_b), p = P / sum(P).
 
     Z holds the right interfaces of the summed cores (as `tt_interfaces_right` returns). The
     normalizer's term is one dense pass over the cores; each point's term touches only its own
     slices G_k[:, x_k, :] (added point by point: a point's slices are distinct, so no scatter-add).
     The left and right messages of the points and the left interfaces run as one chain.
+    S: `core_sums(G)` if known.
     """
     d = G.shape[0]
     m = X.shape[0]
     ks = np.arange(d)
     Gx = G[ks[None, :], :, X, :]  # (m, d, r, r)
-    S = core_sums(G)
+    S = core_sums(G) if S is None else S
     V = chain_left(np.concatenate([Gx, np.flip(Gx, axis=1).swapaxes(-1, -2), S[None]]))
     L, R, LZ = V[:m], np.flip(V[m : 2 * m], axis=1), V[2 * m]
     den = np.einsum("bkr,bkrq,bkq->bk", L[:, :d], Gx, R[:, 1:])
@@ -263,11 +303,18 @@ class Adam:
     """Adam ascent on one array (bias-corrected), state kept for warm starts; updates in place."""
 
     def __init__(
-        self, shape: tuple[int, ...], lr: float, b1: float = 0.9, b2: float = 0.999, dtype: Any = np.float64
+        self,
+        shape: tuple[int, ...],
+        lr: float,
+        b1: float = 0.9,
+        b2: float = 0.999,
+        dtype: Any = np.float64,
+        like: np.ndarray | None = None,
     ) -> None:
         self.lr, self.b1, self.b2, self.eps = lr, b1, b2, 1e-8
-        self.m = np.zeros(shape, dtype=dtype)
-        self.v = np.zeros(shape, dtype=dtype)
+        # `like`: moments with that array's dtype and memory layout (elementwise passes stay in order)
+        self.m = np.zeros(shape, dtype=dtype) if like is None else np.zeros_like(like)
+        self.v = np.zeros_like(self.m)
         self.t = 0
 
     def step(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -437,14 +484,14 @@ class TTOptimizer(Optimizer):
         self.rng = np.random.default_rng(self.seed)
         D, N, r = self.n_model.size, int(self.n_model.max()), self.rank
         self.mask = np.arange(N)[None, :] < self.n_model[:, None]
-        self.theta = (0.1 * self.rng.standard_normal((D, r, N, r))).astype(MODEL_DTYPE)
+        self.theta = value_major(0.1 * self.rng.standard_normal((D, r, N, r)))
         if prior is not None:
             self._use_prior(prior)
-        self.adam = Adam(self.theta.shape, self.lr, dtype=MODEL_DTYPE)
+        self.adam = Adam(self.theta.shape, self.lr, like=self.theta)
         self._elite_I = np.zeros((0, D), dtype=np.int64)  # model indices
         self._elite_y = np.zeros(0)
         self._queue = np.zeros((0, self.d), dtype=np.int64)  # points to ask first (warm start)
-        self._cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if init is not None:
             self._warm_start(init, init_values)
 
@@ -456,7 +503,7 @@ class TTOptimizer(Optimizer):
                 f"prior (theta {theta.shape}) does not fit this TT model (theta {self.theta.shape}, qtt={self.qtt}):"
                 " fit it with the same n and rank"
             )
-        self.theta = theta.astype(MODEL_DTYPE)
+        self.theta = value_major(theta)
         self._cache = None
 
     # -- index maps between the user's grid and the model's modes --------------------------
@@ -467,27 +514,28 @@ class TTOptimizer(Optimizer):
         return ind_qtt_to_tt(X, self.q) if self.q is not None else X
 
     # -- model -----------------------------------------------------------------------------
-    def _model(self) -> tuple[np.ndarray, np.ndarray]:
-        """Cores and right interfaces of the current model (cached until the next update)."""
+    def _model(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cores, their sums over the value and right interfaces of the current model (cached until the next update)."""
         if self._cache is None:
             G = tt_cores(self.theta, self.mask)
-            self._cache = (G, tt_interfaces_right(core_sums(G)))
+            S = core_sums(G)
+            self._cache = (G, S, tt_interfaces_right(S))
         return self._cache
 
     def _fit(self, X: np.ndarray, w: np.ndarray, steps: int) -> None:
         """Adam steps raising the weighted mean log-likelihood of model indices X."""
         w = w / w.sum()
         for _ in range(steps):
-            G, Z = self._model()
-            g = tt_grad_loglik(G, self.mask, X, w, Z)
+            G, S, Z = self._model()
+            g = tt_grad_loglik(G, self.mask, X, w, Z, S)
             self.theta = np.clip(self.adam.step(self.theta, g), -_THETA_CLIP, _THETA_CLIP, out=g)
             self._cache = None
 
     def sample(self, k: int) -> np.ndarray:
         """k points drawn from the TT model (grid indices (k, d))."""
-        G, Z = self._model()
+        G, S, Z = self._model()
         u = self.rng.random((k, G.shape[0]))
-        return self._from_model(tt_sample(G, Z, u))
+        return self._from_model(tt_sample(G, Z, u, S))
 
     def _mutate(self, k: int) -> np.ndarray:
         """k mutations of elite points: heavy-tailed number of changed coordinates, each moved
@@ -592,7 +640,7 @@ class TTOptimizer(Optimizer):
         self._queue = P[: self.elite]
         if self.init_steps and P.shape[0]:
             self._fit(self._to_model(P), np.ones(P.shape[0]), self.init_steps)
-            self.adam = Adam(self.theta.shape, self.lr, dtype=MODEL_DTYPE)
+            self.adam = Adam(self.theta.shape, self.lr, like=self.theta)
 
     def _load_state(self, state: dict) -> None:
         if state.get("method") != "tt" or "theta" not in state:
@@ -603,7 +651,7 @@ class TTOptimizer(Optimizer):
                 f"init state is for d={state.get('d')}, n, rank={state.get('rank')}, qtt={state.get('qtt')};"
                 f" it does not fit d={self.d}, rank={self.rank}, qtt={self.qtt}"
             )
-        self.theta = theta.astype(MODEL_DTYPE)
+        self.theta = value_major(theta)
         self._cache = None
         # Old responses may be stale (the neuron changed): re-measure the old elite first.
         elite = np.asarray(state.get("elite_I", np.zeros((0, self.d))), dtype=np.int64).reshape(-1, self.d)
