@@ -84,3 +84,16 @@ def test_am_merge_scores_separate_runs_as_one(tmp_path):
     (tmp_path / "z.json").write_text(json.dumps(_am_result(y, targets=("b:0", "a:1", "a:2"))))
     with pytest.raises(SystemExit, match="other neurons"):
         bench_am.merge([str(tmp_path / "x.json"), str(tmp_path / "z.json")])
+
+
+def test_scale_table_has_every_method_and_cell_next_to_the_readout(tmp_path):
+    out = tmp_path / "scale.json"
+    argv = ["--scale", "--dims", "16,40", "--sizes", "4", "--methods", "random,cma,tt:cma=0.5", "--steps", "1"]
+    assert bench.main([*argv, "--batch", "32", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["readout"]["ms_per_image"] > 0 and result["readout"]["batch"] == 32
+    cells = {(r["method"], r["d"], r["n"]) for r in result["rows"]}
+    assert cells == {(m, d, 4) for m in ("random", "cma", "tt:cma=0.5") for d in (16, 40)}
+    for r in result["rows"]:
+        assert r["batch"] == 32 and r["ms_per_query"] > 0
+        assert r["readout_ratio"] == pytest.approx(r["ms_per_query"] / result["readout"]["ms_per_image"])
