@@ -17,6 +17,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ BLOCK = re.compile(r"(<!-- gen:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /gen -
 def load(name: str) -> dict[str, Any]:
     """One docs/data JSON file."""
     return json.loads((DATA / f"{name}.json").read_text())
+
+
+def prose(text: str) -> str:
+    """A paragraph wrapped at 100 columns, as the docs are written."""
+    return textwrap.fill(text, 100, break_long_words=False, break_on_hyphens=False) + "\n"
 
 
 def md_table(head: list[str], rows: list[list[Any]]) -> str:
@@ -66,7 +72,9 @@ def bench_am() -> str:
         + [" / ".join(score(v) for v in r["scores"][m]) if m in r["scores"] else "–" for m in methods]
         for r in d["rows"]
     ]
-    return f"{d['conditions']} Cells: {' / '.join(map(str, d['budgets']))} queries.\n\n" + md_table(head, rows)
+    return (
+        prose(f"{d['conditions']} Cells: {' / '.join(map(str, d['budgets']))} queries.") + "\n" + md_table(head, rows)
+    )
 
 
 def bench_optimizers() -> str:
@@ -78,11 +86,13 @@ def bench_optimizers() -> str:
     fn_head = ["function", *(f"{m}, {b:,}" for m in d["per_function"]["methods"] for b in budgets)]
     fn_rows = [[f, *(score(v) for m in row for v in row[m])] for f, row in d["per_function"]["rows"].items()]
     return (
-        f"{d['conditions']}\n\n" + md_table(head, rows) + "\nOn the smooth functions, TT against CMA-ES:\n\n"
+        prose(d["conditions"]) + "\n" + md_table(head, rows) + "\nOn the smooth functions, TT against CMA-ES:\n\n"
         f"{md_table(fn_head, fn_rows)}\n"
-        f"Optimizer time per query (`--overhead`, {d['overhead']['setting']}): "
-        + ", ".join(f"{m} {ms} ms" for m, ms in d["overhead"]["ms_per_query"].items())
-        + ".\n"
+        + prose(
+            f"Optimizer time per query (`--overhead`, {d['overhead']['setting']}): "
+            + ", ".join(f"{m} {ms} ms" for m, ms in d["overhead"]["ms_per_query"].items())
+            + "."
+        )
     )
 
 
@@ -93,8 +103,12 @@ def bench_rig() -> str:
     rows = [[p, *(f"{v[0]} / {v[1]}" for v in d["ms"][p].values())] for p in d["ms"]]
     k = d["kills"]
     return (
-        f"{d['conditions']}\n\n{md_table(head, rows)}\n{k['cycles']} SIGKILL and restart cycles at random moments: "
-        f"{k['lost']} responses lost, {k['double_counted']} counted twice.\n"
+        prose(d["conditions"])
+        + f"\n{md_table(head, rows)}\n"
+        + prose(
+            f"{k['cycles']} SIGKILL and restart cycles at random moments: "
+            f"{k['lost']} responses lost, {k['double_counted']} counted twice."
+        )
     )
 
 
@@ -102,7 +116,7 @@ def bench_logging() -> str:
     """Share of the AM loop spent logging, per design (benchmarks/bench_scale.py and bench_am.py)."""
     d = load("bench_logging")
     rows = [[r["design"], r["share"], r["ms_per_query"]] for r in d["rows"]]
-    return f"{d['conditions']}\n\n" + md_table(["design", "logging share of the AM loop", "ms per query"], rows)
+    return prose(d["conditions"]) + "\n" + md_table(["design", "logging share of the AM loop", "ms per query"], rows)
 
 
 def default_run() -> str:
@@ -145,10 +159,10 @@ def setup() -> str:
     """How long the two commands took and how much disk they used (docs/data/setup.json)."""
     d = load("setup")
     r, t = d["repro"], d["test"]
-    return (
+    return prose(
         f"`make repro` took {duration(r['seconds'])} ({r['machine']}) and leaves {r['project_gb']:.1f} GB of "
         f"outputs next to a {r['venv_gb']:.1f} GB `.venv`; a second `make repro` finds every stage up to date. "
-        f"`make test` ran {t['tests']} tests in {duration(t['seconds'])}.\n"
+        f"`make test` ran {t['tests']} tests in {duration(t['seconds'])}."
     )
 
 
