@@ -299,8 +299,10 @@ def fig_convergence(curves: pd.DataFrame, path: Path) -> Any:
             wide = c.pivot(index="query", columns="run_key", values="gain").ffill()
             q = wide.index.to_numpy()
             med = wide.median(axis=1)
-            ax.plot(q, med, label=f"{method} ({wide.shape[1]} runs)")
-            ax.fill_between(q, wide.quantile(0.25, axis=1), wide.quantile(0.75, axis=1), alpha=0.2)
+            (line,) = ax.plot(q, med, label=f"{method} ({wide.shape[1]} runs)")
+            ax.fill_between(
+                q, wide.quantile(0.25, axis=1), wide.quantile(0.75, axis=1), color=line.get_color(), alpha=0.2, lw=0
+            )
         ax.set(xlabel="queries", ylabel="best so far / dataset max", title=f"convergence: {gen}")
         _log_axis(ax)
         ax.legend()
