@@ -130,12 +130,14 @@ def default_run() -> str:
             f"after {snn['epochs']} epochs ({snn['checkpoints']} checkpoints)",
         ],
     ]
+    other = am.get("other_machines", {})
     for gen, g in am["last_checkpoint"].items():
+        also = f" ({pct(other[gen]['frac_above_dataset'])} on another machine)" if gen in other else ""
         rows.append(
             [
                 f"AM on {gen}, trained net",
                 f"median AM gain {g['median_am_gain']:.2f}; "
-                f"{pct(g['frac_above_dataset'])} of runs above the best test image",
+                f"{pct(g['frac_above_dataset'])} of runs above the best test image{also}",
             ]
         )
     rows += [
@@ -159,10 +161,11 @@ def setup() -> str:
     """How long the two commands took and how much disk they used (docs/data/setup.json)."""
     d = load("setup")
     r, t = d["repro"], d["test"]
+    outputs = f"{r['project_gb']:.1f} GB of outputs next to " if r.get("project_gb") is not None else ""
     return prose(
-        f"`make repro` took {duration(r['seconds'])} ({r['machine']}) and leaves {r['project_gb']:.1f} GB of "
-        f"outputs next to a {r['venv_gb']:.1f} GB `.venv`; a second `make repro` finds every stage up to date. "
-        f"`make test` ran {t['tests']} tests in {duration(t['seconds'])}."
+        f"`make repro` took {duration(r['seconds'])} ({r['machine']}); it leaves {outputs}a "
+        f"{r['venv_gb']:.1f} GB `.venv` (PyTorch with its CUDA libraries), and a second `make repro` finds "
+        f"every stage up to date. `make test` ran {t['tests']} tests in {duration(t['seconds'])}."
     )
 
 
