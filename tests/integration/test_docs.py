@@ -456,3 +456,18 @@ def test_readme_fits_a_newcomer():
     for p in DOCS:
         for link in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", p.read_text()):
             assert (p.parent / link).is_file(), f"{p.name}: broken link {link}"
+
+
+def test_python_blocks_run():
+    """The library snippets run as written, given a response array and a black-box function."""
+    import numpy as np
+
+    snippets = all_blocks("python")
+    assert snippets
+    for b in snippets:
+        scope = {
+            "responses": np.random.default_rng(0).random(32),
+            "f": lambda idx: -((np.asarray(idx) - 8.0) ** 2).sum(axis=1),  # planted maximum at index 8
+        }
+        exec(compile(b.text, f"{b.doc}:{b.line}", "exec"), scope)  # the docs' own code
+        assert "opt" in scope, f"{b.doc}:{b.line}: no optimizer made"
