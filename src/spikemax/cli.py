@@ -58,7 +58,7 @@ def prepare(params: Path = ParamsOpt) -> None:
 @app.command("train-snn")
 @one_line_errors
 def train_snn(params: Path = ParamsOpt) -> None:
-    """Train the ConvSNN, saving a checkpoint for epoch 0 and after every epoch."""
+    """Train the ConvSNN, saving checkpoints on the snn.checkpoints schedule (untrained, early steps, epoch ends)."""
     p, paths = _load(params)
     from spikemax.stages.train_snn import run
 
@@ -147,7 +147,7 @@ def tune(
     params: Path = ParamsOpt,
     workers: int = typer.Option(None, min=1, help="worker processes sharing the study (default: tune.workers)"),
 ) -> None:
-    """Tune TT rank and grid resolution with Optuna."""
+    """Tune the TT maximizer (rank, lr; grid resolution on SN-GAN) with Optuna, one study per generator."""
     p, paths = _load(params)
     from spikemax.stages.tune import run
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import html as html_lib
 import io
 import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -212,13 +214,93 @@ def test_report_has_every_section_and_image(tiny_run):
     assert "not produced" not in page
     ids = json.loads((tiny_run.results / "analysis" / "mlflow.json").read_text())
     assert f"#/experiments/{ids['experiment_id']}/runs/{ids['run_id']}" in page
-    assert "mlflow ui --backend-store-uri sqlite:///" in page
+    # the store as the UI takes it from the project folder; no machine's checkout path anywhere
+    assert "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in page
+    assert str(tiny_run.root.resolve()) not in page and str(tiny_run.root) not in page
+    # two methods ran: they are compared
+    assert "win rate" in page and "Only one method ran" not in page
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package `chromium`)")
-def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
-    shot = tmp_path / "shot.png"
-    cmd = [
+def test_one_method_is_not_compared(tmp_path):
+    """With a single method there is no comparison (a win rate of 1 says nothing): the page says so."""
+    methods = pd.DataFrame(
+        {"generator": ["sngan", "vqvae"], "method": ["auto", "auto"], "runs": [4, 4], "win_rate": [1.0, 1.0]}
+    )
+    methods.to_csv(tmp_path / "methods.csv", index=False)
+    runs = pd.DataFrame({"generator": ["sngan", "vqvae"], "resolved_method": ["cma", "tt"]})
+    html = R.section_methods(tmp_path / "figures", tmp_path, runs)
+    assert "Only one method ran" in html and "sngan: cma" in html and "vqvae: tt" in html
+    assert "win_rate" not in html and "win rate" not in html
+
+
+def test_mlflow_links_follow_the_tracking_uri(tmp_path):
+    """Links point at the UI that shows the store actually used: a server's own, or the local `mlflow ui`."""
+    assert R.ui_base("http://mlflow.lab:8080/") == "http://mlflow.lab:8080"
+    assert R.ui_base(f"sqlite:///{tmp_path}/mlruns/mlflow.db") == R.LOCAL_UI
+    assert R.store_arg(f"sqlite:///{tmp_path}/mlruns/mlflow.db", tmp_path) == "sqlite:///mlruns/mlflow.db"
+    assert R.store_arg("sqlite:////elsewhere/m.db", tmp_path) == "sqlite:////elsewhere/m.db"
+    ids = {"run_id": "r1", "experiment_id": "7", "tracking_uri": "http://mlflow.lab:8080", "experiment": "am"}
+    page = R.section_mlflow(ids, pd.DataFrame({"run_id": ["a1"], "epoch": [0]}), tmp_path)
+    assert 'href="http://mlflow.lab:8080/#/experiments/7/runs/a1"' in page
+    assert ":5000" not in page
+
+
+def test_wide_tables_are_split_and_intervals_merged():
+    """A frame wider than the column becomes several tables, each keyed by the first column."""
+    wide = pd.DataFrame({"layer": ["lif1", "out"], **{f"number_{i}": [0.123456, 1.5] for i in range(40)}})
+    html = R.table(wide)
+    assert html.count("<table>") > 1 and html.count("<th>layer</th>") == html.count("<table>")
+    assert all(f"<th>number_{i}</th>" in html for i in range(40))
+    merged = R.with_intervals(pd.DataFrame({"x": [0.5], "x_lo": [0.4], "x_hi": [0.6], "x_p": [0.01]}))
+    assert list(merged.columns) == ["x"] and merged["x"][0] == "0.5 [0.4, 0.6] (p = 0.01)"
+
+
+# Injected into a copy of the page: once it has loaded, open every <details> and record every element
+# whose scroll width exceeds the body's column, and every image shown smaller than its own pixels.
+LAYOUT_JS = """<script>
+window.addEventListener('load', () => {
+  document.querySelectorAll('details').forEach(d => { d.open = true; });
+  const b = document.body, cs = getComputedStyle(b);
+  const col = b.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+  const wide = [], scaled = [];
+  let n = 0;
+  for (const el of b.querySelectorAll('*')) {
+    if (el.tagName === 'SCRIPT') continue;
+    n += 1;
+    const name = el.tagName + (el.id ? '#' + el.id : '') + (el.alt ? '[' + el.alt + ']' : '');
+    if (el.scrollWidth > col + 1) wide.push(name + ' ' + el.scrollWidth);
+    if (el.tagName === 'IMG' && el.naturalWidth > el.clientWidth + 1) scaled.push(name + ' ' + el.naturalWidth);
+  }
+  b.setAttribute('data-layout', JSON.stringify({col, n, wide: wide.slice(0, 20), scaled}));
+});
+</script>"""
+
+
+def layout_problems(page: Path, tmp: Path, width: int = 1400) -> dict:
+    """Load a copy of the page in headless Chromium at `width` px and return what LAYOUT_JS found."""
+    copy = tmp / "layout.html"
+    copy.write_text(page.read_text().replace("</body>", LAYOUT_JS + "</body>"))
+    proc = subprocess.run(
+        [
+            *chromium_flags(tmp),
+            "--dump-dom",
+            "--virtual-time-budget=20000",
+            f"--window-size={width},3000",
+            copy.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    found = re.search(r"data-layout=\"([^\"]*)\"", proc.stdout)
+    assert found, proc.stderr[-2000:]
+    return json.loads(html_lib.unescape(found[1]))
+
+
+def chromium_flags(tmp: Path) -> list[str]:
+    """Headless Chromium without network, sync or a shared profile."""
+    assert CHROMIUM
+    return [
         CHROMIUM,
         "--headless",
         "--no-sandbox",
@@ -228,7 +310,24 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--user-data-dir={tmp / 'profile'}",
+    ]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package `chromium`)")
+def test_report_reads_at_one_to_one_in_chromium(tiny_run, tmp_path):
+    """No element of the page (all <details> open) is wider than the column, and no figure is shown
+    smaller than its own pixels (labels are drawn at >= 10 px: tests/unit/test_figures_layout.py)."""
+    got = layout_problems(tiny_run.reports / "index.html", tmp_path)
+    assert got["n"] > 100 and 1000 <= got["col"] <= 1200, got
+    assert got["wide"] == [] and got["scaled"] == [], got
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package `chromium`)")
+def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    shot = tmp_path / "shot.png"
+    cmd = [
+        *chromium_flags(tmp_path),
         f"--screenshot={shot}",
         "--window-size=1280,2000",
         (tiny_run.reports / "index.html").resolve().as_uri(),
