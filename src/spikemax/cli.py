@@ -152,12 +152,15 @@ def serve(
         None, envvar="SPIKEMAX_TOKEN", help="bearer token every route but /health requires", show_default=False
     ),
     state: Path = typer.Option(None, help="session store folder (default: results/rig)"),
+    forget_lost: bool = typer.Option(
+        False, help="start although MLflow has open sessions the journal lacks (their runs are marked FAILED)"
+    ),
 ) -> None:
     """Serve closed-loop sessions over HTTP for rigs (living neurons); sessions survive restarts."""
     p, paths = _load(params)
     from spikemax.rig.app import serve as run
 
-    run(p, paths, host=host, port=port, token=token, state_dir=state)
+    run(p, paths, host=host, port=port, token=token, state_dir=state, forget_lost=forget_lost)
 
 
 @app.command("rig-files")
@@ -178,9 +181,10 @@ def rig_files(
     p, paths = _load(params)
     from pydantic import ValidationError
 
+    from spikemax.rig.errors import RigError
     from spikemax.rig.files import run_files
     from spikemax.rig.models import SessionCreate
-    from spikemax.rig.sessions import RigError, SessionManager
+    from spikemax.rig.sessions import SessionManager
 
     fields = {"generator": generator, "method": method, "budget": budget, "seed": seed, "batch": batch}
     try:
