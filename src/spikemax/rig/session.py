@@ -220,7 +220,7 @@ class Session:
 
     def best_of(self, channel: int) -> Best | None:
         """The session's best on `channel`: the noise-aware optimizer's best estimated point, else the best draw."""
-        opt = self.driver.estimated(channel)
+        opt = None if self.driver is None else self.driver.estimated(channel)  # None: broken before replay
         st = None if opt is None else opt.best_stats
         if st is None:
             return self.best_draw(channel)
