@@ -169,12 +169,16 @@ def rig_files(
     folder: Path = typer.Argument(..., help="folder shared with the rig (blocks of PNGs in, responses files back)"),
     params: Path = ParamsOpt,
     generator: str = typer.Option(None, help="generator (default: maximize.generators[0])"),
-    method: str = typer.Option(None, help="optimizer (default: maximize.methods[0])"),
+    method: str = typer.Option(
+        None, help="optimizer: auto | tt | random | cma | ngopt | protes (default: maximize.methods[0])"
+    ),
     budget: int = typer.Option(None, help="stimuli in all (default: maximize.budget)"),
     seed: int = typer.Option(None, help="optimizer seed (default: maximize.seeds[0])"),
     batch: int = typer.Option(None, help="stimuli per block (default: maximize.batch)"),
     channels: int = typer.Option(1, help="responses per presentation (electrodes)"),
     target_channel: int = typer.Option(0, help="channel to maximize (all are recorded)"),
+    noise_aware: bool = typer.Option(True, help="re-present the elite, report the best estimated mean"),
+    retry_failed: bool = typer.Option(False, help="show a failed presentation (empty response cells) once more"),
     poll: float = typer.Option(0.05, help="seconds between looks for a responses file"),
 ) -> None:
     """Drive one closed-loop session through a folder (rigs without HTTP); resumes after a crash."""
@@ -193,6 +197,8 @@ def rig_files(
                 **{k: v for k, v in fields.items() if v is not None},
                 "channels": channels,
                 "target_channel": target_channel,
+                "noise_aware": noise_aware,
+                "retry_failed": retry_failed,
             }
         )
     except ValidationError as err:

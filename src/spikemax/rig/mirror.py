@@ -227,7 +227,7 @@ class MlflowMirror:
         if self._worker is not None:
             self._worker.join(60)
         for s in sessions:
-            if s.phase == "open" and s.id in self.loggers:
+            if s.phase == "open" and s.id in self.loggers and s.run_id is not None:
                 try:
                     self._sync(s)
                     self._artifacts(s, improved=False, full=True)

@@ -81,6 +81,7 @@ class SessionState:
     best_y: np.ndarray = field(default_factory=lambda: np.zeros(0))
     best_q: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     improved: bool = False  # whether the last event raised the target channel's best draw
+    _stacked: np.ndarray | None = field(default=None, repr=False, compare=False)  # q_idx stacked (cache)
 
     @classmethod
     def new(cls, cfg: SessionConfig) -> SessionState:
@@ -105,6 +106,12 @@ class SessionState:
     def left(self) -> int:
         """Stimuli still to ask: the budget's new ones plus failed ones waiting to be shown again."""
         return self.cfg.budget - self.n_new + len(self.retry_queue)
+
+    def indices(self) -> np.ndarray:
+        """Every query's grid indices, (q, d) (stacked once per new query count)."""
+        if self._stacked is None or len(self._stacked) != len(self.q_idx):
+            self._stacked = np.stack(self.q_idx) if self.q_idx else np.zeros((0, 0), dtype=np.int64)
+        return self._stacked
 
     def responses(self) -> np.ndarray:
         """Every query's m responses, (q, m)."""

@@ -215,7 +215,7 @@ class Session:
         """How often the point `idx` was presented with a finite response on `channel`."""
         if not self.state.q_idx:
             return 0
-        same = (np.stack(self.state.q_idx) == idx).all(axis=1)
+        same = (self.state.indices() == idx).all(axis=1)
         return int((same & np.isfinite(self.state.responses()[:, channel])).sum())
 
     def best_of(self, channel: int) -> Best | None:
@@ -225,7 +225,7 @@ class Session:
         if st is None:
             return self.best_draw(channel)
         s = self.state
-        same = (np.stack(s.q_idx) == st.index).all(axis=1)
+        same = (s.indices() == st.index).all(axis=1)
         q = int(np.flatnonzero(same)[0])
         return Best(
             indices=st.index.tolist(),
