@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from spikemax import SpikemaxError
-from spikemax.rig.errors import RigError
+from spikemax.rig.errors import RigError, Unavailable
 from spikemax.rig.models import SessionCreate, TellRequest
 from spikemax.rig.session import Session
 from spikemax.rig.sessions import SessionManager
@@ -157,6 +157,8 @@ def apply_block(manager: SessionManager, s: Session, block: Path, event: int) ->
                     f"results: {len(missing)} stimuli of {block.name} are not answered (first {missing[0]})"
                 )
             status = manager.tell(s.id, req)
+        except Unavailable:
+            raise  # the journal's fault, not the file's: leave the file for the restarted session
         except (ValueError, ValidationError, RigError) as err:
             msg = _problem(err)
             reject(path, msg)
