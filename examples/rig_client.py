@@ -79,7 +79,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     true_rate: dict[str, float] = {}  # stimulus id -> noise-free rate of channel 0 (known to the rig only)
     fields = {"generator": args.generator, "method": args.method}
-    with RigClient(args.url, args.token) as rig:
+    # a long timeout: the service's first VQ-VAE session fits the data prior (a minute or so; cached after)
+    with RigClient(args.url, args.token, timeout=900) as rig:
         s = rig.create(
             **{k: v for k, v in fields.items() if v is not None},
             budget=args.budget,

@@ -106,8 +106,14 @@ def _json_responses(y: np.ndarray) -> str:
 
 def describe_damage(path: Path, err: BaseException) -> str:
     """What is damaged in `path` and what a read-only look can still read of it (one paragraph)."""
-    size = path.stat().st_size if path.exists() else 0
-    head = path.read_bytes()[:16] if path.exists() else b""
+    if path.exists() and not path.is_file():
+        return f"{path} is not a file ({err}): move it aside to start an empty journal"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as os_err:
+        return f"{path} cannot be read ({os_err.strerror or os_err}): nothing in it can be checked or recovered"
     what = f"{path} ({size} bytes) is damaged: {err}"
     if not head.startswith(b"SQLite format 3"):
         return (

@@ -117,11 +117,12 @@ class MlflowMirror:
 
     def lost(self, state_dir: Path, known: set[str]) -> list[tuple[str, str]]:
         """(session id, run id) of open sessions MLflow records for this state directory that the journal lacks."""
-        where = f"tags.`{STATE_TAG}` = '{state_dir.resolve()!s}'"
+        here = str(state_dir.resolve())  # compared here, not in the filter: a path may hold quotes
         out = []
-        for run in self.client.search_runs([self.eid], where, max_results=10000):
-            sid = run.data.tags.get(SESSION_TAG, "")
-            if sid not in known and run.data.tags.get("spikemax.session_state") in OPEN_STATES:
+        for run in self.client.search_runs([self.eid], f"tags.`{CLOSED_LOOP_TAG}` = 'true'", max_results=50000):
+            tags = run.data.tags
+            sid = tags.get(SESSION_TAG, "")
+            if tags.get(STATE_TAG) == here and sid not in known and tags.get("spikemax.session_state") in OPEN_STATES:
                 out.append((sid, run.info.run_id))
         return out
 
