@@ -164,12 +164,15 @@ def serve(
         None, envvar="SPIKEMAX_TOKEN", help="bearer token every route but /health requires", show_default=False
     ),
     state: Path = typer.Option(None, help="session store folder (default: results/rig)"),
+    forget_lost: bool = typer.Option(
+        False, help="start although MLflow has open sessions the journal lacks (their runs are marked FAILED)"
+    ),
 ) -> None:
     """Serve closed-loop sessions over HTTP for rigs (living neurons); sessions survive restarts."""
     p, paths = _load(params)
     from spikemax.rig.app import serve as run
 
-    run(p, paths, host=host, port=port, token=token, state_dir=state)
+    run(p, paths, host=host, port=port, token=token, state_dir=state, forget_lost=forget_lost)
 
 
 @app.command("rig-files")
@@ -178,21 +181,26 @@ def rig_files(
     folder: Path = typer.Argument(..., help="folder shared with the rig (blocks of PNGs in, responses files back)"),
     params: Path = ParamsOpt,
     generator: str = typer.Option(None, help="generator (default: maximize.generators[0])"),
-    method: str = typer.Option(None, help="optimizer (default: maximize.methods[0])"),
+    method: str = typer.Option(
+        None, help="optimizer: auto | tt | random | cma | ngopt | protes (default: maximize.methods[0])"
+    ),
     budget: int = typer.Option(None, help="stimuli in all (default: maximize.budget)"),
     seed: int = typer.Option(None, help="optimizer seed (default: maximize.seeds[0])"),
     batch: int = typer.Option(None, help="stimuli per block (default: maximize.batch)"),
     channels: int = typer.Option(1, help="responses per presentation (electrodes)"),
     target_channel: int = typer.Option(0, help="channel to maximize (all are recorded)"),
+    noise_aware: bool = typer.Option(True, help="re-present the elite, report the best estimated mean"),
+    retry_failed: bool = typer.Option(False, help="show a failed presentation (empty response cells) once more"),
     poll: float = typer.Option(0.05, help="seconds between looks for a responses file"),
 ) -> None:
     """Drive one closed-loop session through a folder (rigs without HTTP); resumes after a crash."""
     p, paths = _load(params)
     from pydantic import ValidationError
 
+    from spikemax.rig.errors import RigError
     from spikemax.rig.files import run_files
     from spikemax.rig.models import SessionCreate
-    from spikemax.rig.sessions import RigError, SessionManager
+    from spikemax.rig.sessions import SessionManager
 
     fields = {"generator": generator, "method": method, "budget": budget, "seed": seed, "batch": batch}
     try:
@@ -201,6 +209,8 @@ def rig_files(
                 **{k: v for k, v in fields.items() if v is not None},
                 "channels": channels,
                 "target_channel": target_channel,
+                "noise_aware": noise_aware,
+                "retry_failed": retry_failed,
             }
         )
     except ValidationError as err:

@@ -79,7 +79,10 @@ def test_http_session_equals_the_in_process_loop(service, http):
     status = http.get(f"/sessions/{sid}").json()
     assert (status["asked"], status["answered"], status["pending"], status["state"]) == (budget, budget, 0, "finished")
 
-    opt = make_optimizer("tt", grid.d, grid.n, seed=0, batch=params.maximize.batch, **options_for("tt", params, grid))
+    # the stage's optimizer for this run: the session's budget, noise-aware (the rig's default)
+    mp = params.maximize
+    m = mp.model_copy(update={"budget": budget, "noise": mp.noise.model_copy(update={"aware": True})})
+    opt = make_optimizer("tt", grid.d, grid.n, seed=0, batch=mp.batch, **options_for("tt", m, grid))
     ref = run_am(opt, grid, respond, budget, batch)
     s = manager.get(sid)
     assert np.array_equal(np.stack(s.q_idx), ref.indices)
