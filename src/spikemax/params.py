@@ -59,7 +59,9 @@ def _fit(annotation: Any, value: Any) -> bool | str | None:
         return True if value in get_args(annotation) and not isinstance(value, bool) else None
     if annotation is type(None):
         return True if value is None else None
-    return True if isinstance(annotation, type) and isinstance(value, annotation) else None
+    if annotation is Any or not isinstance(annotation, type):
+        return None
+    return True if isinstance(value, annotation) else None
 
 
 def _mistyped(annotation: Any, value: Any) -> str | None:

@@ -237,3 +237,19 @@ def test_well_typed_values_still_validate():
     assert (m.budget, m.seeds, m.target_value, m.epochs) == (10**7, [0, 3], 2.0, [0, -1])
     assert P.validate({"tune": {"lr": [0.01, 1], "epoch": "last"}}).tune.lr == (0.01, 1.0)
     assert P.validate({"prepare": {"download": False}}).prepare.download is False
+
+
+def test_strict_counts_apply_to_any_new_section_field():
+    """Sections added later get the same rule (booleans and floats are not counts) and free-form fields pass."""
+    from typing import Any
+
+    class Extra(P.Section):
+        n: int = 1
+        share: float | None = None
+        free: Any = None
+        table: dict[str, int] = P.Field(default_factory=dict)
+
+    assert Extra.model_validate({"n": 2, "share": 1, "free": True, "table": {"a": 1}}).share == 1.0
+    for bad in ({"n": True}, {"n": 2.5}, {"share": False}):
+        with pytest.raises(P.ValidationError, match="Input should be an? (integer|number)"):
+            Extra.model_validate(bad)
