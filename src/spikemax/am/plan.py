@@ -114,14 +114,15 @@ def _code_digest() -> str:
     import spikemax
 
     pkg = Path(spikemax.__file__).parent
-    return digest_files(
-        [
-            pkg / "neurons.py",
-            pkg / "snn.py",
-            *sorted((pkg / "generators").glob("*.py")),
-            *sorted((pkg / "optim").glob("*.py")),
-        ]
-    )
+    files = [
+        pkg / "neurons.py",
+        *sorted((pkg / "snn").glob("*.py")),
+        *sorted((pkg / "generators").glob("*.py")),
+        *sorted((pkg / "optim").glob("*.py")),
+    ]
+    missing = [str(f) for f in files if not f.is_file()]
+    assert not missing, f"code digest lists missing files {missing}"  # a moved module must not drop out silently
+    return digest_files(files)
 
 
 def _config_hash(

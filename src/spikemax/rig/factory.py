@@ -7,7 +7,6 @@ options over the `maximize.noise` params (noise-aware unless the request says `n
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from spikemax.digest import file_digest
 from spikemax.rig.errors import Invalid, RigError
 from spikemax.rig.models import SessionCreate
 from spikemax.rig.replay import SessionConfig
@@ -24,20 +24,11 @@ from spikemax.rig.session import Channels, SingleChannel
 PRIOR_FILE = "prior.npz"  # the session's data prior, beside its artifacts (replay loads it, never refits)
 
 
-def checkpoint_digest(path: Path) -> str:
-    """Content digest of a checkpoint (a session refuses to resume on a changed generator)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def takes_prior(method: str, generator: str) -> bool:
     """Whether a run of `method` on `generator` starts from a data prior in the maximize stage."""
-    from spikemax.am.plan import PRIOR_GENERATORS, PRIOR_METHODS
+    from spikemax.am.policy import prior_applies
 
-    return method in PRIOR_METHODS and generator in PRIOR_GENERATORS
+    return prior_applies(method, generator)
 
 
 def resolve(req: SessionCreate, params: Any, paths: Any, grid: Any, state_dir: Path) -> SessionConfig:
@@ -71,7 +62,7 @@ def resolve(req: SessionCreate, params: Any, paths: Any, grid: Any, state_dir: P
         options=options,
         name=req.name,
         created=time.time(),
-        checkpoint_sha256=checkpoint_digest(checkpoint_path(generator, paths)),
+        checkpoint_sha256=file_digest(checkpoint_path(generator, paths)),
         noise=noise,
         retry_failed=req.retry_failed,
         prior=prior,
@@ -80,8 +71,8 @@ def resolve(req: SessionCreate, params: Any, paths: Any, grid: Any, state_dir: P
 
 
 def fit_prior(cfg: SessionConfig, params: Any, paths: Any, grid: Any, cache_dir: Path) -> Any:
-    """The stage's TT data prior of the session's grid (fitted by `am.runs.fit_grid_prior`, cached by content)."""
-    from spikemax.am.runs import fit_grid_prior
+    """The stage's TT data prior of the session's grid (fitted by `am.prior.fit_grid_prior`, cached by content)."""
+    from spikemax.am.prior import fit_grid_prior
     from spikemax.data import Prepared
     from spikemax.generators import checkpoint_path
 
