@@ -12,12 +12,12 @@ import httpx
 import mlflow
 import numpy as np
 import pytest
-from tests.rig_support import as_results, make_project, neuron, serving
 
 from spikemax.rig.errors import JournalDamaged
 from spikemax.rig.mirror import SESSION_TAG
 from spikemax.rig.models import SessionCreate, TellRequest
 from spikemax.rig.sessions import SessionManager
+from tests.support.rig import as_results, make_project, neuron, serving
 
 pytestmark = pytest.mark.usefixtures("own_store")
 TOKEN = "tok"

@@ -10,14 +10,14 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from tests.rig_support import make_project, serving
 
 from spikemax import params as P
+from spikemax.am.policy import METHOD_AUTO
 from spikemax.optim.noisy import NoisyOptimizer
-from spikemax.optim.tt import METHOD_AUTO
 from spikemax.rig.journal import Asked, Journal
 from spikemax.rig.models import SessionCreate, TellRequest
 from spikemax.rig.sessions import SessionManager
+from tests.support.rig import make_project, serving
 
 pytestmark = pytest.mark.usefixtures("own_store")
 TOKEN = "tok"

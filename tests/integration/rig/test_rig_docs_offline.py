@@ -6,9 +6,9 @@ import shutil
 import subprocess
 
 import pytest
-from tests.rig_support import make_project, serving
 
 from spikemax.rig.sessions import SessionManager
+from tests.support.rig import make_project, serving
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "tok"

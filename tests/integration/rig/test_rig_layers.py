@@ -7,12 +7,12 @@ import threading
 
 import numpy as np
 import pytest
-from tests.rig_support import as_results, make_project, neuron
 
 from spikemax.rig.journal import Asked, Journal, Told
 from spikemax.rig.models import SessionCreate, TellRequest
 from spikemax.rig.replay import replay
 from spikemax.rig.sessions import SessionManager
+from tests.support.rig import as_results, make_project, neuron
 
 
 @pytest.fixture(scope="module")
