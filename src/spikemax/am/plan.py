@@ -143,7 +143,7 @@ def _config_hash(
         "batch": m.batch,
         "noise": m.noise.model_dump(),
         "target_value": m.target_value,
-        "options": options_for(method, m),
+        "options": optimizer_options(method, m),
         "warm": bool(m.warm_start and runs_tt(method, generator)),
         # Only runs that can use the prior (codebook grids, tt / random) depend on its settings.
         "prior": [m.prior, m.prior_images] if prior_applies(method, generator) else None,
@@ -202,7 +202,7 @@ def plan(params: Params, paths: Paths, tuned: Tuned | None = None, tuned_from: s
         gen_ckpts[g] = path
     for method in m.methods:
         try:
-            make_optimizer(method, 2, 4, seed=0, **options_for(method, m, grid=False))
+            make_optimizer(method, 2, 4, seed=0, **optimizer_options(method, m, False))
         except SpikemaxError as err:
             raise _stage_error(f"method {method!r}: {err}") from None
         except (ValueError, TypeError, ImportError) as err:
@@ -253,6 +253,14 @@ def plan(params: Params, paths: Paths, tuned: Tuned | None = None, tuned_from: s
     return Plan(epochs, {e: available[e] for e in epochs}, gen_ckpts, targets, runs, groups, tuned_from)
 
 
+def optimizer_options(method: str, m: MaximizeParams, ordered: bool | None = None) -> dict[str, Any]:
+    """make_optimizer options of `method` under the run's params `m` on an ordered (quantile) or
+    codebook grid, `auto` resolved by the planner's policy; with `ordered` None the grid-dependent
+    choices stay "auto" (what the configuration hash records)."""
+    resolved = None if ordered is None else resolve_method(method, ordered)
+    return options_for(method, m, ordered, resolved=resolved)
+
+
 def _run_spec(
     m: MaximizeParams,
     tuned: Tuned,
@@ -270,7 +278,7 @@ def _run_spec(
     from spikemax.generators import grid_ordered
 
     ordered = grid_ordered(generator)
-    opts = options_for(method, m, ordered, resolved=resolve_method(method, ordered))
+    opts = optimizer_options(method, m, ordered)
     settings = tuned_for(tuned, method, generator)
     return RunSpec(
         epoch=epoch,
