@@ -13,7 +13,7 @@ from spikemax.stages.maximize import run as run_stage
 from .test_maximize import _project_copy, _runs
 
 SMALL = {
-    "epochs": [0, -1],
+    "checkpoints": [0, -1],
     "generators": ["sngan"],
     "targets": ["class:0", "lif1:0", "lif2:1"],
     "units_per_layer": 0,
@@ -76,7 +76,7 @@ def test_a_retried_group_keeps_finished_runs_and_redoes_the_lost_one(
     from spikemax.am.plan import plan
 
     params, paths = _project_copy(
-        tmp_path / "p", project, {**SMALL, "epochs": [-1], "methods": ["random"], "seeds": [0]}
+        tmp_path / "p", project, {**SMALL, "checkpoints": [-1], "methods": ["random"], "seeds": [0]}
     )
     run_stage(params, paths)
     am = paths.results / "am"

@@ -161,8 +161,9 @@ class NoiseParams(Section):
 class MaximizeParams(Section):
     """`maximize` stage: which checkpoints, generators, targets, methods and budget."""
 
-    # A list of checkpoint epochs (a negative entry counts from the last one: -1 = last) or "all".
-    epochs: Literal["all"] | list[int] = Field("all", min_length=1)
+    # A list of checkpoint indices (0 = untrained; a negative entry counts from the last one: -1 =
+    # last) or "all". Formerly `epochs` (still read, with a one-line deprecation message).
+    checkpoints: Literal["all"] | list[int] = Field("all", min_length=1)
     generators: list[GeneratorName] = Field(default_factory=lambda: list(GENERATOR_NAMES), min_length=1)
     targets: list[str] = Field(default_factory=lambda: ["class:*"])
     units_per_layer: int = Field(0, ge=0)
@@ -207,6 +208,22 @@ class MaximizeParams(Section):
     @classmethod
     def _noise_sigma(cls, value: Any) -> Any:
         return NoiseParams.from_sigma(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Read `epochs` (a checkpoint index, not a training epoch) as `checkpoints`, with a warning."""
+        if isinstance(data, dict) and "epochs" in data:
+            import logging
+
+            data = dict(data)
+            if "checkpoints" in data:
+                raise PydanticCustomError("renamed", "give `checkpoints` only (`epochs` is its old name)")
+            logging.getLogger(__name__).warning(
+                "maximize.epochs is deprecated: it is a checkpoint index, now `maximize.checkpoints`"
+            )
+            data["checkpoints"] = data.pop("epochs")
+        return data
 
 
 class AnalyzeParams(Section):

@@ -180,15 +180,15 @@ def plan(params: Params, paths: Paths, tuned: Tuned | None = None, tuned_from: s
     if not available:
         raise _stage_error(f"no SNN checkpoints under {paths.snn_dir}: run `spikemax train-snn` first")
     have = sorted(available)
-    if m.epochs == "all":
+    if m.checkpoints == "all":
         epochs = have
     else:
         epochs = []
-        for e in m.epochs:
+        for e in m.checkpoints:
             ee = have[e] if e < 0 and -e <= len(have) else e
             if ee not in available:
                 raise _stage_error(
-                    f"epochs: no SNN checkpoint for epoch {e} (epochs are checkpoint indices 0..{have[-1]}: "
+                    f"checkpoints: no SNN checkpoint {e} (checkpoint indices are 0..{have[-1]}: "
                     "0 = untrained, -1 = last)"
                 )
             if ee not in epochs:
