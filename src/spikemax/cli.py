@@ -37,9 +37,9 @@ def one_line_errors(fn: Callable) -> Callable:
 
 
 def _load(params: Path):
-    from spikemax import params as P
+    from spikemax.params import load
 
-    return P.load(params)
+    return load(params)
 
 
 @app.command()

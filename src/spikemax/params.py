@@ -236,8 +236,9 @@ class NoiseParams(Section):
 class MaximizeParams(Section):
     """`maximize` stage: which checkpoints, generators, targets, methods and budget."""
 
-    # A list of checkpoint epochs (a negative entry counts from the last one: -1 = last) or "all".
-    epochs: Literal["all"] | list[int] = Field("all", min_length=1)
+    # A list of checkpoint indices (0 = untrained; a negative entry counts from the last one: -1 =
+    # last) or "all". Formerly `epochs` (still read, with a one-line deprecation message).
+    checkpoints: Literal["all"] | list[int] = Field("all", min_length=1)
     generators: list[GeneratorName] = Field(default_factory=lambda: list(GENERATOR_NAMES), min_length=1)
     targets: list[str] = Field(default_factory=lambda: ["class:*"])
     units_per_layer: int = Field(0, ge=0)
@@ -283,7 +284,23 @@ class MaximizeParams(Section):
     def _noise_sigma(cls, value: Any) -> Any:
         return NoiseParams.from_sigma(value)
 
-    @field_validator("epochs", "generators", "targets", "methods", "seeds")
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Read `epochs` (a checkpoint index, not a training epoch) as `checkpoints`, with a warning."""
+        if isinstance(data, dict) and "epochs" in data:
+            import logging
+
+            data = dict(data)
+            if "checkpoints" in data:
+                raise PydanticCustomError("renamed", "give `checkpoints` only (`epochs` is its old name)")
+            logging.getLogger(__name__).warning(
+                "maximize.epochs is deprecated: it is a checkpoint index, now `maximize.checkpoints`"
+            )
+            data["checkpoints"] = data.pop("epochs")
+        return data
+
+    @field_validator("checkpoints", "generators", "targets", "methods", "seeds")
     @classmethod
     def _no_repeats(cls, value: Any) -> Any:
         """Each checkpoint, generator, target, method and seed once: a repeat would run its keys twice."""

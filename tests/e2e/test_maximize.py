@@ -35,7 +35,7 @@ def models(project, snn_checkpoints, generator_checkpoints):
 
 
 SMALL = {
-    "epochs": [0, -1],
+    "checkpoints": [0, -1],
     "generators": ["sngan", "vqvae"],
     "targets": ["class:0", "lif1:0"],
     "units_per_layer": 0,
@@ -187,11 +187,11 @@ def layers_of(net) -> dict[str, int]:
 
 
 def test_bad_params_fail_before_any_run(tmp_path, models):
-    base = {**SMALL, "epochs": [0]}
+    base = {**SMALL, "checkpoints": [0]}
     cases = {
         "unknown target": ({"targets": ["lif9:0"]}, "lif9"),
         "unit out of range": ({"targets": ["class:99"]}, "class:99"),
-        "epoch without checkpoint": ({"epochs": [0, 7]}, "epoch 7"),
+        "checkpoint that does not exist": ({"checkpoints": [0, 7]}, "checkpoint 7"),
         "budget_last below budget": ({"budget_last": 8}, "budget_last >= budget"),
     }
     for i, (case, (change, needle)) in enumerate(cases.items()):
@@ -225,7 +225,7 @@ def test_bad_params_via_cli_is_one_line(tmp_path, models):
 def test_sigkill_loses_no_flushed_query_and_rerun_completes(tmp_path, models):
     budget, batch = 320, 8
     cfg = {
-        "epochs": [-1],
+        "checkpoints": [-1],
         "generators": ["vqvae"],
         "targets": ["class:1", "lif2:0"],
         "methods": ["random", "tt"],

@@ -27,7 +27,7 @@ def models(project, snn_checkpoints, generator_checkpoints):
 
 
 POP = {
-    "epochs": [-1],
+    "checkpoints": [-1],
     "generators": ["vqvae"],
     "targets": ["class:0", "class:1", "lif1:0"],
     "units_per_layer": 0,

@@ -32,7 +32,7 @@ def test_stage_records_resolved_cma_and_the_prior_in_mlflow(
     tmp_path, project, snn_checkpoints, generator_checkpoints, prior
 ):
     small = {
-        "epochs": [-1],
+        "checkpoints": [-1],
         "generators": ["sngan", "vqvae"],
         "targets": ["class:0"],
         "units_per_layer": 0,
@@ -82,7 +82,7 @@ def test_queries_saved_is_measured_against_a_cold_run_of_the_same_neuron(
     from spikemax.am.summary import queries_to_level
 
     small = {
-        "epochs": [0, -1],
+        "checkpoints": [0, -1],
         "generators": ["vqvae"],
         "targets": ["class:0", "lif1:0"],
         "units_per_layer": 0,
@@ -117,7 +117,7 @@ def test_tuned_maximize_runs_carry_the_study_best_settings(tmp_path, project, sn
     """`maximize.tuned`: each generator's TT runs (tt; auto on VQ-VAE) run and record their study's
     best rank, lr and (SN-GAN) grid_n; CMA-ES (auto on SN-GAN) runs as configured."""
     small = {
-        "epochs": [-1],
+        "checkpoints": [-1],
         "generators": ["sngan", "vqvae"],
         "targets": ["class:0"],
         "units_per_layer": 0,
@@ -166,7 +166,7 @@ def test_tuned_settings_change_only_the_keys_of_runs_that_run_tt(project, snn_ch
     base = P.validate(
         {
             **params.model_dump(),
-            "maximize": {"epochs": [-1], "targets": ["class:0"], "methods": ["tt", "auto", "cma"]},
+            "maximize": {"checkpoints": [-1], "targets": ["class:0"], "methods": ["tt", "auto", "cma"]},
         }
     )
     tuned = {"sngan": {"study": "s", "rank": 3, "lr": 0.05, "grid_n": 8}, "vqvae": {"study": "v", "rank": 2, "lr": 0.1}}
@@ -197,7 +197,7 @@ def test_stage_records_the_method_auto_resolved_per_generator(
     from spikemax.am.policy import METHOD_AUTO
 
     small = {
-        "epochs": [-1],
+        "checkpoints": [-1],
         "generators": ["sngan", "vqvae"],
         "targets": ["class:0"],
         "units_per_layer": 0,

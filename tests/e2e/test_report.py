@@ -25,7 +25,7 @@ from tests.support.project import TINY_GENERATORS, TINY_PREPARE, TINY_SNN, run_c
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 AM = {
-    "epochs": [1, 2, -1],  # checkpoint indices: two inside the first epoch, and the last
+    "checkpoints": [1, 2, -1],  # checkpoint indices: two inside the first epoch, and the last
     "generators": ["sngan", "vqvae"],
     "targets": ["class:0", "lif1:0", "fc_lif1:2"],
     "methods": ["tt", "random"],

@@ -78,7 +78,7 @@ def test_maximize_refuses_a_corrupt_generator_before_opening_a_run(
     (models / "generators").mkdir(parents=True)
     (models / "snn").symlink_to(project[1].snn_dir, target_is_directory=True)
     (models / "generators" / "sngan.ckpt").write_bytes(b"not a checkpoint")
-    am = {"epochs": [-1], "generators": ["sngan"], "targets": ["class:0"], "methods": ["random"], "budget": 8}
+    am = {"checkpoints": [-1], "generators": ["sngan"], "targets": ["class:0"], "methods": ["random"], "budget": 8}
     with pytest.raises(SpikemaxError, match="sngan"):
         maximize.run(*_params(root, maximize=am))
     assert statuses(root) == []  # checked before the parent run opens: nothing to end FAILED

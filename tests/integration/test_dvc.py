@@ -91,7 +91,7 @@ def tiny_pipeline_params() -> dict:
         "snn": TINY_SNN,
         "generators": {**TINY_GENERATORS, "check_samples": 64},
         "maximize": {
-            "epochs": [0, -1],
+            "checkpoints": [0, -1],
             "targets": ["class:1", "lif1:0"],
             "methods": ["tt", "random"],
             "budget": 32,

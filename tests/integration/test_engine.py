@@ -44,7 +44,7 @@ def test_a_retried_group_keeps_finished_runs_and_redoes_the_lost_one(
     from spikemax.am.plan import plan
 
     params, paths = project_copy(
-        tmp_path / "p", project, {**SMALL, "epochs": [-1], "methods": ["random"], "seeds": [0]}
+        tmp_path / "p", project, {**SMALL, "checkpoints": [-1], "methods": ["random"], "seeds": [0]}
     )
     run_stage(params, paths)
     am = paths.results / "am"

@@ -108,7 +108,7 @@ def test_a_group_that_keeps_losing_its_worker_fails_the_stage(
     tmp_path, project, snn_checkpoints, generator_checkpoints, ray_killer, monkeypatch
 ):
     monkeypatch.setattr(engine, "MAX_RETRIES", 1)  # each attempt starts a worker: keep them few
-    params, paths = project_copy(tmp_path / "p", project, {**KILL, "epochs": [-1], "methods": ["random"]})
+    params, paths = project_copy(tmp_path / "p", project, {**KILL, "checkpoints": [-1], "methods": ["random"]})
     (e,) = plan(params, paths).epochs
     ray_kill.plan_kill(ray_killer, epoch=e, generator="sngan", method="random", seed=0, after=0, once=False)
     with pytest.raises(

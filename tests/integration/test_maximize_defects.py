@@ -33,7 +33,7 @@ from tests.support.project import run_cli, write_params
 pytestmark = pytest.mark.usefixtures("own_store")
 
 TINY = {
-    "epochs": [0, -1],
+    "checkpoints": [0, -1],
     "generators": ["vqvae"],
     "targets": ["class:0", "lif1:0"],
     "units_per_layer": 0,
@@ -126,7 +126,7 @@ def test_a_state_archive_holding_a_pickle_is_refused(tmp_path):
 
 @pytest.mark.parametrize("fault", ["corrupt generator", "missing GPU"])
 def test_a_refused_run_changes_no_output_and_opens_no_run(tmp_path, models, fault):
-    small = {**TINY, "epochs": [-1], "methods": ["random"]}
+    small = {**TINY, "checkpoints": [-1], "methods": ["random"]}
     params, paths = _copy(tmp_path / "p", models, small)
     run_stage(params, paths)
     before, n_runs = _snapshot(paths.root), len(_runs(paths.root))
@@ -146,7 +146,7 @@ def test_a_refused_run_changes_no_output_and_opens_no_run(tmp_path, models, faul
 
 
 def test_a_second_process_exits_naming_the_lock_holder(tmp_path, models):
-    params, paths = _copy(tmp_path / "p", models, {**TINY, "epochs": [-1]})
+    params, paths = _copy(tmp_path / "p", models, {**TINY, "checkpoints": [-1]})
     with project_lock(paths, "maximize"):
         res = run_cli("maximize", cwd=paths.root)
     lines = res.stderr.strip().splitlines()
@@ -156,7 +156,7 @@ def test_a_second_process_exits_naming_the_lock_holder(tmp_path, models):
 
 
 def test_sigterm_ends_the_open_runs_failed(tmp_path, models):
-    cfg = {**TINY, "epochs": [-1], "methods": ["random"], "budget": 100000, "batch": 8}
+    cfg = {**TINY, "checkpoints": [-1], "methods": ["random"], "budget": 100000, "batch": 8}
     params, paths = _copy(tmp_path / "p", models, cfg)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen(
@@ -182,7 +182,7 @@ def test_sigterm_ends_the_open_runs_failed(tmp_path, models):
 
 
 def test_a_run_left_running_by_a_dead_process_is_failed_whatever_its_plan(tmp_path, models):
-    params, paths = _copy(tmp_path / "p", models, {**TINY, "epochs": [-1], "methods": ["random"]})
+    params, paths = _copy(tmp_path / "p", models, {**TINY, "checkpoints": [-1], "methods": ["random"]})
     client = mlflow.MlflowClient(tracking.configure(paths.root))
     eid = tracking.experiment_id(tracking.AM_EXPERIMENT, paths.root)
     orphan = client.create_run(eid, tags={tracking.RUN_KEY_TAG: "e000-0.000_sngan_class-9_cma_s7_deadbeef"})
@@ -209,3 +209,13 @@ def test_engine_settings_come_from_options_then_environment_then_old_params(monk
     assert len(lines) == 2 and all("deprecated" in line and "\n" not in line for line in lines)
     with pytest.raises(SpikemaxError, match="engine 'spark'"):
         EngineSettings.resolve(m, engine="spark")
+
+
+def test_the_old_name_epochs_is_read_as_checkpoints_with_one_line(caplog):
+    with caplog.at_level(logging.WARNING):
+        m = params_mod.validate({"maximize": {"epochs": [0, -1]}}).maximize
+    assert m.checkpoints == [0, -1]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "maximize.epochs is deprecated" in line and "checkpoints" in line
+    with pytest.raises(params_mod.ParamsError, match="checkpoints"):
+        params_mod.validate({"maximize": {"epochs": [0], "checkpoints": [1]}})

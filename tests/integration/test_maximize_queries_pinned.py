@@ -32,7 +32,7 @@ SILENT = "lif1:1"  # a target that never fires: its next checkpoint's TT runs st
 
 CONFIGS = {
     "groups": {
-        "epochs": [0, -1],
+        "checkpoints": [0, -1],
         "generators": ["sngan", "vqvae"],
         "targets": ["class:0", "lif1:0", SILENT],
         "units_per_layer": 0,
@@ -43,7 +43,7 @@ CONFIGS = {
         "batch": 16,
     },
     "population": {
-        "epochs": [-1],
+        "checkpoints": [-1],
         "generators": ["vqvae"],
         "targets": ["class:0", "lif1:0", SILENT],
         "units_per_layer": 0,

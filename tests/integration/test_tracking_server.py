@@ -14,7 +14,7 @@ from spikemax.stages.maximize import run as run_stage
 from tests.support.maximize import project_copy
 
 SMALL = {
-    "epochs": [-1],
+    "checkpoints": [-1],
     "generators": ["sngan"],
     "targets": ["class:0", "lif1:0"],
     "units_per_layer": 0,

@@ -37,7 +37,7 @@ def am_runs(root: Path) -> list:
 
 # A small plan for the engine tests (in-process vs Ray).
 ENGINE_SMALL = {
-    "epochs": [0, -1],
+    "checkpoints": [0, -1],
     "generators": ["sngan"],
     "targets": ["class:0", "lif1:0", "lif2:1"],
     "units_per_layer": 0,

@@ -212,7 +212,7 @@ def test_repeated_yaml_key_is_refused_and_named(tmp_path, text, expected):
             {"targets": ["class:1", "lif1:0", "class:1"]},
             "maximize.targets: Input should list each value once ('class:1'",
         ),
-        ({"epochs": [-1, -1]}, "maximize.epochs: Input should list each value once (-1 is repeated)"),
+        ({"checkpoints": [-1, -1]}, "maximize.checkpoints: Input should list each value once (-1 is repeated)"),
     ],
 )
 def test_counts_are_strict_bounded_and_lists_distinct(maximize, expected):
@@ -232,7 +232,7 @@ def test_other_sections_count_strictly_too():
 
 def test_well_typed_values_still_validate():
     m = P.validate(
-        {"maximize": {"budget": 10**7, "seeds": [0, 3], "target_value": 2, "epochs": [0, -1], "budget_last": None}}
+        {"maximize": {"budget": 10**7, "seeds": [0, 3], "target_value": 2, "checkpoints": [0, -1], "budget_last": None}}
     ).maximize
     assert (m.budget, m.seeds, m.target_value, m.epochs) == (10**7, [0, 3], 2.0, [0, -1])
     assert P.validate({"tune": {"lr": [0.01, 1], "epoch": "last"}}).tune.lr == (0.01, 1.0)

@@ -144,7 +144,7 @@ def _config_hash(
         "batch": m.batch,
         "noise": m.noise.model_dump(),
         "target_value": m.target_value,
-        "options": options_for(method, m),
+        "options": optimizer_options(method, m),
         "warm": bool(m.warm_start and runs_tt(method, generator)),
         # Only runs that can use the prior (codebook grids, tt / random) depend on its settings.
         "prior": [m.prior, m.prior_images] if prior_applies(method, generator) else None,
@@ -181,15 +181,15 @@ def plan(params: Params, paths: Paths, tuned: Tuned | None = None, tuned_from: s
     if not available:
         raise _stage_error(f"no SNN checkpoints under {paths.snn_dir}: run `spikemax train-snn` first")
     have = sorted(available)
-    if m.epochs == "all":
+    if m.checkpoints == "all":
         epochs = have
     else:
         epochs = []
-        for e in m.epochs:
+        for e in m.checkpoints:
             ee = have[e] if e < 0 and -e <= len(have) else e
             if ee not in available:
                 raise _stage_error(
-                    f"epochs: no SNN checkpoint for epoch {e} (epochs are checkpoint indices 0..{have[-1]}: "
+                    f"checkpoints: no SNN checkpoint {e} (checkpoint indices are 0..{have[-1]}: "
                     "0 = untrained, -1 = last)"
                 )
             if ee not in epochs:
@@ -203,7 +203,7 @@ def plan(params: Params, paths: Paths, tuned: Tuned | None = None, tuned_from: s
         gen_ckpts[g] = path
     for method in m.methods:
         try:
-            make_optimizer(method, 2, 4, seed=0, **options_for(method, m, grid=False))
+            make_optimizer(method, 2, 4, seed=0, **optimizer_options(method, m, False))
         except SpikemaxError as err:
             raise _stage_error(f"method {method!r}: {err}") from None
         except (ValueError, TypeError, ImportError) as err:
@@ -254,6 +254,14 @@ def plan(params: Params, paths: Paths, tuned: Tuned | None = None, tuned_from: s
     return Plan(epochs, {e: available[e] for e in epochs}, gen_ckpts, targets, runs, groups, tuned_from)
 
 
+def optimizer_options(method: str, m: MaximizeParams, ordered: bool | None = None) -> dict[str, Any]:
+    """make_optimizer options of `method` under the run's params `m` on an ordered (quantile) or
+    codebook grid, `auto` resolved by the planner's policy; with `ordered` None the grid-dependent
+    choices stay "auto" (what the configuration hash records)."""
+    resolved = None if ordered is None else resolve_method(method, ordered)
+    return options_for(method, m, ordered, resolved=resolved)
+
+
 def _run_spec(
     m: MaximizeParams,
     tuned: Tuned,
@@ -271,7 +279,7 @@ def _run_spec(
     from spikemax.generators import grid_ordered
 
     ordered = grid_ordered(generator)
-    opts = options_for(method, m, ordered, resolved=resolve_method(method, ordered))
+    opts = optimizer_options(method, m, ordered)
     settings = tuned_for(tuned, method, generator)
     return RunSpec(
         epoch=epoch,

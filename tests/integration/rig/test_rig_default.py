@@ -161,7 +161,7 @@ def test_vqvae_session_first_ask_equals_the_stage_first_ask(project, snn_checkpo
     (root / "data" / "prepared").symlink_to(base_paths.prepared)
     (root / "models").symlink_to(base_paths.root / "models")
     maximize = {
-        "epochs": [-1],
+        "checkpoints": [-1],
         "generators": ["vqvae"],
         "targets": ["class:0"],
         "units_per_layer": 0,
