@@ -266,7 +266,7 @@ def tt_grad_loglik(
     ks = np.arange(d)
     Gx = G[ks[None, :], :, X, :]  # (m, d, r, r)
     S = core_sums(G) if S is None else S
-    V = chain_left(np.concatenate([Gx, np.flip(Gx, axis=1).swapaxes(-1, -2), S[None]]))
+    V = chain_left(np.concatenate([Gx, np.flip(Gx, axis=1).swapaxes(-1, -2), S[None]], dtype=np.float64))
     L, R, LZ = V[:m], np.flip(V[m : 2 * m], axis=1), V[2 * m]
     den = np.einsum("bkr,bkrq,bkq->bk", L[:, :d], Gx, R[:, 1:])
     Lw = L[:, :d] * (np.asarray(w, dtype=G.dtype)[:, None] / den)[:, :, None]
@@ -312,21 +312,24 @@ class Adam:
         self.t = 0
 
     def step(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
-        """Return x moved up the gradient g (neither is changed; in-place passes over the moments)."""
+        """Return x moved up the gradient g (neither is changed).
+
+        The moments are kept as m / (1 - b1) and v / (1 - b2) (sums with decay), and the constants
+        folded into two scalars: 10 passes over the array instead of 12 (they dominate at d = 4,096).
+        """
         self.t += 1
-        tmp = g - self.m
-        tmp *= 1 - self.b1
-        self.m += tmp  # m = b1 m + (1 - b1) g
-        np.multiply(g, g, out=tmp)
-        tmp -= self.v
-        tmp *= 1 - self.b2
-        self.v += tmp  # v = b2 v + (1 - b2) g^2
-        c1, c2 = 1 - self.b1**self.t, np.sqrt(1 - self.b2**self.t)
-        # lr m/c1 / (sqrt(v/c2^2) + eps) = (lr c2/c1) m / (sqrt(v) + eps c2): scalars folded
+        self.m *= self.b1
+        self.m += g  # m' = b1 m' + g
+        tmp = np.multiply(g, g)
+        self.v *= self.b2
+        self.v += tmp  # v' = b2 v' + g^2
+        # lr m_hat / (sqrt(v_hat) + eps) with m_hat = (1 - b1) m' / c1, v_hat = (1 - b2) v' / c2
+        c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
+        root = np.sqrt((1 - self.b2) / c2)
         np.sqrt(self.v, out=tmp)
-        tmp += self.eps * c2
+        tmp += self.eps / root
         np.divide(self.m, tmp, out=tmp)
-        tmp *= self.lr * c2 / c1
+        tmp *= self.lr * (1 - self.b1) / (c1 * root)
         tmp += x
         return tmp
 

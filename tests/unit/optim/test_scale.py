@@ -219,3 +219,21 @@ def test_gradient_at_d40_matches_finite_differences_of_the_log_likelihood():
         up = loglik(t)
         t[idx] -= 2 * eps
         assert g[idx] == pytest.approx((up - loglik(t)) / (2 * eps), abs=1e-6)
+
+
+def test_adam_in_place_equals_the_textbook_update():
+    from spikemax.optim.tt import Adam
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(500)
+    ref, m, v = x.copy(), np.zeros(500), np.zeros(500)
+    adam = Adam(x.shape, 0.2)
+    for t in range(1, 40):
+        g = rng.standard_normal(500)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        ref = ref + 0.2 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        before = x.copy()
+        x = adam.step(x, g)
+        assert not np.shares_memory(x, before)
+    np.testing.assert_allclose(x, ref, rtol=1e-12, atol=1e-12)
