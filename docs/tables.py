@@ -244,6 +244,15 @@ def collect(root: Path) -> dict[str, Any]:
     }
 
 
+OUTPUTS = ("data", "models", "results", "metrics", "mlruns", "reports", "optuna", ".dvc/cache")
+
+
+def outputs_gb(root: Path) -> float:
+    """Disk used by what `make repro` writes into a project (not the .venv, not the git checkout)."""
+    total = sum(f.stat().st_size for d in OUTPUTS for f in (root / d).rglob("*") if f.is_file() and not f.is_symlink())
+    return total / 1e9
+
+
 def main(argv: list[str] | None = None) -> int:
     """Rewrite (or --check) the generated blocks; `collect` refreshes default_run.json."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -255,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.root is None:
             ap.error("collect needs --root")
         (DATA / "default_run.json").write_text(json.dumps(collect(a.root), indent=1) + "\n")
-        print(f"wrote {DATA / 'default_run.json'}")
+        setup = load("setup")
+        setup["repro"]["project_gb"] = round(outputs_gb(a.root), 2)
+        (DATA / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
+        print(f"wrote {DATA / 'default_run.json'} and the output size in {DATA / 'setup.json'}")
         return 0
     stale = []
     for path in docs():

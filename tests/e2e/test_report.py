@@ -338,3 +338,23 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     assert img.shape == (2000, 1280)
     # A blank page is one flat colour; text, tables and figures give many distinct dark pixels.
     assert img.std() > 10 and np.mean(img < 128) > 0.005
+
+
+def test_docs_collect_reads_a_finished_run(tiny_run):
+    """docs/tables.py collect (the README's default-run table) reads the metrics a run writes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "doc_tables", Path(__file__).resolve().parents[1] / "docs" / "tables.py"
+    )
+    assert spec and spec.loader
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    got = tables.collect(tiny_run.root)
+    snn = json.loads((tiny_run.metrics / "snn.json").read_text())
+    am = json.loads((tiny_run.metrics / "am.json").read_text())
+    assert got["snn"]["test_acc_final"] == snn["test_acc"] and got["snn"]["checkpoints"] == len(NAMES)
+    assert got["am"]["runs"] == am["n_runs"] == len(pd.read_csv(tiny_run.results / "am" / "summary.csv"))
+    assert set(got["am"]["last_checkpoint"]) == {f"{g}/{m}" for g in AM["generators"] for m in AM["methods"]}
+    assert got["claims"]["claim2"]["n"] == len(NAMES)
+    assert 0 < tables.outputs_gb(tiny_run.root) < 1

@@ -260,8 +260,15 @@ def h_dvc(cmd: Command, ctx: dict) -> str:
         sub = ["repro"]
     for i, a in enumerate(args):
         if a == "-S":
-            key = args[i + 1].split("=", 1)[0]
+            key, value = args[i + 1].split("=", 1)
             assert param_exists(key), f"{cmd}: {key} is not a params.yaml key"
+            raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+            node = raw
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = yaml.safe_load(value)  # DVC parses -S values as YAML too
+            P.validate(raw)
     help_lists([exe("dvc"), *sub, "--help"], options(args), cmd)
     return "dry"
 
