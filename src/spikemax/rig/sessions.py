@@ -22,7 +22,7 @@ import numpy as np
 from spikemax import SpikemaxError
 from spikemax.rig import factory
 from spikemax.rig.errors import Conflict, Invalid, JournalDamaged, NotFound, RigError, Unavailable
-from spikemax.rig.journal import Asked, Event, Journal, SessionRecord
+from spikemax.rig.journal import Asked, Event, Journal, SessionRecord, Told
 from spikemax.rig.mirror import CLOSED_LOOP_TAG, SESSION_TAG, MlflowMirror
 from spikemax.rig.models import SessionCreate, SessionStatus, TellRequest
 from spikemax.rig.replay import SessionConfig, SessionState
@@ -177,7 +177,7 @@ class SessionManager:
         """Journal the event, apply it, then tell the subscribers (which never fail the request)."""
         self.journal.append(s.id, s.state.seq, ev)
         s.apply(ev)
-        if s.state.finished and ev is not None and not isinstance(ev, Asked):
+        if isinstance(ev, Told) and s.state.finished:
             self.journal.set_state(s.id, "finished")
         if self.mirror is not None:
             try:
