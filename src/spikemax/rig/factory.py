@@ -31,7 +31,7 @@ def takes_prior(method: str, generator: str) -> bool:
     return prior_applies(method, generator)
 
 
-def resolve(req: SessionCreate, params: Any, paths: Any, grid: Any, state_dir: Path) -> SessionConfig:
+def resolve(req: SessionCreate, params: Any, paths: Any, grid: Any) -> SessionConfig:
     """A request's config: every field left out takes the maximize stage's default (params.yaml)."""
     from spikemax.generators import checkpoint_path
     from spikemax.optim import options_for
@@ -66,7 +66,6 @@ def resolve(req: SessionCreate, params: Any, paths: Any, grid: Any, state_dir: P
         noise=noise,
         retry_failed=req.retry_failed,
         prior=prior,
-        state_dir=str(state_dir),
     )
 
 

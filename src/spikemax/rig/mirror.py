@@ -31,7 +31,7 @@ OPEN_STATES = ("open", "paused")  # spikemax.session_state of a session a journa
 class MlflowMirror:
     """Keeps one MLflow run per session level with the journal (metrics, params, artifacts, status)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, state_dir: Path) -> None:
         import mlflow
 
         from spikemax import tracking
@@ -39,6 +39,7 @@ class MlflowMirror:
         tracking.enable_fast_sqlite()
         self.client = mlflow.MlflowClient(tracking.configure(root))
         self.eid = tracking.experiment_id(tracking.AM_EXPERIMENT, root)
+        self.state_dir = Path(state_dir)  # sessions/<id>/ under it holds each run's artifact files
         self.loggers: dict[str, Any] = {}
         self._cv = threading.Condition()
         self._todo: dict[str, tuple[Session, bool]] = {}  # session id -> (session, full refresh wanted)
@@ -46,7 +47,7 @@ class MlflowMirror:
         self._closing = False
 
     # -- runs ------------------------------------------------------------------------------------
-    def open(self, s: Session, state_dir: Path) -> str:
+    def open(self, s: Session) -> str:
         """Open the session's run (tagged as a closed-loop session of this state directory) with its params."""
         from mlflow.entities import Param
 
@@ -57,7 +58,7 @@ class MlflowMirror:
             tags={
                 CLOSED_LOOP_TAG: "true",
                 SESSION_TAG: c.id,
-                STATE_TAG: str(state_dir.resolve()),
+                STATE_TAG: str(self.state_dir.resolve()),
                 "spikemax.source": "rig",
                 "spikemax.session_name": c.name,
                 "spikemax.session_state": "open",
@@ -115,9 +116,9 @@ class MlflowMirror:
             self.client.update_run(s.run_id, status="RUNNING")
             self.client.set_tag(s.run_id, "spikemax.session_state", "open")
 
-    def lost(self, state_dir: Path, known: set[str]) -> list[tuple[str, str]]:
+    def lost(self, known: set[str]) -> list[tuple[str, str]]:
         """(session id, run id) of open sessions MLflow records for this state directory that the journal lacks."""
-        here = str(state_dir.resolve())  # compared here, not in the filter: a path may hold quotes
+        here = str(self.state_dir.resolve())  # compared here, not in the filter: a path may hold quotes
         out = []
         for run in self.client.search_runs([self.eid], f"tags.`{CLOSED_LOOP_TAG}` = 'true'", max_results=50000):
             tags = run.data.tags
@@ -202,7 +203,7 @@ class MlflowMirror:
         lg = self.loggers.get(s.id)
         if lg is None:
             return
-        run_dir = Path(s.cfg.state_dir) / "sessions" / s.id
+        run_dir = self.state_dir / "sessions" / s.id
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             best = s.best_of(s.target)

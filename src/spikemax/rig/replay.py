@@ -39,7 +39,6 @@ class SessionConfig:
     noise: dict[str, Any] = field(default_factory=dict)  # aware, repeats, retest, final, estimator
     retry_failed: bool = False
     prior: bool = False  # the optimizer starts from the stage's TT data prior (saved beside the session)
-    state_dir: str = ""
 
     @property
     def target(self) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 from spikemax import SpikemaxError
 from spikemax.rig import factory
 from spikemax.rig.errors import Conflict, Invalid, JournalDamaged, NotFound, RigError, Unavailable
-from spikemax.rig.journal import Asked, Event, Journal, SessionRecord
+from spikemax.rig.journal import Asked, Event, Journal, SessionRecord, Told
 from spikemax.rig.mirror import CLOSED_LOOP_TAG, SESSION_TAG, MlflowMirror
 from spikemax.rig.models import SessionCreate, SessionStatus, TellRequest
 from spikemax.rig.replay import SessionConfig, SessionState
@@ -67,7 +67,7 @@ class SessionManager:
         self.mirror: MlflowMirror | None = None
         try:
             if mlflow:
-                self.mirror = MlflowMirror(paths.root)
+                self.mirror = MlflowMirror(paths.root, self.state_dir)
             for rec in self.journal.sessions():
                 self.sessions[rec.id] = self._restore(rec)
             self._check_lost(forget_lost)
@@ -84,7 +84,7 @@ class SessionManager:
         """MLflow's open sessions of this state directory must all be in the journal (else it was lost)."""
         if self.mirror is None:
             return
-        lost = self.mirror.lost(self.state_dir, set(self.sessions))
+        lost = self.mirror.lost(set(self.sessions))
         if not lost:
             return
         ids = ", ".join(sid for sid, _ in lost[:5]) + (" ..." if len(lost) > 5 else "")
@@ -129,7 +129,7 @@ class SessionManager:
         except SpikemaxError as err:
             raise Invalid(f"generator: {err}") from None
         self.journal.check()
-        cfg = factory.resolve(req, self.params, self.paths, grid, self.state_dir)
+        cfg = factory.resolve(req, self.params, self.paths, grid)
         prior = self._prior(cfg, grid) if cfg.prior else None
         # the driver first: a bad method/option combination fails before anything is written
         s = Session(SessionState.new(cfg), grid, factory.make_driver(cfg, grid, prior), None)
@@ -138,7 +138,7 @@ class SessionManager:
             if prior is not None:
                 factory.save_prior(prior, prior_file)
             if self.mirror is not None:
-                self.mirror.open(s, self.state_dir)
+                self.mirror.open(s)
             self.journal.create(cfg.id, cfg.created, asdict(cfg), s.run_id)
         except BaseException as err:
             prior_file.unlink(missing_ok=True)
@@ -177,7 +177,7 @@ class SessionManager:
         """Journal the event, apply it, then tell the subscribers (which never fail the request)."""
         self.journal.append(s.id, s.state.seq, ev)
         s.apply(ev)
-        if s.state.finished and ev is not None and not isinstance(ev, Asked):
+        if isinstance(ev, Told) and s.state.finished:
             self.journal.set_state(s.id, "finished")
         if self.mirror is not None:
             try:

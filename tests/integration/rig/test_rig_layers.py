@@ -109,3 +109,30 @@ def test_warnings_go_to_the_named_logger(proj, tmp_path, caplog, monkeypatch):
     assert f"rig session {sid} cannot be resumed: generator checkpoint sngan changed" in rec.getMessage()
     assert again.get(sid).status().state.startswith("broken: generator checkpoint sngan changed")
     again.close()
+
+
+def test_a_journal_of_the_earlier_version_resumes(proj, tmp_path):
+    """A session config without the fields added since (noise, retry_failed, prior) replays as it ran."""
+    import json
+    import sqlite3
+
+    params, paths = proj
+    m = SessionManager(params, paths, tmp_path / "s", mlflow=False)
+    req = SessionCreate(generator="sngan", method="tt", budget=32, seed=1, batch=8, noise_aware=False)
+    sid = m.create(req).id
+    for _ in range(2):
+        step(m, sid)
+    pending = [x for x, _ in m.ask(sid, 4)]
+    before = queries(m, sid)
+    m.close()
+    con = sqlite3.connect(tmp_path / "s" / "rig.db")
+    (config,) = con.execute("SELECT config FROM sessions WHERE id=?", (sid,)).fetchone()
+    old = {k: v for k, v in json.loads(config).items() if k not in ("noise", "retry_failed", "prior")}
+    con.execute("UPDATE sessions SET config=? WHERE id=?", (json.dumps(old), sid))
+    con.commit()
+    con.close()
+    again = SessionManager(params, paths, tmp_path / "s", mlflow=False)
+    st = again.get(sid).status()
+    assert queries(again, sid) == before and st.pending_ids == pending and st.state == "open"
+    assert (st.noise_aware, st.retry_failed, st.prior) == (False, False, False)
+    again.close()
