@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from spikemax import params as P
+from spikemax import tracking
 from spikemax.querylog import read_queries
 from spikemax.stages.maximize import run as run_stage
 
@@ -56,9 +57,9 @@ def test_ray_engine_equals_in_process(tmp_path, project, snn_checkpoints, genera
     assert_same_results(local[1], remote[1])
     # The tasks' runs are nested under the driver's parent run, each FINISHED once.
     nested = [r for r in _runs(remote[1].root) if "spikemax.run_key" in r.data.tags]
-    parent = {r.info.run_id for r in _runs(remote[1].root) if "spikemax.run_key" not in r.data.tags}
+    parent = {r.info.run_id for r in _runs(remote[1].root) if tracking.is_scan(r)}
     assert len(nested) == m_ray["n_runs"] and {r.info.status for r in nested} == {"FINISHED"}
-    assert {r.data.tags["mlflow.parentRunId"] for r in nested} == parent
+    assert {r.data.tags[tracking.SCAN_TAG] for r in nested} == parent
     # Rerun: nothing left to do, nothing redone.
     assert run_stage(*remote)["queries_run"] == 0
 
@@ -69,7 +70,6 @@ def test_a_retried_group_keeps_finished_runs_and_redoes_the_lost_one(
 ):
     from mlflow import MlflowClient
 
-    from spikemax import tracking
     from spikemax.am.plan import plan
     from spikemax.stages.maximize import remote_group, remote_stats
 

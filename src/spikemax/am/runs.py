@@ -132,7 +132,7 @@ class AMRuns:
         tuned = m.tuned_settings(combo.generator) if runs_tt(combo.method, combo.generator) else {}
         warm_from = self.warm_source(combo)
         tags = {
-            "mlflow.parentRunId": self.parent_id,
+            **tracking.am_run_tags(self.client, self.eid, str(self.parent_id), combo.generator, combo.epoch),
             tracking.RUN_KEY_TAG: combo.key,
             "spikemax.layer": combo.target.layer,
             "spikemax.warm_start_from": warm_from or "none",
@@ -302,8 +302,12 @@ class AMRuns:
             **extras,
         }
         # best_activation is already the last point of its per-query curve (MLflow shows the latest).
+        # The concept is a class: a tag with its name, not a float metric.
+        concept = summary.pop("concept", None)
         self.client.log_batch(
-            op.run_id, metrics=metric_batch({k: v for k, v in summary.items() if k != "best_activation"})
+            op.run_id,
+            metrics=metric_batch({k: v for k, v in summary.items() if k != "best_activation"}),
+            tags=tracking.concept_tags("spikemax.concept", concept, self.prepared.classes),
         )
         for name in ("best_stimulus.png", "convergence.png"):
             if (run_dir / name).is_file():
@@ -355,7 +359,7 @@ class AMRuns:
         """Mark FAILED every run of this invocation's parent still RUNNING (its process is gone)."""
         for run in self.client.search_runs(
             [self.eid],
-            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' and status = 'RUNNING'",
+            filter_string=f"{tracking.scan_filter(str(self.parent_id))} and status = 'RUNNING'",
             max_results=10000,
         ):
             self.client.set_tag(run.info.run_id, "spikemax.failure", reason)

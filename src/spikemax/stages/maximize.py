@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from spikemax import SpikemaxError, devices, snn
+from spikemax import SpikemaxError, devices, snn, tracking
 from spikemax.am.loop import run_am_group, run_am_population
 from spikemax.am.plan import Combo, plan, population_key, runs_tt
 from spikemax.am.runs import AMRuns, OpenRun, dataset_stats, metric_batch, param_batch, stimulus_stats
@@ -38,7 +38,9 @@ def run(params: Params, paths: Paths) -> dict:
     todo = [c for c in plan_.combos if c.key not in st.done]
     t0 = time.perf_counter()
     parent = st.client.create_run(
-        st.eid, run_name=f"maximize-{time.strftime('%Y%m%d-%H%M%S')}", tags={"spikemax.stage": "maximize"}
+        st.eid,
+        run_name=f"maximize-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags=tracking.run_tags(paths.root, params, "maximize"),
     )
     st.parent_id = parent.info.run_id
     st.client.log_batch(
@@ -348,7 +350,7 @@ def remote_group(
         earlier = st.client.get_run(row["run_id"]) if row is not None else None
         if row is not None and earlier is not None and earlier.info.status == "FINISHED":
             st.done[c.key] = row
-            if earlier.data.tags.get("mlflow.parentRunId") == parent_id and not params.maximize.population:
+            if earlier.data.tags.get(tracking.SCAN_TAG) == parent_id and not params.maximize.population:
                 n += int(row["n_queries"])  # run by a lost attempt of this task: counted as in-process
             continue
         for run in st.client.search_runs(

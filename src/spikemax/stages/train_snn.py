@@ -49,7 +49,10 @@ def _train(params: Params, paths: Paths) -> None:
     uri = tracking.configure(paths.root)
     tracking.experiment_id(tracking.SNN_EXPERIMENT, paths.root)
     logger = MLFlowLogger(
-        experiment_name=tracking.SNN_EXPERIMENT, tracking_uri=uri, run_name=f"snn-{prepared.meta['dataset']}"
+        experiment_name=tracking.SNN_EXPERIMENT,
+        tracking_uri=uri,
+        run_name=f"snn-{prepared.meta['dataset']}",
+        tags=tracking.run_tags(paths.root, params, "train_snn"),
     )
     train_loader = dm.train_dataloader()
     per_epoch = len(train_loader)
