@@ -26,7 +26,9 @@ def sh(*args: str, cwd: Path, columns: int | None = None) -> subprocess.Complete
     env.pop("MLFLOW_TRACKING_URI", None)
     if columns is not None:
         env["COLUMNS"] = str(columns)  # the terminal width rich lays the table out for
-    res = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, env=env, timeout=2400
+    )  # a loaded CI machine: the tiny pipeline took over 10 min at load 22 on 2 cores
     assert res.returncode == 0, f"{' '.join(args)} -> {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res
 

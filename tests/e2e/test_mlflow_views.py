@@ -62,9 +62,10 @@ class GridCells(HTMLParser):
 
 def rendered_columns(url: str, tmp: Path) -> dict[str, list[str]]:
     """Column id -> cell texts of the runs table Chromium renders at `url` (the UI renders client-side:
-    the DOM is dumped after a virtual-time budget that lets its fetches finish)."""
+    the DOM is dumped after a virtual-time budget that lets its fetches finish). The window is wide:
+    the table renders only the columns in view."""
     cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1800,1200",
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=4000,1600",
         f"--user-data-dir={tmp}", "--virtual-time-budget=30000", "--dump-dom", url,
     ]  # fmt: skip
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
