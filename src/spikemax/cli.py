@@ -37,8 +37,10 @@ def one_line_errors(fn: Callable) -> Callable:
 
 
 def _load(params: Path):
+    from spikemax.logs import quiet_third_party
     from spikemax.params import load
 
+    quiet_third_party()  # every stage's log: the known third-party noise, filtered once
     return load(params)
 
 
@@ -129,6 +131,17 @@ def analyze(params: Path = ParamsOpt) -> None:
     from spikemax.stages.analyze import run
 
     run(p, paths)
+
+
+@app.command()
+@one_line_errors
+def summarize(params: Path = ParamsOpt) -> None:
+    """Write metrics/summary.json: the headline numbers `dvc metrics show` and `dvc exp show` compare."""
+    p, paths = _load(params)
+    from spikemax.stages.summarize import run
+
+    for key, value in run(p, paths).items():
+        print(f"{key}: {value}")
 
 
 @app.command()

@@ -86,12 +86,16 @@ def test_stage_outputs_mlflow_layout_and_rerun_skips(tmp_path, models):
     assert (df[(df.method != "tt") | (df.epoch == 0)]["queries_saved"] == 0).all()
 
     runs = am_runs(paths.root)
-    parents = [r for r in runs if tracking.RUN_KEY_TAG not in r.data.tags]
+    parents = [r for r in runs if tracking.is_scan(r)]
     nested = [r for r in runs if tracking.RUN_KEY_TAG in r.data.tags]
     assert len(parents) == 1 and len(nested) == n
     client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
     r = next(r for r in nested if r.info.run_id == df.iloc[0]["run_id"])
-    assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert r.info.status == "FINISHED" and r.data.tags[tracking.SCAN_TAG] == parents[0].info.run_id
+    group = client.get_run(r.data.tags["mlflow.parentRunId"])  # nested via its (generator, checkpoint) group
+    assert group.data.tags[tracking.GROUP_TAG] == tracking.group_name(
+        r.data.params["generator"], int(r.data.params["epoch"])
+    )
     for k in ("method", "rank", "grid_n", "budget", "batch", "epoch", "target", "generator", "seed"):
         assert k in r.data.params
     for k in ("best_activation", "queries_to_95", "dataset_max", "am_gain"):

@@ -20,6 +20,7 @@ from PIL import Image
 from spikemax import params as P
 from spikemax import report as R
 from spikemax import selectivity as S
+from spikemax.analysis import HEADLINE
 from spikemax.data import Prepared
 from tests.support.project import TINY_GENERATORS, TINY_PREPARE, TINY_SNN, run_cli, write_params
 
@@ -191,12 +192,14 @@ def test_mlflow_analysis_run_and_am_tags(tiny_run):
     assert ids["tracking_uri"] == f"sqlite:///{(tiny_run.root / 'mlruns' / 'mlflow.db').resolve()}"
     client = mlflow.MlflowClient(ids["tracking_uri"])
     run = client.get_run(ids["run_id"])
-    assert "claim1_early_selectivity.frac_selective_by_early_epoch.value" in run.data.metrics
-    assert "claim1_early_selectivity.frac_selective_by_early_epoch.hi" in run.data.metrics
+    assert client.get_experiment(run.info.experiment_id).name == "analysis"  # not among the AM runs
+    assert set(run.data.metrics) <= set(HEADLINE) and "c1_early_selective" in run.data.metrics
+    assert "analysis.json" in {a.path for a in client.list_artifacts(ids["run_id"])}
     assert ids["am_runs_missing"] == 0 and ids["am_runs_tagged"] > 0
     am_run_id = pd.read_csv(tiny_run.results / "am" / "summary.csv")["run_id"].iloc[0]
     tags = client.get_run(am_run_id).data.tags
-    assert tags["analysis_run_id"] == ids["run_id"] and "selectivity.csi" in tags
+    classes = json.loads((tiny_run.metrics / "analysis.json").read_text())["meta"]["classes"]
+    assert tags["spikemax.analysis_run"] == ids["run_id"] and tags["spikemax.final_concept"] in classes
 
 
 def test_report_has_every_section_and_image(tiny_run):

@@ -91,6 +91,6 @@ def test_analysis_run_fails_on_error(root, tmp_path):
 
     out = tmp_path / "analysis"
     out.mkdir()
-    with pytest.raises(KeyError, match="claim1_early_selectivity"):
-        log_mlflow(P.Paths(root), {"claim2": {"rho": 0.5}}, out, pd.DataFrame())
+    with pytest.raises(Exception, match="analysis.json"):  # metrics/analysis.json was never written
+        log_mlflow(P.Paths(root), P.validate({}), {"claim2": {"rho": 0.5}}, out, pd.DataFrame())
     assert statuses(root) == ["FAILED"]

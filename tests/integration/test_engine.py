@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from spikemax import tracking
 from spikemax.am.engine import EngineSettings
 from spikemax.querylog import read_queries
 from spikemax.stages.maximize import run as run_stage
@@ -26,9 +27,9 @@ def test_ray_engine_equals_in_process(tmp_path, project, snn_checkpoints, genera
     assert_same_results(local[1], remote[1])
     # The tasks' runs are nested under the driver's parent run, each FINISHED once.
     nested = [r for r in am_runs(remote[1].root) if "spikemax.run_key" in r.data.tags]
-    parent = {r.info.run_id for r in am_runs(remote[1].root) if "spikemax.run_key" not in r.data.tags}
+    parent = {r.info.run_id for r in am_runs(remote[1].root) if tracking.is_scan(r)}
     assert len(nested) == m_ray["n_runs"] and {r.info.status for r in nested} == {"FINISHED"}
-    assert {r.data.tags["mlflow.parentRunId"] for r in nested} == parent
+    assert {r.data.tags[tracking.SCAN_TAG] for r in nested} == parent
     # Rerun: nothing left to do, nothing redone.
     assert run_stage(*remote, on_ray)["queries_run"] == 0
 
@@ -39,7 +40,6 @@ def test_a_retried_group_keeps_finished_runs_and_redoes_the_lost_one(
 ):
     from mlflow import MlflowClient
 
-    from spikemax import tracking
     from spikemax.am.group import group_on_worker, stats_on_worker
     from spikemax.am.plan import plan
 

@@ -18,6 +18,7 @@ STAGE_MODULES = {
     "tune": "spikemax.stages.tune",
     "maximize": "spikemax.stages.maximize",
     "analyze": "spikemax.stages.analyze",
+    "summarize": "spikemax.stages.summarize",
     "report": "spikemax.stages.report",
 }
 

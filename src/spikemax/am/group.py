@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from spikemax import tracking
 from spikemax.am.lifecycle import OpenRun, RunTracker
 from spikemax.am.loop import AMResult, run_am_group, run_am_population
 from spikemax.am.measures import stimulus_stats
@@ -246,7 +247,7 @@ def finish_run(
     state = optimizer.state_dict() if spec.resolved == "tt" and hasattr(optimizer, "state_dict") else None
     pngs = ctx.files.write_run(spec, res, state)
     row = run_row(spec, op.run_id, op.warm_from, res, ctx.m.budget, dataset_max, saved, extras)
-    ctx.tracker.log_results(op, run_metrics(row, res.wall_s), pngs)
+    ctx.tracker.log_results(op, run_metrics(row, res.wall_s), pngs, ctx.files.prepared.classes)
     ctx.files.write_row(spec, row)
     # FINISHED last: a kill before this line leaves the run to be redone, never half-counted.
     ctx.tracker.mark_finished(op)
@@ -282,7 +283,7 @@ def group_on_worker(
         earlier = ctx.tracker.client.get_run(row["run_id"]) if row is not None else None
         if row is not None and earlier is not None and earlier.info.status == "FINISHED":
             ctx.done[spec.key] = row
-            if earlier.data.tags.get("mlflow.parentRunId") == parent_id and not spec.population:
+            if earlier.data.tags.get(tracking.SCAN_TAG) == parent_id and not spec.population:
                 n += int(row["n_queries"])  # run by a lost attempt of this task: counted as in-process
             continue
         ctx.tracker.fail_leftover(spec.key)

@@ -30,8 +30,9 @@ def run_tags(
         return {FAILURE_TAG: failure[:4000]}
     if spec is None:
         return {STAGE_TAG: "maximize"}
+    # Nesting (under the scan's generator/checkpoint group), the scan id, commit and params hash
+    # come from tracking.am_run_tags when the run is opened.
     return {
-        "mlflow.parentRunId": str(parent_id),
         tracking.RUN_KEY_TAG: spec.key,
         "spikemax.layer": spec.target.layer,
         "spikemax.warm_start_from": warm_from or "none",
@@ -122,8 +123,11 @@ class RunTracker:
             self._fail(run.info.run_id, "interrupted (worker lost; group retried)")
 
     # -- parent -------------------------------------------------------------------------------
-    def open_parent(self, params: dict[str, Any]) -> str:
-        run = self.client.create_run(self.eid, run_name=f"maximize-{time.strftime('%Y%m%d-%H%M%S')}", tags=run_tags())
+    def open_parent(self, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+        """Open the scan's parent run (`tags`: tracking.run_tags, the commit and params hash) with its params."""
+        run = self.client.create_run(
+            self.eid, run_name=f"maximize-{time.strftime('%Y%m%d-%H%M%S')}", tags={**run_tags(), **(tags or {})}
+        )
         self.client.log_batch(run.info.run_id, params=param_batch(params))
         return str(run.info.run_id)
 
@@ -137,7 +141,7 @@ class RunTracker:
         out = []
         for run in self.client.search_runs(
             [self.eid],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and status = 'RUNNING'",
+            filter_string=f"{tracking.scan_filter(parent_id)} and status = 'RUNNING'",
             max_results=10000,
         ):
             self._fail(run.info.run_id, reason)
@@ -149,7 +153,11 @@ class RunTracker:
         self, spec: RunSpec, parent_id: str, warm_from: str, m: MaximizeParams, grid: Any, snn_ckpt: Path, run_dir: Path
     ) -> OpenRun:
         """Open the nested run of `spec` (its params logged) with its query logger in `run_dir`."""
-        run = self.client.create_run(self.eid, run_name=spec.key, tags=run_tags(spec, parent_id, warm_from))
+        tags = {
+            **run_tags(spec, parent_id, warm_from),
+            **tracking.am_run_tags(self.client, self.eid, str(parent_id), spec.generator, spec.epoch),
+        }
+        run = self.client.create_run(self.eid, run_name=spec.key, tags=tags)
         run_id = run.info.run_id
         self.client.log_batch(
             run_id,
@@ -186,9 +194,17 @@ class RunTracker:
         logger = QueryLogger(self.client, run_id, run_dir, artifact_uri=run.info.artifact_uri)
         return OpenRun(spec, run_id, logger, warm_from)
 
-    def log_results(self, op: OpenRun, metrics: dict[str, Any], artifacts: list[Path]) -> None:
+    def log_results(
+        self, op: OpenRun, metrics: dict[str, Any], artifacts: list[Path], classes: list[str] | None = None
+    ) -> None:
         """Log a run's summary metrics and artifacts (it stays RUNNING until `mark_finished`)."""
-        self.client.log_batch(op.run_id, metrics=metric_batch(metrics))
+        metrics = dict(metrics)
+        concept = metrics.pop("concept", None)  # a class: a tag with its name, not a float metric
+        self.client.log_batch(
+            op.run_id,
+            metrics=metric_batch(metrics),
+            tags=tracking.concept_tags("spikemax.concept", concept, classes or []),
+        )
         for path in artifacts:
             if path.is_file():
                 op.logger.log_artifact(path)

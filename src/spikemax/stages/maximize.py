@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from spikemax import SpikemaxError, devices
+from spikemax import SpikemaxError, devices, tracking
 from spikemax.am.engine import EngineSettings, executor
 from spikemax.am.group import Context
 from spikemax.am.plan import Plan, plan
@@ -29,7 +29,9 @@ def run(params: Params, paths: Paths, engine: EngineSettings | None = None) -> d
         ctx.done = ctx.tracker.finished({r.key: r for r in plan_.runs}, ctx.files.read_row)
         ctx.files.am_dir.mkdir(parents=True, exist_ok=True)
         todo = [r for r in plan_.runs if r.key not in ctx.done]
-        ctx.parent_id = ctx.tracker.open_parent(parent_params(params, plan_, len(todo)))
+        ctx.parent_id = ctx.tracker.open_parent(
+            parent_params(params, plan_, len(todo)), tracking.run_tags(paths.root, params, "maximize")
+        )
         t0 = time.perf_counter()
         n_run, status = 0, "FINISHED"
         try:

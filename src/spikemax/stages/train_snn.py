@@ -63,7 +63,10 @@ def _train(params: Params, paths: Paths) -> None:
             stale.unlink()
 
     logger = MLFlowLogger(
-        experiment_name=tracking.SNN_EXPERIMENT, tracking_uri=uri, run_name=f"snn-{prepared.meta['dataset']}"
+        experiment_name=tracking.SNN_EXPERIMENT,
+        tracking_uri=uri,
+        run_name=f"snn-{prepared.meta['dataset']}",
+        tags=tracking.run_tags(paths.root, params, "train_snn"),
     )
     recorder = EpochRecorder(out_dir, steps, per_epoch, eval_loaders)
     trainer = L.Trainer(

@@ -132,9 +132,9 @@ def test_training_wrote_checkpoint_metrics_and_mlflow_run(generator_checkpoints,
     assert 1.0 <= vq["val_perplexity"] <= 32 and 0 < vq["val_recon_mse"] < 0.2
     client = mlflow.MlflowClient(tracking.configure(paths.root))
     runs = client.search_runs(
-        [tracking.experiment_id("generators", paths.root)], filter_string="tags.stage = 'train_generator'"
+        [tracking.experiment_id("generators", paths.root)], filter_string="tags.`spikemax.stage` = 'train_generator'"
     )
-    by_gen = {r.data.tags["generator"]: r for r in runs}
+    by_gen = {r.data.tags["spikemax.generator"]: r for r in runs}
     assert set(NAMES) <= set(by_gen)
     vq_run = by_gen["vqvae"]
     assert {"loss", "recon_mse", "perplexity", "val_recon_mse"} <= set(vq_run.data.metrics)
