@@ -68,6 +68,8 @@ def _progress_axis(*axes: Any, xs: Any = None) -> None:
         top = float(x.max()) if x.size else 1.0
         ax.set_xscale("symlog", linthresh=lin, linscale=0.5)
         ticks = [0.0] + [t for t in PROGRESS_TICKS if lin <= t <= top * 1.05]
+        if len(ticks) < 3:  # a short range (AM on the first few checkpoints only): label its ends
+            ticks = sorted({*ticks, float(f"{lin:.2g}"), float(f"{top:.2g}")})
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))

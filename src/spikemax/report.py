@@ -117,16 +117,26 @@ def table(df: pd.DataFrame, links: dict[str, str] | None = None) -> str:
     if not shown:
         return ""
     key, rest = shown[0], shown[1:]
-    groups: list[list[Any]] = [[]]
-    width = _col_px(df, key)
-    used = width
-    for c in rest:
-        w = _col_px(df, c)
-        if groups[-1] and used + w > TABLE_PX:
-            groups.append([])
-            used = width
-        groups[-1].append(c)
-        used += w
+    key_px, widths = _col_px(df, key), [_col_px(df, c) for c in rest]
+
+    def split(limit: float) -> list[list[Any]]:
+        groups: list[list[Any]] = [[]]
+        used = key_px
+        for c, w in zip(rest, widths):
+            if groups[-1] and used + w > limit:
+                groups.append([])
+                used = key_px
+            groups[-1].append(c)
+            used += w
+        return groups
+
+    groups = split(TABLE_PX)
+    k = len(groups)
+    for slack in (0.0, 0.25, 0.5, 1.0) if k > 1 else ():  # as many tables, of even widths, not a full one and a stub
+        even = split(min(TABLE_PX, key_px + sum(widths) / k + slack * max(widths)))
+        if len(even) == k:
+            groups = even
+            break
     hrefs = [h for c, h in links.items()]
     return "".join(_html_table(df[[key, *g, *hrefs]], links) for g in groups)
 

@@ -164,3 +164,11 @@ def test_progress_axes_have_readable_ticks(drawn):
     conv = figs["convergence"].axes[0]
     labels = [t.get_text() for t in conv.get_xticklabels() if t.get_text()]
     assert "100" in labels and not any("^" in s for s in labels), labels
+
+
+def test_a_short_progress_range_still_has_labelled_ends(data, tmp_path):
+    """AM on the first two checkpoints only (0 and 0.024 epochs): both ends get a tick label."""
+    first = data["first"]
+    fig = F.fig_first_selective(first, [0, 1], LAYERS, 0.5, tmp_path / "f.png", PROGRESS[:2])
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()]
+    assert labels == ["0", "0.024"], labels
