@@ -76,7 +76,7 @@ def test_restart_replays_to_the_same_optimizer(proj, tmp_path, method, generator
 
 
 def test_sessions_interleaved_equal_sessions_alone(proj, tmp_path):
-    """CMA draws from numpy's global generator: two interleaved sessions still ask what each asks alone."""
+    """Each optimizer draws from its own generator (pycma too): two interleaved sessions ask what each asks alone."""
     params, paths = proj
     reqs = [SessionCreate(generator="sngan", method="cma", budget=40, seed=s, batch=8) for s in (0, 1)]
     both = SessionManager(params, paths, tmp_path / "both", mlflow=False)
