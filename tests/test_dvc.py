@@ -161,7 +161,8 @@ def test_whole_pipeline_repro_on_a_fresh_repo(dvc_repo):
     summary = json.loads((dvc_repo / "metrics" / "summary.json").read_text())
     assert 0 < len(summary) <= 12 and all(isinstance(v, (int, float)) for v in summary.values()), json.dumps(summary)
     shown = json.loads(sh(DVC, "metrics", "show", "--json", cwd=dvc_repo).stdout)
-    assert list(shown["workspace"]["data"]) == ["metrics/summary.json"]
+    ((_, workspace),) = shown.items()  # keyed by the revision ("" for the workspace in DVC 3.6x)
+    assert list(workspace["data"]) == ["metrics/summary.json"]
     plots = json.loads(sh(DVC, "plots", "show", "--json", cwd=dvc_repo).stdout)["data"]
     for name in ("snn_accuracy", "accuracy_selectivity", "csi_per_layer", "am_gain_per_layer"):
         (vega,) = plots[name]
