@@ -145,7 +145,9 @@ class NoiseParams(Section):
     sigma: float = Field(0.0, ge=0.0)  # multiplicative: r * max(0, 1 + sigma N(0, 1))
     window: float | None = Field(None, gt=0.0)  # poisson: time steps counted (null = the SNN's T)
     repeats: int = Field(1, ge=1)  # noisy draws averaged per presentation
-    aware: bool = False  # noise-aware optimizers (spikemax.optim.noisy): re-present the elite, best by mean
+    # Noise-aware optimizers (spikemax.optim.noisy): re-present the elite, best by estimated mean with an
+    # interval; "auto" = on whenever `model` is not none (the deterministic net needs no layer).
+    aware: bool | Literal["auto"] = "auto"
     retest: float = Field(0.05, ge=0.0, lt=1.0)  # at most this fraction of each batch re-presented
     final: float = Field(0.15, ge=0.0, lt=1.0)  # last share of the budget spent racing the elite
     estimator: Literal["mean", "shrink", "lcb"] = "shrink"

@@ -11,6 +11,15 @@ class _HasOrdered(Protocol):
     ordered: bool
 
 
+def noise_aware_on(noise: Any) -> bool:
+    """Whether the noise section turns the noise-aware layer on: `aware: true`, or "auto" (the
+    default) with a noise model set."""
+    aware = getattr(noise, "aware", False)
+    if aware == "auto":
+        return getattr(noise, "model", "none") != "none"
+    return bool(aware)
+
+
 def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None) -> dict[str, Any]:
     """make_optimizer options of `method` under the maximize params, for `grid`.
 
@@ -35,7 +44,7 @@ def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None
     elif method == "ngopt":
         opts = {"budget": int(m.budget)}  # NGOpt chooses its algorithm from the budget
     noise: Any = getattr(m, "noise", None)
-    if getattr(noise, "aware", False):  # the noise-aware layer (spikemax.optim.noisy) around any method
+    if noise_aware_on(noise):  # the noise-aware layer (spikemax.optim.noisy) around any method
         opts.update(noise_aware=True, retest=noise.retest, estimator=noise.estimator)
         if getattr(noise, "final", 0.0):  # the budget-aware schedule needs the run's budget
             opts.update(final=noise.final, budget=int(m.budget))
