@@ -67,16 +67,11 @@ def grid_prior(params: Any, grid: Any, prepared: Any, cache: str | None = None) 
 
 
 def reference_points(grid: Any, prepared: Any, count: int, seed: int = 0) -> np.ndarray:
-    """A fixed set of `count` reference stimuli as grid points: prepared test images through the
-    generator's encoder on a codebook grid, seeded random grid points (fixed latents) otherwise."""
-    if not grid.ordered and hasattr(grid, "encode"):
-        x, _ = prepared.tensors("test")
-        pick = np.random.default_rng(seed).choice(len(x), size=count, replace=False)
-        with torch.no_grad():
-            return grid.encode(x[torch.as_tensor(pick)]).numpy().astype(np.int64)
-    return np.random.default_rng([seed, 5]).integers(
-        0, np.broadcast_to(np.asarray(grid.n), (grid.d,))[None, :], size=(count, grid.d)
-    )
+    """The fixed reference set (`spikemax.neurons.reference_points`) from the prepared test images."""
+    from spikemax.neurons import reference_points as points
+
+    x, _ = prepared.tensors("test")
+    return points(grid, x, count, seed)
 
 
 def spread_neurons(net: Any, k: int, seed: int, layers: list[str] | None = None) -> list[str]:

@@ -171,6 +171,18 @@ def make_responder(
     return respond
 
 
+def reference_points(grid: Any, test_images: Tensor, count: int, seed: int = 0) -> np.ndarray:
+    """A fixed set of `count` reference stimuli as grid points (int (count, d)), for drift correction:
+    test images through the generator's encoder on a codebook grid (natural images, as rig tools
+    interleave), seeded random grid points (fixed latents) on an ordered grid."""
+    d, n = int(grid.d), np.broadcast_to(np.asarray(grid.n), (int(grid.d),))
+    if not grid.ordered and hasattr(grid, "encode"):
+        pick = np.random.default_rng(seed).choice(len(test_images), size=min(count, len(test_images)), replace=False)
+        with torch.no_grad():
+            return grid.encode(test_images[torch.as_tensor(pick)]).numpy().astype(np.int64).reshape(-1, d)
+    return np.random.default_rng([seed, 5]).integers(0, n[None, :], size=(count, d))
+
+
 NOISE_MODELS = ("none", "poisson", "multiplicative")
 """Response noise of a responder: none (the deterministic net), poisson (spike counts over a window),
 multiplicative (r * max(0, 1 + sigma N(0, 1)), Wang & Ponce 2022, sigma 0.2-0.5)."""

@@ -151,6 +151,14 @@ class NoiseParams(Section):
     retest: float = Field(0.05, ge=0.0, lt=1.0)  # at most this fraction of each batch re-presented
     final: float = Field(0.15, ge=0.0, lt=1.0)  # last share of the budget spent racing the elite
     estimator: Literal["mean", "shrink", "lcb"] = "shrink"
+    # Drift of the responder's gain (spikemax.optim.drift.DriftingGain): linear change over the run's
+    # budget (-0.3 = falls by 30 %) times a random walk with this standard deviation per 100 presentations.
+    drift_trend: float = Field(0.0, ge=-1.0)
+    drift_walk: float = Field(0.0, ge=0.0)
+    # Reference stimuli presented in every batch (counted in the budget) to correct the search for drift
+    # (spikemax.optim.drift.DriftCorrected), drawn in turn from a fixed set of `reference_set` stimuli.
+    references: int = Field(0, ge=0)
+    reference_set: int = Field(16, ge=1)
 
     @classmethod
     def from_sigma(cls, value: Any) -> Any:

@@ -299,6 +299,7 @@ class AMRuns:
             "queries_saved": saved,
             "n_queries": res.n_queries,
             "wall_s": res.wall_s,
+            **res.interval,  # noise-aware runs: best_estimate, best_low, best_high, best_count
             **extras,
         }
         # best_activation is already the last point of its per-query curve (MLflow shows the latest).
@@ -332,6 +333,7 @@ class AMRuns:
             "run_dir": c.run_dir,
             "stopped_early": res.stop_reason,
             "warm_start_from": op.warm_from,
+            **res.interval,
             **extras,
         }
         write_json(run_dir / "summary.json", row, indent=None)

@@ -41,7 +41,7 @@ def _make_base(method: str, d: int, n: int | Sequence[int], seed: int, **options
         if resolved == "cma":
             from .baselines import CMAOptimizer
 
-            return CMAOptimizer(d, n, seed=seed)
+            return CMAOptimizer(d, n, seed=seed, **options)
         if resolved != "tt":
             raise ValueError(
                 f"method 'auto' needs resolved='tt' or 'cma' (options_for resolves it per grid), got {resolved!r}"
