@@ -3,6 +3,7 @@
 Run on a project that has run `dvc repro` (models/snn, models/generators, data/prepared):
   python benchmarks/bench_noise.py --root /work/repro --out noise.json
   python benchmarks/bench_noise.py --root /work/repro --quick          # 6 neurons, sngan, one seed
+  python benchmarks/bench_noise.py combine a.json b.json --out noise.json  # parts run in parallel
 
 Neurons: `--neurons` units spread over the spiking layers of the last checkpoint (scored over those
 that fire). A method spec is `METHOD[+na][+ref][:key=value...]`:
@@ -79,21 +80,20 @@ def method_options(spec: str, params, grid, budget: int, na: dict, prior=None) -
     from spikemax.optim import options_for
 
     method, flags, extra = parse_spec(spec)
-    quiet = params.maximize.model_copy(update={"noise": params.maximize.noise.model_copy(update={"aware": False})})
-    opts = options_for(method, quiet, grid) if method not in ("cma-nh", "ngopt-noisy") else {}
+    m = params.maximize.model_copy(update={"budget": budget})
+    # +na: the stage's options under a noise model (the layer and its base settings); else none.
+    m = m.model_copy(update={"noise": m.noise.model_copy(update={"aware": "na" in flags})})
+    opts = options_for(method, m, grid) if method not in ("cma-nh", "ngopt-noisy") else {}
+    if "na" in flags and method in ("cma-nh", "ngopt-noisy"):
+        opts = {k: v for k, v in options_for("random", m, grid).items()}
     if method in ("ngopt", "ngopt-noisy"):
         opts["budget"] = budget
     if prior is not None and method in PRIOR_METHODS and opts.get("resolved", "tt") == "tt":
         opts["prior"] = prior
     extra.pop("refs", None)
     if "na" in flags:
-        aware = params.maximize.model_copy(
-            update={"budget": budget, "noise": params.maximize.noise.model_copy(update={"aware": True})}
-        )
-        layer = {k: v for k, v in options_for(method, aware, grid).items() if k not in opts or k == "budget"}
-        opts.update({**layer, "noise_aware": True, **na, **extra})
-    else:
-        opts.update(extra)
+        opts.update(na)
+    opts.update(extra)
     return method, opts
 
 
@@ -181,7 +181,72 @@ def summarize_cells(raw: dict, ref: np.ndarray) -> dict:
     return table
 
 
+def snapshot(result: dict, gen: str, raw: dict, clean, epoch, grid, ctx: dict, targets, t0: float, out) -> dict:
+    """Put the cells measured so far into `result` (and `out`, if given); the score table."""
+    ref = clean.best_seen()
+    table = summarize_cells(raw, ref)
+    result["generators"][gen] = {
+        "epoch": epoch,
+        "grid": {"d": grid.d, "n": int(np.max(grid.n))},
+        "batch": ctx["batch"],
+        "targets": targets,
+        "firing": int((ref > 0).sum()),
+        "clean_forwards": clean.forwards,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "scores": table,
+        "reference": ref.tolist(),
+        "raw": {
+            f"{spec}|{noise}|{B}": {k: np.stack([r[k] for r in runs]).tolist() for k in runs[0]}
+            for (spec, noise, B), runs in raw.items()
+        },
+    }
+    result["cpus"], result["load_avg_1m"] = os.cpu_count(), os.getloadavg()[0]
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+    return table
+
+
+def combine(paths: list[str], out: str | None) -> dict:
+    """Merge the JSONs of several invocations on the same panel (e.g. one per noise model, run in
+    parallel): one reference per neuron (the best any of them presented) and every cell rescored."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    merged: dict = {k: v for k, v in parts[0].items() if k != "generators"}
+    merged.update(combined=paths, methods=[], noise=[], generators={})
+    for part in parts:
+        merged["methods"] += [m for m in part["methods"] if m not in merged["methods"]]
+        merged["noise"] += [n for n in part["noise"] if n not in merged["noise"]]
+        for gen, g in part["generators"].items():
+            into = merged["generators"].setdefault(gen, {**g, "raw": {}, "wall_s": 0.0})
+            if g["targets"] != into["targets"]:
+                raise SystemExit(f"{gen}: the JSONs hold different panels; combine runs of one panel only")
+            into["raw"].update(g["raw"])
+            into["wall_s"] += g["wall_s"]
+            into["reference"] = np.maximum(into["reference"], g["reference"]).tolist()
+    for g in merged["generators"].values():
+        ref = np.asarray(g["reference"])
+        raw = {}
+        for key, v in g["raw"].items():
+            spec, noise, B = key.rsplit("|", 2)
+            arrays = {k: np.asarray(x, dtype=np.float64) for k, x in v.items()}
+            raw[(spec, noise, int(B))] = [{k: x[s] for k, x in arrays.items()} for s in range(len(arrays["reported"]))]
+        g["scores"] = summarize_cells(raw, ref)
+        g["firing"] = int((ref > 0).sum())
+    if out:
+        Path(out).write_text(json.dumps(merged, indent=2))
+    return merged
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "combine":  # bench_noise.py combine A.json B.json ... --out C.json
+        args = sys.argv[2:]
+        out = args[args.index("--out") + 1] if "--out" in args else None
+        merged = combine([p for i, p in enumerate(args) if p != "--out" and (i == 0 or args[i - 1] != "--out")], out)
+        for gen, g in merged["generators"].items():
+            for noise, cells in g["scores"].items():
+                for spec, by_b in cells.items():
+                    shown = "  ".join(f"B={b}: {c['median']:.3f} ({c['found_median']:.2f})" for b, c in by_b.items())
+                    print(f"{gen:<6} {noise:<14} {spec:<32} {shown}")
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="relative to --root")
     ap.add_argument("--root", default=None, help="project whose outputs are read (default: cwd)")
@@ -237,6 +302,7 @@ def main() -> None:
                 for B in budgets:
                     t = time.perf_counter()
                     raw[(spec, noise, B)] = runs = [run_panel(spec, ctx, noise, B, s) for s in seeds]
+                    snapshot(result, gen, raw, clean, epoch, grid, ctx, targets, t0, a.out)  # a kill keeps it
                     # A provisional score (over the best seen so far) to follow a long run.
                     now = np.nanmean([r["reported"] for r in runs], axis=0) / np.maximum(clean.best_seen(), 1e-12)
                     print(
@@ -244,23 +310,8 @@ def main() -> None:
                         f"median so far {np.median(now[clean.best_seen() > 0]):.3f}",
                         file=sys.stderr,
                     )
+        table = snapshot(result, gen, raw, clean, epoch, grid, ctx, targets, t0, a.out)
         ref = clean.best_seen()
-        table = summarize_cells(raw, ref)
-        result["generators"][gen] = {
-            "epoch": epoch,
-            "grid": {"d": grid.d, "n": int(np.max(grid.n))},
-            "batch": ctx["batch"],
-            "targets": targets,
-            "firing": int((ref > 0).sum()),
-            "clean_forwards": clean.forwards,
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "scores": table,
-            "reference": ref.tolist(),
-            "raw": {
-                f"{spec}|{noise}|{B}": {k: np.stack([r[k] for r in runs]).tolist() for k in runs[0]}
-                for (spec, noise, B), runs in raw.items()
-            },
-        }
         print(f"\n{gen} (epoch {epoch}, {int((ref > 0).sum())}/{len(targets)} neurons fire, batch {ctx['batch']})")
         print(f"{'noise':<14} {'method':<24} " + " ".join(f"{'B=' + str(B):>16}" for B in budgets) + "  coverage")
         for noise in noises:
@@ -269,9 +320,7 @@ def main() -> None:
                 shown = " ".join(f"{c['median']:>7.3f} ({c['found_median']:.2f})" for c in cells)
                 cov = " ".join(f"{c['coverage']:.2f}" for c in cells if c.get("coverage") is not None)
                 print(f"{noise:<14} {spec:<24} {shown}  {cov}")
-    result["cpus"], result["load_avg_1m"] = os.cpu_count(), os.getloadavg()[0]
     if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {a.out}")
 
 

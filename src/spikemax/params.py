@@ -151,6 +151,10 @@ class NoiseParams(Section):
     retest: float = Field(0.05, ge=0.0, lt=1.0)  # at most this fraction of each batch re-presented
     final: float = Field(0.15, ge=0.0, lt=1.0)  # last share of the budget spent racing the elite
     estimator: Literal["mean", "shrink", "lcb"] = "shrink"
+    # "auto": the noise-aware default also switches the base search to the settings that won under noise
+    # (spikemax.optim.noisy.UNDER_NOISE: TT selects its elite per batch, CMA-ES recombines more points);
+    # "base": the method's own settings as given.
+    search: Literal["auto", "base"] = "auto"
     # Drift of the responder's gain (spikemax.optim.drift.DriftingGain): linear change over the run's
     # budget (-0.3 = falls by 30 %) times a random walk with this standard deviation per 100 presentations.
     drift_trend: float = Field(0.0, ge=-1.0)

@@ -41,6 +41,17 @@ drew high, a stable search anchor; identifying the truly best point is this laye
 point's current estimate with its elite archive re-valued after every tell ("estimate"), or the
 estimate only for points measured more than once, raw draws otherwise ("repeated")."""
 
+UNDER_NOISE: dict[str, dict[str, Any]] = {
+    # TT: the elite is the best of the last batch (PROTES' selection) instead of an archive of the
+    # best draws ever, which under noise fills with lucky draws the local moves then circle around.
+    "tt": {"archive": False, "elite": 8},
+    # CMA-ES: recombine half of each 64-point generation (pycma weights of popsize 64) instead of
+    # the best 6 (popsize 12): averaging over more points, fewer lucky ones steer the mean.
+    "cma": {"popsize": 64},
+}
+"""Base optimizer settings the noise-aware default uses (`maximize.noise.search: auto`), chosen on
+benchmarks/bench_noise.py (VQ-VAE: TT; SN-GAN: CMA-ES; Poisson and multiplicative noise)."""
+
 # Relative spread below which repeats count as identical (float round-off of a deterministic net).
 _CLEAN_RTOL = 1e-9
 

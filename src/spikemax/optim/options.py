@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from .noisy import UNDER_NOISE
 from .tt import METHOD_AUTO, resolve_cma, resolve_ordinal
 
 
@@ -48,4 +49,7 @@ def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None
         opts.update(noise_aware=True, retest=noise.retest, estimator=noise.estimator)
         if getattr(noise, "final", 0.0):  # the budget-aware schedule needs the run's budget
             opts.update(final=noise.final, budget=int(m.budget))
+        if getattr(noise, "search", "auto") == "auto":  # the base's settings that won under noise
+            base = "tt" if "rank" in opts else ("cma" if "cma" in (method, opts.get("resolved")) else "")
+            opts.update(UNDER_NOISE.get(base, {}))
     return opts
