@@ -52,6 +52,15 @@ UNDER_NOISE: dict[str, dict[str, Any]] = {
 """Base optimizer settings the noise-aware default uses (`maximize.noise.search: auto`), chosen on
 benchmarks/bench_noise.py (VQ-VAE: TT; SN-GAN: CMA-ES; Poisson and multiplicative noise)."""
 
+SELECTIONS = ("lucb", "halving")
+"""How the final phase (`final` > 0) spends its budget: lucb races the leader against the
+challenger with the highest upper bound among the `pool` best (stops when separated); halving
+screens the `screen` best estimated points and halves them round by round (sequential halving)."""
+
+CLEAN_SWITCHABLE = ("archive", "elite")
+"""`UNDER_NOISE` settings a base optimizer can switch back while running (TT's attributes): the layer
+restores the given `clean_base` values once its probe finds the responses noise-free."""
+
 # Relative spread below which repeats count as identical (float round-off of a deterministic net).
 _CLEAN_RTOL = 1e-9
 
@@ -106,6 +115,9 @@ class NoisyOptimizer(Optimizer):
       candidates=False  also race the base model's own recommendation (`model_candidates`: the
                         CMA-ES distribution mean, the TT model's mode), a denoised guess.
       level=0.95        confidence level of `recommend()`'s interval.
+      selection="lucb"  one of `SELECTIONS`: how the final phase races the best estimated points.
+      screen=32         points entering the final phase's sequential halving.
+      clean_base=None   base settings restored once the probe finds the responses noise-free.
     """
 
     def __init__(
@@ -121,6 +133,9 @@ class NoisyOptimizer(Optimizer):
         final: float = 0.0,
         candidates: bool = False,
         level: float = 0.95,
+        selection: str = "lucb",
+        screen: int = 32,
+        clean_base: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(base.d, base.n.tolist(), base.seed, base.batch)
         self.base = base
@@ -147,6 +162,12 @@ class NoisyOptimizer(Optimizer):
         if not 0.0 < float(level) < 1.0:
             raise ValueError(f"level must be in (0, 1), got {level!r}")
         self.level = float(level)
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
+        self.selection = selection
+        self.screen = check_positive_int("screen", screen, minimum=2)
+        self._sh: dict | None = None  # sequential-halving state of the final phase
+        self.clean_base = dict(clean_base or {})
         self.n_retests = 0  # re-presentations asked so far
         self.clean = False  # set once `probe` repeats showed no spread at all
         self._key: dict[bytes, int] = {}
@@ -259,6 +280,32 @@ class NoisyOptimizer(Optimizer):
             return 0
         return min(round(self.retest * k), k - 1) if k > 1 else int(self.n_retests == 0)
 
+    def _halving(self, k: int) -> np.ndarray:
+        """k re-presentations of the final phase by sequential halving (Karnin et al. 2013, best-arm
+        identification with a fixed budget): the `screen` best estimated points share the phase's
+        budget in ceil(log2 screen) equal rounds, each round spread evenly over the survivors, the
+        better half (by estimate, all draws so far) surviving each round, down to two."""
+        est = self.estimates()
+        sh = self._sh
+        if sh is None:
+            m = min(self.screen, self._I.shape[0])
+            rounds = max(int(np.ceil(np.log2(max(m, 2)))), 1)
+            left = int(self.budget - self.n_told) if self.budget is not None else k
+            sh = self._sh = {"alive": np.argsort(-est, kind="stable")[:m], "queue": [], "round": 0}
+            sh["per_round"], sh["rounds"] = max(left // rounds, 1), rounds
+        picks: list[int] = []
+        while len(picks) < k:
+            if not sh["queue"]:
+                alive = sh["alive"]
+                if sh["round"] > 0 and alive.size > 2:  # keep the better half
+                    alive = alive[np.argsort(-est[alive], kind="stable")][: max(alive.size // 2, 2)]
+                    sh["alive"] = alive
+                each = max(sh["per_round"] // alive.size, 1)
+                sh["queue"] = list(np.tile(alive, each))
+                sh["round"] += 1
+            picks.append(int(sh["queue"].pop(0)))
+        return self._I[np.asarray(picks, dtype=np.int64)]
+
     def _pick_retests(self, k: int) -> np.ndarray:
         """Up to k re-presentations raced among the best estimated points (LUCB): the leader and
         the challenger with the highest upper bound are measured, the more uncertain of the two
@@ -301,7 +348,11 @@ class NoisyOptimizer(Optimizer):
         return np.concatenate([np.asarray(lead, dtype=np.int64).reshape(-1, self.d), out]) if lead else out
 
     def _ask(self, k: int) -> np.ndarray:
-        re = self._pick_retests(self._n_retest(k)) if self._n_retest(k) else np.zeros((0, self.d), np.int64)
+        n_re = self._n_retest(k)
+        if n_re and self.selection == "halving" and self.in_final():
+            re = self._halving(n_re)
+        else:
+            re = self._pick_retests(n_re) if n_re else np.zeros((0, self.d), np.int64)
         self.n_retests += re.shape[0]
         r = re.shape[0]
         parts = [np.asarray(self.base.ask(k - r), dtype=np.int64).reshape(k - r, self.d)] if k > r else []
@@ -316,6 +367,10 @@ class NoisyOptimizer(Optimizer):
             spread = float(self._m2.sum())
             scale = float(np.sum(self._mean**2 * np.maximum(self._count - 1, 0))) + 1e-300
             self.clean = spread <= _CLEAN_RTOL**2 * scale
+            if self.clean:  # noise-free after all: the base's own settings back (see CLEAN_SWITCHABLE)
+                for key, value in self.clean_base.items():
+                    if key in CLEAN_SWITCHABLE and hasattr(self.base, key):
+                        setattr(self.base, key, value)
         if self.tell_values == "raw":
             self.base.tell(I, y)
             return
@@ -440,7 +495,21 @@ def tt_mode(G: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.asarray(teneva.optima_tt_beam(cores, k=10), dtype=np.int64)
 
 
-NOISY_OPTIONS = ("retest", "estimator", "pool", "kappa", "probe", "tell", "budget", "final", "candidates", "level")
+NOISY_OPTIONS = (
+    "retest",
+    "estimator",
+    "pool",
+    "kappa",
+    "probe",
+    "tell",
+    "budget",
+    "final",
+    "candidates",
+    "level",
+    "selection",
+    "screen",
+    "clean_base",
+)
 
 
 def split_noisy_options(options: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .noisy import UNDER_NOISE
+from .noisy import CLEAN_SWITCHABLE, UNDER_NOISE
 from .tt import METHOD_AUTO, resolve_cma, resolve_ordinal
 
 
 class _HasOrdered(Protocol):
     ordered: bool
+
+
+def _tt_default(name: str) -> Any:
+    """TTOptimizer's default of an option the params do not set (e.g. `archive`)."""
+    import inspect
+
+    from .tt import TTOptimizer
+
+    return inspect.signature(TTOptimizer).parameters[name].default
 
 
 def noise_aware_on(noise: Any) -> bool:
@@ -49,7 +58,12 @@ def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None
         opts.update(noise_aware=True, retest=noise.retest, estimator=noise.estimator)
         if getattr(noise, "final", 0.0):  # the budget-aware schedule needs the run's budget
             opts.update(final=noise.final, budget=int(m.budget))
-        if getattr(noise, "search", "auto") == "auto":  # the base's settings that won under noise
+        if getattr(noise, "search", "auto") == "auto" and "clean_base" not in opts:  # settings that won under noise
             base = "tt" if "rank" in opts else ("cma" if "cma" in (method, opts.get("resolved")) else "")
-            opts.update(UNDER_NOISE.get(base, {}))
+            under = UNDER_NOISE.get(base, {})
+            # TT's own settings come back if the responses turn out noise-free (the layer's probe).
+            clean_base = {k: opts.get(k, _tt_default(k)) for k in under if base == "tt" and k in CLEAN_SWITCHABLE}
+            opts.update(under)
+            if clean_base:
+                opts["clean_base"] = clean_base
     return opts
