@@ -44,7 +44,7 @@ estimate only for points measured more than once, raw draws otherwise ("repeated
 UNDER_NOISE: dict[str, dict[str, Any]] = {
     # TT: the elite is the best of the last batch (PROTES' selection) instead of an archive of the
     # best draws ever, which under noise fills with lucky draws the local moves then circle around.
-    "tt": {"archive": False, "elite": 8},
+    "tt": {"archive": False, "elite": 16},
     # CMA-ES: recombine half of each 64-point generation (pycma weights of popsize 64) instead of
     # the best 6 (popsize 12): averaging over more points, fewer lucky ones steer the mean.
     "cma": {"popsize": 64},
