@@ -288,9 +288,11 @@ class NoisyOptimizer(Optimizer):
         est = self.estimates()
         sh = self._sh
         if sh is None:
-            m = min(self.screen, self._I.shape[0])
-            rounds = max(int(np.ceil(np.log2(max(m, 2)))), 1)
             left = int(self.budget - self.n_told) if self.budget is not None else k
+            m = min(self.screen, self._I.shape[0])
+            while m > 2 and left // int(np.ceil(np.log2(m))) < m:  # each round draws every survivor once
+                m //= 2
+            rounds = max(int(np.ceil(np.log2(max(m, 2)))), 1)
             sh = self._sh = {"alive": np.argsort(-est, kind="stable")[:m], "queue": [], "round": 0}
             sh["per_round"], sh["rounds"] = max(left // rounds, 1), rounds
         picks: list[int] = []

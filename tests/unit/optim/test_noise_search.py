@@ -144,3 +144,45 @@ def test_anchor_noise_handling_behind_ask_tell(method: str) -> None:
         opt.tell(I, poisson(f(I), rng))
     i, _ = opt.best
     assert i is not None and i.shape == (4,) and opt.n_told == 133
+
+
+def test_under_noise_the_default_switches_the_base_search_and_back_when_clean() -> None:
+    """With a noise model, TT selects its elite per batch and CMA-ES recombines more points
+    (`UNDER_NOISE`); a TT whose responses prove noise-free gets its own settings back."""
+    from spikemax.optim.noisy import UNDER_NOISE
+
+    tt = default_options("auto", False)
+    assert tt["resolved"] == "tt" and {k: tt[k] for k in UNDER_NOISE["tt"]} == UNDER_NOISE["tt"]
+    assert tt["clean_base"] == {"archive": True, "elite": MaximizeParams().tt.elite}
+    cma = default_options("auto", True)
+    assert cma["resolved"] == "cma" and cma["popsize"] == UNDER_NOISE["cma"]["popsize"]
+    base = MaximizeParams(noise={"model": "poisson", "search": "base"})
+    assert "archive" not in options_for("auto", base, False)
+    opt = make_optimizer("auto", 4, 8, seed=0, **tt)
+    assert opt.base.archive is False and opt.base.elite == UNDER_NOISE["tt"]["elite"]
+    for _ in range(10):
+        I = opt.ask(BATCH)
+        opt.tell(I, I.sum(1) / 28.0)
+    assert opt.clean and opt.base.archive is True and opt.base.elite == tt["clean_base"]["elite"]
+
+
+def test_halving_final_phase_screens_then_narrows_to_the_best() -> None:
+    """selection="halving": the final phase only re-presents points already told, the screened
+    set halves round by round, and the reported best is STAR in most seeded runs."""
+    hits = 0
+    for seed in range(10):
+        opt = make_optimizer("random", D, N, seed=seed, **default_options("random", False), selection="halving")
+        rng = np.random.default_rng(seed)
+        seen: set[bytes] = set()
+        for _ in range(BUDGET // BATCH):
+            final = opt.in_final()
+            I = opt.ask(BATCH)
+            if final:
+                assert all(r.tobytes() in seen for r in I)
+            seen.update(r.tobytes() for r in I)
+            opt.tell(I, poisson(rate(I), rng))
+        assert opt._sh is not None and opt._sh["alive"].size == 2
+        hits += bool(np.array_equal(opt.best[0], STAR))
+    assert hits >= 7
+    with pytest.raises(ValueError, match="selection must be one of"):
+        make_optimizer("random", D, N, noise_aware=True, selection="best")
