@@ -315,10 +315,10 @@ class NoisyOptimizer(Optimizer):
         challenger's upper bound (then the rest of the batch goes back to the base optimizer)."""
         lead: list[np.ndarray] = []
         if self.candidates:  # the model's guess joins the race; a new one is measured first
-            for c in model_candidates(self.base):
-                s = self._key.get(np.ascontiguousarray(c, dtype=np.int64).tobytes())
+            for cand in model_candidates(self.base):
+                s = self._key.get(np.ascontiguousarray(cand, dtype=np.int64).tobytes())
                 if s is None and len(lead) < k:
-                    lead.append(c)
+                    lead.append(cand)
                 elif s is not None:
                     self._extra.add(int(s))
         k -= len(lead)
@@ -478,7 +478,7 @@ def model_candidates(base: Optimizer) -> list[np.ndarray]:
             x = np.asarray(es.mean, dtype=np.float64)[: base.d]
             out.append(np.clip(np.floor(x * base.n), 0, base.n - 1).astype(np.int64))
     if hasattr(base, "theta") and hasattr(base, "_model") and getattr(base, "q", None) is None:
-        out.append(tt_mode(*base._model()[:1], base.n))
+        out.append(tt_mode(base._model()[0], base.n))
     return out
 
 
