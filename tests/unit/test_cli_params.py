@@ -146,7 +146,7 @@ def test_bad_noise_params_give_one_line_before_any_run(tmp_path, noise, expected
 
 def test_noise_section_defaults_and_the_older_sigma_float():
     m = P.validate({}).maximize
-    assert m.noise.model == "none" and m.noise.repeats == 1 and not m.noise.aware
+    assert m.noise.model == "none" and m.noise.repeats == 1 and m.noise.aware == "auto"  # on only with a model
     old = P.validate({"maximize": {"noise": 0.3}}).maximize.noise
     assert (old.model, old.sigma) == ("multiplicative", 0.3)
     assert P.validate({"maximize": {"noise": 0}}).maximize.noise.model == "none"
