@@ -214,10 +214,7 @@ class MlflowMirror:
                 y = s.state.responses()[:, s.target]
                 title = f"rig {s.id} {s.cfg.generator} {s.cfg.method} ch{s.target}"
                 lg.log_artifact(images.save_convergence_png(y, run_dir / "convergence.png", title=title))
-                path = run_dir / "queries.parquet"
-                s.queries_frame().to_parquet(path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").replace(path)
-                lg.log_artifact(path)
+                lg.log_artifact(s.write_queries(run_dir))
         except Exception as err:  # artifacts are a view of the journal: the next refresh catches up
             log.warning("artifacts of session %s not updated: %s: %s", s.id, type(err).__name__, err)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -278,21 +279,21 @@ class Session:
             created=c.created,
         )
 
-    def queries_frame(self) -> Any:
-        """The session's query table (one row per presentation, every channel)."""
-        import pandas as pd
+    def write_queries(self, directory: Path) -> Path:
+        """The session's query table (one row per presentation, every channel) as directory/queries.parquet,
+        through the one query-table writer the AM runs and populations use."""
+        from spikemax.querytable import rig, write_queries
 
         s = self.state
-        y = s.responses()
-        return pd.DataFrame(
-            {
-                "query": np.arange(len(y), dtype=np.int64),
-                "batch": np.asarray(s.q_batch, dtype=np.int64),
-                "stimulus": s.q_sid,
-                "indices": [i.tolist() for i in s.q_idx],
-                "response": y[:, self.target] if len(y) else np.zeros(0),
-                "responses": [row.tolist() for row in y],
-            }
+        y = s.responses().reshape(len(s.q_y), self.cfg.channels)
+        return write_queries(
+            directory,
+            rig(self.cfg.channels),
+            batch=np.asarray(s.q_batch, dtype=np.int64),
+            stimulus=list(s.q_sid),
+            indices=np.asarray(s.q_idx, dtype=np.int64),
+            response=y[:, self.target],
+            responses=y,
         )
 
 

@@ -6,6 +6,7 @@ import base64
 import io
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import mlflow
@@ -48,7 +49,7 @@ def http(service):
         yield c
 
 
-def test_http_session_equals_the_in_process_loop(service, http):
+def test_http_session_equals_the_in_process_loop(service, http, tmp_path):
     """Same seed and responses: the HTTP session asks the same queries and reaches the same best as run_am."""
     _, manager, params, paths = service
     budget, batch = 48, 16
@@ -97,6 +98,12 @@ def test_http_session_equals_the_in_process_loop(service, http):
     assert sorted(m.step for m in history) == list(range(budget))
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"best_stimulus.png", "convergence.png", "queries.parquet"} <= names
+    # The session's table is the one query table AM runs write (querytable.read_queries reads it).
+    from spikemax.querytable import read_queries
+
+    table = read_queries(Path(client.download_artifacts(run.info.run_id, "queries.parquet", str(tmp_path))).parent)
+    assert len(table) == budget and np.array_equal(np.stack(table["indices"].to_numpy()), ref.indices)
+    assert np.allclose(table["response"].to_numpy(), ref.responses) and len(set(table["stimulus"])) == budget
 
 
 def test_token_guards_every_route_but_health(service):
