@@ -290,7 +290,7 @@ class Session:
             directory,
             rig(self.cfg.channels),
             batch=np.asarray(s.q_batch, dtype=np.int64),
-            stimulus=list(s.q_sid),
+            stimulus=[sid or "" for sid in s.q_sid],
             indices=np.asarray(s.q_idx, dtype=np.int64),
             response=y[:, self.target],
             responses=y,
