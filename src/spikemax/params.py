@@ -185,9 +185,10 @@ class MaximizeParams(Section):
     # indices of `prior_images` prepared train images (spikemax.optim.prior); false = uniform codes.
     prior: bool = True
     prior_images: int = Field(4000, ge=1)
-    # true: runs whose method runs TT take their generator's tune study's best rank and lr (and on
-    # SN-GAN its grid_n) from metrics/tune.json instead of `tt`'s (spikemax.tuning.read_tuned).
-    tuned: bool = False
+    # true: `auto` runs the method and settings the tune stage adopted for the generator (metrics/tune.json,
+    # spikemax.tuning.resolve_auto), and a `tt` / `cma` run takes them when that is the adopted method;
+    # without an adopted result (no tune.json, or the default kept) `auto` falls back to the per-grid table.
+    tuned: bool = True
     # Population mode: the targets of one (epoch, generator, method, seed) share one stimulus set of
     # `budget` presentations, each told to every target's optimizer (spikemax.optim.Population).
     population: bool = False
@@ -200,9 +201,13 @@ class MaximizeParams(Section):
     ray_address: str = ""
     ray_workers: int = Field(0, ge=0)
 
-    # The tune studies' best settings per generator ({"study", "rank", "lr"[, "grid_n"]}), set by the
-    # maximize stage from metrics/tune.json when `tuned` is true; never read from params.yaml.
+    # The tune stage's result per generator ({"study", "method", "settings", "source"}: what
+    # spikemax.tuning.resolve_auto decided), set by the maximize stage from metrics/tune.json when
+    # `tuned` is true; never read from params.yaml.
     _tuned: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
+    # Set on the params of one run (`for_generator`): the method `auto` resolves to, and CMA-ES options.
+    _auto: str | None = PrivateAttr(default=None)
+    _cma: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("noise", mode="before")
     @classmethod
@@ -210,21 +215,74 @@ class MaximizeParams(Section):
         return NoiseParams.from_sigma(value)
 
     def with_tuned(self, settings: dict[str, dict[str, Any]]) -> MaximizeParams:
-        """A copy that applies these per-generator tuned settings (see `for_generator`)."""
+        """A copy that applies these per-generator tune results (see `for_generator`)."""
         out = self.model_copy()
         out._tuned = {g: dict(s) for g, s in settings.items()}
         return out
 
     def tuned_settings(self, generator: str) -> dict[str, Any]:
-        """The tune study's best settings of `generator` in force ({} = none)."""
+        """The tune result of `generator` in force ({} = none: `auto` uses the fallback table)."""
         return dict(self._tuned.get(generator, {}))
 
-    def for_generator(self, generator: str) -> MaximizeParams:
-        """These params with `tt`'s rank and lr replaced by `generator`'s tuned ones (self when none)."""
-        s = self._tuned.get(generator)
-        if not s:
+    def auto_choice(self, generator: str) -> str | None:
+        """The method the tune stage adopted for `generator` (None: no adopted result)."""
+        s = self._tuned.get(generator, {})
+        return s.get("method") if s.get("source") == "study" else None
+
+    def tuned_for(self, generator: str, method: str) -> dict[str, Any]:
+        """The adopted settings a run of `method` on `generator` takes ({} = runs as configured):
+        `auto` always takes them, an explicit method when it is the adopted one."""
+        choice = self.auto_choice(generator)
+        if choice is None or method not in ("auto", choice):
+            return {}
+        return dict(self._tuned[generator].get("settings", {}))
+
+    def method_source(self, generator: str, method: str) -> str:
+        """What decided a run's method and settings: "study" (the tune stage's adopted winner),
+        "default" (a study kept the default), "fallback" (no study result) or "configured"."""
+        if self.tuned_for(generator, method):
+            return "study"
+        if method != "auto":
+            return "configured"
+        return str(self._tuned.get(generator, {}).get("source", "fallback"))
+
+    @property
+    def auto_method(self) -> str | None:
+        """The method `auto` runs for the generator these params were made for (None: the table's)."""
+        return self._auto
+
+    @property
+    def cma_options(self) -> dict[str, Any]:
+        """CMA-ES options (sigma0, popsize) a tuned run passes on ({} = CMA-ES's defaults)."""
+        return dict(self._cma)
+
+    def with_settings(self, method: str, settings: dict[str, Any]) -> MaximizeParams:
+        """These params with a tune search point applied: TT's rank, lr, elite and CMA share, CMA-ES's
+        sigma0 and popsize, and the noise-aware options (grid_n re-grids: spikemax.tuning.tuned_grid)."""
+        s = settings
+        update: dict[str, Any] = {}
+        if method == "tt":
+            keys = {"rank": "rank", "lr": "lr", "elite": "elite", "cma_share": "cma"}
+            tt = {keys[k]: v for k, v in s.items() if k in keys}
+            if tt:
+                update["tt"] = self.tt.model_copy(update=tt)
+        noise = {k: s[k] for k in ("aware", "retest", "estimator") if k in s}
+        if noise:
+            update["noise"] = self.noise.model_copy(update=noise)
+        out = self.model_copy(update=update)
+        if method == "cma":
+            out._cma = {k: s[k] for k in ("sigma0", "popsize") if s.get(k)}  # popsize 0: pycma's default
+        return out
+
+    def for_generator(self, generator: str, method: str = "auto") -> MaximizeParams:
+        """The params a run of `method` on `generator` runs with: the adopted tune settings where
+        they apply (`tuned_for`), and `auto` resolved to the adopted method (self when none)."""
+        choice = self.auto_choice(generator)
+        if choice is None or method not in ("auto", choice):
             return self
-        return self.model_copy(update={"tt": self.tt.model_copy(update={"rank": int(s["rank"]), "lr": float(s["lr"])})})
+        out = self.with_settings(choice, self.tuned_for(generator, method))
+        out._auto = choice
+        return out
 
 
 class AnalyzeParams(Section):
@@ -244,27 +302,50 @@ class AnalyzeParams(Section):
 
 
 class TuneParams(Section):
-    """`tune` stage: one Optuna study per generator over TT rank, step size (and SN-GAN's grid resolution)."""
+    """`tune` stage: one Optuna study per generator over the search method (TT or CMA-ES) and its settings."""
 
-    # One study per generator, each trial searching with the TT the maximize stage runs on that grid
-    # (its `maximize.tt` options, and on VQ-VAE the data prior when `maximize.prior` is true).
+    # One study per generator; a trial runs the maximize stage's search on that grid with the trial's
+    # method and settings (VQ-VAE's TT with the data prior when `maximize.prior` is true).
     generators: list[GeneratorName] = Field(default_factory=lambda: list(GENERATOR_NAMES), min_length=1)
+    methods: list[Literal["tt", "cma"]] = Field(default_factory=lambda: ["tt", "cma"], min_length=1)
     epoch: Literal["last"] | int = "last"
-    neurons: int = Field(4, ge=1)
-    n_trials: int = Field(8, ge=1)  # per study (per generator)
+    # Panels of live units of that checkpoint (none a maximize target): trials are scored on the
+    # training panel, the winner is confirmed against the untuned default on the validation panel.
+    neurons: int = Field(8, ge=1)
+    validation: int = Field(8, ge=1)
+    # Trials per study at most; the study stops earlier, after `min_trials`, once the winner's
+    # advantage over the runner-up has a bootstrap interval (over the panel's neurons) above 0.
+    n_trials: int = Field(12, ge=1)
+    min_trials: int = Field(4, ge=1)
+    level: float = Field(0.9, gt=0.0, lt=1.0)  # of every bootstrap interval (stopping, pruning, validation)
     # Queries per neuron per trial and per ask; None = the maximize stage's `budget` / `batch`.
     budget: int | None = Field(None, ge=1)
     batch: int | None = Field(None, ge=1)
+    # TT: rank, learning-rate range (log-uniform), elite size, share of an internal CMA-ES (ordered grids).
     ranks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [2, 3, 5, 8], min_length=1)
-    grid_n: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
     lr: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)]] = (0.01, 0.3)
+    elite: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [2, 4, 8], min_length=1)
+    cma_share: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75], min_length=1
+    )
+    # CMA-ES: initial step size range on [0, 1] (log-uniform) and population (0 = pycma's 4 + 3 ln d).
+    sigma0: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)]] = (0.1, 0.6)
+    popsize: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 8, 16, 32], min_length=1)
+    grid_n: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
+    # Noise-aware options, searched only when `maximize.noise.model` is not none.
+    retest: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        default_factory=lambda: [0.05, 0.1, 0.2], min_length=1
+    )
+    estimators: list[Literal["mean", "shrink", "lcb"]] = Field(
+        default_factory=lambda: ["mean", "shrink", "lcb"], min_length=1
+    )
     seed: int = Field(0, ge=0)
     # Where the study lives: "" = the journal file optuna/journal.log (one machine), or an RDB URL
     # (postgresql://user@host:port/db) that workers on several machines share.
     storage: str = ""
     workers: int = Field(1, ge=1)  # worker processes of one `spikemax tune` (`--workers` overrides)
     heartbeat: int = Field(10, ge=1)  # seconds between an RDB worker's heartbeats (stale after 2x: FAIL)
-    rungs: int = Field(4, ge=1)  # intermediate scores per trial (pruner input), at equal query budgets
+    rungs: int = Field(4, ge=1)  # intermediate per-neuron scores per trial (pruner input), at equal query budgets
 
     @model_validator(mode="before")
     @classmethod
@@ -291,7 +372,7 @@ class TuneParams(Section):
             raise PydanticCustomError("storage", "Input should be '' (journal file) or a postgresql/mysql/sqlite URL")
         return value
 
-    @field_validator("lr")
+    @field_validator("lr", "sigma0")
     @classmethod
     def _ordered_lr(cls, value: tuple[float, float]) -> tuple[float, float]:
         """The log-uniform range must be [low, high] with low < high."""

@@ -127,18 +127,21 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
-def runs_tt(method: str, generator: str) -> bool:
-    """Whether `method` on `generator`'s grid runs TT (`auto` resolves per grid, as options_for does)."""
+def runs_tt(method: str, generator: str, m: MaximizeParams | None = None) -> bool:
+    """Whether `method` on `generator`'s grid runs TT (`auto`: the tune stage's adopted method where
+    `m` carries one, else the per-grid table, as options_for resolves it)."""
     from spikemax.generators import grid_ordered
     from spikemax.optim.tt import METHOD_AUTO
 
-    return method == "tt" or (method == "auto" and METHOD_AUTO[grid_ordered(generator)] == "tt")
+    if method != "auto":
+        return method == "tt"
+    return ((m.auto_choice(generator) if m is not None else None) or METHOD_AUTO[grid_ordered(generator)]) == "tt"
 
 
 def run_settings(m: MaximizeParams, method: str, generator: str) -> MaximizeParams:
-    """The maximize params a run of `method` on `generator` runs with: with `maximize.tuned`, a run
-    whose method runs TT takes that generator's tune study's rank and lr (others run as configured)."""
-    return m.for_generator(generator) if runs_tt(method, generator) else m
+    """The maximize params a run of `method` on `generator` runs with: with `maximize.tuned`, the tune
+    stage's adopted method and settings where they apply (`MaximizeParams.for_generator`)."""
+    return m.for_generator(generator, method)
 
 
 PRIOR_METHODS = ("tt", "random", "auto")  # methods that take a data prior (`prior=`)
@@ -173,15 +176,15 @@ def _config_hash(
         "noise": m.noise.model_dump(),
         "target_value": m.target_value,
         "options": options_for(method, m),
-        "warm": bool(m.warm_start and runs_tt(method, generator)),
+        "warm": bool(m.warm_start and runs_tt(method, generator, m)),
         # Only runs that can use the prior (codebook grids, tt / random) depend on its settings.
         "prior": [m.prior, m.prior_images] if method in PRIOR_METHODS and generator in PRIOR_GENERATORS else None,
         "snn": _digest(snn_ckpt),
         "gen": _digest(gen_ckpt),
         "code": _code_digest(),
     }
-    if runs_tt(method, generator) and "grid_n" in m.tuned_settings(generator):
-        cfg["grid_n"] = m.tuned_settings(generator)["grid_n"]  # a tuned SN-GAN grid resolution
+    if "grid_n" in m.tuned_for(generator, method):
+        cfg["grid_n"] = m.tuned_for(generator, method)["grid_n"]  # a tuned SN-GAN grid resolution
     if m.population:
         cfg["population"] = {"rule": m.population_rule, "targets": [t.name for t in targets or []]}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]

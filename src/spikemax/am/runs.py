@@ -129,7 +129,7 @@ class AMRuns:
         m = with_budget(
             run_settings(self.m, combo.method, combo.generator), combo.budget
         )  # tuned settings where they apply
-        tuned = m.tuned_settings(combo.generator) if runs_tt(combo.method, combo.generator) else {}
+        tuned = m.tuned_settings(combo.generator) if m.tuned_for(combo.generator, combo.method) else {}
         warm_from = self.warm_source(combo)
         tags = {
             "mlflow.parentRunId": self.parent_id,
@@ -144,7 +144,7 @@ class AMRuns:
             params=param_batch(
                 {
                     "method": combo.method,
-                    "rank": m.tt.rank if runs_tt(combo.method, combo.generator) else "none",
+                    "rank": m.tt.rank if runs_tt(combo.method, combo.generator, m) else "none",
                     "grid_n": grid.n,
                     "grid_d": grid.d,
                     "budget": m.budget,
@@ -164,7 +164,9 @@ class AMRuns:
                     "options": json.dumps(options_for(combo.method, m, grid)),
                     "resolved_method": options_for(combo.method, m, grid).get("resolved", combo.method),
                     "prior": bool(m.prior and combo.generator in PRIOR_GENERATORS and combo.method in PRIOR_METHODS),
-                    "tuned": tuned.get("study", "none"),  # the tune study whose best rank, lr (grid_n) ran
+                    "tuned": tuned.get("study", "none"),  # the tune study whose adopted settings ran
+                    # what decided the method and settings: study | default | fallback | configured
+                    "method_source": m.method_source(combo.generator, combo.method),
                     **(
                         {"population": population_key(combo), "population_rule": m.population_rule}
                         if m.population
@@ -183,7 +185,7 @@ class AMRuns:
 
     def warm_source(self, combo: Combo) -> str:
         """Key of the previous epoch's TT run this combination warm-starts from ("" = cold start)."""
-        if runs_tt(combo.method, combo.generator) and self.m.warm_start:
+        if runs_tt(combo.method, combo.generator, self.m) and self.m.warm_start:
             prev = self._prev_combo(combo)
             # Only from a search that made the neuron fire: a silent neuron's search (e.g. class units
             # of the untrained epoch 0) learned nothing about it, and starting from it cost queries
@@ -284,7 +286,7 @@ class AMRuns:
         images.save_convergence_png(
             res.responses, run_dir / "convergence.png", title=f"{c.target.name} e{c.epoch} {c.generator} {c.method}"
         )
-        if hasattr(optimizer, "state_dict") and runs_tt(c.method, c.generator):
+        if hasattr(optimizer, "state_dict") and runs_tt(c.method, c.generator, self.m):
             with open(run_dir / "tt_state.pkl", "wb") as f:
                 pickle.dump(optimizer.state_dict(), f)
         gain = S.am_gain(res.best_response, dataset_max)

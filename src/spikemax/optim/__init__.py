@@ -40,7 +40,8 @@ def _make_base(method: str, d: int, n: int | Sequence[int], seed: int, **options
         if resolved == "cma":
             from .baselines import CMAOptimizer
 
-            return CMAOptimizer(d, n, seed=seed)
+            options.pop("prior", None)  # a codebook's data prior is TT's (and random's), not CMA-ES's
+            return CMAOptimizer(d, n, seed=seed, **options)
         if resolved != "tt":
             raise ValueError(
                 f"method 'auto' needs resolved='tt' or 'cma' (options_for resolves it per grid), got {resolved!r}"

@@ -23,8 +23,10 @@ def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None
     opts: dict[str, Any] = {}
     if method == "auto":  # the per-grid default method, recorded as `resolved` in the run's options
         ordered_auto = None if grid is None else (grid if isinstance(grid, bool) else bool(grid.ordered))
-        resolved = "auto" if ordered_auto is None else METHOD_AUTO[ordered_auto]
-        opts = options_for("tt", params, grid) if resolved in ("tt", "auto") else {}
+        # The tune stage's adopted method where the params carry one (MaximizeParams.for_generator), else the table.
+        tuned = getattr(m, "auto_method", None)
+        resolved = tuned or ("auto" if ordered_auto is None else METHOD_AUTO[ordered_auto])
+        opts = options_for("tt" if resolved == "auto" else resolved, params, grid)
         opts["resolved"] = resolved
     elif method == "tt":
         opts = m.tt.model_dump()
@@ -32,6 +34,8 @@ def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None
             ordered = grid if isinstance(grid, bool) else bool(grid.ordered)
             opts["ordinal"] = resolve_ordinal(opts["ordinal"], ordered)
             opts["cma"] = resolve_cma(opts["cma"], ordered)
+    elif method == "cma":
+        opts = dict(getattr(m, "cma_options", {}))  # tuned sigma0 / popsize ({} = CMA-ES's defaults)
     elif method == "ngopt":
         opts = {"budget": int(m.budget)}  # NGOpt chooses its algorithm from the budget
     noise: Any = getattr(m, "noise", None)

@@ -138,15 +138,17 @@ def run(params: Params, paths: Paths) -> dict:
 
 
 def with_tuned_settings(params: Params, paths: Paths) -> tuple[Params, str]:
-    """`maximize.tuned`: params carrying each generator's tune study's best settings (applied to the
-    runs whose method runs TT: `am.plan.run_settings`, `tuning.tuned_grid`), and the studies' names."""
-    from spikemax.tuning import read_tuned
+    """`maximize.tuned`: params carrying each generator's tune result (`tuning.resolve_auto`: the
+    adopted method and settings, the default kept, or the fallback table when there is no result),
+    and the names of the studies whose winners were adopted."""
+    from spikemax.tuning import tuned_results
 
     if not params.maximize.tuned:
         return params, ""
-    tuned = read_tuned(paths.metrics / "tune.json", list(params.maximize.generators))
+    tuned = tuned_results(paths.metrics / "tune.json", list(params.maximize.generators))
     m = params.maximize.with_tuned(tuned)
-    return params.model_copy(update={"maximize": m}), ",".join(s["study"] for s in tuned.values()) or "none"
+    adopted = [s["study"] for s in tuned.values() if s["source"] == "study"]
+    return params.model_copy(update={"maximize": m}), ",".join(adopted) or "none"
 
 
 def run_group(
@@ -300,7 +302,7 @@ def run_remote(params: Params, st: AMRuns, todo: list[Combo], progress: Any, q_t
                             if (c.epoch, c.generator, c.method, c.seed) == (e, g, method, seed)
                         ]
                     prev = where.get((plan_.epochs[i - 1], g, method, seed)) if i else None
-                    after = [prev] if prev is not None and runs_tt(method, g) and m.warm_start else []
+                    after = [prev] if prev is not None and runs_tt(method, g, m) and m.warm_start else []
                     where[(e, g, method, seed)] = len(jobs)
                     args = (params, st.paths, plan_, keys, st.parent_id, stats, st.uri)
                     jobs.append(engine.Job(args, after, name=f"maximize group e{e} {g} {method} s{seed}"))
