@@ -19,6 +19,10 @@ GeneratorName = Literal["sngan", "vqvae"]
 GENERATOR_NAMES: tuple[GeneratorName, ...] = ("sngan", "vqvae")
 MethodName = Literal["auto", "tt", "random", "cma", "ngopt", "protes"]
 DEFAULT_METHODS: tuple[MethodName, ...] = ("tt", "cma")
+TunedMethod = Literal["tt", "cma"]  # the method family the tune stage searches
+TUNED_METHODS: tuple[TunedMethod, ...] = ("tt", "cma")
+Estimator = Literal["mean", "shrink", "lcb"]
+ESTIMATORS: tuple[Estimator, ...] = ("mean", "shrink", "lcb")
 
 
 class ParamsError(SpikemaxError):
@@ -266,7 +270,7 @@ class MaximizeParams(Section):
             tt = {keys[k]: v for k, v in s.items() if k in keys}
             if tt:
                 update["tt"] = self.tt.model_copy(update=tt)
-        noise = {k: s[k] for k in ("aware", "retest", "estimator") if k in s}
+        noise: dict[str, Any] = {k: s[k] for k in ("aware", "retest", "estimator") if k in s}
         if noise:
             update["noise"] = self.noise.model_copy(update=noise)
         out = self.model_copy(update=update)
@@ -307,7 +311,7 @@ class TuneParams(Section):
     # One study per generator; a trial runs the maximize stage's search on that grid with the trial's
     # method and settings (VQ-VAE's TT with the data prior when `maximize.prior` is true).
     generators: list[GeneratorName] = Field(default_factory=lambda: list(GENERATOR_NAMES), min_length=1)
-    methods: list[Literal["tt", "cma"]] = Field(default_factory=lambda: ["tt", "cma"], min_length=1)
+    methods: list[TunedMethod] = Field(default_factory=lambda: list(TUNED_METHODS), min_length=1)
     epoch: Literal["last"] | int = "last"
     # Panels of live units of that checkpoint (none a maximize target): trials are scored on the
     # training panel, the winner is confirmed against the untuned default on the validation panel.
@@ -336,9 +340,7 @@ class TuneParams(Section):
     retest: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
         default_factory=lambda: [0.05, 0.1, 0.2], min_length=1
     )
-    estimators: list[Literal["mean", "shrink", "lcb"]] = Field(
-        default_factory=lambda: ["mean", "shrink", "lcb"], min_length=1
-    )
+    estimators: list[Estimator] = Field(default_factory=lambda: list(ESTIMATORS), min_length=1)
     seed: int = Field(0, ge=0)
     # Where the study lives: "" = the journal file optuna/journal.log (one machine), or an RDB URL
     # (postgresql://user@host:port/db) that workers on several machines share.

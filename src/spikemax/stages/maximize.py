@@ -58,6 +58,8 @@ def run(params: Params, paths: Paths) -> dict:
                 "n_planned": len(plan_.combos),
                 "n_skipped_finished": len(plan_.combos) - len(todo),
                 "tuned_from": tuned_from or "none",
+                # per generator, what `auto` ran: the study's adopted winner, the default kept, or the fallback table
+                "method_source": ",".join(f"{g}={m.method_source(g, 'auto')}" for g in m.generators),
             }
         ),
     )

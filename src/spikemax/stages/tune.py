@@ -193,7 +193,9 @@ def work(
     runs = TrialRuns(paths.root)
     study = optuna.load_study(study_name=study_name(params, epoch, generator), storage=storage(params, paths, runs))
     seed = worker_seed(t.seed, index, len(study.get_trials(deepcopy=False)))
-    study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    # TPE models the trials after the first min_trials (its default, 10 random ones, would leave a
+    # study of a dozen trials mostly random)
+    study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=t.min_trials)
     study.pruner = make_pruner(t.level, t.seed)
     heartbeat = is_heartbeat_enabled(study._storage)
     objective, _ = make_objective(params, paths, epoch, generator, runs, bench)
