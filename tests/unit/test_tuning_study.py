@@ -193,3 +193,28 @@ def test_adopted_settings_apply_to_auto_and_to_the_adopted_method_only():
     assert opts == {"sigma0": 0.2, "popsize": 16, "resolved": "cma"}
     assert options_for("cma", m.for_generator("sngan", "cma"), True) == {"sigma0": 0.2, "popsize": 16}
     assert options_for("tt", m.for_generator("sngan", "tt"), True)["rank"] == m.tt.rank  # as configured
+
+
+def test_the_space_holds_the_defaults_and_the_noise_aware_options_only_when_noisy():
+    import optuna
+
+    from spikemax.tuning import suggest
+
+    quiet = P.validate({}).tune
+    assert "aware" not in space_of(P.validate({}), "sngan").defaults["tt"]
+    noisy = P.validate({"maximize": {"noise": {"model": "poisson", "aware": True, "retest": 0.07}}})
+    space = space_of(noisy, "vqvae")
+    assert space.defaults["cma"] == {"sigma0": 0.3, "popsize": 0, "aware": True, "retest": 0.07, "estimator": "shrink"}
+    assert 0.07 in space.retest and set(quiet.retest) <= set(space.retest)  # widened to hold the default
+    assert "grid_n" not in space.defaults["tt"] and "cma_share" not in space.defaults["tt"]  # a codebook
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        method, settings = suggest(study.ask(), space)
+        seen.add(settings["aware"])
+        m = noisy.maximize.with_settings(method, settings)
+        opts = options_for(method, m, False)
+        assert opts.get("noise_aware", False) == settings["aware"]
+        if settings["aware"]:
+            assert (opts["retest"], opts["estimator"]) == (settings["retest"], settings["estimator"])
+    assert seen == {False, True}
