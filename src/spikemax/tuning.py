@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import socket
-import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,14 +131,9 @@ def resolve_auto(generator: str, tuned: dict[str, Any] | None) -> tuple[str, dic
 def tuned_results(path: Path, generators: list[str]) -> dict[str, dict[str, Any]]:
     """Each generator's `resolve_auto` from the tune stage's metrics/tune.json as
     {generator: {"study", "method", "settings", "source"}}: every generator falls back to the table
-    when the file is missing (said on stderr, no error); one-line error for a file of another version."""
+    when the file is missing (no error); one-line error for a file of another version."""
     studies: dict[str, Any] = {}
-    if not path.is_file():
-        print(
-            f"maximize: {path.name} not found: `auto` runs the per-grid default (method_source=fallback)",
-            file=sys.stderr,
-        )
-    else:
+    if path.is_file():  # missing: every run records method_source=fallback (a one-off maximize needs no tune)
         try:
             studies = json.loads(path.read_text())["generators"]
             ok = all(isinstance(s, dict) and "adopted" in s for s in studies.values())
