@@ -5,6 +5,14 @@ Usage:
   python benchmarks/bench_optimizers.py --full     # d 10..768, n in {2,16,64}, budgets 1k/4k/10k, 5 seeds
   python benchmarks/bench_optimizers.py --methods tt,cma --budgets 1000,4000 --seeds 3 --out r.json
   python benchmarks/bench_optimizers.py --overhead # TT/PROTES ms per query at d=768, n=2, r=5, batch 100
+  python benchmarks/bench_optimizers.py --scale --out scale.json   # ms per query (ask + tell) of every
+      method over d in {16, 128, 512, 4096} x n in {16, 64, 512}, next to one SNN readout per image
+
+Scale (--scale): optimizer time per query, ask + tell on a free linear response, batch 64 (the
+maximize stage's), after one untimed warm-up step, wall and process CPU time (the steadier number
+on a shared machine), and next to it one readout of the SNN per image measured in the same run:
+the maximize stage's responder (all spiking layers' rates) on a batch of 64 random images, best of
+--repeats, the net from --checkpoint or params.yaml's `snn` shape with untrained weights.
 
 Normalized score of a run at budget B:
   (best found in the first B queries - random_ref) / (known_max - random_ref)
@@ -311,6 +319,128 @@ def overhead(methods: list[str], reps: int = 100) -> dict:
     return out
 
 
+SCALE_DIMS = (16, 128, 512, 4096)
+SCALE_SIZES = (16, 64, 512)
+SCALE_METHODS = ("random", "cma", "ngopt", "tt", "tt:cma=0.5")
+
+
+def time_optimizer(spec: str, d: int, n: int, batch: int, steps: int, seed: int = 0) -> dict:
+    """ms per query of ask + tell (wall and CPU) after one untimed warm-up step; f is a free linear response."""
+    method, opts = parse_variant(spec)
+    if method == "ngopt":
+        opts.setdefault("budget", batch * (steps + 1))
+    w = np.random.default_rng(seed).standard_normal(d)
+    t0 = time.perf_counter()
+    opt = make_optimizer(method, d, n, seed=seed, **opts)
+    init_s = time.perf_counter() - t0
+    wall = cpu = 0.0
+    for step in range(steps + 1):
+        w0, c0 = time.perf_counter(), time.process_time()
+        I = opt.ask(batch)
+        w1, c1 = time.perf_counter(), time.process_time()
+        y = (I / (n - 1)) @ w
+        w2, c2 = time.perf_counter(), time.process_time()
+        opt.tell(I, y)
+        w3, c3 = time.perf_counter(), time.process_time()
+        if step:  # the first step includes one-off work (pycma's first eigendecomposition, caches)
+            wall += (w1 - w0) + (w3 - w2)
+            cpu += (c1 - c0) + (c3 - c2)
+    q = steps * batch
+    return {
+        "method": spec,
+        "d": d,
+        "n": n,
+        "batch": batch,
+        "steps": steps,
+        "init_s": init_s,
+        "ms_per_query": 1e3 * wall / q,
+        "cpu_ms_per_query": 1e3 * cpu / q,
+    }
+
+
+def readout_ms_per_image(checkpoint: str | None, params_file: str, batch: int, repeats: int) -> dict:
+    """One readout of the SNN per image: the maximize stage's responder (all spiking layers) on `batch` images."""
+    import torch
+
+    from spikemax import params as P
+    from spikemax.neurons import layer_rates
+    from spikemax.snn import ConvSNN, load_snn
+
+    if checkpoint:
+        net, source = load_snn(checkpoint), checkpoint
+    else:
+        s = P.load(params_file)[0].snn if Path(params_file).is_file() else P.SNNParams()
+        torch.manual_seed(0)
+        net = ConvSNN(
+            channels=s.channels,
+            kernel=s.kernel,
+            hidden=s.hidden,
+            beta=s.beta,
+            threshold=s.threshold,
+            slope=s.slope,
+            num_steps=s.num_steps,
+        )
+        source = f"{params_file} snn shape, untrained"
+    net.eval()
+    x = torch.rand(batch, *tuple(net.hparams.in_shape), generator=torch.Generator().manual_seed(0))
+    layer_rates(net, x)  # warm-up
+    wall = cpu = float("inf")
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        layer_rates(net, x)
+        wall = min(wall, time.perf_counter() - w0)
+        cpu = min(cpu, time.process_time() - c0)
+    return {
+        "source": source,
+        "num_steps": int(net.num_steps),
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "ms_per_image": 1e3 * wall / batch,
+        "cpu_ms_per_image": 1e3 * cpu / batch,
+    }
+
+
+def scale(args: argparse.Namespace, methods: list[str]) -> dict:
+    """The --scale table: every method over d x n, and the SNN readout per image."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    dims = [int(v) for v in args.dims.split(",")]
+    sizes = [int(v) for v in args.sizes.split(",")]
+    readout = readout_ms_per_image(args.checkpoint, args.params, args.batch or 64, args.repeats)
+    print(
+        f"SNN readout: {readout['ms_per_image']:.3f} ms/image wall, {readout['cpu_ms_per_image']:.3f} CPU"
+        f" ({readout['source']}, T = {readout['num_steps']}, batch {readout['batch']}, {args.threads} thread(s))",
+        flush=True,
+    )
+    rows = []
+    with threadpool_limits(args.threads):
+        for d in dims:
+            for n in sizes:
+                for m in methods:
+                    row = time_optimizer(m, d, n, args.batch or 64, args.steps)
+                    row["readout_ratio"] = row["ms_per_query"] / readout["ms_per_image"]
+                    row["readout_ratio_cpu"] = row["cpu_ms_per_query"] / readout["cpu_ms_per_image"]
+                    rows.append(row)
+                    print(
+                        f"d={d:<5} n={n:<4} {m:<12} {row['ms_per_query']:>8.3f} ms/q  {row['cpu_ms_per_query']:>8.3f}"
+                        f" CPU ms/q  {row['readout_ratio_cpu']:>6.2f} x readout (CPU)  init {row['init_s']:.2f} s",
+                        flush=True,
+                    )
+    print_scale(rows, methods, dims, sizes)
+    return {"readout": readout, "rows": rows, "threads": args.threads, "steps": args.steps}
+
+
+def print_scale(rows: list[dict], methods: list[str], dims: list[int], sizes: list[int]) -> None:
+    """CPU ms per query: one line per (d, n), one column per method."""
+    print(f"{'d':>6}{'n':>6}" + "".join(f"{m:>14}" for m in methods) + "   (CPU ms per query)")
+    for d in dims:
+        for n in sizes:
+            cells = {r["method"]: r["cpu_ms_per_query"] for r in rows if r["d"] == d and r["n"] == n}
+            print(f"{d:>6}{n:>6}" + "".join(f"{cells.get(m, float('nan')):>14.3f}" for m in methods))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a suite, print the table, write JSON."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,13 +453,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None, help="points per ask for every method (default: each its own)")
     ap.add_argument("--overhead", action="store_true", help="only the d=768 overhead measurement")
+    ap.add_argument("--scale", action="store_true", help="ms per query over d x n, next to one SNN readout")
+    ap.add_argument("--dims", default=",".join(map(str, SCALE_DIMS)), help="--scale: d values")
+    ap.add_argument("--sizes", default=",".join(map(str, SCALE_SIZES)), help="--scale: n values")
+    ap.add_argument("--steps", type=int, default=4, help="--scale: timed ask + tell steps per cell")
+    ap.add_argument("--threads", type=int, default=1, help="--scale: torch and BLAS threads")
+    ap.add_argument("--repeats", type=int, default=5, help="--scale: readout repeats (best of)")
+    ap.add_argument("--checkpoint", default=None, help="--scale: SNN checkpoint (default: params.yaml's shape)")
+    ap.add_argument("--params", default="params.yaml", help="--scale: params file with the `snn` shape")
     ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/optimizers-<suite>.json)")
     args = ap.parse_args(argv)
 
-    suite_name = "full" if args.full else "quick"
-    suite = dict(SUITES[suite_name])
-    methods = args.methods.split(",") if args.methods else available_methods()
-    if args.overhead:
+    suite_name = "full" if args.full else ("scale" if args.scale else "quick")
+    suite = dict(SUITES.get(suite_name, SUITES["quick"]))
+    if args.scale:
+        methods = args.methods.split(",") if args.methods else list(SCALE_METHODS)
+    else:
+        methods = args.methods.split(",") if args.methods else available_methods()
+    if args.scale:
+        result = scale(args, methods)
+    elif args.overhead:
         result = {"overhead_ms_per_query": overhead(methods)}
     else:
         if args.configs:

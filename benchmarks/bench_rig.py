@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def project(root: Path, generators: Path) -> tuple:
+def project(root: Path, generators: Path, prepared: Path | None = None) -> tuple:
+    """A temp project with the repo's params, the trained generators and (linked) prepared data (the VQ-VAE prior's)."""
     from spikemax import params as P
 
     root.mkdir(parents=True, exist_ok=True)
@@ -40,6 +41,9 @@ def project(root: Path, generators: Path) -> tuple:
     (root / "models" / "generators").mkdir(parents=True, exist_ok=True)
     for name in ("sngan", "vqvae"):
         shutil.copy(generators / f"{name}.ckpt", root / "models" / "generators" / f"{name}.ckpt")
+    if prepared is not None and prepared.is_dir():
+        (root / "data").mkdir(exist_ok=True)
+        (root / "data" / "prepared").symlink_to(prepared.resolve())
     return P.load(root / "params.yaml", root=root)
 
 
@@ -70,9 +74,9 @@ def bench_http(params, paths, k: int, rounds: int) -> dict:
     out = {}
     with httpx.Client(base_url=url, headers={"Authorization": "Bearer tok"}, timeout=60) as c:
         for gen in ("sngan", "vqvae"):
-            sid = c.post(
-                "/sessions", json={"generator": gen, "method": "tt", "budget": k * (rounds + 1), "seed": 0}
-            ).json()["id"]
+            made = c.post("/sessions", json={"generator": gen, "method": "tt", "budget": k * (rounds + 1), "seed": 0})
+            assert made.status_code == 201, made.text
+            sid = made.json()["id"]
             ask, tell, trip = [], [], []
             for r in range(rounds + 1):
                 t0 = time.perf_counter()
@@ -228,6 +232,9 @@ def bench_kills(params, paths, kills: int, k: int = 8, budget: int = 400) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--generators", type=Path, default=Path("models/generators"), help="trained generator checkpoints")
+    ap.add_argument(
+        "--prepared", type=Path, default=Path("data/prepared"), help="prepared data (the VQ-VAE sessions' prior)"
+    )
     ap.add_argument("--k", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--kills", type=int, default=20)
@@ -238,7 +245,7 @@ def main() -> None:
     torch.set_num_threads(1)
     res: dict = {"k": args.k, "rounds": args.rounds}
     with tempfile.TemporaryDirectory() as tmp:
-        params, paths = project(Path(tmp) / "proj", args.generators)
+        params, paths = project(Path(tmp) / "proj", args.generators, args.prepared)
         res["http"] = bench_http(params, paths, args.k, args.rounds)
         res["files"] = {
             **bench_files(params, paths, args.k, args.rounds, "sngan"),

@@ -64,11 +64,12 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].equals(b[k]) for k in a)
 
 
-def _stage(params, paths) -> tuple[float, dict]:
+def _stage(params, paths, engine: str = "local") -> tuple[float, dict]:
+    from spikemax.am.engine import EngineSettings
     from spikemax.stages.maximize import run
 
     t0 = time.perf_counter()
-    metrics = run(params, paths)
+    metrics = run(params, paths, EngineSettings(engine))  # joins the cluster started here (ray)
     return time.perf_counter() - t0, metrics
 
 
@@ -179,8 +180,8 @@ def main() -> None:
             ray.init(num_cpus=args.workers, include_dashboard=False, configure_logging=False, log_to_driver=False)
             start_s = time.perf_counter() - t0
             try:
-                remote = _project(tmp_path / "ray", source, {**plan, "engine": "ray"})
-                wall_ray, m_ray = _stage(*remote)
+                remote = _project(tmp_path / "ray", source, plan)
+                wall_ray, m_ray = _stage(*remote, engine="ray")
             finally:
                 ray.shutdown()
             same = _same(_tables(local[1]), _tables(remote[1]))

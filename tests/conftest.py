@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from spikemax import params as P
 from spikemax.data import Prepared
 from spikemax.stages.prepare import run as prepare
-
-from .servers import mlflow_server, postgres, ray_local  # noqa: F401 - fixtures for the scaling tests
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_PREPARE = {"dataset": "fashion-mnist", "train_size": 1000, "test_size": 300, "val_fraction": 0.2, "seed": 0}
+from tests.support.project import TINY_GENERATORS, TINY_PREPARE, TINY_SNN, write_params
+from tests.support.servers import mlflow_server, postgres, ray_local  # noqa: F401 - fixtures for the scaling tests
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -32,28 +25,6 @@ def own_store(monkeypatch):
     """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: keep one stage run's store out of the next
     (modules that run stages use it with `pytestmark = pytest.mark.usefixtures("own_store")`)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-def write_params(root: Path, sections: dict) -> Path:
-    """Write a params.yaml into `root` and return its path."""
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(sections, sort_keys=False))
-    return path
-
-
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `spikemax ARGS` as a subprocess (the way users and DVC run it)."""
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(
-        [sys.executable, "-m", "spikemax.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -72,12 +43,6 @@ def prepared(project) -> Prepared:
     return Prepared.load(project[1].prepared)
 
 
-TINY_GENERATORS = {
-    "sngan": {"width": 16, "epochs": 1, "batch_size": 64},
-    "vqvae": {"width": 16, "epochs": 3, "batch_size": 32, "lr": 3e-3},
-}
-
-
 @pytest.fixture(scope="session")
 def generator_checkpoints(project) -> dict[str, Path]:
     """Both generators trained tiny (one epoch on the tiny project) into its models/generators."""
@@ -91,17 +56,6 @@ def generator_checkpoints(project) -> dict[str, Path]:
         train(name, tiny, paths)
         out[name] = checkpoint_path(name, paths)
     return out
-
-
-TINY_SNN = {
-    "channels": [4, 8],
-    "hidden": [32],
-    "num_steps": 6,
-    "epochs": 2,
-    "batch_size": 64,
-    "lr": 0.005,
-    "threads": 1,
-}
 
 
 @pytest.fixture(scope="session")

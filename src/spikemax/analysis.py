@@ -3,8 +3,9 @@
 Inputs: every SNN checkpoint (dataset responses -> CSI for all epochs, cheap), the maximize
 stage's `results/am/summary.csv` and run folders (optimal stimuli of the AM'd epochs), and
 `metrics/snn_epochs.csv` (accuracy per epoch). Outputs go under `results/analysis/` plus
-`metrics/analysis.json`; an MLflow run `analysis` in experiment `activation-maximization` carries
-the metrics and figures, and every AM run gets `selectivity.*` tags.
+`metrics/analysis.json`; an MLflow run in experiment `analysis` carries the claims' headline metrics,
+analysis.json and the figures, every AM run gets class tags (`spikemax.final_concept`,
+`spikemax.preferred_class`), and the AM experiment gets saved comparison views.
 
 Checkpoints are keyed by their index (`epoch` column: 0 = untrained, ordered by training
 progress); `progress` is the fractional epoch and `step` the optimizer step of each one.
@@ -34,7 +35,6 @@ from spikemax import selectivity as S
 from spikemax.am import SUMMARY_COLUMNS
 from spikemax.params import Params, Paths
 from spikemax.stats import bootstrap_ci, mean_ci, spearman, spearman_ci, spearman_rho
-from spikemax.tracking import AM_EXPERIMENT
 
 STIMULUS_KEYS = ["epoch", "generator", "target"]
 
@@ -617,20 +617,34 @@ def convergence_curves(runs: pd.DataFrame, am_dir: Path) -> pd.DataFrame:
 # ---- MLflow -----------------------------------------------------------------------------
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, float]:
-    """Nested claims dict -> {'a.b.c': number} keeping finite numbers only (MLflow metrics)."""
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and math.isfinite(v):
-            out[key] = float(v)
+# The claims' headline numbers: the analysis run's metrics and (the first three) metrics/summary.json.
+# name -> (claim, number, field); claim 3 counts restart-robust changes where there are restarts.
+HEADLINE = {
+    "c1_early_selective": ("claim1_early_selectivity", "frac_selective_by_early_epoch", "value"),
+    "c2_rho_csi_acc": ("claim2_selectivity_and_accuracy", "spearman_mean_csi_vs_test_acc", "rho"),
+    "c3_concept_change": ("claim3_concept_change", "frac_neurons_changing_concept_robust", "value"),
+    "c1_selective_final": ("claim1_early_selectivity", "frac_selective_final", "value"),
+    "c2_rho_gain_acc": ("claim2_selectivity_and_accuracy", "spearman_am_gain_vs_test_acc", "rho"),
+    "c3_concept_changes_mean": ("claim3_concept_change", "mean_concept_changes_robust", "value"),
+}
+
+
+def headline(result: dict) -> dict[str, float | None]:
+    """The claims as a handful of numbers (None where undefined, e.g. a correlation over one checkpoint)."""
+    out: dict[str, float | None] = {}
+    robust = result.get("claim3_concept_change", {}).get("restarts", 0) >= 2
+    for name, (claim, key, field) in HEADLINE.items():
+        if claim == "claim3_concept_change" and not robust:
+            key = key.removesuffix("_robust")  # one restart: the raw count is all there is
+        v = result.get(claim, {}).get(key, {}).get(field)
+        out[name] = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
     return out
 
 
-def log_mlflow(paths: Paths, summary: dict, out_dir: Path, runs: pd.DataFrame) -> dict[str, Any]:
-    """Log the analysis run (metrics + artifacts) and tag every AM run; returns ids for the report."""
+def log_mlflow(paths: Paths, params: Params, summary: dict, out_dir: Path, runs: pd.DataFrame) -> dict[str, Any]:
+    """The analysis run in its own experiment (the claims' headline metrics, analysis.json and the
+    figures and tables as artifacts), class tags on every AM run, the UI's comparison views; returns
+    ids and view links for the report."""
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.exceptions import MlflowException
@@ -638,50 +652,69 @@ def log_mlflow(paths: Paths, summary: dict, out_dir: Path, runs: pd.DataFrame) -
     from spikemax import tracking
 
     uri = tracking.configure(paths.root)
-    exp_id = tracking.experiment_id(AM_EXPERIMENT, paths.root)
+    exp_id = tracking.experiment_id(tracking.ANALYSIS_EXPERIMENT, paths.root)
     client = mlflow.MlflowClient(uri)
-    run = client.create_run(exp_id, run_name="analysis", tags={"spikemax.stage": "analysis"})
+    run = client.create_run(exp_id, run_name="analysis", tags=tracking.run_tags(paths.root, params, "analyze"))
     rid = run.info.run_id
+    numbers = summary.get("headline") or headline(summary)
     with tracking.terminated(client, rid):  # FAILED on any error, FINISHED otherwise
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in flatten(summary).items()]
-        for i in range(0, len(metrics), 500):
-            client.log_batch(rid, metrics=metrics[i : i + 500])
-        c1 = summary["claim1_early_selectivity"]
+        a = params.analyze
         client.log_batch(
-            rid, params=[Param("csi_threshold", str(c1["csi_threshold"])), Param("min_rate", str(c1["min_rate"]))]
+            rid,
+            metrics=[Metric(k, v, now, 0) for k, v in numbers.items() if v is not None],
+            params=[
+                Param(k, str(v))
+                for k, v in {
+                    "csi_threshold": a.csi_threshold,
+                    "min_rate": a.min_rate,
+                    "early_epoch": a.early_epoch,
+                    "concept_from_epoch": a.concept_from_epoch,
+                    "am_runs": len(runs),
+                    "restarts": summary.get("claim3_concept_change", {}).get("restarts", 0),
+                }.items()
+            ],
         )
+        client.log_artifact(rid, str(paths.metrics / "analysis.json"))  # every claim number, intervals included
         for path in sorted(out_dir.rglob("*")):
             if path.is_file() and path.suffix in (".png", ".csv"):
                 client.log_artifact(
                     rid, str(path), artifact_path=str(path.parent.relative_to(out_dir)).strip(".") or None
                 )
+    classes = summary.get("meta", {}).get("classes", [])
     tagged = missing = 0
     for _, row in runs.iterrows():
-        tags = {
-            "selectivity.csi": f"{row['csi']:.4f}",
-            "selectivity.preferred_class": str(int(row["preferred_class"])),
-            "selectivity.sparseness": f"{row['sparseness']:.4f}",
-            "selectivity.am_gain": f"{row['am_gain_dataset']:.4f}",
-            "selectivity.concept": str(row["concept_name"]),
-            "selectivity.concept_prob": f"{row['concept_prob']:.4f}",
-            "selectivity.perplexity": f"{row['perplexity']:.4f}",
-            "selectivity.complexity": str(int(row["complexity"])),
-            "analysis_run_id": rid,
-        }
+        tags = [RunTag("spikemax.analysis_run", rid)]
+        tags += tracking.concept_tags("spikemax.final_concept", row["concept"], classes)
+        if pd.notna(row["preferred_class"]):
+            tags += tracking.concept_tags("spikemax.preferred_class", row["preferred_class"], classes)
         try:
-            client.log_batch(str(row["run_id"]), tags=[RunTag(k, v) for k, v in tags.items()])
+            client.log_batch(str(row["run_id"]), tags=tags)
             tagged += 1
         except MlflowException:
             missing += 1  # an AM run id absent from this store (e.g. a copied results tree)
+    views = tracking.save_views(paths.root, [*comparison_views(runs), tracking.analysis_view(list(HEADLINE))])
     return {
         "tracking_uri": uri,
         "experiment_id": exp_id,
-        "experiment": AM_EXPERIMENT,
+        "experiment": tracking.ANALYSIS_EXPERIMENT,
         "run_id": rid,
+        "am_experiment_id": tracking.experiment_id(tracking.AM_EXPERIMENT, paths.root),
         "am_runs_tagged": tagged,
         "am_runs_missing": missing,
+        "views": views,
     }
+
+
+def comparison_views(runs: pd.DataFrame) -> list:
+    """The AM experiment's saved views for this analysis: the trained checkpoint, and across
+    checkpoints the neuron with the most concept changes (the first target when none changed)."""
+    from spikemax import tracking
+
+    last = int(runs["epoch"].max())
+    distinct = runs.groupby(["generator", "target"], sort=True)["concept"].nunique()
+    generator, target = distinct.idxmax()
+    return tracking.am_views(last, str(generator), str(target))
 
 
 def layer_table(result: dict, layers: list[str]) -> pd.DataFrame:

@@ -37,9 +37,11 @@ def one_line_errors(fn: Callable) -> Callable:
 
 
 def _load(params: Path):
-    from spikemax import params as P
+    from spikemax.logs import quiet_third_party
+    from spikemax.params import load
 
-    return P.load(params)
+    quiet_third_party()  # every stage's log: the known third-party noise, filtered once
+    return load(params)
 
 
 @app.command()
@@ -58,7 +60,7 @@ def prepare(params: Path = ParamsOpt) -> None:
 @app.command("train-snn")
 @one_line_errors
 def train_snn(params: Path = ParamsOpt) -> None:
-    """Train the ConvSNN, saving a checkpoint for epoch 0 and after every epoch."""
+    """Train the ConvSNN, saving checkpoints on the snn.checkpoints schedule (untrained, early steps, epoch ends)."""
     p, paths = _load(params)
     from spikemax.stages.train_snn import run
 
@@ -101,12 +103,24 @@ def check_generators(params: Path = ParamsOpt) -> None:
 
 @app.command()
 @one_line_errors
-def maximize(params: Path = ParamsOpt) -> None:
+def maximize(
+    params: Path = ParamsOpt,
+    engine: str | None = typer.Option(
+        None, "--engine", envvar="SPIKEMAX_ENGINE", help="where the groups run: local or ray (not a param)"
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", envvar="SPIKEMAX_RAY_ADDRESS", help='Ray cluster: "" starts one, "auto", HOST:6379'
+    ),
+    ray_workers: int | None = typer.Option(
+        None, "--ray-workers", envvar="SPIKEMAX_RAY_WORKERS", help="CPUs of a started Ray cluster (0 = all)"
+    ),
+) -> None:
     """Run activation maximization over checkpoints x generators x targets x methods x seeds."""
     p, paths = _load(params)
+    from spikemax.am.engine import EngineSettings
     from spikemax.stages.maximize import run
 
-    run(p, paths)
+    run(p, paths, EngineSettings.resolve(p.maximize, engine, ray_address, ray_workers))
 
 
 @app.command()
@@ -117,6 +131,17 @@ def analyze(params: Path = ParamsOpt) -> None:
     from spikemax.stages.analyze import run
 
     run(p, paths)
+
+
+@app.command()
+@one_line_errors
+def summarize(params: Path = ParamsOpt) -> None:
+    """Write metrics/summary.json: the headline numbers `dvc metrics show` and `dvc exp show` compare."""
+    p, paths = _load(params)
+    from spikemax.stages.summarize import run
+
+    for key, value in run(p, paths).items():
+        print(f"{key}: {value}")
 
 
 @app.command()
@@ -135,7 +160,7 @@ def tune(
     params: Path = ParamsOpt,
     workers: int = typer.Option(None, min=1, help="worker processes sharing the study (default: tune.workers)"),
 ) -> None:
-    """Tune TT rank and grid resolution with Optuna."""
+    """Tune the TT maximizer (rank, lr; grid resolution on SN-GAN) with Optuna, one study per generator."""
     p, paths = _load(params)
     from spikemax.stages.tune import run
 
@@ -152,12 +177,15 @@ def serve(
         None, envvar="SPIKEMAX_TOKEN", help="bearer token every route but /health requires", show_default=False
     ),
     state: Path = typer.Option(None, help="session store folder (default: results/rig)"),
+    forget_lost: bool = typer.Option(
+        False, help="start although MLflow has open sessions the journal lacks (their runs are marked FAILED)"
+    ),
 ) -> None:
     """Serve closed-loop sessions over HTTP for rigs (living neurons); sessions survive restarts."""
     p, paths = _load(params)
     from spikemax.rig.app import serve as run
 
-    run(p, paths, host=host, port=port, token=token, state_dir=state)
+    run(p, paths, host=host, port=port, token=token, state_dir=state, forget_lost=forget_lost)
 
 
 @app.command("rig-files")
@@ -166,21 +194,26 @@ def rig_files(
     folder: Path = typer.Argument(..., help="folder shared with the rig (blocks of PNGs in, responses files back)"),
     params: Path = ParamsOpt,
     generator: str = typer.Option(None, help="generator (default: maximize.generators[0])"),
-    method: str = typer.Option(None, help="optimizer (default: maximize.methods[0])"),
+    method: str = typer.Option(
+        None, help="optimizer: auto | tt | random | cma | ngopt | protes (default: maximize.methods[0])"
+    ),
     budget: int = typer.Option(None, help="stimuli in all (default: maximize.budget)"),
     seed: int = typer.Option(None, help="optimizer seed (default: maximize.seeds[0])"),
     batch: int = typer.Option(None, help="stimuli per block (default: maximize.batch)"),
     channels: int = typer.Option(1, help="responses per presentation (electrodes)"),
     target_channel: int = typer.Option(0, help="channel to maximize (all are recorded)"),
+    noise_aware: bool = typer.Option(True, help="re-present the elite, report the best estimated mean"),
+    retry_failed: bool = typer.Option(False, help="show a failed presentation (empty response cells) once more"),
     poll: float = typer.Option(0.05, help="seconds between looks for a responses file"),
 ) -> None:
     """Drive one closed-loop session through a folder (rigs without HTTP); resumes after a crash."""
     p, paths = _load(params)
     from pydantic import ValidationError
 
+    from spikemax.rig.errors import RigError
     from spikemax.rig.files import run_files
     from spikemax.rig.models import SessionCreate
-    from spikemax.rig.sessions import RigError, SessionManager
+    from spikemax.rig.sessions import SessionManager
 
     fields = {"generator": generator, "method": method, "budget": budget, "seed": seed, "batch": batch}
     try:
@@ -189,6 +222,8 @@ def rig_files(
                 **{k: v for k, v in fields.items() if v is not None},
                 "channels": channels,
                 "target_channel": target_channel,
+                "noise_aware": noise_aware,
+                "retry_failed": retry_failed,
             }
         )
     except ValidationError as err:

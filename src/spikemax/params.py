@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import types
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from spikemax import SpikemaxError
 
 DATASETS = ("fashion-mnist", "cifar10")
+MAX_BUDGET = 10**7  # queries per run: beyond this a run would take days and its query table gigabytes
 
 
 GeneratorName = Literal["sngan", "vqvae"]
@@ -29,10 +32,82 @@ class ParamsError(SpikemaxError):
     """A params.yaml value is missing, malformed or out of range."""
 
 
+def _fit(annotation: Any, value: Any) -> bool | str | None:
+    """How `value` fits the number parts of `annotation`: True (natively), the kind wanted (a
+    boolean, float or string given where an int or float is meant), or None (not a number question)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _fit(get_args(annotation)[0], value)
+    if origin in (Union, types.UnionType):
+        fits = [_fit(member, value) for member in get_args(annotation)]
+        if True in fits:
+            return True
+        return next((f for f in fits if isinstance(f, str)), None)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        args = [a for a in get_args(annotation) if a is not Ellipsis]
+        items = (
+            [_fit(args[0], v) for v in value]
+            if origin is list or len(args) == 1
+            else [_fit(a, v) for a, v in zip(args, value)]
+        )
+        return next((f for f in items if isinstance(f, str)), True)
+    if annotation is int:
+        if type(value) is int:
+            return True
+        return "an integer" if isinstance(value, (bool, float, str)) else None
+    if annotation is float:
+        if isinstance(value, bool):
+            return "a number"
+        return True if isinstance(value, (int, float)) else None
+    if origin is Literal:
+        return True if value in get_args(annotation) and not isinstance(value, bool) else None
+    if annotation is type(None):
+        return True if value is None else None
+    if annotation is Any or not isinstance(annotation, type):
+        return None
+    return True if isinstance(value, annotation) else None
+
+
+def _mistyped(annotation: Any, value: Any) -> str | None:
+    """The kind of value wanted where `value` gives a bool/float/string for a count (None: fine)."""
+    fit = _fit(annotation, value)
+    return fit if isinstance(fit, str) else None
+
+
+def _repeated(values: list[Any]) -> Any:
+    """The first value listed twice (None when all are distinct)."""
+    seen: set[Any] = set()
+    for v in values:
+        key = v if isinstance(v, Hashable) else repr(v)
+        if key in seen:
+            return v
+        seen.add(key)
+    return None
+
+
+def _check_distinct(value: list[Any]) -> list[Any]:
+    """A list field whose entries must be distinct (a repeated run key would run twice)."""
+    if isinstance(value, list) and (dup := _repeated(value)) is not None:
+        raise PydanticCustomError(
+            "distinct", "Input should list each value once ({dup} is repeated)", {"dup": repr(dup)}
+        )
+    return value
+
+
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, not silently ignored; floats must be finite."""
+    """Base of every section: unknown keys are errors, not silently ignored; floats must be finite;
+    counts are strict ints (a boolean, float or string is not a count)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: Any) -> Any:
+        """Refuse what pydantic's lax mode would coerce: `true` as 1, 3.0 or "3" as an int, `true` as 1.0."""
+        want = _mistyped(cls.model_fields[info.field_name].annotation, value)
+        if want is not None:
+            raise PydanticCustomError("strict_number", "Input should be {want}", {"want": want})
+        return value
 
 
 class PrepareParams(Section):
@@ -165,8 +240,9 @@ class NoiseParams(Section):
 class MaximizeParams(Section):
     """`maximize` stage: which checkpoints, generators, targets, methods and budget."""
 
-    # A list of checkpoint epochs (a negative entry counts from the last one: -1 = last) or "all".
-    epochs: Literal["all"] | list[int] = Field("all", min_length=1)
+    # A list of checkpoint indices (0 = untrained; a negative entry counts from the last one: -1 =
+    # last) or "all". Formerly `epochs` (still read, with a one-line deprecation message).
+    checkpoints: Literal["all"] | list[int] = Field("all", min_length=1)
     generators: list[GeneratorName] = Field(default_factory=lambda: list(GENERATOR_NAMES), min_length=1)
     targets: list[str] = Field(default_factory=lambda: ["class:*"])
     units_per_layer: int = Field(0, ge=0)
@@ -176,11 +252,11 @@ class MaximizeParams(Section):
     target_seed: int = Field(0, ge=0)
     max_images: int = Field(512, ge=1)
     methods: list[MethodName] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    budget: int = Field(1024, ge=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
+    budget: int = Field(1024, ge=1, le=MAX_BUDGET)
     # Queries per run at the last checkpoint of the scan (null = `budget`): the trained network gets a
     # deeper search; comparisons across checkpoints use each run's best within its first `budget` queries.
-    budget_last: int | None = Field(None, ge=1)
+    budget_last: int | None = Field(None, ge=1, le=MAX_BUDGET)
     batch: int = Field(64, ge=1)
     target_value: float | None = None
     warm_start: bool = True
@@ -198,95 +274,42 @@ class MaximizeParams(Section):
     population: bool = False
     population_rule: Literal["round_robin", "progress"] = "round_robin"
     tt: TTOptions = Field(default_factory=TTOptions)
-    # Where the lock-step groups run: "local" (this process, in order) or "ray" (one task per group).
-    engine: Literal["local", "ray"] = "local"
-    # Ray cluster: "" starts a local one (ray_workers CPUs, 0 = all), "auto" joins this machine's,
-    # or "HOST:6379" / "ray://HOST:10001". Results go to the project's results/am (shared storage).
-    ray_address: str = ""
-    ray_workers: int = Field(0, ge=0)
-
-    # The tune stage's result per generator ({"study", "method", "settings", "source"}: what
-    # spikemax.tuning.resolve_auto decided), set by the maximize stage from metrics/tune.json when
-    # `tuned` is true; never read from params.yaml.
-    _tuned: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
-    # Set on the params of one run (`for_generator`): the method `auto` resolves to, and CMA-ES options.
-    _auto: str | None = PrivateAttr(default=None)
-    _cma: dict[str, Any] = PrivateAttr(default_factory=dict)
+    # Deprecated (engine settings are not params: changing them must not rerun the stage): use
+    # `spikemax maximize --engine/--ray-address/--ray-workers` or SPIKEMAX_ENGINE / SPIKEMAX_RAY_ADDRESS
+    # / SPIKEMAX_RAY_WORKERS. Still read when set here (spikemax.am.engine.EngineSettings).
+    engine: Literal["local", "ray"] | None = None
+    ray_address: str | None = None
+    ray_workers: int | None = Field(None, ge=0)
+    # true: warm-started runs also run a cold twin (same seed, no warm start, not logged) so that
+    # `queries_saved` is measured; off by default (the twins cost about a fifth of the stage's queries).
+    measure_warm_start: bool = False
 
     @field_validator("noise", mode="before")
     @classmethod
     def _noise_sigma(cls, value: Any) -> Any:
         return NoiseParams.from_sigma(value)
 
-    def with_tuned(self, settings: dict[str, dict[str, Any]]) -> MaximizeParams:
-        """A copy that applies these per-generator tune results (see `for_generator`)."""
-        out = self.model_copy()
-        out._tuned = {g: dict(s) for g, s in settings.items()}
-        return out
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Read `epochs` (a checkpoint index, not a training epoch) as `checkpoints`, with a warning."""
+        if isinstance(data, dict) and "epochs" in data:
+            import logging
 
-    def tuned_settings(self, generator: str) -> dict[str, Any]:
-        """The tune result of `generator` in force ({} = none: `auto` uses the fallback table)."""
-        return dict(self._tuned.get(generator, {}))
+            data = dict(data)
+            if "checkpoints" in data:
+                raise PydanticCustomError("renamed", "give `checkpoints` only (`epochs` is its old name)")
+            logging.getLogger(__name__).warning(
+                "maximize.epochs is deprecated: it is a checkpoint index, now `maximize.checkpoints`"
+            )
+            data["checkpoints"] = data.pop("epochs")
+        return data
 
-    def auto_choice(self, generator: str) -> str | None:
-        """The method the tune stage adopted for `generator` (None: no adopted result)."""
-        s = self._tuned.get(generator, {})
-        return s.get("method") if s.get("source") == "study" else None
-
-    def tuned_for(self, generator: str, method: str) -> dict[str, Any]:
-        """The adopted settings a run of `method` on `generator` takes ({} = runs as configured):
-        `auto` always takes them, an explicit method when it is the adopted one."""
-        choice = self.auto_choice(generator)
-        if choice is None or method not in ("auto", choice):
-            return {}
-        return dict(self._tuned[generator].get("settings", {}))
-
-    def method_source(self, generator: str, method: str) -> str:
-        """What decided a run's method and settings: "study" (the tune stage's adopted winner),
-        "default" (a study kept the default), "fallback" (no study result) or "configured"."""
-        if self.tuned_for(generator, method):
-            return "study"
-        if method != "auto":
-            return "configured"
-        return str(self._tuned.get(generator, {}).get("source", "fallback"))
-
-    @property
-    def auto_method(self) -> str | None:
-        """The method `auto` runs for the generator these params were made for (None: the table's)."""
-        return self._auto
-
-    @property
-    def cma_options(self) -> dict[str, Any]:
-        """CMA-ES options (sigma0, popsize) a tuned run passes on ({} = CMA-ES's defaults)."""
-        return dict(self._cma)
-
-    def with_settings(self, method: str, settings: dict[str, Any]) -> MaximizeParams:
-        """These params with a tune search point applied: TT's rank, lr, elite and CMA share, CMA-ES's
-        sigma0 and popsize, and the noise-aware options (grid_n re-grids: spikemax.tuning.tuned_grid)."""
-        s = settings
-        update: dict[str, Any] = {}
-        if method == "tt":
-            keys = {"rank": "rank", "lr": "lr", "elite": "elite", "cma_share": "cma"}
-            tt = {keys[k]: v for k, v in s.items() if k in keys}
-            if tt:
-                update["tt"] = self.tt.model_copy(update=tt)
-        noise: dict[str, Any] = {k: s[k] for k in ("aware", "retest", "estimator") if k in s}
-        if noise:
-            update["noise"] = self.noise.model_copy(update=noise)
-        out = self.model_copy(update=update)
-        if method == "cma":
-            out._cma = {k: s[k] for k in ("sigma0", "popsize") if s.get(k)}  # popsize 0: pycma's default
-        return out
-
-    def for_generator(self, generator: str, method: str = "auto") -> MaximizeParams:
-        """The params a run of `method` on `generator` runs with: the adopted tune settings where
-        they apply (`tuned_for`), and `auto` resolved to the adopted method (self when none)."""
-        choice = self.auto_choice(generator)
-        if choice is None or method not in ("auto", choice):
-            return self
-        out = self.with_settings(choice, self.tuned_for(generator, method))
-        out._auto = choice
-        return out
+    @field_validator("checkpoints", "generators", "targets", "methods", "seeds")
+    @classmethod
+    def _no_repeats(cls, value: Any) -> Any:
+        """Each checkpoint, generator, target, method and seed once: a repeat would run its keys twice."""
+        return _check_distinct(value)
 
 
 class AnalyzeParams(Section):
@@ -323,7 +346,7 @@ class TuneParams(Section):
     min_trials: int = Field(4, ge=1)
     level: float = Field(0.9, gt=0.0, lt=1.0)  # of every bootstrap interval (stopping, pruning, validation)
     # Queries per neuron per trial and per ask; None = the maximize stage's `budget` / `batch`.
-    budget: int | None = Field(None, ge=1)
+    budget: int | None = Field(None, ge=1, le=MAX_BUDGET)
     batch: int | None = Field(None, ge=1)
     # TT: rank, learning-rate range (log-uniform), elite size, share of an internal CMA-ES (ordered grids).
     ranks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [2, 3, 5, 8], min_length=1)
@@ -457,13 +480,40 @@ def validate(data: dict[str, Any] | None) -> Params:
         raise ParamsError(_format_error(err)) from None
 
 
+class _RepeatedKeyError(yaml.YAMLError):
+    """A mapping gives one key twice (YAML forbids it; PyYAML would keep the last silently)."""
+
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"key {key!r} repeated at line {line}")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe YAML loader, refusing a mapping that repeats a key."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise _RepeatedKeyError(key, key_node.start_mark.line + 1)
+            seen.add(key if isinstance(key, Hashable) else repr(key))
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | Path = "params.yaml", root: str | Path | None = None) -> tuple[Params, Paths]:
     """Read a params file; return the validated params and the project paths (root: cwd by default)."""
     path = Path(path).resolve()
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path.name}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+    except _RepeatedKeyError as err:
+        raise ParamsError(f"{path.name} line {err.line}: key {err.key!r} is given twice") from None
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""

@@ -18,21 +18,26 @@ import pandas as pd
 from spikemax import SpikemaxError
 from spikemax.params import Paths
 
-MLFLOW_UI = "http://127.0.0.1:5000"
+# Where `mlflow ui` serves a local store (the command the report prints); a tracking server serves its own UI.
+LOCAL_UI = "http://127.0.0.1:5000"
+# The page's column is 1,200 px; a table estimated wider is split into column groups.
+TABLE_PX = 1150
+CHAR_PX = 7.2  # average width of a table character at the page's .85em
 SECTIONS = {
     "overview": "Overview",
     "claim-early": "Claim 1: selective neurons form early (epochs and layers)",
     "claim-accuracy": "Claim 2: refined optimal stimuli go with rising accuracy",
     "claim-concepts": "Claim 3: some neurons change their concept during training",
-    "methods": "Method comparison",
+    "methods": "Search methods",
     "layers": "Per-layer table",
     "mlflow": "MLflow runs",
 }
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:1em auto;padding:0 1em;color:#222;background:#fff}
 h1{font-size:1.6em}h2{border-bottom:2px solid #ccd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.85em;display:block;overflow-x:auto}td,th{border:1px solid #ccd;padding:.2em .5em;text-align:right}
-th{background:#eef}td:first-child,th:first-child{text-align:left}figure{margin:.8em 0}img{max-width:100%;border:1px solid #eee}
+.wide{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse;margin:.6em 0;font-size:.85em}td,th{border:1px solid #ccd;padding:.2em .5em;text-align:right}
+td{white-space:nowrap}th{background:#eef;font-weight:600}td:first-child,th:first-child{text-align:left}figure{margin:.8em 0}img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}.claim{background:#f5f7ff;border-left:4px solid #55a;padding:.5em 1em;margin:.8em 0}
 code{background:#f3f3f3;padding:0 .2em}nav a{margin-right:1em}
 """
@@ -81,9 +86,8 @@ def rho(d: dict | None, unit: str = "checkpoints") -> str:
     return f"{d['rho']:+.2f}{_interval(d, spec='+.2f')} (p = {d['p']:.2g}, n = {d['n']} {unit})"
 
 
-def table(df: pd.DataFrame, links: dict[str, str] | None = None) -> str:
-    """An HTML table of a frame; `links` maps a column to the column holding its href."""
-    links = links or {}
+def _html_table(df: pd.DataFrame, links: dict[str, str]) -> str:
+    """One HTML table of a frame; `links` maps a column to the column holding its href."""
     shown = [c for c in df.columns if c not in links.values()]
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown)
     rows = []
@@ -95,7 +99,72 @@ def table(df: pd.DataFrame, links: dict[str, str] | None = None) -> str:
                 text = f'<a href="{html.escape(r[links[c]])}">{text}</a>'
             cells.append(f"<td>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def _col_px(df: pd.DataFrame, c: Any) -> float:
+    """Estimated width of a column: its widest cell (cells do not wrap) or its longest header word."""
+    cells = max((len(fmt(v)) for v in df[c]), default=0)
+    words = max((len(w) for w in str(c).split()), default=0)
+    return max(cells, words, 3) * CHAR_PX + 14
+
+
+def table(df: pd.DataFrame, links: dict[str, str] | None = None) -> str:
+    """HTML table(s) of a frame: a frame wider than the column is split into groups of columns, each
+    repeating the first (key) column, so the page never scrolls sideways."""
+    links = links or {}
+    shown = [c for c in df.columns if c not in links.values()]
+    if not shown:
+        return ""
+    key, rest = shown[0], shown[1:]
+    key_px, widths = _col_px(df, key), [_col_px(df, c) for c in rest]
+
+    def split(limit: float) -> list[list[Any]]:
+        groups: list[list[Any]] = [[]]
+        used = key_px
+        for c, w in zip(rest, widths):
+            if groups[-1] and used + w > limit:
+                groups.append([])
+                used = key_px
+            groups[-1].append(c)
+            used += w
+        return groups
+
+    groups = split(TABLE_PX)
+    k = len(groups)
+    for slack in (0.0, 0.25, 0.5, 1.0) if k > 1 else ():  # as many tables, of even widths, not a full one and a stub
+        even = split(min(TABLE_PX, key_px + sum(widths) / k + slack * max(widths)))
+        if len(even) == k:
+            groups = even
+            break
+    hrefs = [h for c, h in links.items()]
+    return "".join(_html_table(df[[key, *g, *hrefs]], links) for g in groups)
+
+
+def with_intervals(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns X, X_lo, X_hi (and X_p) merged into one column X of `value [lo, hi] (p = ...)` cells."""
+    out = df.copy()
+    for c in list(df.columns):
+        if f"{c}_lo" in df and f"{c}_hi" in df:
+            cells = []
+            for _, r in df.iterrows():
+                d = {"value": r[c], "lo": r[f"{c}_lo"], "hi": r[f"{c}_hi"]}
+                d = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+                text = "—" if d["value"] is None else est(d)
+                if f"{c}_p" in df and isinstance(r[f"{c}_p"], float) and math.isfinite(r[f"{c}_p"]):
+                    text += f" (p = {r[f'{c}_p']:.2g})"
+                cells.append(text)
+            out[c] = cells
+            out = out.drop(columns=[k for k in (f"{c}_lo", f"{c}_hi", f"{c}_p") if k in out])
+    return out
+
+
+def layer_table(layers: pd.DataFrame) -> str:
+    """The per-layer table turned on its side: one row per number, one column per layer (the layers
+    are few; the numbers are many, and as columns they made a table ten times the page's width)."""
+    merged = with_intervals(layers).set_index("layer")
+    side = merged.T.reset_index().rename(columns={"index": "number"})
+    return table(side)
 
 
 def image(path: Path, caption: str) -> str:
@@ -109,9 +178,31 @@ def image(path: Path, caption: str) -> str:
     )
 
 
-def run_url(exp_id: str, run_id: str) -> str:
-    """Link to one run in a local `mlflow ui`."""
-    return f"{MLFLOW_UI}/#/experiments/{exp_id}/runs/{run_id}"
+def ui_base(uri: str) -> str:
+    """The MLflow UI that shows a tracking URI's runs: a tracking server serves its own UI; a local
+    store (sqlite, file) is shown by the `mlflow ui` the report tells you to start.
+    (Kept local until tracking.py has the project's link builder.)"""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return LOCAL_UI
+
+
+def store_arg(uri: str, root: Path) -> str:
+    """The tracking URI as `mlflow ui --backend-store-uri` takes it from the project folder
+    (a sqlite store under the project relative to it, so no machine's checkout path is printed)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        path = Path(uri[len(prefix) :])
+        try:
+            return prefix + path.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            return uri
+    return uri
+
+
+def run_url(exp_id: str, run_id: str, base: str = LOCAL_UI) -> str:
+    """Link to one run in the MLflow UI at `base`."""
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
 
 
 def per_layer_frame(block: dict, keys: dict[str, str]) -> pd.DataFrame:
@@ -146,7 +237,7 @@ def section_overview(a: dict, meta: dict, paths: Paths, ids: dict) -> str:
         f"{', '.join(map(str, meta.get('am_epochs', [])))}; {meta.get('am_runs', 0)} AM runs "
         f"({meta.get('restarts', 1)} restarts per checkpoint and neuron); spiking layers "
         f"{', '.join(meta.get('layers', []))}. Test accuracy {fmt(c2.get('test_acc_first'))} (first epoch) → "
-        f"{fmt(c2.get('test_acc_final'))} (final). Project: <code>{html.escape(str(paths.root.resolve()))}</code>.</p>"
+        f"{fmt(c2.get('test_acc_final'))} (final). Paths on this page are relative to the project folder.</p>"
         "<p>CSI = (μ<sub>max</sub> − μ<sub>rest</sub>)/(μ<sub>max</sub> + μ<sub>rest</sub>) over class-mean firing "
         f"rates ({silent}); AM gain = best AM activation / highest activation over the test set; concept = class "
         "the final-epoch SNN assigns to the optimal stimulus (the best stimulus over methods and seeds).</p>"
@@ -204,7 +295,7 @@ def section_claim2(a: dict, fig: Path, analysis_dir: Path) -> str:
         },
     )
     epochs = analysis_dir / "accuracy_by_epoch.csv"
-    ep_table = table(pd.read_csv(epochs)) if epochs.is_file() else ""
+    ep_table = table(with_intervals(pd.read_csv(epochs))) if epochs.is_file() else ""
     return (
         '<div class="claim">Measured Spearman correlations across checkpoints with test accuracy: '
         f"mean CSI {rho(c2.get('spearman_mean_csi_vs_test_acc'))}; mean AM gain {rho(c2.get('spearman_am_gain_vs_test_acc'))}; "
@@ -260,30 +351,56 @@ def section_claim3(a: dict, fig: Path) -> str:
     )
 
 
-def section_methods(fig: Path, analysis_dir: Path) -> str:
-    """Method comparison: table, convergence curves, best stimuli side by side."""
+def section_methods(fig: Path, analysis_dir: Path, runs: pd.DataFrame) -> str:
+    """The search methods: a comparison table when several ran, else a note saying there is none;
+    convergence curves and best stimuli either way."""
     path = analysis_dir / "methods.csv"
+    methods = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["generator", "method"])
+    names = sorted(methods["method"].unique())
+    if len(names) > 1:
+        head = (
+            table(methods)
+            + "<p>win rate = fraction of (checkpoint, generator, neuron, seed) tasks where the method found the "
+            "highest activation.</p>"
+        )
+    else:
+        resolved = ""
+        if "resolved_method" in runs and len(runs):
+            per = runs.groupby("generator")["resolved_method"].agg(lambda v: ", ".join(sorted(set(map(str, v)))))
+            resolved = " (" + "; ".join(f"{html.escape(str(g))}: {html.escape(m)}" for g, m in per.items()) + ")"
+        which = f"<code>{html.escape(str(names[0]))}</code>{resolved}" if names else "no method"
+        head = (
+            f"<p>Only one method ran, {which}, so there is nothing to compare: list several in "
+            "<code>maximize.methods</code> (for example <code>[auto, tt, random]</code>) to compare them here, "
+            "or see <code>benchmarks/bench_am.py</code>.</p>"
+            + (table(methods.drop(columns=[c for c in ("win_rate",) if c in methods])) if len(methods) else "")
+        )
     return (
-        (table(pd.read_csv(path)) if path.is_file() else "")
-        + "<p>win rate = fraction of (epoch, generator, neuron, seed) tasks where the method found the highest activation.</p>"
+        head
         + image(
             fig / "convergence.png", "Best-so-far activation / dataset max vs queries: median over runs, band = IQR."
         )
         + image(
-            fig / "methods_best.png", "Best stimulus per generator/method at the last AM'd epoch, with its activation."
+            fig / "methods_best.png",
+            "Best stimulus per generator/method at the last AM'd checkpoint, with its activation.",
         )
     )
 
 
-def section_mlflow(ids: dict, summary: pd.DataFrame) -> str:
+def section_mlflow(ids: dict, summary: pd.DataFrame, root: Path) -> str:
     """How to open the store, the analysis run link, and a link per AM run."""
     if not ids.get("run_id"):
         return "<p>The analysis ran with <code>analyze.mlflow: false</code>: no MLflow run to link.</p>"
     uri = ids.get("tracking_uri", "")
-    start = f"mlflow ui --backend-store-uri {uri} --port 5000" if uri else "mlflow ui"
+    base = ui_base(uri)
+    if base == LOCAL_UI:
+        start = f"mlflow ui --backend-store-uri {store_arg(uri, root)} --port 5000" if uri else "mlflow ui --port 5000"
+        how = f"Start the UI from the project folder with <code>{html.escape(start)}</code> and open"
+    else:
+        how = f"The runs are on the tracking server {html.escape(base)}: open"
     exp = ids["experiment_id"]
     runs = summary.copy()
-    runs["href"] = [run_url(exp, r) for r in runs["run_id"]]
+    runs["href"] = [run_url(exp, r, base) for r in runs["run_id"]]
     cols = [
         c
         for c in (
@@ -301,10 +418,10 @@ def section_mlflow(ids: dict, summary: pd.DataFrame) -> str:
         if c in runs.columns
     ]
     return (
-        f"<p>Start the UI with <code>{html.escape(start)}</code> and open "
-        f'<a href="{MLFLOW_UI}/#/experiments/{exp}/runs">experiment {html.escape(ids.get("experiment", ""))} '
+        f"<p>{how} "
+        f'<a href="{base}/#/experiments/{exp}/runs">experiment {html.escape(ids.get("experiment", ""))} '
         f"(runs view; switch to “Model training” if MLflow opens the GenAI overview)</a>. "
-        f'Analysis run: <a href="{run_url(exp, ids["run_id"])}">{html.escape(ids["run_id"])}</a> '
+        f'Analysis run: <a href="{run_url(exp, ids["run_id"], base)}">{html.escape(ids["run_id"])}</a> '
         f"({ids.get('am_runs_tagged', 0)} AM runs tagged with selectivity.*"
         f"{', ' + str(ids['am_runs_missing']) + ' not found in the store' if ids.get('am_runs_missing') else ''}).</p>"
         f"<details><summary>All {len(runs)} AM runs</summary>{table(runs[cols], links={'run_id': 'href'})}</details>"
@@ -330,9 +447,9 @@ def build(paths: Paths) -> str:
         "claim-early": section_claim1(a, fig),
         "claim-accuracy": section_claim2(a, fig, analysis_dir),
         "claim-concepts": section_claim3(a, fig),
-        "methods": section_methods(fig, analysis_dir),
-        "layers": table(pd.read_csv(layers_csv)) if layers_csv.is_file() else "<p>no layer table</p>",
-        "mlflow": section_mlflow(ids, runs),
+        "methods": section_methods(fig, analysis_dir, runs),
+        "layers": layer_table(pd.read_csv(layers_csv)) if layers_csv.is_file() else "<p>no layer table</p>",
+        "mlflow": section_mlflow(ids, runs, paths.root),
     }
     nav = "".join(f'<a href="#{k}">{html.escape(v.split(":")[0])}</a>' for k, v in SECTIONS.items())
     parts = [f'<section id="{k}"><h2>{html.escape(SECTIONS[k])}</h2>{v}</section>' for k, v in body.items()]

@@ -14,7 +14,7 @@ gains at `tune.rungs` intermediate budgets feed `PanelPruner`: a trial stops ear
 confidently behind the best trial at the same budget (paired bootstrap over neurons). The study
 stops adding trials once, after `tune.min_trials`, the winner's advantage over the runner-up has a
 bootstrap interval above 0, or after `tune.n_trials`. The winner is then run with the untuned
-default (the per-grid table, `spikemax.optim.tt.METHOD_AUTO`) on the disjoint validation panel and
+default (the per-grid table, `spikemax.am.policy.METHOD_AUTO`) on the disjoint validation panel and
 adopted only when its advantage there is above 0 (its interval); otherwise the default is kept.
 `resolve_auto` turns that result into what `maximize`'s `auto` runs.
 
@@ -72,6 +72,11 @@ def with_resolution(grid: Any, n: int) -> Any:
     return out
 
 
+def tuned_grid(grid: Any, grid_n: int | None) -> Any:
+    """The grid a run (or a trial) searches: SN-GAN at a tuned resolution `grid_n` (None: `grid` itself)."""
+    return grid if grid_n is None or grid_n == grid.n else with_resolution(grid, grid_n)
+
+
 def trial_budget(params: Params) -> tuple[int, int]:
     """(queries per neuron, queries per ask) of a trial: tune's own, else the maximize stage's."""
     t, m = params.tune, params.maximize
@@ -105,7 +110,7 @@ def study_name(params: Params, epoch: int, generator: str) -> str:
 
 
 def _prior_generators() -> tuple[str, ...]:
-    from spikemax.am.plan import PRIOR_GENERATORS
+    from spikemax.am.policy import PRIOR_GENERATORS
 
     return PRIOR_GENERATORS
 
@@ -117,8 +122,8 @@ def resolve_auto(generator: str, tuned: dict[str, Any] | None) -> tuple[str, dic
     """(method, settings, source) that `auto` runs on `generator`: the study's adopted winner
     (source "study"), or the per-grid table `METHOD_AUTO` with the configured settings ({}) when the
     study kept the default ("default") or there is no study result (`tuned` None: "fallback")."""
+    from spikemax.am.policy import METHOD_AUTO
     from spikemax.generators import grid_ordered
-    from spikemax.optim.tt import METHOD_AUTO
 
     if tuned and tuned.get("adopted"):
         method, settings = tuned.get("method"), tuned.get("settings")
@@ -147,13 +152,6 @@ def tuned_results(path: Path, generators: list[str]) -> dict[str, dict[str, Any]
         out[g] = {"study": (studies.get(g) or {}).get("study", "none"), "method": method, "settings": settings}
         out[g]["source"] = source
     return out
-
-
-def tuned_grid(grid: Any, m: Any, generator: str, method: str) -> Any:
-    """The grid a maximize run searches: SN-GAN at the adopted resolution where the tune result
-    applies to the run (`MaximizeParams.tuned_for`), else `grid` itself."""
-    n = m.tuned_for(generator, method).get("grid_n")
-    return grid if n is None or n == grid.n else with_resolution(grid, n)
 
 
 # -- panels and the search space --------------------------------------------------------------------
@@ -452,8 +450,9 @@ class Bench:
     def __init__(self, params: Params, paths: Paths, epoch: int, generator: str) -> None:
         import torch
 
-        from spikemax.am.plan import PRIOR_GENERATORS, live_units, resolve_targets
-        from spikemax.am.runs import dataset_stats
+        from spikemax.am.measures import dataset_stats
+        from spikemax.am.plan import live_units, resolve_targets
+        from spikemax.am.policy import PRIOR_GENERATORS
         from spikemax.data import Prepared
         from spikemax.devices import resolve
         from spikemax.generators import checkpoint_path, load_generator
@@ -495,7 +494,7 @@ class Bench:
 
     def prior(self, rank: int) -> Any:
         """The codebook's TT data prior at `rank` (None where the maximize stage uses none)."""
-        from spikemax.am.runs import fit_grid_prior
+        from spikemax.am.prior import fit_grid_prior
 
         if not self.use_prior:
             return None
@@ -517,14 +516,14 @@ class Bench:
         """Per-neuron AM gains (best / dataset max) of `method` with `settings` on `panel`; under
         noise the best stimulus (by its measured response) is scored by its noiseless response."""
         from spikemax.am.loop import run_am_group
+        from spikemax.am.policy import settings_options, with_settings
         from spikemax.neurons import make_responder
-        from spikemax.optim import make_optimizer, options_for
+        from spikemax.optim import make_optimizer
 
         t = self.params.tune
-        m = self.params.maximize.with_settings(method, settings)
-        n = settings.get("grid_n", self.grid.n)
-        grid = self.grid if n == self.grid.n else with_resolution(self.grid, n)
-        opts = options_for(method, m, grid)
+        m = with_settings(self.params.maximize, method, settings)
+        grid = tuned_grid(self.grid, settings.get("grid_n"))
+        opts = settings_options(self.params.maximize, method, settings, bool(grid.ordered))
         if method == "tt" and self.prior(m.tt.rank) is not None:
             opts["prior"] = self.prior(m.tt.rank)
         targets, dmax = self.targets[panel], self.dataset_max[panel]
@@ -697,8 +696,8 @@ def validate_winner(study: Any, params: Params, bench: Bench, runs: TrialRuns | 
     when no trial completed."""
     import optuna
 
+    from spikemax.am.policy import METHOD_AUTO
     from spikemax.generators import grid_ordered
-    from spikemax.optim.tt import METHOD_AUTO
 
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         return None

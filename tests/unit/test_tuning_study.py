@@ -12,8 +12,8 @@ import pytest
 
 from spikemax import SpikemaxError
 from spikemax import params as P
-from spikemax.optim import options_for
-from spikemax.optim.tt import METHOD_AUTO
+from spikemax.am.policy import METHOD_AUTO, method_source, run_options, settings_options, tuned_for
+from spikemax.optim import make_optimizer
 from spikemax.stages.tune import run_study, study_result
 from spikemax.tuning import (
     SCORE,
@@ -90,13 +90,10 @@ def test_the_study_picks_the_better_method_and_auto_resolves_to_it(tmp_path, own
     method, settings, source = resolve_auto("sngan", result)
     assert (method, source) == ("tt", "study") and settings == result["winner"]["settings"]
     # What maximize's `auto` then runs on SN-GAN: TT with the winner's settings.
-    tuned = params.maximize.with_tuned(
-        {"sngan": {"study": result["study"], **dict(zip(("method", "settings", "source"), (method, settings, source)))}}
-    )
-    run = tuned.for_generator("sngan", "auto")
-    opts = options_for("auto", run, True)
+    tuned = {"sngan": {"study": result["study"], "method": method, "settings": settings, "source": source}}
+    opts = run_options(params.maximize, tuned, "auto", "sngan", True)
     assert opts["resolved"] == "tt" and (opts["rank"], opts["lr"]) == (settings["rank"], settings["lr"])
-    assert tuned.method_source("sngan", "auto") == "study" and tuned.method_source("vqvae", "auto") == "fallback"
+    assert method_source(tuned, "auto", "sngan") == "study" and method_source(tuned, "auto", "vqvae") == "fallback"
     # A rerun with the same winner does not measure the validation panel again.
     validate_winner(study, params, bench)  # type: ignore[arg-type]
     assert sum(panel == "validation" for _, panel in bench.calls) == 2
@@ -173,11 +170,10 @@ def test_tuned_without_a_study_result_uses_and_records_the_fallback(tmp_path):
     }
     m = P.validate({}).maximize
     assert m.tuned  # the default
-    m = m.with_tuned(got)
     for g, ordered in (("sngan", True), ("vqvae", False)):
-        run = m.for_generator(g, "auto")
-        assert options_for("auto", run, ordered)["resolved"] == METHOD_AUTO[ordered]
-        assert m.method_source(g, "auto") == "fallback" and m.method_source(g, "tt") == "configured"
+        assert run_options(m, got, "auto", g, ordered)["resolved"] == METHOD_AUTO[ordered]
+        assert run_options(m, got, "auto", g, None)["resolved"] == "auto"  # the hash: the grid decides
+        assert method_source(got, "auto", g) == "fallback" and method_source(got, "tt", g) == "configured"
     (tmp_path / "tune.json").write_text(json.dumps({"generators": {"sngan": {"study": "x", "best_rank": 3}}}))
     with pytest.raises(SpikemaxError, match="not a tune stage result of this version"):
         tuned_results(tmp_path / "tune.json", ["sngan"])
@@ -185,13 +181,19 @@ def test_tuned_without_a_study_result_uses_and_records_the_fallback(tmp_path):
 
 def test_adopted_settings_apply_to_auto_and_to_the_adopted_method_only():
     entry = {"study": "s", "method": "cma", "settings": {"sigma0": 0.2, "popsize": 16, "grid_n": 32}, "source": "study"}
-    m = P.validate({}).maximize.with_tuned({"sngan": entry})
-    assert m.tuned_for("sngan", "auto") == m.tuned_for("sngan", "cma") == entry["settings"]
-    assert m.tuned_for("sngan", "tt") == {} and m.method_source("sngan", "tt") == "configured"
-    opts = options_for("auto", m.for_generator("sngan", "auto"), True)
+    tuned = {"sngan": entry}
+    m = P.validate({}).maximize
+    assert tuned_for(tuned, "auto", "sngan") == tuned_for(tuned, "cma", "sngan") == entry["settings"]
+    assert tuned_for(tuned, "tt", "sngan") == {} and method_source(tuned, "tt", "sngan") == "configured"
+    assert tuned_for(tuned, "auto", "vqvae") == {}  # another generator's result
+    opts = run_options(m, tuned, "auto", "sngan", True)
     assert opts == {"sigma0": 0.2, "popsize": 16, "resolved": "cma"}
-    assert options_for("cma", m.for_generator("sngan", "cma"), True) == {"sigma0": 0.2, "popsize": 16}
-    assert options_for("tt", m.for_generator("sngan", "tt"), True)["rank"] == m.tt.rank  # as configured
+    assert run_options(m, tuned, "auto", "sngan", None)["resolved"] == "cma"  # the hash records the adopted method
+    assert run_options(m, tuned, "cma", "sngan", True) == {"sigma0": 0.2, "popsize": 16}
+    assert run_options(m, tuned, "tt", "sngan", True)["rank"] == m.tt.rank  # as configured
+    # `auto` resolved to CMA-ES builds it with those options and without a codebook's data prior.
+    opt = make_optimizer("auto", 4, 8, seed=0, prior=object(), **opts)
+    assert opt.method == "cma" and opt.es.popsize == 16  # type: ignore[attr-defined]
 
 
 def test_the_space_holds_the_defaults_and_the_noise_aware_options_only_when_noisy():
@@ -211,8 +213,7 @@ def test_the_space_holds_the_defaults_and_the_noise_aware_options_only_when_nois
     for _ in range(30):
         method, settings = suggest(study.ask(), space)
         seen.add(settings["aware"])
-        m = noisy.maximize.with_settings(method, settings)
-        opts = options_for(method, m, False)
+        opts = settings_options(noisy.maximize, method, settings, False)
         assert opts.get("noise_aware", False) == settings["aware"]
         if settings["aware"]:
             assert (opts["retest"], opts["estimator"]) == (settings["retest"], settings["estimator"])

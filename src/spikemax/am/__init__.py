@@ -1,4 +1,4 @@
-"""The activation-maximization loop and the maximize stage's planning and run bookkeeping."""
+"""The activation-maximization loop and the maximize stage's planning, execution and bookkeeping."""
 
 # Columns of results/am/summary.csv: one row per finished AM run (the analysis stage reads it).
 SUMMARY_COLUMNS = [

@@ -1,19 +1,161 @@
-"""Engines that run the maximize stage's independent lock-step groups: Ray (a local or remote cluster).
+"""Executors of the maximize stage's groups, side by side: in this process, in plan order, or on a
+Ray cluster (local or remote), one task per group.
 
-The in-process engine is the stage's own loop; this module only knows how to run a function over
-jobs on Ray, with dependencies (a warm-started TT group waits for its previous epoch's group),
-retries when a worker dies, and results handed back as they complete. The function itself (the
-stage's group runner) is passed in, so nothing here imports a stage.
+Engine settings are not params (changing them must not rerun the stage): `spikemax maximize
+--engine/--ray-address/--ray-workers` or SPIKEMAX_ENGINE / SPIKEMAX_RAY_ADDRESS /
+SPIKEMAX_RAY_WORKERS; the old `maximize.engine`, `ray_address`, `ray_workers` params are still
+read, with a one-line deprecation message. The Ray part runs a function over jobs with
+dependencies (a warm-started TT group waits for its previous checkpoint's group), retries when a
+worker dies, and hands results back as they complete.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from spikemax import SpikemaxError
+
+if TYPE_CHECKING:
+    from spikemax.am.group import Context, Progress
+    from spikemax.params import MaximizeParams
+
+log = logging.getLogger(__name__)
+ENGINES = ("local", "ray")
+ENV = {"engine": "SPIKEMAX_ENGINE", "ray_address": "SPIKEMAX_RAY_ADDRESS", "ray_workers": "SPIKEMAX_RAY_WORKERS"}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Where the groups run: `engine` "local" or "ray"; Ray's `address` ("" starts a local cluster
+    with `workers` CPUs, 0 = all; "auto" joins this machine's; "HOST:6379" / "ray://HOST:10001")."""
+
+    engine: str = "local"
+    address: str = ""
+    workers: int = 0
+
+    @classmethod
+    def resolve(
+        cls,
+        m: MaximizeParams | None = None,
+        engine: str | None = None,
+        address: str | None = None,
+        workers: int | None = None,
+    ) -> EngineSettings:
+        """Settings from the CLI options, else the environment, else the deprecated params keys."""
+        given = {"engine": engine, "ray_address": address, "ray_workers": workers}
+        old = {k: getattr(m, k, None) for k in ENV} if m is not None else {}
+        for k, v in old.items():
+            if v is not None:
+                log.warning(
+                    "maximize.%s in params is deprecated (changing it reruns the stage): use `spikemax maximize "
+                    "--%s` or %s",
+                    k,
+                    k.replace("_", "-"),
+                    ENV[k],
+                )
+        values: dict[str, Any] = {}
+        for k, env in ENV.items():
+            v = given[k] if given[k] is not None else os.environ.get(env) or old.get(k)
+            values[k] = v
+        name = str(values["engine"] or "local")
+        if name not in ENGINES:
+            raise SpikemaxError(f"engine {name!r}: must be one of {', '.join(ENGINES)}")
+        try:
+            n = int(values["ray_workers"] or 0)
+        except ValueError:
+            raise SpikemaxError(f"ray workers {values['ray_workers']!r}: must be an integer >= 0") from None
+        if n < 0:
+            raise SpikemaxError(f"ray workers {n}: must be >= 0")
+        return cls(name, str(values["ray_address"] or ""), n)
+
+
+class Executor(Protocol):
+    """Runs every group of the context's plan that has runs left; returns the queries run."""
+
+    def run(self, ctx: Context, progress: Progress, on_group: Callable[[], None]) -> int: ...
+
+
+class InProcess:
+    """Every group in this process, in plan order (checkpoint by checkpoint: one network loaded)."""
+
+    def __init__(self, grids: dict[str, Any], device: str) -> None:
+        self.grids = grids  # generator -> its loaded grid (validated before the stage opened anything)
+        self.device = device
+
+    def run(self, ctx: Context, progress: Progress, on_group: Callable[[], None]) -> int:
+        from spikemax.am.group import run_group
+        from spikemax.am.measures import dataset_stats
+        from spikemax.snn import load_snn
+        from spikemax.tuning import tuned_grid
+
+        n = 0
+        loaded: tuple[int, Any, Any] | None = None  # (epoch, net, dataset stats)
+        for group in ctx.plan.groups:
+            runs = ctx.plan.group_runs(group, ctx.done)
+            if not runs:
+                continue
+            if loaded is None or loaded[0] != group.epoch:
+                net = load_snn(group.snn_ckpt).eval().to(self.device)
+                stats = dataset_stats(net, ctx.files.prepared, ctx.plan.targets, ctx.m.max_images)
+                loaded = (group.epoch, net, stats)
+            grid = tuned_grid(self.grids[group.generator], group.grid_n)
+            n += run_group(ctx, group, runs, grid, loaded[1], loaded[2], progress)
+            on_group()
+        return n
+
+
+class OnRay:
+    """One Ray task per group (the checkpoint's dataset stats a task too); each task logs to the
+    shared store and writes its run dirs itself; results come back as groups complete."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+
+    def run(self, ctx: Context, progress: Progress, on_group: Callable[[], None]) -> int:
+        from spikemax.am.group import group_on_worker, stats_on_worker
+
+        plan = ctx.plan
+        connect(self.settings.address, self.settings.workers, worker_env(ctx.tracker.uri))
+        jobs: list[Job] = []
+        where: dict[tuple, int] = {}
+        first: list[tuple] = []
+        stats_of: dict[int, tuple] = {}
+        for index, group in enumerate(plan.groups):
+            if not plan.group_runs(group, ctx.done):
+                continue
+            if group.epoch not in stats_of:  # its groups start at once and read the stats at the end
+                stats_of[group.epoch] = ("first", len(first))
+                first.append((stats_on_worker, (ctx.params, ctx.paths, group.snn_ckpt, plan.targets)))
+            prev = where.get(group.after) if group.after is not None else None
+            where[group.ident] = len(jobs)
+            args = (ctx.params, ctx.paths, plan, index, ctx.parent_id, stats_of[group.epoch], ctx.tracker.uri)
+            jobs.append(Job(args, [prev] if prev is not None else [], name=f"maximize group {group.name}"))
+        n_run = 0
+        try:
+            for _, res in run_jobs(group_on_worker, jobs, first=first):
+                ctx.done.update(res["rows"])
+                ctx.failed += res["failed"]
+                ctx.logging_s += res["logging_s"]
+                n_run += res["queries"]
+                progress.queries(sum(int(r["n_queries"]) for r in res["rows"].values()))  # not twins
+                progress.runs(len(res["rows"]))
+                on_group()
+        except BaseException:
+            # A group whose worker died for the last time cannot fail its own open runs.
+            reason = "interrupted (the group's Ray task failed or the stage stopped)"
+            ctx.failed += ctx.tracker.fail_open_children(ctx.parent_id, reason)
+            raise
+        return n_run
+
+
+def executor(settings: EngineSettings, grids: dict[str, Any], device: str) -> Executor:
+    """The executor of these settings."""
+    return OnRay(settings) if settings.engine == "ray" else InProcess(grids, device)
+
 
 MAX_RETRIES = 3  # attempts after a worker (process or node) dies mid-group; finished runs are never redone
 CANCEL_WAIT_S = 30.0  # how long a failed or interrupted stage waits for its cancelled tasks to stop
@@ -33,7 +175,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise SpikemaxError("maximize.engine 'ray' needs Ray: pip install 'spikemax[scale]'") from None
+        raise SpikemaxError("engine 'ray' needs Ray: pip install 'spikemax[scale]'") from None
     return ray
 
 
@@ -56,7 +198,7 @@ def connect(address: str, num_cpus: int, env: dict[str, str]) -> Any:
     try:
         ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as err:
-        raise SpikemaxError(f"maximize.ray_address {address!r}: {str(err).splitlines()[0]}") from None
+        raise SpikemaxError(f"ray address {address!r}: {str(err).splitlines()[0]}") from None
     return ray
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import hashlib
 import json
 import re
+import zlib
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,37 +15,31 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spikemax import SpikemaxError
+from spikemax.am.policy import (
+    Tuned,
+    budget_for,
+    method_source,
+    prior_applies,
+    resolve_method,
+    run_method,
+    run_options,
+    run_settings,
+    runs_tt,
+    takes_prior,
+    tuned_for,
+    tuned_study,
+    with_budget,
+)
+from spikemax.am.spec import GroupSpec, RunSpec
+from spikemax.digest import digest_bytes, digest_files, file_digest
 from spikemax.neurons import OUTPUT_LAYER, Target, parse_target
 from spikemax.optim import options_for
-from spikemax.tracking import RUN_KEY_TAG
 
 if TYPE_CHECKING:
     from spikemax.params import MaximizeParams, Params, Paths
 
 
 @dataclass(frozen=True)
-class Combo:
-    """One nested AM run: (checkpoint, generator, target, method, seed) under one configuration.
-
-    `epoch` is the checkpoint's index (0 = untrained); `step` and `progress` say how far training was
-    (optimizer steps, fractional epochs; step None for legacy `epoch=NNN.ckpt` names)."""
-
-    epoch: int
-    generator: str
-    target: Target
-    method: str
-    seed: int
-    key: str
-    step: int | None = None
-    progress: float = 0.0
-    budget: int = 0  # queries of this run (maximize.budget, or budget_last at the scan's last checkpoint)
-
-    @property
-    def run_dir(self) -> str:
-        return f"runs/{self.key}"
-
-
-@dataclass
 class Plan:
     """Everything the stage will run, validated before any run starts."""
 
@@ -51,20 +47,31 @@ class Plan:
     snn_ckpts: dict[int, Path]
     gen_ckpts: dict[str, Path]
     targets: list[Target]
-    combos: list[Combo]
+    runs: list[RunSpec]
+    groups: list[GroupSpec]
+    tuned_from: str = ""  # the tune studies whose settings apply ("" = none)
+    # per generator, what `auto` runs: the study's adopted winner, the default kept, or the fallback table
+    method_sources: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def group_runs(self, group: GroupSpec, done: Container[str]) -> list[RunSpec]:
+        """The runs of `group` to run now: those not `done`, or in population mode every one when
+        any is left (the whole presentation set; finished neurons only re-propose)."""
+        todo = [r for r in group.runs if r.key not in done]
+        return list(group.runs) if todo and group.runs[0].population else todo
+
+    def previous(self, spec: RunSpec) -> RunSpec | None:
+        """The run of the previous checkpoint `spec` may warm-start from."""
+        return self._by_key.get(spec.warm_from) if spec.warm_from else None
+
+    @functools.cached_property
+    def _by_key(self) -> dict[str, RunSpec]:
+        return {r.key: r for r in self.runs}
 
 
 def _stage_error(msg: str) -> SpikemaxError:
     from spikemax.params import ParamsError
 
     return ParamsError(f"maximize: {msg}")
-
-
-def _digest(path: Path, _cache: dict[Path, str] = {}) -> str:  # noqa: B006 - per-process memo
-    """Content hash of a checkpoint: a retrained model must not reuse old results."""
-    if path not in _cache:
-        _cache[path] = hashlib.sha1(Path(path).read_bytes()).hexdigest()
-    return _cache[path]
 
 
 def _slug(s: str) -> str:
@@ -116,46 +123,13 @@ def _code_digest() -> str:
     pkg = Path(spikemax.__file__).parent
     files = [
         pkg / "neurons.py",
-        pkg / "snn.py",
+        *sorted((pkg / "snn").glob("*.py")),
         *sorted((pkg / "generators").glob("*.py")),
         *sorted((pkg / "optim").glob("*.py")),
     ]
-    h = hashlib.sha1()
-    for f in files:
-        if f.is_file():
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def runs_tt(method: str, generator: str, m: MaximizeParams | None = None) -> bool:
-    """Whether `method` on `generator`'s grid runs TT (`auto`: the tune stage's adopted method where
-    `m` carries one, else the per-grid table, as options_for resolves it)."""
-    from spikemax.generators import grid_ordered
-    from spikemax.optim.tt import METHOD_AUTO
-
-    if method != "auto":
-        return method == "tt"
-    return ((m.auto_choice(generator) if m is not None else None) or METHOD_AUTO[grid_ordered(generator)]) == "tt"
-
-
-def run_settings(m: MaximizeParams, method: str, generator: str) -> MaximizeParams:
-    """The maximize params a run of `method` on `generator` runs with: with `maximize.tuned`, the tune
-    stage's adopted method and settings where they apply (`MaximizeParams.for_generator`)."""
-    return m.for_generator(generator, method)
-
-
-PRIOR_METHODS = ("tt", "random", "auto")  # methods that take a data prior (`prior=`)
-PRIOR_GENERATORS = ("vqvae",)  # codebook grids (unordered, with an encoder): where the prior is fitted
-
-
-def budget_for(m: MaximizeParams, epoch: int, epochs: list[int]) -> int:
-    """Queries per run at this checkpoint: `budget_last` at the scan's last one, else `budget`."""
-    return m.budget_last if m.budget_last is not None and epoch == max(epochs) else m.budget
-
-
-def with_budget(m: MaximizeParams, budget: int) -> MaximizeParams:
-    """The maximize params as one run sees them: its own budget (NGOpt and the noisy layer are told it)."""
-    return m if budget in (0, m.budget) else m.model_copy(update={"budget": budget})
+    missing = [str(f) for f in files if not f.is_file()]
+    assert not missing, f"code digest lists missing files {missing}"  # a moved module must not drop out silently
+    return digest_files(files)
 
 
 def _config_hash(
@@ -165,38 +139,46 @@ def _config_hash(
     gen_ckpt: Path,
     targets: list[Target] | None = None,
     generator: str = "",
+    tuned: Tuned | None = None,
 ) -> str:
     """Hash of everything that changes a run's result besides its key fields (so DVC's rerun after
     a code, checkpoint or params change never reuses a stale result, while a resume does); in
     population mode also the rule and the whole target set (every neuron learns from all)."""
-    m = run_settings(m, method, generator)
+    tuned = tuned or {}
+    options = run_options(m, tuned, method, generator, None)  # after tuning; `auto`: the adopted method
+    grid_n = tuned_for(tuned, method, generator).get("grid_n")
+    m = run_settings(m, tuned, method, generator)
     cfg: dict[str, Any] = {
         "budget": m.budget,
         "batch": m.batch,
         "noise": m.noise.model_dump(),
         "target_value": m.target_value,
-        "options": options_for(method, m),
-        "warm": bool(m.warm_start and runs_tt(method, generator, m)),
+        "options": options,
+        "warm": bool(m.warm_start and runs_tt(method, generator, tuned)),
         # Only runs that can use the prior (codebook grids, tt / random) depend on its settings.
-        "prior": [m.prior, m.prior_images] if method in PRIOR_METHODS and generator in PRIOR_GENERATORS else None,
-        "snn": _digest(snn_ckpt),
-        "gen": _digest(gen_ckpt),
+        "prior": [m.prior, m.prior_images] if _uses_prior(tuned, method, generator) else None,
+        "snn": file_digest(snn_ckpt),
+        "gen": file_digest(gen_ckpt),
         "code": _code_digest(),
     }
-    if "grid_n" in m.tuned_for(generator, method):
-        cfg["grid_n"] = m.tuned_for(generator, method)["grid_n"]  # a tuned SN-GAN grid resolution
+    if grid_n is not None:
+        cfg["grid_n"] = grid_n  # a tuned SN-GAN grid resolution
     if m.population:
         cfg["population"] = {"rule": m.population_rule, "targets": [t.name for t in targets or []]}
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+    if m.measure_warm_start and cfg["warm"]:
+        cfg["measure_warm_start"] = True  # queries_saved is measured (0 otherwise)
+    return digest_bytes(json.dumps(cfg, sort_keys=True))[:8]
 
 
-def plan(params: Params, paths: Paths) -> Plan:
-    """Validate the maximize params against what exists on disk; one-line error on anything wrong."""
+def plan(params: Params, paths: Paths, tuned: Tuned | None = None, tuned_from: str = "") -> Plan:
+    """Validate the maximize params against what exists on disk and resolve every run's spec
+    (`tuned`: each generator's tune study's best settings); one-line error on anything wrong."""
     from spikemax import snn
     from spikemax.generators import checkpoint_path
     from spikemax.optim import make_optimizer
 
     m = params.maximize
+    tuned = tuned or {}
     if m.budget <= 0 or m.batch <= 0 or (m.budget_last is not None and m.budget_last < m.budget):
         raise _stage_error(
             f"budget and batch must be >= 1 and budget_last >= budget (got {m.budget}, {m.batch}, {m.budget_last})"
@@ -207,15 +189,15 @@ def plan(params: Params, paths: Paths) -> Plan:
     if not available:
         raise _stage_error(f"no SNN checkpoints under {paths.snn_dir}: run `spikemax train-snn` first")
     have = sorted(available)
-    if m.epochs == "all":
+    if m.checkpoints == "all":
         epochs = have
     else:
         epochs = []
-        for e in m.epochs:
+        for e in m.checkpoints:
             ee = have[e] if e < 0 and -e <= len(have) else e
             if ee not in available:
                 raise _stage_error(
-                    f"epochs: no SNN checkpoint for epoch {e} (epochs are checkpoint indices 0..{have[-1]}: "
+                    f"checkpoints: no SNN checkpoint {e} (checkpoint indices are 0..{have[-1]}: "
                     "0 = untrained, -1 = last)"
                 )
             if ee not in epochs:
@@ -229,7 +211,7 @@ def plan(params: Params, paths: Paths) -> Plan:
         gen_ckpts[g] = path
     for method in m.methods:
         try:
-            make_optimizer(method, 2, 4, seed=0, **options_for(method, m, grid=False))
+            make_optimizer(method, 2, 4, seed=0, **optimizer_options(method, m, False))
         except SpikemaxError as err:
             raise _stage_error(f"method {method!r}: {err}") from None
         except (ValueError, TypeError, ImportError) as err:
@@ -243,18 +225,99 @@ def plan(params: Params, paths: Paths) -> Plan:
     # `net` is now the plan's last checkpoint: usually the trained network the live units come from.
     live = live_units(net if epochs[-1] == have[-1] else snn.load_snn(available[have[-1]]), paths, m)
     targets = resolve_targets(m, layers, live)
-    combos = []
-    for e in epochs:
+    runs: list[RunSpec] = []
+    groups: list[GroupSpec] = []
+    keys: dict[tuple[int, str, str, str, int], str] = {}  # (epoch, generator, target, method, seed) -> key
+    for i, e in enumerate(epochs):
         prog = snn.progress(available[e])
         budget = budget_for(m, e, epochs)
         for g in m.generators:
             for method in m.methods:
-                h = _config_hash(with_budget(m, budget), method, available[e], gen_ckpts[g], targets, g)
+                run_m = with_budget(m, budget)
+                h = _config_hash(with_budget(m, budget), method, available[e], gen_ckpts[g], targets, g, tuned)
+                # A TT run may warm-start from the previous checkpoint's run (decided when it opens).
+                prev = epochs[i - 1] if i > 0 and m.warm_start and runs_tt(method, g, tuned) else None
                 for seed in m.seeds:
+                    group = []
                     for t in targets:
                         key = _slug(f"e{e:03d}-{prog.epoch:.3f}_{g}_{t.name}_{method}_s{seed}_{h}")
-                        combos.append(Combo(e, g, t, method, seed, key, prog.step, prog.epoch, budget))
-    return Plan(epochs, {e: available[e] for e in epochs}, gen_ckpts, targets, combos)
+                        keys[e, g, t.name, method, seed] = key
+                        warm_from = keys[prev, g, t.name, method, seed] if prev is not None else ""
+                        group.append(_run_spec(run_m, tuned, e, g, t, method, seed, key, prog, budget, warm_from))
+                    runs += group
+                    groups.append(
+                        GroupSpec(
+                            epoch=e,
+                            generator=g,
+                            method=method,
+                            seed=seed,
+                            runs=tuple(group),
+                            snn_ckpt=available[e],
+                            gen_ckpt=gen_ckpts[g],
+                            noise_seed=zlib.crc32(f"{e}/{g}/{method}/{seed}".encode()),
+                            grid_n=group[0].grid_n,
+                            after=(prev, g, method, seed) if prev is not None else None,
+                        )
+                    )
+    sources = {str(g): method_source(tuned, "auto", g) for g in m.generators}
+    return Plan(epochs, {e: available[e] for e in epochs}, gen_ckpts, targets, runs, groups, tuned_from, sources)
+
+
+def optimizer_options(method: str, m: MaximizeParams, ordered: bool | None = None) -> dict[str, Any]:
+    """make_optimizer options of `method` under the run's params `m` on an ordered (quantile) or
+    codebook grid, `auto` resolved by the planner's policy; with `ordered` None the grid-dependent
+    choices stay "auto" (what the configuration hash records)."""
+    resolved = None if ordered is None else resolve_method(method, ordered)
+    return options_for(method, m, ordered, resolved=resolved)
+
+
+def _run_spec(
+    m: MaximizeParams,
+    tuned: Tuned,
+    epoch: int,
+    generator: str,
+    target: Target,
+    method: str,
+    seed: int,
+    key: str,
+    prog: Any,
+    budget: int,
+    warm_from: str,
+) -> RunSpec:
+    """One run's spec under the params `m` with its budget (its tuned settings are applied here)."""
+    from spikemax.generators import grid_ordered
+
+    ordered = grid_ordered(generator)
+    opts = run_options(m, tuned, method, generator, ordered)
+    resolved = opts.get("resolved", method)
+    settings = tuned_for(tuned, method, generator)
+    m = run_settings(m, tuned, method, generator)
+    return RunSpec(
+        epoch=epoch,
+        generator=generator,
+        target=target,
+        method=method,
+        seed=seed,
+        key=key,
+        step=prog.step,
+        progress=prog.epoch,
+        budget=budget,
+        resolved=resolved,
+        options_json=json.dumps(opts),
+        rank=m.tt.rank if resolved == "tt" else None,
+        prior_rank=m.tt.rank if takes_prior(m, method, generator) and _uses_prior(tuned, method, generator) else None,
+        tuned_study=tuned_study(tuned, method, generator),
+        method_source=method_source(tuned, method, generator),
+        grid_n=settings.get("grid_n"),
+        warm_from=warm_from,
+        population=_population_key(epoch, generator, method, seed, key) if m.population else "",
+    )
+
+
+def _uses_prior(tuned: Tuned | None, method: str, generator: str) -> bool:
+    """Whether a run can use the grid's data prior: a prior method on a codebook, unless `auto` runs
+    an adopted CMA-ES (which takes none)."""
+    return prior_applies(method, generator) and run_method(tuned, method, generator) != "cma"
 
 
 def live_units(net: Any, paths: Paths, m: MaximizeParams) -> dict[str, np.ndarray] | None:
@@ -272,57 +335,7 @@ def live_units(net: Any, paths: Paths, m: MaximizeParams) -> dict[str, np.ndarra
     return {name: r.max(axis=0) > 0 for name, r in rates.items()}
 
 
-def population_key(combo: Combo) -> str:
-    """Name of the presentation set a population-mode combination belongs to (its dir under
-    results/am/populations/): the combination's key without the target."""
-    return _slug(
-        f"e{combo.epoch:03d}_{combo.generator}_pop_{combo.method}_s{combo.seed}_{combo.key.rsplit('_', 1)[-1]}"
-    )
-
-
-def _search_runs(client: Any, eid: str) -> list[Any]:
-    """Every run of the AM experiment that carries a run key."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [eid], filter_string=f"tags.`{RUN_KEY_TAG}` LIKE '%'", max_results=5000, page_token=token
-        )
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def read_summary(am_dir: Path, combo: Combo) -> dict | None:
-    path = am_dir / combo.run_dir / "summary.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def finished_runs(client: Any, eid: str, plan_: Plan, am_dir: Path) -> dict[str, dict]:
-    """Combinations finished earlier (FINISHED run with the key tag and its local outputs); marks
-    runs left RUNNING by a killed invocation as FAILED."""
-    wanted = {c.key: c for c in plan_.combos}
-    done: dict[str, dict] = {}
-    stale = []
-    for run in _search_runs(client, eid):
-        key = run.data.tags.get(RUN_KEY_TAG)
-        if key not in wanted:
-            continue
-        if run.info.status == "FINISHED":
-            row = read_summary(am_dir, wanted[key])
-            if row is not None and row.get("run_id") == run.info.run_id:
-                done[key] = row
-        elif run.info.status == "RUNNING":
-            stale.append(run.info.run_id)
-    parents = client.search_runs(
-        [eid], filter_string="tags.`spikemax.stage` = 'maximize' and status = 'RUNNING'", max_results=1000
-    )
-    stale += [r.info.run_id for r in parents]
-    for run_id in stale:
-        # Only this stage writes these runs and it is not running twice: they were interrupted.
-        client.set_tag(run_id, "spikemax.failure", "interrupted (process killed before the run ended)")
-        client.set_terminated(run_id, "FAILED")
-    return done
+def _population_key(epoch: int, generator: str, method: str, seed: int, key: str) -> str:
+    """Name of the presentation set a population-mode run belongs to (its dir under
+    results/am/populations/): the run's key without the target."""
+    return _slug(f"e{epoch:03d}_{generator}_pop_{method}_s{seed}_{key.rsplit('_', 1)[-1]}")

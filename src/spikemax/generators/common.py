@@ -1,4 +1,4 @@
-"""Shared training pieces: MLflow epoch logging, sample grids, fit + checkpoint."""
+"""Shared training pieces: MLflow epoch logging, sample grids, progress lines, the Trainer."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from torchvision.utils import save_image
 
 from spikemax.generators.grid import LatentGrid
+from spikemax.logs import line, quiet_third_party
 
 
 def pixels(batch: Any) -> torch.Tensor:
@@ -71,16 +73,63 @@ class MlflowEpochLogger(L.Callback):
         pl_module.train(was_training)
 
 
+class LineProgress(ProgressBar):
+    """Progress as whole lines for a log file or a pipe: every `every_s` seconds of an epoch, and at
+    its end with the epoch's scalar metrics (tqdm's bar would write carriage returns and cursor moves)."""
+
+    def __init__(self, name: str, every_s: float = 30.0) -> None:
+        super().__init__()
+        self.name = name
+        self.every_s = every_s
+        self._enabled = True
+        self._start = self._last = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _epoch(self, trainer: L.Trainer) -> str:
+        return f"{self.name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        if self._enabled and now - self._last >= self.every_s:
+            self._last = now
+            total = trainer.num_training_batches
+            line(f"{self._epoch(trainer)}: step {batch_idx + 1}/{total} ({now - self._start:.0f} s)")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning 2 runs the epoch's validation before this hook: its metrics are in too.
+        if not self._enabled:
+            return
+        scalars = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items()))
+        line(f"{self._epoch(trainer)}: done in {time.perf_counter() - self._start:.1f} s; {shown}")
+
+
 def make_trainer(
-    epochs: int, callbacks: list[L.Callback], max_steps: int = -1, validate: bool = True, device: str = "cpu"
+    epochs: int,
+    callbacks: list[L.Callback],
+    max_steps: int = -1,
+    validate: bool = True,
+    device: str = "cpu",
+    name: str = "train",
 ) -> L.Trainer:
-    """A Trainer on `device` (the `device` param) with a progress bar (rich on a terminal), no
-    Lightning logger or checkpoints."""
-    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    """A Trainer on `device` (the `device` param) with progress (a rich bar on a terminal, whole lines
+    otherwise, prefixed by `name`), no Lightning logger or checkpoints."""
+    from lightning.pytorch.callbacks import RichProgressBar
 
     from spikemax.devices import lightning
 
-    bar = RichProgressBar() if sys.stderr.isatty() else TQDMProgressBar(refresh_rate=20)
+    quiet_third_party()
+    bar = RichProgressBar() if sys.stderr.isatty() else LineProgress(name)
     return L.Trainer(
         max_epochs=epochs,
         max_steps=max_steps,

@@ -35,7 +35,7 @@ def make_optimizer(method: str, d: int, n: int | Sequence[int], seed: int = 0, *
 
 
 def _make_base(method: str, d: int, n: int | Sequence[int], seed: int, **options: Any) -> Optimizer:
-    if method == "auto":  # the per-grid default: `options_for("auto", params, grid)` sets `resolved`
+    if method == "auto":  # the per-grid default: `options_for` sets `resolved` for the grid
         resolved = options.pop("resolved", None)
         if resolved == "cma":
             from .baselines import CMAOptimizer

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import Optimizer, OptionalDependencyError, cma_rng_options
+from .base import CMA_DIAGONAL_FROM, Optimizer, OptionalDependencyError, cma_diagonal, cma_rng_options
+
+__all__ = ["CMA_DIAGONAL_FROM", "CMAOptimizer", "NGOptOptimizer", "ProtesOptimizer", "RandomSearch"]
 
 
 class RandomSearch(Optimizer):
@@ -41,8 +43,10 @@ class CMAOptimizer(Optimizer):
     """pycma CMA-ES on the relaxation x in [0, 1]^d, point j rounded to floor(x_j n_j) (clipped).
 
     Options: batch (default: CMA's population size), sigma0=0.3 (initial step on [0, 1]),
-    popsize (default pycma's 4 + 3 ln d). Each CMA generation is updated once all its points
-    are told; NaN responses rank worst. Told points CMA never proposed only update `best`.
+    popsize (default pycma's 4 + 3 ln d), diagonal="auto" (separable CMA-ES above
+    CMA_DIAGONAL_FROM dimensions). A generation has max(popsize, first ask) points and is updated
+    once all its points are told; NaN responses rank worst. Told points CMA never proposed only
+    update `best`.
     """
 
     method = "cma"
@@ -55,12 +59,17 @@ class CMAOptimizer(Optimizer):
         batch: int | None = None,
         sigma0: float = 0.3,
         popsize: int | None = None,
+        diagonal: bool | str = "auto",
     ) -> None:
         import cma
 
         super().__init__(d, n, seed, 1)
         dim = max(self.d, 2)  # pycma needs at least 2 dimensions
-        opts: dict[str, Any] = {**cma_rng_options(self.seed + 1), "verbose": -9, "CMA_diagonal": False}
+        opts: dict[str, Any] = {
+            **cma_rng_options(self.seed + 1),
+            "verbose": -9,
+            "CMA_diagonal": cma_diagonal(self.d, diagonal),
+        }
         if popsize is not None:
             opts["popsize"] = int(popsize)
         self.es = cma.CMAEvolutionStrategy(np.full(dim, 0.5), float(sigma0), opts)
@@ -73,8 +82,12 @@ class CMAOptimizer(Optimizer):
 
     def _ask(self, k: int) -> np.ndarray:
         # pycma allows one tell per iteration: points asked before the tell join this generation.
+        # A generation opens with one `ask` of max(popsize, k) points: from 300 dimensions on pycma
+        # adapts sigma by TPA, which delivers its mirrored mean-shift pair as the first two samples
+        # of an iteration's first `ask(number > 1)` only (a second such call raised "Mean shift samples
+        # are expected but missing"). pycma weights the best popsize of a larger generation.
         if self._gen is None:
-            X = np.asarray(self.es.ask(), dtype=np.float64)
+            X = np.asarray(self.es.ask(number=max(int(self.es.popsize), k)), dtype=np.float64)
             self._gen = {
                 "X": X,
                 "I": self._to_grid(X),
@@ -84,8 +97,8 @@ class CMAOptimizer(Optimizer):
             }
         gen = self._gen
         short = gen["served"] + k - len(gen["X"])
-        if short > 0:
-            X = np.asarray(self.es.ask(number=short), dtype=np.float64)
+        if short > 0:  # more asks before the tell: pycma's way is ask(1), which leaves the TPA pair alone
+            X = np.asarray([self.es.ask(1)[0] for _ in range(short)], dtype=np.float64)
             gen["X"] = np.concatenate([gen["X"], X])
             gen["I"] = np.concatenate([gen["I"], self._to_grid(X)])
             gen["y"] = np.concatenate([gen["y"], np.full(short, np.nan)])

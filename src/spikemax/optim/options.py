@@ -1,46 +1,56 @@
-"""The options the maximize stage passes to `make_optimizer`, one function for every caller."""
+"""The options the maximize stage passes to `make_optimizer` (the public `options_for`)."""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .tt import METHOD_AUTO, resolve_cma, resolve_ordinal
+from .tt import resolve_cma, resolve_ordinal
 
 
 class _HasOrdered(Protocol):
     ordered: bool
 
 
-def options_for(method: str, params: Any, grid: _HasOrdered | bool | None = None) -> dict[str, Any]:
+def options_for(
+    method: str, params: Any, grid: _HasOrdered | bool | None = None, resolved: str | None = None
+) -> dict[str, Any]:
     """make_optimizer options of `method` under the maximize params, for `grid`.
 
     `params` is the whole `Params` or its `maximize` section; `grid` is a `LatentGrid` (or a bool,
     whether the grid is ordered). TT's `ordinal: auto` and `cma: auto` are resolved from the grid's
     order (so the run's logged options say what ran); with `grid=None` they stay "auto" (used where
-    only the configuration is hashed).
+    only the configuration is hashed). `auto` runs `resolved` (the planner's choice); without it,
+    the planner's per-grid table (`spikemax.am.policy.METHOD_AUTO`) decides.
     """
     m = getattr(params, "maximize", params)
+    ordered = None if grid is None else (grid if isinstance(grid, bool) else bool(grid.ordered))
     opts: dict[str, Any] = {}
     if method == "auto":  # the per-grid default method, recorded as `resolved` in the run's options
-        ordered_auto = None if grid is None else (grid if isinstance(grid, bool) else bool(grid.ordered))
-        # The tune stage's adopted method where the params carry one (MaximizeParams.for_generator), else the table.
-        tuned = getattr(m, "auto_method", None)
-        resolved = tuned or ("auto" if ordered_auto is None else METHOD_AUTO[ordered_auto])
-        opts = options_for("tt" if resolved == "auto" else resolved, params, grid)
+        if resolved is None and ordered is not None:
+            from spikemax.am.policy import resolve_method  # the policy is the planner's (lazy: optim stays pure)
+
+            resolved = resolve_method("auto", ordered)
+        resolved = resolved or "auto"
+        opts = _method_options("tt", m, ordered) if resolved in ("tt", "auto") else {}
         opts["resolved"] = resolved
-    elif method == "tt":
-        opts = m.tt.model_dump()
-        if grid is not None:
-            ordered = grid if isinstance(grid, bool) else bool(grid.ordered)
-            opts["ordinal"] = resolve_ordinal(opts["ordinal"], ordered)
-            opts["cma"] = resolve_cma(opts["cma"], ordered)
-    elif method == "cma":
-        opts = dict(getattr(m, "cma_options", {}))  # tuned sigma0 / popsize ({} = CMA-ES's defaults)
-    elif method == "ngopt":
-        opts = {"budget": int(m.budget)}  # NGOpt chooses its algorithm from the budget
+    else:
+        opts = _method_options(method, m, ordered)
     noise: Any = getattr(m, "noise", None)
     if getattr(noise, "aware", False):  # the noise-aware layer (spikemax.optim.noisy) around any method
         opts.update(noise_aware=True, retest=noise.retest, estimator=noise.estimator)
         if getattr(noise, "final", 0.0):  # the budget-aware schedule needs the run's budget
             opts.update(final=noise.final, budget=int(m.budget))
     return opts
+
+
+def _method_options(method: str, m: Any, ordered: bool | None) -> dict[str, Any]:
+    """A concrete method's own options (TT's grid-dependent shares resolved when `ordered` is known)."""
+    if method == "tt":
+        opts = m.tt.model_dump()
+        if ordered is not None:
+            opts["ordinal"] = resolve_ordinal(opts["ordinal"], ordered)
+            opts["cma"] = resolve_cma(opts["cma"], ordered)
+        return opts
+    if method == "ngopt":
+        return {"budget": int(m.budget)}  # NGOpt chooses its algorithm from the budget
+    return {}

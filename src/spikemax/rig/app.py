@@ -1,14 +1,19 @@
 """The rig service over HTTP: FastAPI routers for health, sessions and stimuli; `serve` runs it on uvicorn.
 
-Every route but `GET /health` (and the schema pages `/docs`, `/openapi.json`) needs
-`Authorization: Bearer <token>` when the service has a token. Errors are JSON `{"detail": "<field>: <message>"}`:
-401 without a valid token, 404 unknown session or stimulus, 409 a stimulus already answered or a
-spent budget, 422 a malformed body or one that does not fit the session.
+Every route but `GET /health` needs `Authorization: Bearer <token>` when the service has a token,
+the schema pages `/docs` and `/openapi.json` too (a browser may give it as `/docs?token=...`).
+`/docs` is Swagger UI from files shipped in a Python package (fastapi-offline), so it renders
+offline. Errors are JSON `{"detail": "<field>: <message>"}`; this module alone maps the rig's
+domain errors to statuses: 401 without a valid token, 404 unknown session or stimulus, 409 a
+stimulus already answered or a spent budget, 422 a malformed body or one that does not fit the
+session, 503 a journal that can no longer be written (its state directory was deleted).
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import ipaddress
+import logging
 import secrets
 import socket
 import sys
@@ -16,13 +21,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, status
 from fastapi.exceptions import HTTPException, RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spikemax import SpikemaxError
+from spikemax.rig.errors import Conflict, Invalid, NotFound, RigError, Unavailable
 from spikemax.rig.models import (
     AskRequest,
     AskResponse,
@@ -33,10 +41,24 @@ from spikemax.rig.models import (
     Stimulus,
     TellRequest,
 )
-from spikemax.rig.sessions import Invalid, RigError, SessionManager
+from spikemax.rig.sessions import SessionManager
 
 _bearer = HTTPBearer(auto_error=False)  # module level: FastAPI resolves the annotations from the globals
 _PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 for JSON that json.loads refuses
+ASSETS = "/docs-assets"  # Swagger UI's JavaScript, CSS and icon (library files: no token needed)
+
+# The one place domain errors become HTTP statuses (most specific class first).
+STATUS = ((NotFound, 404), (Conflict, 409), (Invalid, 422), (Unavailable, 503), (RigError, 400))
+
+
+def http_status(err: RigError) -> int:
+    """The HTTP status of a rig error."""
+    return next(code for cls, code in STATUS if isinstance(err, cls))
+
+
+def swagger_assets() -> Path:
+    """The folder of Swagger UI's files shipped by the fastapi-offline package."""
+    return Path(str(importlib.resources.files("fastapi_offline") / "static"))
 
 
 def error_text(loc: tuple | list, msg: str) -> str:
@@ -63,19 +85,35 @@ def create_app(manager: SessionManager, token: str | None = None) -> FastAPI:
         title="spikemax rig service",
         description="Closed-loop activation maximization of a living neuron: sessions, stimuli, tells.",
         version="1",
+        docs_url=None,  # served below: behind the token, from local files
+        redoc_url=None,
+        openapi_url=None,
     )
+    app.mount(ASSETS, StaticFiles(directory=swagger_assets()), name="docs-assets")
 
-    def authorized(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    def check_token(given: str | None) -> None:
         if token is None:
             return
-        if creds is None or creds.scheme.lower() != "bearer":
+        if given is None:
             raise HTTPException(401, "Authorization: Bearer <token> is required", {"WWW-Authenticate": "Bearer"})
-        if not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+        if not secrets.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "the bearer token is wrong", {"WWW-Authenticate": "Bearer"})
+
+    def authorized(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        check_token(creds.credentials if creds is not None and creds.scheme.lower() == "bearer" else None)
+        manager.journal.check()  # a journal that lost its file refuses every request (503)
+
+    def page_authorized(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        given: Annotated[str | None, Query(alias="token")] = None,
+    ) -> str | None:
+        """The schema pages: the bearer header, or `?token=` from a browser (handed on to the schema fetch)."""
+        check_token(creds.credentials if creds is not None and creds.scheme.lower() == "bearer" else given)
+        return given
 
     @app.exception_handler(RigError)
     async def _rig_error(request: Request, err: RigError) -> JSONResponse:
-        return JSONResponse({"detail": " ".join(str(err).split())}, status_code=err.status)
+        return JSONResponse({"detail": " ".join(str(err).split())}, status_code=http_status(err))
 
     @app.exception_handler(SpikemaxError)
     async def _spikemax_error(request: Request, err: SpikemaxError) -> JSONResponse:
@@ -102,10 +140,32 @@ def create_app(manager: SessionManager, token: str | None = None) -> FastAPI:
 
     health = APIRouter(tags=["health"])
 
-    @health.get("/health")
-    def get_health() -> Health:
-        """Liveness; needs no token."""
+    @health.get("/health", responses={503: {"model": Health}})
+    def get_health() -> Any:
+        """Liveness; needs no token. 503 when the journal can no longer be written."""
+        try:
+            manager.journal.check()
+        except Unavailable as err:
+            body = Health(status="unavailable", sessions=len(manager.all()), detail=" ".join(str(err).split()))
+            return JSONResponse(body.model_dump(), status_code=503)
         return Health(status="ok", sessions=len(manager.all()))
+
+    @app.get("/openapi.json", include_in_schema=False)
+    # Dependencies as default values: a closure in a string annotation would not resolve from the globals.
+    def openapi(_: str | None = Depends(page_authorized)) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(given: str | None = Depends(page_authorized)) -> HTMLResponse:
+        from urllib.parse import quote
+
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json" + (f"?token={quote(given, safe='')}" if given else ""),
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{ASSETS}/favicon.png",
+        )
 
     sessions = APIRouter(prefix="/sessions", tags=["sessions"], dependencies=[Depends(authorized)])
 
@@ -136,8 +196,12 @@ def create_app(manager: SessionManager, token: str | None = None) -> FastAPI:
         if req.png and asked:
             encoded = [base64.b64encode(b).decode("ascii") for b in pngs(s.grid, np.stack([i for _, i in asked]))]
         return AskResponse(
-            stimuli=[Stimulus(id=sid, indices=i.tolist(), png=p) for (sid, i), p in zip(asked, encoded)],
-            left=s.cfg.budget - s.n_asked,
+            stimuli=[
+                Stimulus(id=sid, indices=i.tolist(), png=p, retry_of=s.stimuli[sid].retry_of)
+                for (sid, i), p in zip(asked, encoded)
+            ],
+            left=s.state.left,
+            repeats=s.cfg.repeats,
         )
 
     @stimuli.post("/tell")
@@ -150,7 +214,7 @@ def create_app(manager: SessionManager, token: str | None = None) -> FastAPI:
         """The session's stimuli not answered yet (pending=false: every asked stimulus), ids and indices."""
         s = manager.get(session_id)
         return [
-            Stimulus(id=sid, indices=st.indices.tolist())
+            Stimulus(id=sid, indices=st.indices.tolist(), retry_of=st.retry_of)
             for sid, st in list(s.stimuli.items())
             if not (pending and st.answered)
         ]
@@ -161,8 +225,6 @@ def create_app(manager: SessionManager, token: str | None = None) -> FastAPI:
         s = manager.get(session_id)
         stim = s.stimuli.get(stimulus_id)
         if stim is None:
-            from spikemax.rig.sessions import NotFound
-
             raise NotFound(f"stimulus {stimulus_id!r} not found in session {session_id}")
         return Response(pngs(s.grid, stim.indices[None])[0], media_type="image/png")
 
@@ -195,7 +257,9 @@ def is_loopback(host: str) -> bool:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port, or a one-line SpikemaxError (port in use, bad address)."""
+    """A listening socket on host:port, or a one-line SpikemaxError (port in use or out of range, bad address)."""
+    if not 0 <= port <= 65535:
+        raise SpikemaxError(f"--port {port} is not a TCP port (0..65535; 0 picks a free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP, not create_server's 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets
     # that say they are TCP; with Nagle on, every keep-alive reply waited ~40 ms for a delayed ACK.
@@ -206,9 +270,10 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
         sock.listen(128)
         return sock
-    except OSError as err:
+    except (OSError, OverflowError) as err:
         sock.close()
-        raise SpikemaxError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        why = getattr(err, "strerror", None) or err
+        raise SpikemaxError(f"cannot listen on {host}:{port}: {why}") from None
 
 
 def serve(
@@ -218,6 +283,7 @@ def serve(
     port: int = 8765,
     token: str | None = None,
     state_dir: str | Path | None = None,
+    forget_lost: bool = False,
 ) -> None:
     """`spikemax serve`: bind first (so a taken port touches no MLflow run), restore sessions, serve."""
     import uvicorn
@@ -227,7 +293,8 @@ def serve(
     sock = bind(host, port)
     manager = None
     try:
-        manager = SessionManager(params, paths, state_dir or paths.results / "rig")
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # the rig's warnings on stderr
+        manager = SessionManager(params, paths, state_dir or paths.results / "rig", forget_lost=forget_lost)
         app = create_app(manager, token or None)
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)

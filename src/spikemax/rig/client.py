@@ -54,7 +54,8 @@ class RigClient:
         return self._call("GET", "/health")
 
     def create(self, **fields: Any) -> dict:
-        """POST /sessions (generator, method, budget, seed, batch, channels, target_channel, name)."""
+        """POST /sessions (generator, method, budget, seed, batch, channels, target_channel, name,
+        noise_aware, noise={repeats, retest, final, estimator}, retry_failed, prior)."""
         return self._call("POST", "/sessions", fields)
 
     def sessions(self) -> list[dict]:

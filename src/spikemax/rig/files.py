@@ -31,8 +31,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from spikemax import SpikemaxError
+from spikemax.rig.errors import RigError, Unavailable
 from spikemax.rig.models import SessionCreate, TellRequest
-from spikemax.rig.sessions import RigError, Session, SessionManager
+from spikemax.rig.session import Session
+from spikemax.rig.sessions import SessionManager
 
 RESPONSE_FILES = ("responses.json", "responses.csv")
 
@@ -60,6 +62,7 @@ def write_block(folder: Path, s: Session, event: int) -> Path:
     if (block / "manifest.json").is_file():
         return block
     stims = [(sid, st) for sid, st in s.stimuli.items() if st.event == event]
+    repeats = {"repeats": s.cfg.repeats} if s.cfg.repeats > 1 else {}
     tmp = folder / f".{block.name}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     pixels = s.grid.decode_pixels(np.stack([st.indices for _, st in stims]))
@@ -70,6 +73,7 @@ def write_block(folder: Path, s: Session, event: int) -> Path:
         "block": block.name,
         "channels": s.cfg.channels,
         "responses_file": "responses.json",
+        **repeats,
         "stimuli": [{"id": sid, "file": f"{sid}.png", "indices": st.indices.tolist()} for sid, st in stims],
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -153,6 +157,8 @@ def apply_block(manager: SessionManager, s: Session, block: Path, event: int) ->
                     f"results: {len(missing)} stimuli of {block.name} are not answered (first {missing[0]})"
                 )
             status = manager.tell(s.id, req)
+        except Unavailable:
+            raise  # the journal's fault, not the file's: leave the file for the restarted session
         except (ValueError, ValidationError, RigError) as err:
             msg = _problem(err)
             reject(path, msg)
@@ -180,10 +186,10 @@ def run_files(
     write_atomic(folder / "session.json", json.dumps({"id": s.id, "run_id": s.run_id, "channels": s.cfg.channels}))
     waited = time.monotonic()
     while True:
-        if s.state == "broken":
+        if s.problem:
             raise SpikemaxError(f"session {s.id} cannot continue: {s.problem}")
         pending = s.pending
-        if not pending and s.n_asked >= s.cfg.budget:
+        if not pending and s.state.left <= 0:
             status = s.status().model_dump()
             write_atomic(folder / "finished.json", json.dumps(status, indent=1))
             return status

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, model_validator
 from pydantic_core import PydanticCustomError
 
 from spikemax.generators import NAMES
@@ -38,12 +38,27 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class NoiseOptions(Body):
+    """Per-session noise options (`noise` of `POST /sessions`); left out: the `maximize.noise` params."""
+
+    repeats: Annotated[StrictInt, Field(ge=1, le=MAX_REPEATS)] | None = Field(
+        None, description="presentations of each stimulus the session asks the rig for"
+    )
+    retest: Annotated[Number, Field(ge=0.0, lt=1.0)] | None = Field(
+        None, description="share of each ask re-presenting the best estimated stimuli"
+    )
+    final: Annotated[Number, Field(ge=0.0, lt=1.0)] | None = Field(
+        None, description="last share of the budget spent racing the best estimated stimuli"
+    )
+    estimator: Literal["mean", "shrink", "lcb"] | None = Field(None, description="how a stimulus's mean is estimated")
+
+
 class SessionCreate(Body):
     """`POST /sessions`: every field left out takes the maximize stage's default (params.yaml)."""
 
     generator: Literal["sngan", "vqvae"] | None = Field(None, description=f"one of {', '.join(NAMES)}")
-    method: Literal["tt", "random", "cma", "ngopt", "protes"] | None = Field(
-        None, description=f"one of {', '.join(METHODS)}"
+    method: Literal["auto", "tt", "random", "cma", "ngopt", "protes"] | None = Field(
+        None, description=f"one of {', '.join(METHODS)} (auto: the stage's per-grid default)"
     )
     budget: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = Field(None, description="stimuli to ask in all")
     seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
@@ -53,6 +68,14 @@ class SessionCreate(Body):
         0, description="channel to maximize (the others are recorded), or 'all' (population mode)"
     )
     name: Annotated[str, Field(max_length=200)] = ""
+    noise_aware: StrictBool = Field(
+        True, description="re-present the elite and report the best estimated mean (false: the best single draw)"
+    )
+    noise: NoiseOptions | None = Field(None, description="noise options; fields left out take maximize.noise's")
+    retry_failed: StrictBool = Field(False, description="show a failed presentation (responses null) once more")
+    prior: bool | None = Field(
+        None, description="VQ-VAE: start from the stage's TT data prior (default: maximize.prior)"
+    )
 
     @model_validator(mode="after")
     def _channel_in_range(self) -> SessionCreate:
@@ -93,6 +116,19 @@ class Presentation(Body):
             raise PydanticCustomError("form", "counts need their window (seconds, > 0)")
         if self.window is not None and self.counts is None:
             raise PydanticCustomError("form", "window is only meaningful with counts")
+        return self
+
+    @model_validator(mode="after")
+    def _finite_rates(self) -> Presentation:
+        """Counts over a window must give finite rates (2^53 spikes in 1e-300 s is no rate)."""
+        if self.counts is not None and self.window is not None:
+            for j, c in enumerate(self.counts):
+                if c is not None and not math.isfinite(c / self.window):
+                    raise PydanticCustomError(
+                        "finite_rate",
+                        "counts[{j}] / window = {c} / {w} is not a finite rate",
+                        {"j": j, "c": c, "w": self.window},
+                    )
         return self
 
     def rates(self) -> list[float | None] | None:
@@ -142,6 +178,7 @@ class Stimulus(BaseModel):
     id: str
     indices: list[int]
     png: str | None = None
+    retry_of: str | None = None  # a failed stimulus shown again (retry_failed)
 
 
 class AskResponse(BaseModel):
@@ -149,6 +186,7 @@ class AskResponse(BaseModel):
 
     stimuli: list[Stimulus]
     left: int
+    repeats: int = 1  # presentations of each stimulus the session asks for
 
 
 class Best(BaseModel):
@@ -158,7 +196,9 @@ class Best(BaseModel):
     response: float
     channel: int
     stimulus_id: str | None
-    query: int
+    query: int  # the first query that presented it
+    estimate: float | None = None  # noise-aware: the estimated mean response (`response` is the sample mean)
+    presentations: int = 1  # finite responses of this stimulus the best rests on
 
 
 class SessionStatus(BaseModel):
@@ -168,22 +208,31 @@ class SessionStatus(BaseModel):
     name: str
     generator: str
     method: str
+    resolved_method: str  # what `auto` ran on this grid
     budget: int
     seed: int
     batch: int
     channels: int
     target_channel: int | str
     options: dict[str, Any]
+    noise_aware: bool
+    noise: NoiseOptions | None
+    retry_failed: bool
+    prior: bool
     d: int
     n: int
     asked: int
     answered: int
     pending: int
     pending_ids: list[str]
+    retries_waiting: int  # failed stimuli the next ask shows again
+    retried: int  # failed stimuli shown again so far
+    left: int  # stimuli still to ask
     queries: int
     failed: int
     state: str
-    best: Best | None
+    best: Best | None  # noise-aware: the best estimated stimulus; else the best draw
+    best_draw: Best | None  # the single highest response (the luckiest draw under noise)
     best_per_channel: list[Best | None]
     run_id: str | None
     created: float
@@ -192,5 +241,6 @@ class SessionStatus(BaseModel):
 class Health(BaseModel):
     """`GET /health`: liveness (no token needed)."""
 
-    status: str
+    status: str  # ok | unavailable
     sessions: int
+    detail: str = ""  # why the service is unavailable

@@ -13,6 +13,7 @@ from spikemax.analysis import (
     dataset_selectivity,
     epoch_table,
     first_selective_table,
+    headline,
     layer_table,
     load_best,
     load_summary,
@@ -121,7 +122,8 @@ def write_outputs(
         "am_runs": len(runs),
         "classes": list(classes),
     }
+    result["headline"] = headline(result)  # the claims as a handful of numbers (MLflow, metrics/summary.json)
     write_json(paths.metrics / "analysis.json", result)
-    ids = log_mlflow(paths, result, out_dir, runs) if a.mlflow else {}
+    ids = log_mlflow(paths, params, result, out_dir, runs) if a.mlflow else {}
     write_json(out_dir / "mlflow.json", ids)
     return result

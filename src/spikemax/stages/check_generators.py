@@ -15,6 +15,7 @@ from spikemax import SpikemaxError, snn, tracking
 from spikemax.data import Prepared
 from spikemax.generators import checkpoint_path, load_generator, load_module, vqvae_eval
 from spikemax.generators.common import save_grid
+from spikemax.logs import line
 from spikemax.outputs import write_json
 from spikemax.params import Params, Paths
 
@@ -31,17 +32,27 @@ def run(params: Params, paths: Paths) -> dict:
     classes = prepared.classes
     client = mlflow.MlflowClient(tracking.configure(paths.root))
     exp = tracking.experiment_id(tracking.GENERATORS_EXPERIMENT, paths.root)
-    run_id = client.create_run(exp, run_name="check", tags={"stage": "check_generators"}).info.run_id
+    tags = tracking.run_tags(paths.root, params, "check_generators")
+    run_id = client.create_run(exp, run_name="check", tags=tags).info.run_id
     out: dict[str, Any] = {"snn_epoch": final_epoch, "samples": g.check_samples}
     with tracking.terminated(client, run_id):
         for name in g.names:
+            t0 = time.perf_counter()
+            line(
+                f"check_generators: {name}: scoring {g.check_samples} random grid points with the SNN of checkpoint {final_epoch}"
+            )
             grid = load_generator(name, checkpoint_path(name, paths))
             idx = grid.random_indices(g.check_samples, seed=0)
             probs = torch.cat([_class_probs(net, grid.decode(part)) for part in idx.split(256)])
             res = _class_stats(probs, classes)
             if name == "vqvae":
+                line(f"check_generators: {name}: reconstructing the test split")
                 res.update(vqvae_eval(load_module(name, checkpoint_path(name, paths)), prepared, "test"))
             out[name] = res
+            line(
+                f"check_generators: {name}: {res['classes_covered']}/{len(classes)} classes, entropy "
+                f"{res['class_entropy']:.3f} of {res['max_entropy']:.3f} nats ({time.perf_counter() - t0:.1f} s)"
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 png = save_grid(grid, Path(tmp) / f"{name}_check_samples.png")
                 client.log_artifact(run_id, str(png), "check")

@@ -28,7 +28,8 @@ def run(name: str, params: Params, paths: Paths, max_steps: int = -1) -> dict:
 
     client = mlflow.MlflowClient(tracking.configure(paths.root))
     exp = tracking.experiment_id(tracking.GENERATORS_EXPERIMENT, paths.root)
-    run = client.create_run(exp, run_name=f"train-{name}", tags={"generator": name, "stage": "train_generator"})
+    tags = tracking.run_tags(paths.root, params, "train_generator", **{"spikemax.generator": name})
+    run = client.create_run(exp, run_name=f"train-{name}", tags=tags)
     run_id = run.info.run_id
     with tracking.terminated(client, run_id):
         client.log_batch(
@@ -39,11 +40,16 @@ def run(name: str, params: Params, paths: Paths, max_steps: int = -1) -> dict:
             ],
         )
         logger = MlflowEpochLogger(client, run_id, model.grid)
+        validate = name == "vqvae"  # SN-GAN has no validation step
         trainer = make_trainer(
-            sect.epochs, [logger], max_steps=max_steps, validate=name == "vqvae", device=params.device
+            sect.epochs, [logger], max_steps=max_steps, validate=validate, device=params.device, name=name
         )
         t0 = time.perf_counter()
-        trainer.fit(model, datamodule=dm)
+        if validate:
+            trainer.fit(model, datamodule=dm)
+        else:  # only the train split: handing Lightning a val loader it cannot use makes it warn
+            dm.setup("fit")
+            trainer.fit(model, train_dataloaders=dm.train_dataloader())
         seconds = time.perf_counter() - t0
         if name == "sngan":
             model.recalibrate()

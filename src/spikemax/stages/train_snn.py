@@ -1,4 +1,4 @@
-"""Stage `train_snn`: train the ConvSNN with Lightning, a checkpoint before training and after every epoch."""
+"""Stage `train_snn`: train the ConvSNN with Lightning, checkpoints on the `snn.checkpoints` schedule."""
 
 from __future__ import annotations
 
@@ -16,7 +16,15 @@ from spikemax.data import Prepared, PreparedDataModule
 from spikemax.devices import lightning
 from spikemax.outputs import write_json
 from spikemax.params import Params, Paths
-from spikemax.snn import CKPT_PATTERN, CSV_COLUMNS, LEGACY_PATTERN, EpochRecorder, build, schedule_steps
+from spikemax.snn import (
+    CKPT_PATTERN,
+    CSV_COLUMNS,
+    LEGACY_PATTERN,
+    ConvSNNLitModule,
+    EpochRecorder,
+    build,
+    schedule_steps,
+)
 
 
 def run(params: Params, paths: Paths) -> None:
@@ -35,10 +43,18 @@ def _train(params: Params, paths: Paths) -> None:
     s = params.snn
     prepared = Prepared.load(paths.prepared)
     L.seed_everything(s.seed, workers=True, verbose=False)
-    model = build(params, prepared.meta)
+    model = ConvSNNLitModule(build(params, prepared.meta))
     dm = PreparedDataModule(prepared, batch_size=s.batch_size, seed=s.seed)
     dm.setup()
     eval_loaders = [dm.val_dataloader(), dm.test_dataloader()]
+    train_loader = dm.train_dataloader()
+    per_epoch = len(train_loader)
+    c = s.checkpoints
+    # Everything that can refuse the run (schedule, device, store) before a checkpoint is deleted.
+    steps = schedule_steps(c.every_steps, c.early_epochs, list(c.steps), per_epoch, s.epochs, c.every_epochs)
+    accelerator, devices = lightning(params.device)
+    uri = tracking.configure(paths.root)
+    tracking.experiment_id(tracking.SNN_EXPERIMENT, paths.root)
 
     out_dir = paths.snn_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -46,17 +62,13 @@ def _train(params: Params, paths: Paths) -> None:
         for stale in out_dir.glob(pattern):
             stale.unlink()
 
-    uri = tracking.configure(paths.root)
-    tracking.experiment_id(tracking.SNN_EXPERIMENT, paths.root)
     logger = MLFlowLogger(
-        experiment_name=tracking.SNN_EXPERIMENT, tracking_uri=uri, run_name=f"snn-{prepared.meta['dataset']}"
+        experiment_name=tracking.SNN_EXPERIMENT,
+        tracking_uri=uri,
+        run_name=f"snn-{prepared.meta['dataset']}",
+        tags=tracking.run_tags(paths.root, params, "train_snn"),
     )
-    train_loader = dm.train_dataloader()
-    per_epoch = len(train_loader)
-    c = s.checkpoints
-    steps = schedule_steps(c.every_steps, c.early_epochs, list(c.steps), per_epoch, s.epochs, c.every_epochs)
     recorder = EpochRecorder(out_dir, steps, per_epoch, eval_loaders)
-    accelerator, devices = lightning(params.device)
     trainer = L.Trainer(
         max_epochs=s.epochs,
         accelerator=accelerator,

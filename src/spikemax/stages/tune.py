@@ -244,8 +244,8 @@ def study_result(study: Any, params: Params, validation: dict[str, Any] | None =
     """One generator's entry of metrics/tune.json: the trials run, why the study stopped, the winner
     and runner-up with the interval of their difference (training panel), the validation against
     the untuned default, and what maximize's `auto` runs: the winner where `adopted`, else the default."""
+    from spikemax.am.policy import METHOD_AUTO
     from spikemax.generators import grid_ordered
-    from spikemax.optim.tt import METHOD_AUTO
 
     trials = study.get_trials(deepcopy=False)
     by_state = {st: sum(tr.state.name == st for tr in trials) for st in ("COMPLETE", "PRUNED")}
