@@ -3,7 +3,7 @@
 In a project, start spikemax on a folder and this rig on the same folder:
 
     spikemax rig-files rigdir --budget 256 --channels 2 &
-    python examples/rig_files_client.py rigdir --checkpoint models/snn/epoch=005.ckpt --targets class:0,class:7
+    python examples/rig_files_client.py rigdir --checkpoint models/snn/step=000425-epoch=5.000.ckpt --targets class:0,class:7
 
 For each block the rig reads manifest.json, shows the PNGs to the SNN, and writes responses.json
 (spike counts with their window) by atomic rename; it stops when finished.json appears.

@@ -14,7 +14,7 @@ import pytest
 
 from spikemax import params as P
 from spikemax import tracking
-from tests.conftest import TINY_GENERATORS, TINY_PREPARE, write_params
+from tests.support.project import TINY_GENERATORS, TINY_PREPARE, write_params
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}

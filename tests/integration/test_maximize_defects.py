@@ -28,6 +28,7 @@ from spikemax.am.engine import EngineSettings
 from spikemax.am.results import STATE_ARRAYS, STATE_FIELDS, load_state
 from spikemax.am.runtime import project_lock
 from spikemax.stages.maximize import run as run_stage
+from tests.support.maximize import am_runs
 from tests.support.project import run_cli, write_params
 
 pytestmark = pytest.mark.usefixtures("own_store")
@@ -55,12 +56,6 @@ def _copy(root: Path, project, maximize: dict, **top) -> tuple[params_mod.Params
     shutil.copytree(paths.generators_dir, root / "models" / "generators")
     path = write_params(root, {"prepare": params.prepare.model_dump(), "maximize": maximize, **top})
     return params_mod.load(path, root=root)
-
-
-def _runs(root: Path) -> list:
-    client = mlflow.MlflowClient(tracking.tracking_uri(root))
-    exp = client.get_experiment_by_name(tracking.AM_EXPERIMENT)
-    return [] if exp is None else client.search_runs([exp.experiment_id], max_results=10000)
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -129,7 +124,7 @@ def test_a_refused_run_changes_no_output_and_opens_no_run(tmp_path, models, faul
     small = {**TINY, "checkpoints": [-1], "methods": ["random"]}
     params, paths = _copy(tmp_path / "p", models, small)
     run_stage(params, paths)
-    before, n_runs = _snapshot(paths.root), len(_runs(paths.root))
+    before, n_runs = _snapshot(paths.root), len(am_runs(paths.root))
     if fault == "corrupt generator":
         (paths.generators_dir / "vqvae.ckpt").write_bytes(b"not a checkpoint")
         bad = params.model_copy(update={"maximize": params.maximize.model_copy(update={"seeds": [1]})})
@@ -142,7 +137,7 @@ def test_a_refused_run_changes_no_output_and_opens_no_run(tmp_path, models, faul
     with pytest.raises(SpikemaxError, match=needle):
         run_stage(bad, paths)
     assert _snapshot(paths.root) == before
-    assert len(_runs(paths.root)) == n_runs
+    assert len(am_runs(paths.root)) == n_runs
 
 
 def test_a_second_process_exits_naming_the_lock_holder(tmp_path, models):
@@ -152,7 +147,7 @@ def test_a_second_process_exits_naming_the_lock_holder(tmp_path, models):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert f"pid {os.getpid()}" in lines[0] and socket.gethostname() in lines[0]
-    assert not (paths.results / "am").exists() and _runs(paths.root) == []
+    assert not (paths.results / "am").exists() and am_runs(paths.root) == []
 
 
 def test_sigterm_ends_the_open_runs_failed(tmp_path, models):
@@ -175,7 +170,7 @@ def test_sigterm_ends_the_open_runs_failed(tmp_path, models):
     finally:
         if proc.poll() is None:
             proc.kill()
-    runs = _runs(paths.root)
+    runs = am_runs(paths.root)
     assert runs and {r.info.status for r in runs} == {"FAILED"}
     nested = [r for r in runs if tracking.RUN_KEY_TAG in r.data.tags]
     assert len(nested) == 2 and all("KeyboardInterrupt" in r.data.tags["spikemax.failure"] for r in nested)

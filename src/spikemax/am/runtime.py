@@ -21,13 +21,15 @@ if TYPE_CHECKING:
 
 @contextmanager
 def project_lock(paths: Paths, stage: str) -> Iterator[None]:
-    """Hold the project's `stage` lock (mlruns/STAGE.lock); a second process exits with one line
-    naming the holder (pid and host)."""
+    """Hold the project's `stage` lock (.spikemax/STAGE.lock: beside, not inside, the DVC outputs and
+    the MLflow store, which may be a server); a second process exits with one line naming the holder
+    (pid and host)."""
     from filelock import FileLock, Timeout
 
-    paths.mlruns.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(paths.mlruns / f"{stage}.lock"))
-    holder = paths.mlruns / f"{stage}.lock.holder"
+    where = paths.root / ".spikemax"
+    where.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(where / f"{stage}.lock"))
+    holder = where / f"{stage}.lock.holder"
     try:
         lock.acquire(timeout=0)
     except Timeout:

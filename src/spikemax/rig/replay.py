@@ -35,7 +35,7 @@ class SessionConfig:
     options: dict[str, Any]
     name: str = ""
     created: float = 0.0
-    checkpoint_sha256: str = ""  # content digest of the generator checkpoint (rig.factory.checkpoint_digest)
+    checkpoint_sha256: str = ""  # content digest of the generator checkpoint (spikemax.digest.file_digest)
     noise: dict[str, Any] = field(default_factory=dict)  # aware, repeats, retest, final, estimator
     retry_failed: bool = False
     prior: bool = False  # the optimizer starts from the stage's TT data prior (saved beside the session)

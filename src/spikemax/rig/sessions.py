@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from spikemax import SpikemaxError
+from spikemax.digest import file_digest
 from spikemax.rig import factory
 from spikemax.rig.errors import Conflict, Invalid, JournalDamaged, NotFound, RigError, Unavailable
 from spikemax.rig.journal import Asked, Event, Journal, SessionRecord, Told
@@ -157,7 +158,7 @@ class SessionManager:
         cfg = SessionConfig(**{k: v for k, v in rec.config.items() if k in known})
         s = Session(SessionState.new(cfg), self.grid(cfg.generator), None, rec.run_id)
         try:
-            if factory.checkpoint_digest(checkpoint_path(cfg.generator, self.paths)) != cfg.checkpoint_sha256:
+            if file_digest(checkpoint_path(cfg.generator, self.paths)) != cfg.checkpoint_sha256:
                 raise RigError(f"generator checkpoint {cfg.generator} changed since the session started")
             prior = factory.load_prior(self.session_dir(cfg.id) / factory.PRIOR_FILE) if cfg.prior else None
             s.driver = factory.make_driver(cfg, s.grid, prior)

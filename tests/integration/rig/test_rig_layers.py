@@ -100,9 +100,10 @@ def test_warnings_go_to_the_named_logger(proj, tmp_path, caplog, monkeypatch):
     sid = m.create(SessionCreate(generator="sngan", method="random", budget=8, seed=0)).id
     step(m, sid, 4)
     m.close()
-    from spikemax.rig import factory
+    from spikemax.generators import checkpoint_path
 
-    monkeypatch.setattr(factory, "checkpoint_digest", lambda path: "another checkpoint")
+    with open(checkpoint_path("sngan", paths), "ab") as f:  # the project's own copy: another checkpoint now
+        f.write(b"retrained")
     with caplog.at_level(logging.WARNING, logger="spikemax.rig"):
         again = SessionManager(params, paths, tmp_path / "s", mlflow=False)
     (rec,) = [r for r in caplog.records if r.name == "spikemax.rig"]
