@@ -50,6 +50,8 @@ def _adopted(tuned: Tuned | None, method: str, generator: str) -> dict[str, Any]
 
 def run_method(tuned: Tuned | None, method: str, generator: str) -> str:
     """The method a run of `method` on `generator` runs (`auto`: the adopted one, else the table's)."""
+    if method != "auto":
+        return method
     from spikemax.generators import grid_ordered
 
     return resolve_method(method, grid_ordered(generator), auto_choice(tuned, generator))
