@@ -26,14 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_noise import method_options, parse_options, run_panel
-from noise_common import NOISE_MODELS, CleanRates, draw, setup, spread_neurons, summarize
+from noise_common import NOISE_MODELS, CleanRates, draw, grid_prior, prepared_data, setup, spread_neurons, summarize
 
 
-def run_population(spec, params, grid, clean, noise, total, batch, seed, na, steps, rule) -> np.ndarray:
+def run_population(spec, params, grid, clean, noise, total, batch, seed, na, steps, rule, prior=None) -> np.ndarray:
     """One Population over the panel for `total` presentations; clean rate of each neuron's best (m,)."""
     from spikemax.optim import Population, make_optimizer
 
-    method, opts = method_options(spec, params, grid, total, na)
+    method, opts = method_options(spec, params, grid, total, na, prior)
     m = len(clean.targets)
     pop = Population([make_optimizer(method, grid.d, grid.n, seed=seed + j, **opts) for j in range(m)], rule=rule)
     rng = np.random.default_rng([seed, 99])
@@ -56,7 +56,8 @@ def pick_layer(net, m: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default="params.yaml", help="relative to --root")
+    ap.add_argument("--root", default=None, help="project whose outputs are read (default: cwd)")
     ap.add_argument("--generators", default=None, help="default sngan,vqvae (sngan with --quick)")
     ap.add_argument("--layer", default=None)
     ap.add_argument("--neurons", type=int, default=16)
@@ -67,7 +68,7 @@ def main() -> None:
     ap.add_argument("--budgets", default=None, help="independent budgets B; default 256,1024 (256 with --quick)")
     ap.add_argument("--factor", type=float, default=2.0, help="population presentations = factor x B")
     ap.add_argument("--batch", type=int, default=None, help="default: the params' maximize.batch")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
@@ -77,8 +78,11 @@ def main() -> None:
     budgets = [int(b) for b in (a.budgets or ("256" if a.quick else "256,1024")).split(",")]
     rules, na = a.rules.split(","), parse_options(a.na)
     result: dict = {"method": a.method, "noise": a.noise, "factor": a.factor, "budgets": budgets, "generators": {}}
+    params_path = str(Path(a.root or ".") / a.params)
+    prepared = prepared_data(params_path, a.root)
     for gen in gens:
-        params, net, grid, epoch = setup(a.params, gen)
+        params, net, grid, epoch = setup(params_path, gen, a.root)
+        prior = grid_prior(params, grid, prepared, cache=f"/tmp/spikemax_prior_{gen}_{os.getuid()}.npz")
         batch = a.batch or int(params.maximize.batch)
         layer = a.layer or pick_layer(net, a.neurons)
         targets = spread_neurons(net, a.neurons, a.seed, layers=[layer])
@@ -88,15 +92,15 @@ def main() -> None:
         raw: dict = {}
         for B in budgets:
             t = time.perf_counter()
-            raw[("independent", B)] = run_panel(a.method, params, grid, clean, a.noise, [B], batch, a.seed, na, steps)[
-                :, 0
-            ]
+            ctx = {"params": params, "grid": grid, "na": na, "steps": steps, "batch": batch, "prior": prior}
+            ctx["clean"], ctx["refs"] = clean, None
+            raw[("independent", B)] = run_panel(a.method, ctx, a.noise, B, a.seed)["reported"]
             print(f"  {gen} independent B={B}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
             for rule in rules:
                 t = time.perf_counter()
                 total = round(a.factor * B)
                 raw[(rule, B)] = run_population(
-                    a.method, params, grid, clean, a.noise, total, batch, a.seed, na, steps, rule
+                    a.method, params, grid, clean, a.noise, total, batch, a.seed, na, steps, rule, prior
                 )
                 print(f"  {gen} {rule} {total}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
         ref = clean.best_seen()

@@ -35,6 +35,45 @@ def setup(params_path: str, generator: str, root: str | None = None) -> tuple[An
     return params, net, grid, epoch
 
 
+def prepared_data(params_path: str, root: str | None = None) -> Any:
+    """The project's prepared data set (train/test tensors)."""
+    from spikemax import params as P
+    from spikemax.data import Prepared
+
+    _, paths = P.load(params_path, root)
+    return Prepared.load(paths.prepared)
+
+
+def grid_prior(params: Any, grid: Any, prepared: Any, cache: str | None = None) -> Any:
+    """The maximize stage's TT data prior of a codebook grid (None on an ordered grid or `prior: false`):
+    fitted to the encoder's indices of `prior_images` train images, cached in `cache` (an .npz)."""
+    from pathlib import Path
+
+    from spikemax.optim.prior import TTPrior, fit_tt_prior
+
+    m = params.maximize
+    if grid.ordered or not m.prior:
+        return None
+    if cache and Path(cache).is_file():
+        with np.load(cache) as z:
+            return TTPrior.from_dict(z)
+    x, _ = prepared.tensors("train")
+    with torch.no_grad():
+        idx = grid.encode(x[: m.prior_images]).numpy()
+    prior = fit_tt_prior(idx, grid.n, rank=m.tt.rank, seed=0)
+    if cache:
+        np.savez(cache, **prior.to_dict())
+    return prior
+
+
+def reference_points(grid: Any, prepared: Any, count: int, seed: int = 0) -> np.ndarray:
+    """The fixed reference set (`spikemax.neurons.reference_points`) from the prepared test images."""
+    from spikemax.neurons import reference_points as points
+
+    x, _ = prepared.tensors("test")
+    return points(grid, x, count, seed)
+
+
 def spread_neurons(net: Any, k: int, seed: int, layers: list[str] | None = None) -> list[str]:
     """k target strings spread round-robin over the (named) spiking layers, reproducible."""
     rng = np.random.default_rng(seed)
@@ -108,6 +147,18 @@ NOISE_MODELS = {
     "poisson": {"model": "poisson"},  # window = the SNN's T steps
     "mult0.5": {"model": "multiplicative", "sigma": 0.5},
 }
+"""Noise specs; a name with the suffix `+drift` (e.g. poisson+drift) adds the drifting gain `DRIFT`."""
+
+DRIFT = {"trend": -0.3, "walk": 0.05, "per": 100}
+"""The issue's drift: gain -30 % linearly over the run's budget, random walk 5 % per 100 presentations."""
+
+
+def noise_spec(name: str) -> tuple[dict, bool]:
+    """(noise model spec, drifting?) of a noise name such as `poisson` or `poisson+drift`."""
+    base, _, extra = name.partition("+")
+    if base not in NOISE_MODELS or extra not in ("", "drift"):
+        raise SystemExit(f"unknown noise {name!r}: one of {', '.join(NOISE_MODELS)}, optionally +drift")
+    return NOISE_MODELS[base], extra == "drift"
 
 
 def summarize(scores: dict, ok: np.ndarray) -> dict:

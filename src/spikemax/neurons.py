@@ -130,6 +130,7 @@ def make_responder(
     sigma: float = 0.0,
     window: float | None = None,
     repeats: int = 1,
+    drift: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Callable[[Tensor], np.ndarray]:
     """A responder: images (k, C, H, W) -> firing rates (k,) or (k, m), optionally noisy.
 
@@ -138,7 +139,9 @@ def make_responder(
     Ponce 2022, sigma 0.2-0.5); each response is the mean of ``repeats`` draws. The older form
     still works: ``noise > 0`` = multiplicative with sigma ``noise``, ``poisson=True`` = Poisson.
     Draws come from one generator seeded with ``seed``, so a rerun with the same queries gives the
-    same responses.
+    same responses. ``drift`` (e.g. `spikemax.optim.drift.DriftingGain`) maps presentation counts
+    (0, 1, ... over the responder's life) to a gain multiplying the clean rates before the noise:
+    a neuron whose responsiveness changes over the session.
     """
     if noise < 0:
         raise SpikemaxError(f"noise={noise}: must be >= 0")
@@ -151,9 +154,14 @@ def make_responder(
     steps = int(getattr(net, "num_steps", 1))
     # The older form allowed Poisson counts with multiplicative noise on top.
     extra = noise if (poisson and noise > 0) else 0.0
+    shown = [0]  # presentations so far (the drift's clock)
 
     def respond(images: Tensor) -> np.ndarray:
         r = firing_rates(net, images, parsed)
+        if drift is not None:
+            g = np.asarray(drift(shown[0] + np.arange(r.shape[0])), dtype=np.float64)
+            r = r * g[:, None]
+        shown[0] += r.shape[0]
         r = noisy_rates(r, model, sigma, window, repeats, steps, rng)
         if extra > 0:
             r = r * np.maximum(0.0, 1.0 + extra * rng.standard_normal(r.shape))
@@ -161,6 +169,18 @@ def make_responder(
 
     respond.targets = parsed  # type: ignore[attr-defined]
     return respond
+
+
+def reference_points(grid: Any, test_images: Tensor, count: int, seed: int = 0) -> np.ndarray:
+    """A fixed set of `count` reference stimuli as grid points (int (count, d)), for drift correction:
+    test images through the generator's encoder on a codebook grid (natural images, as rig tools
+    interleave), seeded random grid points (fixed latents) on an ordered grid."""
+    d, n = int(grid.d), np.broadcast_to(np.asarray(grid.n), (int(grid.d),))
+    if not grid.ordered and hasattr(grid, "encode"):
+        pick = np.random.default_rng(seed).choice(len(test_images), size=min(count, len(test_images)), replace=False)
+        with torch.no_grad():
+            return grid.encode(test_images[torch.as_tensor(pick)]).numpy().astype(np.int64).reshape(-1, d)
+    return np.random.default_rng([seed, 5]).integers(0, n[None, :], size=(count, d))
 
 
 NOISE_MODELS = ("none", "poisson", "multiplicative")

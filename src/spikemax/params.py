@@ -224,10 +224,24 @@ class NoiseParams(Section):
     sigma: float = Field(0.0, ge=0.0)  # multiplicative: r * max(0, 1 + sigma N(0, 1))
     window: float | None = Field(None, gt=0.0)  # poisson: time steps counted (null = the SNN's T)
     repeats: int = Field(1, ge=1)  # noisy draws averaged per presentation
-    aware: bool = False  # noise-aware optimizers (spikemax.optim.noisy): re-present the elite, best by mean
+    # Noise-aware optimizers (spikemax.optim.noisy): re-present the elite, best by estimated mean with an
+    # interval; "auto" = on whenever `model` is not none (the deterministic net needs no layer).
+    aware: bool | Literal["auto"] = "auto"
     retest: float = Field(0.05, ge=0.0, lt=1.0)  # at most this fraction of each batch re-presented
     final: float = Field(0.15, ge=0.0, lt=1.0)  # last share of the budget spent racing the elite
     estimator: Literal["mean", "shrink", "lcb"] = "shrink"
+    # "auto": the noise-aware default also switches the base search to the settings that won under noise
+    # (spikemax.optim.noisy.UNDER_NOISE: TT selects its elite per batch, CMA-ES recombines more points);
+    # "base": the method's own settings as given.
+    search: Literal["auto", "base"] = "auto"
+    # Drift of the responder's gain (spikemax.optim.drift.DriftingGain): linear change over the run's
+    # budget (-0.3 = falls by 30 %) times a random walk with this standard deviation per 100 presentations.
+    drift_trend: float = Field(0.0, ge=-1.0)
+    drift_walk: float = Field(0.0, ge=0.0)
+    # Reference stimuli presented in every batch (counted in the budget) to correct the search for drift
+    # (spikemax.optim.drift.DriftCorrected), drawn in turn from a fixed set of `reference_set` stimuli.
+    references: int = Field(0, ge=0)
+    reference_set: int = Field(16, ge=1)
 
     @classmethod
     def from_sigma(cls, value: Any) -> Any:

@@ -210,6 +210,7 @@ CMA_SIGMA0 = 0.3  # CMAOptimizer's default initial step (the untuned CMA-ES)
 def space_of(params: Params, generator: str) -> Space:
     """`generator`'s search space from `tune`, widened to hold the maximize stage's untuned settings."""
     from spikemax.generators import grid_ordered
+    from spikemax.optim.options import noise_aware_on
     from spikemax.optim.tt import resolve_cma
 
     t, m = params.tune, params.maximize
@@ -222,8 +223,8 @@ def space_of(params: Params, generator: str) -> Space:
     common: dict[str, Any] = {"grid_n": base_n} if ordered else {}
     noisy = m.noise.model != "none"
     if noisy:
-        common["aware"] = m.noise.aware
-        if m.noise.aware:
+        common["aware"] = noise_aware_on(m.noise)  # "auto" (the default): on under a noise model
+        if common["aware"]:
             common |= {"retest": m.noise.retest, "estimator": m.noise.estimator}
 
     def union(values: Any, default: Any) -> tuple:

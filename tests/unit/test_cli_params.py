@@ -14,6 +14,7 @@ COMMANDS = {
     "check-generators",
     "maximize",
     "analyze",
+    "summarize",
     "report",
     "tune",
     "serve",
@@ -145,7 +146,7 @@ def test_bad_noise_params_give_one_line_before_any_run(tmp_path, noise, expected
 
 def test_noise_section_defaults_and_the_older_sigma_float():
     m = P.validate({}).maximize
-    assert m.noise.model == "none" and m.noise.repeats == 1 and not m.noise.aware
+    assert m.noise.model == "none" and m.noise.repeats == 1 and m.noise.aware == "auto"  # on only with a model
     old = P.validate({"maximize": {"noise": 0.3}}).maximize.noise
     assert (old.model, old.sigma) == ("multiplicative", 0.3)
     assert P.validate({"maximize": {"noise": 0}}).maximize.noise.model == "none"
@@ -234,7 +235,7 @@ def test_well_typed_values_still_validate():
     m = P.validate(
         {"maximize": {"budget": 10**7, "seeds": [0, 3], "target_value": 2, "checkpoints": [0, -1], "budget_last": None}}
     ).maximize
-    assert (m.budget, m.seeds, m.target_value, m.epochs) == (10**7, [0, 3], 2.0, [0, -1])
+    assert (m.budget, m.seeds, m.target_value, m.checkpoints) == (10**7, [0, 3], 2.0, [0, -1])
     assert P.validate({"tune": {"lr": [0.01, 1], "epoch": "last"}}).tune.lr == (0.01, 1.0)
     assert P.validate({"prepare": {"download": False}}).prepare.download is False
 

@@ -23,4 +23,9 @@ SUMMARY_COLUMNS = [
     "scan_best_activation",  # best within the first maximize.budget queries (= best_activation unless budget_last)
     "scan_am_gain",
     "run_dir",
+    # Noise-aware runs (empty otherwise): estimate, 95 % interval and draws of the reported best's true response.
+    "best_estimate",
+    "best_low",
+    "best_high",
+    "best_count",
 ]

@@ -100,7 +100,24 @@ class Context:
         """A run's optimizer: its spec, its prior, and the warm-start state of `warm_from`."""
         prior = self.priors.get(spec.generator, grid, spec.prior_rank)
         init = load_state(self.files.am_dir / "runs" / warm_from) if warm_from else None
-        return build_optimizer(spec, grid.d, grid.n, prior=prior, init=init)
+        opt = build_optimizer(spec, grid.d, grid.n, prior=prior, init=init)
+        noise = self.m.noise
+        if noise.references > 0:  # a drifting neuron: references in every ask, values rescaled by their gain
+            from spikemax.neurons import reference_points
+            from spikemax.optim.drift import DriftCorrected
+
+            refs = reference_points(grid, self.files.prepared.tensors("test")[0], noise.reference_set)
+            opt = DriftCorrected(opt, refs, per_batch=noise.references)
+        return opt
+
+
+def _drift(noise: Any, budget: int, seed: int) -> Any:
+    """The responder's drifting gain (`noise.drift_trend` / `drift_walk`), None for a steady neuron."""
+    if not (noise.drift_trend or noise.drift_walk):
+        return None
+    from spikemax.optim.drift import DriftingGain
+
+    return DriftingGain(noise.drift_trend, noise.drift_walk, horizon=budget, seed=seed)
 
 
 def run_group(
@@ -146,6 +163,7 @@ def run_group(
             sigma=m.noise.sigma,
             window=m.noise.window,
             repeats=m.noise.repeats,
+            drift=_drift(m.noise, budget, group.noise_seed),
         )
         if population:
             everything = _population(ctx, group, runs, by_key, optimizers, grid, responder, budget, progress)

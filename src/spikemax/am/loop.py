@@ -33,6 +33,9 @@ class AMResult:
     stopped_early: bool = False
     stop_reason: str = ""
     wall_s: float = 0.0
+    # Noise-aware runs: the reported best's estimate and interval of its true response
+    # (best_estimate, best_low, best_high, best_count; `NoisyOptimizer.recommend`), else empty.
+    interval: dict = field(default_factory=dict)
 
     @property
     def n_queries(self) -> int:
@@ -180,6 +183,8 @@ def _result(t: _Track, grid: LatentGrid, max_images: int) -> AMResult:
         # Noise-aware: report the point with the best estimated mean (not the luckiest draw).
         t.best, t.best_indices = stats.estimate, stats.index.copy()
         t.best_image = _decode(grid, stats.index[None], max_images)[0].cpu()
+    rec = getattr(t.optimizer, "recommend", None)
+    rec = rec() if callable(rec) else None
     return AMResult(
         best_indices=t.best_indices,
         best_response=t.best if t.best_indices is not None else float("nan"),
@@ -190,6 +195,7 @@ def _result(t: _Track, grid: LatentGrid, max_images: int) -> AMResult:
         stopped_early=bool(t.stopped),
         stop_reason=t.stopped,
         wall_s=t.wall,
+        interval=rec.as_dict() if rec is not None else {},
     )
 
 

@@ -132,8 +132,12 @@ def settings_options(
 
     runs = resolved if method == "auto" and resolved else method
     opts = options_for(method, with_settings(m, runs, settings), ordered, resolved=resolved)
-    if runs == "cma":
-        opts.update(cma_options(settings))  # `auto` resolved to CMA-ES passes them on (make_optimizer)
+    # The study's values win over the noise-aware default's base settings (optim.noisy.UNDER_NOISE):
+    # it measured them under that noise; `auto` resolved to CMA-ES passes its options on (make_optimizer).
+    if runs == "tt":
+        opts.update({_TT_KEYS[k]: v for k, v in settings.items() if k in _TT_KEYS})
+    elif runs == "cma":
+        opts.update(cma_options(settings))
     return opts
 
 

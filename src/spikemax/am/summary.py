@@ -79,15 +79,20 @@ def run_row(
         "run_dir": spec.run_dir,
         "stopped_early": res.stop_reason,
         "warm_start_from": warm_from,
+        **res.interval,  # noise-aware runs: best_estimate, best_low, best_high, best_count
         **extras,
     }
+
+
+INTERVAL_COLUMNS = ("best_estimate", "best_low", "best_high", "best_count")
 
 
 def run_metrics(row: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """The summary metrics of a nested MLflow run (best_activation is already its curve's last point)."""
     keys = ("queries_to_95", "dataset_max", "am_gain", "queries_saved", "n_queries")
+    interval = {k: row[k] for k in INTERVAL_COLUMNS if row.get(k) is not None}  # noise-aware runs only
     extras = {k: v for k, v in row.items() if k not in SUMMARY_COLUMNS and isinstance(v, (int, float))}
-    return {**{k: row[k] for k in keys}, "wall_s": wall_s, **extras}
+    return {**{k: row[k] for k in keys}, "wall_s": wall_s, **interval, **extras}
 
 
 def write_summary(am_dir: Path, plan: Plan, done: dict[str, dict]) -> pd.DataFrame:

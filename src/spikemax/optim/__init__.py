@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .anchors import ANCHORS
 from .base import MaximizeResult, Optimizer, OptionalDependencyError, run_maximize
 from .baselines import RandomSearch
 from .noisy import NoisyOptimizer, split_noisy_options
@@ -63,7 +64,9 @@ def _make_base(method: str, d: int, n: int | Sequence[int], seed: int, **options
         from .baselines import ProtesOptimizer
 
         return ProtesOptimizer(d, n, seed=seed, **options)
-    raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method in ANCHORS:  # the anchors' own noise handling (pycma NoiseHandler, nevergrad noisy)
+        return ANCHORS[method](d, n, seed=seed, **options)
+    raise ValueError(f"method must be one of {', '.join(METHODS + tuple(ANCHORS))}; got {method!r}")
 
 
 def maximize(
@@ -78,7 +81,7 @@ def maximize(
     """Maximize f (int array (k, d) -> floats (k,)) over the grid with exactly `budget` queries."""
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
         raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
-    if method == "ngopt":
+    if method in ("ngopt", "ngopt-noisy"):
         options.setdefault("budget", int(budget))  # NGOpt chooses its algorithm from the budget
     opt = make_optimizer(method, d, n, seed=seed, **options)
     return run_maximize(opt, f, int(budget))

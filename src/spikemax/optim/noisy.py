@@ -41,8 +41,54 @@ drew high, a stable search anchor; identifying the truly best point is this laye
 point's current estimate with its elite archive re-valued after every tell ("estimate"), or the
 estimate only for points measured more than once, raw draws otherwise ("repeated")."""
 
+UNDER_NOISE: dict[str, dict[str, Any]] = {
+    # TT: the elite is the best of the last batch (PROTES' selection) instead of an archive of the
+    # best draws ever, which under noise fills with lucky draws the local moves then circle around.
+    "tt": {"archive": False, "elite": 16},
+    # CMA-ES: recombine half of each 64-point generation (pycma weights of popsize 64) instead of
+    # the best 6 (popsize 12): averaging over more points, fewer lucky ones steer the mean.
+    "cma": {"popsize": 64},
+}
+"""Base optimizer settings the noise-aware default uses (`maximize.noise.search: auto`), chosen on
+benchmarks/bench_noise.py (VQ-VAE: TT; SN-GAN: CMA-ES; Poisson and multiplicative noise)."""
+
+SELECTIONS = ("lucb", "halving")
+"""How the final phase (`final` > 0) spends its budget: lucb races the leader against the
+challenger with the highest upper bound among the `pool` best (stops when separated); halving
+screens the `screen` best estimated points and halves them round by round (sequential halving)."""
+
+CLEAN_SWITCHABLE = ("archive", "elite")
+"""`UNDER_NOISE` settings a base optimizer can switch back while running (TT's attributes): the layer
+restores the given `clean_base` values once its probe finds the responses noise-free."""
+
 # Relative spread below which repeats count as identical (float round-off of a deterministic net).
 _CLEAN_RTOL = 1e-9
+
+
+@dataclass
+class Recommendation:
+    """The reported best: its grid point, the estimate of its true mean response and an interval.
+
+    `low`/`high` bound the point's true mean response at confidence `level` (a t interval around
+    the estimate with the noise variance of the best estimated points, over its `count` draws);
+    zero width on a responder found noise-free.
+    """
+
+    index: np.ndarray
+    estimate: float
+    low: float
+    high: float
+    count: int
+    level: float = 0.95
+
+    def as_dict(self, prefix: str = "best_") -> dict[str, float]:
+        """Flat metrics, e.g. best_estimate, best_low, best_high, best_count."""
+        return {
+            f"{prefix}estimate": self.estimate,
+            f"{prefix}low": self.low,
+            f"{prefix}high": self.high,
+            f"{prefix}count": float(self.count),
+        }
 
 
 @dataclass
@@ -66,6 +112,12 @@ class NoisyOptimizer(Optimizer):
       kappa=1.0         confidence multiplier of the racing bound (and of `lcb`).
       probe=6           repeats after which zero spread marks the responder as noise-free.
       tell="raw"        one of `TELL_VALUES`: what the base optimizer is told.
+      candidates=False  also race the base model's own recommendation (`model_candidates`: the
+                        CMA-ES distribution mean, the TT model's mode), a denoised guess.
+      level=0.95        confidence level of `recommend()`'s interval.
+      selection="lucb"  one of `SELECTIONS`: how the final phase races the best estimated points.
+      screen=32         points entering the final phase's sequential halving.
+      clean_base=None   base settings restored once the probe finds the responses noise-free.
     """
 
     def __init__(
@@ -79,6 +131,11 @@ class NoisyOptimizer(Optimizer):
         tell: str = "raw",
         budget: int | None = None,
         final: float = 0.0,
+        candidates: bool = False,
+        level: float = 0.95,
+        selection: str = "lucb",
+        screen: int = 32,
+        clean_base: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(base.d, base.n.tolist(), base.seed, base.batch)
         self.base = base
@@ -101,6 +158,16 @@ class NoisyOptimizer(Optimizer):
         if not 0.0 <= float(final) < 1.0:
             raise ValueError(f"final must be in [0, 1), got {final!r}")
         self.final = float(final)
+        self.candidates = bool(candidates)
+        if not 0.0 < float(level) < 1.0:
+            raise ValueError(f"level must be in (0, 1), got {level!r}")
+        self.level = float(level)
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}; got {selection!r}")
+        self.selection = selection
+        self.screen = check_positive_int("screen", screen, minimum=2)
+        self._sh: dict | None = None  # sequential-halving state of the final phase
+        self.clean_base = dict(clean_base or {})
         self.n_retests = 0  # re-presentations asked so far
         self.clean = False  # set once `probe` repeats showed no spread at all
         self._key: dict[bytes, int] = {}
@@ -109,6 +176,7 @@ class NoisyOptimizer(Optimizer):
         self._mean = np.zeros(0)
         self._m2 = np.zeros(0)  # sum of squared deviations (Welford)
         self._est: np.ndarray | None = None  # cached estimates, None when stale
+        self._extra: set[int] = set()  # rows of model candidates kept in the race
 
     @property
     def batch(self) -> int:
@@ -212,13 +280,52 @@ class NoisyOptimizer(Optimizer):
             return 0
         return min(round(self.retest * k), k - 1) if k > 1 else int(self.n_retests == 0)
 
+    def _halving(self, k: int) -> np.ndarray:
+        """k re-presentations of the final phase by sequential halving (Karnin et al. 2013, best-arm
+        identification with a fixed budget): the `screen` best estimated points share the phase's
+        budget in ceil(log2 screen) equal rounds, each round spread evenly over the survivors, the
+        better half (by estimate, all draws so far) surviving each round, down to two."""
+        est = self.estimates()
+        sh = self._sh
+        if sh is None:
+            left = int(self.budget - self.n_told) if self.budget is not None else k
+            m = min(self.screen, self._I.shape[0])
+            while m > 2 and left // int(np.ceil(np.log2(m))) < m:  # each round draws every survivor once
+                m //= 2
+            rounds = max(int(np.ceil(np.log2(max(m, 2)))), 1)
+            sh = self._sh = {"alive": np.argsort(-est, kind="stable")[:m], "queue": [], "round": 0}
+            sh["per_round"], sh["rounds"] = max(left // rounds, 1), rounds
+        picks: list[int] = []
+        while len(picks) < k:
+            if not sh["queue"]:
+                alive = sh["alive"]
+                if sh["round"] > 0 and alive.size > 2:  # keep the better half
+                    alive = alive[np.argsort(-est[alive], kind="stable")][: max(alive.size // 2, 2)]
+                    sh["alive"] = alive
+                each = max(sh["per_round"] // alive.size, 1)
+                sh["queue"] = list(np.tile(alive, each))
+                sh["round"] += 1
+            picks.append(int(sh["queue"].pop(0)))
+        return self._I[np.asarray(picks, dtype=np.int64)]
+
     def _pick_retests(self, k: int) -> np.ndarray:
         """Up to k re-presentations raced among the best estimated points (LUCB): the leader and
         the challenger with the highest upper bound are measured, the more uncertain of the two
         first, each pick counted as a virtual draw, until the leader's lower bound clears every
         challenger's upper bound (then the rest of the batch goes back to the base optimizer)."""
+        lead: list[np.ndarray] = []
+        if self.candidates:  # the model's guess joins the race; a new one is measured first
+            for cand in model_candidates(self.base):
+                s = self._key.get(np.ascontiguousarray(cand, dtype=np.int64).tobytes())
+                if s is None and len(lead) < k:
+                    lead.append(cand)
+                elif s is not None:
+                    self._extra.add(int(s))
+        k -= len(lead)
         est = self.estimates()
-        pool = np.argsort(-est, kind="stable")[: self.pool]
+        top = np.argsort(-est, kind="stable")[: self.pool]
+        extra = np.array(sorted(self._extra - set(top.tolist())), dtype=np.int64)
+        pool = np.concatenate([top, extra]) if extra.size else top
         s2 = self.noise_var()
         if not s2 > 0:  # no repeat yet: assume the spread of the pool as noise
             s2 = float(np.var(self._mean[pool])) if pool.size > 1 else 1.0
@@ -226,7 +333,7 @@ class NoisyOptimizer(Optimizer):
         n = self._count[pool].astype(np.float64)
         e = est[pool]
         picks: list[int] = []
-        for _ in range(k):
+        for _ in range(max(k, 0)):
             half = self.kappa * np.sqrt(s2 / n)
             h = int(np.argmax(e))
             if pool.size == 1:
@@ -239,10 +346,15 @@ class NoisyOptimizer(Optimizer):
                 b = h if n[h] <= n[c] else c
             picks.append(int(pool[b]))
             n[b] += 1
-        return self._I[np.asarray(picks, dtype=np.int64)]
+        out = self._I[np.asarray(picks, dtype=np.int64)]
+        return np.concatenate([np.asarray(lead, dtype=np.int64).reshape(-1, self.d), out]) if lead else out
 
     def _ask(self, k: int) -> np.ndarray:
-        re = self._pick_retests(self._n_retest(k)) if self._n_retest(k) else np.zeros((0, self.d), np.int64)
+        n_re = self._n_retest(k)
+        if n_re and self.selection == "halving" and self.in_final():
+            re = self._halving(n_re)
+        else:
+            re = self._pick_retests(n_re) if n_re else np.zeros((0, self.d), np.int64)
         self.n_retests += re.shape[0]
         r = re.shape[0]
         parts = [np.asarray(self.base.ask(k - r), dtype=np.int64).reshape(k - r, self.d)] if k > r else []
@@ -257,6 +369,10 @@ class NoisyOptimizer(Optimizer):
             spread = float(self._m2.sum())
             scale = float(np.sum(self._mean**2 * np.maximum(self._count - 1, 0))) + 1e-300
             self.clean = spread <= _CLEAN_RTOL**2 * scale
+            if self.clean:  # noise-free after all: the base's own settings back (see CLEAN_SWITCHABLE)
+                for key, value in self.clean_base.items():
+                    if key in CLEAN_SWITCHABLE and hasattr(self.base, key):
+                        setattr(self.base, key, value)
         if self.tell_values == "raw":
             self.base.tell(I, y)
             return
@@ -281,6 +397,42 @@ class NoisyOptimizer(Optimizer):
         """Statistics of `best`: estimate, sample mean, variance and number of repeats."""
         i, _ = self.best
         return None if i is None else self.stats(i)[0]
+
+    def recommend(self) -> Recommendation | None:
+        """The reported best (`best`) with its estimate and a `level` confidence interval of its true
+        mean response; None before any response.
+
+        The interval is a t interval around the point's sample mean, simultaneous over the points
+        raced for the best (Bonferroni over the repeated points among the `pool` best estimates):
+        the best is picked as the largest of those estimates, so an interval for a fixed point would
+        undercover it (the winner's curse), while one that holds for all of them at once holds for
+        the one picked. The noise variance is pooled over those points (the noise of a rate depends
+        on the rate: Poisson counts, multiplicative gain), else over every repeated point; without
+        any repeat the interval is infinite; a responder found noise-free gets zero width.
+        """
+        from scipy import stats as sps
+
+        i, est = self.best
+        if i is None:
+            return None
+        s = self._key[np.ascontiguousarray(i, dtype=np.int64).tobytes()]
+        c = int(self._count[s])
+        if self.clean:
+            return Recommendation(i, est, est, est, c, self.level)
+        top = np.argsort(-self.estimates(), kind="stable")[: self.pool]
+        dof_top = np.maximum(self._count[top] - 1, 0)
+        if dof_top.sum() >= 2:
+            s2, dof = float(self._m2[top].sum() / dof_top.sum()), int(dof_top.sum())
+        else:
+            s2, dof = self.noise_var(), int(np.maximum(self._count - 1, 0).sum())
+        if not np.isfinite(s2) or dof == 0:
+            return Recommendation(i, est, -np.inf, np.inf, c, self.level)
+        raced = max(int(np.sum(self._count[top] > 1)), 1)
+        alpha = (1.0 - self.level) / raced
+        half = float(sps.t.ppf(1.0 - alpha / 2, dof)) * np.sqrt(s2 / c)
+        mean = float(self._mean[s])
+        low, high = mean - half, mean + half
+        return Recommendation(i, float(np.clip(est, low, high)), low, high, c, self.level)
 
     @property
     def max_draw(self) -> tuple[np.ndarray | None, float]:
@@ -315,7 +467,51 @@ def _revalue_elite(base: Optimizer, noisy: NoisyOptimizer) -> None:
     base._elite_y = vals
 
 
-NOISY_OPTIONS = ("retest", "estimator", "pool", "kappa", "probe", "tell", "budget", "final")
+def model_candidates(base: Optimizer) -> list[np.ndarray]:
+    """The base model's own guesses of the best point (grid indices): the CMA-ES distribution mean
+    (pycma's recommendation under noise; also of TT's internal CMA on ordered grids) and the mode of
+    a TT probability model (teneva's `optima_tt` on its cores); [] for other optimizers."""
+    out: list[np.ndarray] = []
+    for es_owner in (base, getattr(base, "_cma", None)):
+        es = getattr(es_owner, "es", None)
+        if es is not None and hasattr(es, "mean"):
+            x = np.asarray(es.mean, dtype=np.float64)[: base.d]
+            out.append(np.clip(np.floor(x * base.n), 0, base.n - 1).astype(np.int64))
+    if hasattr(base, "theta") and hasattr(base, "_model") and getattr(base, "q", None) is None:
+        out.append(tt_mode(base._model()[0], base.n))
+    return out
+
+
+def tt_mode(G: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """The (approximate) most probable point of a non-negative TT model with cores G (d, r, N, r)
+    whose rank boundaries are summed by all-ones vectors, by teneva's beam search `optima_tt_beam`
+    (`optima_tt`'s maxvol search took minutes at d = 49, n = 32, r = 5; the beam, milliseconds)."""
+    import teneva
+
+    d = G.shape[0]
+    cores = [G[k][:, : int(n[k]), :] for k in range(d)]
+    cores[0] = cores[0].sum(axis=0, keepdims=True)
+    cores[-1] = cores[-1].sum(axis=2, keepdims=True)
+    # Scale each core to unit max: the mode is unchanged and products of 49 cores stay finite.
+    cores = [c / max(float(np.abs(c).max()), 1e-300) for c in cores]
+    return np.asarray(teneva.optima_tt_beam(cores, k=10), dtype=np.int64)
+
+
+NOISY_OPTIONS = (
+    "retest",
+    "estimator",
+    "pool",
+    "kappa",
+    "probe",
+    "tell",
+    "budget",
+    "final",
+    "candidates",
+    "level",
+    "selection",
+    "screen",
+    "clean_base",
+)
 
 
 def split_noisy_options(options: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:

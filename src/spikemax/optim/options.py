@@ -4,11 +4,30 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from .noisy import CLEAN_SWITCHABLE, UNDER_NOISE
 from .tt import resolve_cma, resolve_ordinal
 
 
 class _HasOrdered(Protocol):
     ordered: bool
+
+
+def _tt_default(name: str) -> Any:
+    """TTOptimizer's default of an option the params do not set (e.g. `archive`)."""
+    import inspect
+
+    from .tt import TTOptimizer
+
+    return inspect.signature(TTOptimizer).parameters[name].default
+
+
+def noise_aware_on(noise: Any) -> bool:
+    """Whether the noise section turns the noise-aware layer on: `aware: true`, or "auto" (the
+    default) with a noise model set."""
+    aware = getattr(noise, "aware", False)
+    if aware == "auto":
+        return getattr(noise, "model", "none") != "none"
+    return bool(aware)
 
 
 def options_for(
@@ -36,10 +55,18 @@ def options_for(
     else:
         opts = _method_options(method, m, ordered)
     noise: Any = getattr(m, "noise", None)
-    if getattr(noise, "aware", False):  # the noise-aware layer (spikemax.optim.noisy) around any method
+    if noise_aware_on(noise):  # the noise-aware layer (spikemax.optim.noisy) around any method
         opts.update(noise_aware=True, retest=noise.retest, estimator=noise.estimator)
         if getattr(noise, "final", 0.0):  # the budget-aware schedule needs the run's budget
             opts.update(final=noise.final, budget=int(m.budget))
+        if getattr(noise, "search", "auto") == "auto" and "clean_base" not in opts:  # settings that won under noise
+            base = "tt" if "rank" in opts else ("cma" if "cma" in (method, opts.get("resolved")) else "")
+            under = UNDER_NOISE.get(base, {})
+            # TT's own settings come back if the responses turn out noise-free (the layer's probe).
+            clean_base = {k: opts.get(k, _tt_default(k)) for k in under if base == "tt" and k in CLEAN_SWITCHABLE}
+            opts.update(under)
+            if clean_base:
+                opts["clean_base"] = clean_base
     return opts
 
 

@@ -199,6 +199,9 @@ class Best(BaseModel):
     query: int  # the first query that presented it
     estimate: float | None = None  # noise-aware: the estimated mean response (`response` is the sample mean)
     presentations: int = 1  # finite responses of this stimulus the best rests on
+    # noise-aware: a 95 % interval of the best's true mean response (None while it is unbounded)
+    low: float | None = None
+    high: float | None = None
 
 
 class SessionStatus(BaseModel):

@@ -235,6 +235,7 @@ class Session:
             query=q,
             estimate=float(st.estimate),
             presentations=int(st.count),
+            **_interval(opt, st.index),
         )
 
     def status(self) -> SessionStatus:
@@ -293,3 +294,12 @@ class Session:
                 "responses": [row.tolist() for row in y],
             }
         )
+
+
+def _interval(opt: Any, index: np.ndarray) -> dict[str, float | None]:
+    """The noise-aware optimizer's interval of the true response at `index` (`recommend()`), if it reports one."""
+    rec = opt.recommend() if hasattr(opt, "recommend") else None
+    if rec is None or not np.array_equal(np.asarray(rec.index), np.asarray(index)):
+        return {}
+    bound = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731 - JSON has no infinity
+    return {"low": bound(rec.low), "high": bound(rec.high)}

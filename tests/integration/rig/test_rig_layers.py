@@ -137,3 +137,20 @@ def test_a_journal_of_the_earlier_version_resumes(proj, tmp_path):
     assert queries(again, sid) == before and st.pending_ids == pending and st.state == "open"
     assert (st.noise_aware, st.retry_failed, st.prior) == (False, False, False)
     again.close()
+
+
+def test_a_noise_aware_best_carries_its_interval(proj, tmp_path):
+    """The session status shows the reported best's estimate inside its interval (NoisyOptimizer.recommend)."""
+    params, paths = proj
+    m = SessionManager(params, paths, tmp_path / "s", mlflow=False)
+    sid = m.create(SessionCreate(generator="sngan", method="random", budget=64, seed=0, batch=8)).id
+    rng = np.random.default_rng(0)
+    for _ in range(8):  # a noisy neuron: the layer re-presents its elite, so the best gets repeats
+        asked = m.ask(sid, 8)
+        y = neuron(np.stack([i for _, i in asked])) + rng.normal(0.0, 0.5, (len(asked), 1))
+        m.tell(sid, TellRequest.model_validate({"results": as_results([x for x, _ in asked], y)}))
+    best = m.get(sid).status().best
+    assert best is not None and best.estimate is not None and best.presentations >= 2
+    assert best.low is not None and best.high is not None
+    assert best.low <= best.estimate <= best.high and best.high > best.low
+    m.close()

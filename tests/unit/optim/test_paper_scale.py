@@ -26,7 +26,7 @@ def test_paper_scale_states_the_papers_budget_on_fashion_mnist():
     assert params.prepare.dataset == "fashion-mnist"
     assert (params.prepare.train_size, params.prepare.test_size) == (60_000, 10_000)
     m = params.maximize
-    assert m.budget_last == 10_000 and len(m.seeds) == 3 and m.epochs == "all"
+    assert m.budget_last == 10_000 and len(m.seeds) == 3 and m.checkpoints == "all"
     assert (params.generators.sngan.latent_dim, params.generators.sngan.grid_n) == (128, 64)
     assert params.generators.vqvae.codes == 512
 
