@@ -218,3 +218,20 @@ def test_the_space_holds_the_defaults_and_the_noise_aware_options_only_when_nois
         if settings["aware"]:
             assert (opts["retest"], opts["estimator"]) == (settings["retest"], settings["estimator"])
     assert seen == {False, True}
+
+
+def test_adopted_values_win_over_the_noise_aware_default_base_settings():
+    """Under a noise model (`aware: auto` turns the layer on) the untuned TT and CMA-ES take the
+    noise default's base settings, a run of the adopted method the values its study measured."""
+    from spikemax.optim.noisy import UNDER_NOISE
+
+    m = P.validate({"maximize": {"noise": {"model": "poisson"}}}).maximize
+    assert space_of(P.validate({"maximize": {"noise": {"model": "poisson"}}}), "vqvae").defaults["tt"]["aware"] is True
+    untuned = run_options(m, {}, "tt", "vqvae", False)
+    assert untuned["noise_aware"] and untuned["elite"] == UNDER_NOISE["tt"]["elite"]
+    tuned = {"vqvae": {"study": "v", "method": "tt", "settings": {"rank": 2, "elite": 4}, "source": "study"}}
+    opts = run_options(m, tuned, "auto", "vqvae", False)
+    assert (opts["resolved"], opts["rank"], opts["elite"], opts["noise_aware"]) == ("tt", 2, 4, True)
+    cma = {"sngan": {"study": "s", "method": "cma", "settings": {"popsize": 8}, "source": "study"}}
+    assert run_options(m, cma, "cma", "sngan", True)["popsize"] == 8
+    assert run_options(m, {}, "cma", "sngan", True)["popsize"] == UNDER_NOISE["cma"]["popsize"]
