@@ -22,6 +22,10 @@ GeneratorName = Literal["sngan", "vqvae"]
 GENERATOR_NAMES: tuple[GeneratorName, ...] = ("sngan", "vqvae")
 MethodName = Literal["auto", "tt", "random", "cma", "ngopt", "protes"]
 DEFAULT_METHODS: tuple[MethodName, ...] = ("tt", "cma")
+TunedMethod = Literal["tt", "cma"]  # the method family the tune stage searches
+TUNED_METHODS: tuple[TunedMethod, ...] = ("tt", "cma")
+Estimator = Literal["mean", "shrink", "lcb"]
+ESTIMATORS: tuple[Estimator, ...] = ("mean", "shrink", "lcb")
 
 
 class ParamsError(SpikemaxError):
@@ -275,9 +279,10 @@ class MaximizeParams(Section):
     # indices of `prior_images` prepared train images (spikemax.optim.prior); false = uniform codes.
     prior: bool = True
     prior_images: int = Field(4000, ge=1)
-    # true: runs whose method runs TT take their generator's tune study's best rank and lr (and on
-    # SN-GAN its grid_n) from metrics/tune.json instead of `tt`'s (spikemax.tuning.read_tuned).
-    tuned: bool = False
+    # true: `auto` runs the method and settings the tune stage adopted for the generator (metrics/tune.json,
+    # spikemax.tuning.resolve_auto), and a `tt` / `cma` run takes them when that is the adopted method;
+    # without an adopted result (no tune.json, or the default kept) `auto` falls back to the per-grid table.
+    tuned: bool = True
     # Population mode: the targets of one (epoch, generator, method, seed) share one stimulus set of
     # `budget` presentations, each told to every target's optimizer (spikemax.optim.Population).
     population: bool = False
@@ -338,27 +343,48 @@ class AnalyzeParams(Section):
 
 
 class TuneParams(Section):
-    """`tune` stage: one Optuna study per generator over TT rank, step size (and SN-GAN's grid resolution)."""
+    """`tune` stage: one Optuna study per generator over the search method (TT or CMA-ES) and its settings."""
 
-    # One study per generator, each trial searching with the TT the maximize stage runs on that grid
-    # (its `maximize.tt` options, and on VQ-VAE the data prior when `maximize.prior` is true).
+    # One study per generator; a trial runs the maximize stage's search on that grid with the trial's
+    # method and settings (VQ-VAE's TT with the data prior when `maximize.prior` is true).
     generators: list[GeneratorName] = Field(default_factory=lambda: list(GENERATOR_NAMES), min_length=1)
+    methods: list[TunedMethod] = Field(default_factory=lambda: list(TUNED_METHODS), min_length=1)
     epoch: Literal["last"] | int = "last"
-    neurons: int = Field(4, ge=1)
-    n_trials: int = Field(8, ge=1)  # per study (per generator)
+    # Panels of live units of that checkpoint (none a maximize target): trials are scored on the
+    # training panel, the winner is confirmed against the untuned default on the validation panel.
+    neurons: int = Field(8, ge=1)
+    validation: int = Field(8, ge=1)
+    # Trials per study at most; the study stops earlier, after `min_trials`, once the winner's
+    # advantage over the runner-up has a bootstrap interval (over the panel's neurons) above 0.
+    n_trials: int = Field(12, ge=1)
+    min_trials: int = Field(4, ge=1)
+    level: float = Field(0.9, gt=0.0, lt=1.0)  # of every bootstrap interval (stopping, pruning, validation)
     # Queries per neuron per trial and per ask; None = the maximize stage's `budget` / `batch`.
     budget: int | None = Field(None, ge=1, le=MAX_BUDGET)
     batch: int | None = Field(None, ge=1)
+    # TT: rank, learning-rate range (log-uniform), elite size, share of an internal CMA-ES (ordered grids).
     ranks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [2, 3, 5, 8], min_length=1)
-    grid_n: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
     lr: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)]] = (0.01, 0.3)
+    elite: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [2, 4, 8], min_length=1)
+    cma_share: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75], min_length=1
+    )
+    # CMA-ES: initial step size range on [0, 1] (log-uniform) and population (0 = pycma's 4 + 3 ln d).
+    sigma0: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)]] = (0.1, 0.6)
+    popsize: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 8, 16, 32], min_length=1)
+    grid_n: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
+    # Noise-aware options, searched only when `maximize.noise.model` is not none.
+    retest: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        default_factory=lambda: [0.05, 0.1, 0.2], min_length=1
+    )
+    estimators: list[Estimator] = Field(default_factory=lambda: list(ESTIMATORS), min_length=1)
     seed: int = Field(0, ge=0)
     # Where the study lives: "" = the journal file optuna/journal.log (one machine), or an RDB URL
     # (postgresql://user@host:port/db) that workers on several machines share.
     storage: str = ""
     workers: int = Field(1, ge=1)  # worker processes of one `spikemax tune` (`--workers` overrides)
     heartbeat: int = Field(10, ge=1)  # seconds between an RDB worker's heartbeats (stale after 2x: FAIL)
-    rungs: int = Field(4, ge=1)  # intermediate scores per trial (pruner input), at equal query budgets
+    rungs: int = Field(4, ge=1)  # intermediate per-neuron scores per trial (pruner input), at equal query budgets
 
     @model_validator(mode="before")
     @classmethod
@@ -385,7 +411,7 @@ class TuneParams(Section):
             raise PydanticCustomError("storage", "Input should be '' (journal file) or a postgresql/mysql/sqlite URL")
         return value
 
-    @field_validator("lr")
+    @field_validator("lr", "sigma0")
     @classmethod
     def _ordered_lr(cls, value: tuple[float, float]) -> tuple[float, float]:
         """The log-uniform range must be [low, high] with low < high."""

@@ -113,9 +113,17 @@ def test_queries_saved_is_measured_against_a_cold_run_of_the_same_neuron(
     assert n_warm >= 1  # lif1:0 fires at epoch 0 in the tiny net
 
 
+def _entry(study: str, method: str, settings: dict, adopted: bool = True) -> dict:
+    """A generator's entry of metrics/tune.json as the tune stage writes it (the fields maximize reads)."""
+    return {"study": study, "adopted": adopted, "winner": {"method": method, "settings": settings}} | (
+        {"method": method, "settings": settings} if adopted else {"method": "cma", "settings": {}}
+    )
+
+
 def test_tuned_maximize_runs_carry_the_study_best_settings(tmp_path, project, snn_checkpoints, generator_checkpoints):
-    """`maximize.tuned`: each generator's TT runs (tt; auto on VQ-VAE) run and record their study's
-    best rank, lr and (SN-GAN) grid_n; CMA-ES (auto on SN-GAN) runs as configured."""
+    """`maximize.tuned`: `auto` runs each generator's adopted method and settings (SN-GAN: TT with
+    rank, lr and grid_n; VQ-VAE's study kept the default), an explicit method takes them when it is
+    the adopted one; every run records what decided its method. Without tune.json: the fallback."""
     small = {
         "checkpoints": [-1],
         "generators": ["sngan", "vqvae"],
@@ -128,38 +136,35 @@ def test_tuned_maximize_runs_carry_the_study_best_settings(tmp_path, project, sn
         "tuned": True,
     }
     params, paths = project_copy(tmp_path / "p", project, small)
-    with pytest.raises(Exception, match="tune.json is missing: run `spikemax tune` first"):
-        run_stage(params, paths)
-    studies = {
-        "sngan": {"study": "tt-sngan-e2-x", "best_rank": 3, "best_lr": 0.037, "best_grid_n": 8},
-        "vqvae": {"study": "tt-vqvae-e2-y", "best_rank": 2, "best_lr": 0.11},
-    }
-    paths.metrics.mkdir(parents=True, exist_ok=True)
+    assert run_stage(params, paths)["n_failed"] == 0  # no tune.json: the per-grid table, no error
+    nested_runs = [r for r in am_runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
+    sources = {(r.data.params["generator"], r.data.params["method"]): r.data.params for r in nested_runs}
+    assert sources[("sngan", "auto")]["method_source"] == "fallback"
+    assert sources[("sngan", "auto")]["resolved_method"] == "cma"
+    assert sources[("vqvae", "tt")]["method_source"] == "configured"
+    settings = {"rank": 3, "lr": 0.037, "elite": 2, "cma_share": 0.25, "grid_n": 8}
+    studies = {"sngan": _entry("sngan-e2-x", "tt", settings), "vqvae": _entry("vqvae-e2-y", "tt", {}, adopted=False)}
     (paths.metrics / "tune.json").write_text(json.dumps({"generators": studies}))
     assert run_stage(params, paths)["n_failed"] == 0
-    runs = am_runs(paths.root)
+    runs = [r for r in am_runs(paths.root) if tracking.RUN_KEY_TAG in r.data.tags]
+    parent = [r for r in am_runs(paths.root) if r.data.params.get("tuned_from") == "sngan-e2-x"]
+    assert len(parent) == 1 and parent[0].data.params["method_source"] == "sngan=study,vqvae=default"
     nested = {
         (r.data.params["generator"], r.data.params["method"]): r.data.params
         for r in runs
-        if tracking.RUN_KEY_TAG in r.data.tags
+        if r.data.tags.get(tracking.SCAN_TAG) == parent[0].info.run_id
     }
-    parent = [r for r in runs if r.data.params.get("tuned_from") == "tt-sngan-e2-x,tt-vqvae-e2-y"]
-    assert len(nested) == 4 and len(parent) == 1
-    for (g, method), p in nested.items():
+    assert set(nested) == {("sngan", "tt"), ("sngan", "auto")}  # VQ-VAE kept its default: its runs are reused
+    for method in ("tt", "auto"):  # SN-GAN: both run the adopted TT with its settings
+        p = nested[("sngan", method)]
         opts = json.loads(p["options"])
-        if (g, method) == ("sngan", "auto"):  # CMA-ES: tuning leaves it as configured
-            assert (p["tuned"], p["rank"], p["grid_n"]) == ("none", "none", str(params.generators.sngan.grid_n))
-            continue
-        best = studies[g]
-        assert p["tuned"] == best["study"]
-        assert (opts["rank"], opts["lr"], p["rank"]) == (best["best_rank"], best["best_lr"], str(best["best_rank"]))
-        assert p["grid_n"] == str(best.get("best_grid_n", params.generators.vqvae.codes))
-    # The VQ-VAE TT runs started from a prior of their tuned rank.
-    with np.load(paths.results / "am" / "prior_vqvae_r2.npz") as z:
-        assert z["theta"].shape[1] == 2
+        assert (p["method_source"], p["tuned"], p["resolved_method"]) == ("study", "sngan-e2-x", "tt")
+        assert (opts["rank"], opts["lr"], opts["elite"], opts["cma"], p["grid_n"]) == (3, 0.037, 2, 0.25, "8")
+    assert sources[("vqvae", "auto")]["method_source"] == "fallback"  # run before tune.json existed
+    assert sources[("vqvae", "tt")]["method_source"] == "configured"
 
 
-def test_tuned_settings_change_only_the_keys_of_runs_that_run_tt(project, snn_checkpoints, generator_checkpoints):
+def test_tuned_settings_change_only_the_keys_of_runs_they_apply_to(project, snn_checkpoints, generator_checkpoints):
     from spikemax.am.plan import plan
 
     params, paths = project
@@ -169,11 +174,14 @@ def test_tuned_settings_change_only_the_keys_of_runs_that_run_tt(project, snn_ch
             "maximize": {"checkpoints": [-1], "targets": ["class:0"], "methods": ["tt", "auto", "cma"]},
         }
     )
-    tuned = {"sngan": {"study": "s", "rank": 3, "lr": 0.05, "grid_n": 8}, "vqvae": {"study": "v", "rank": 2, "lr": 0.1}}
+    tuned = {
+        "sngan": {"study": "s", "method": "cma", "settings": {"sigma0": 0.2, "popsize": 8}, "source": "study"},
+        "vqvae": {"study": "v", "method": "tt", "settings": {"rank": 2, "lr": 0.1}, "source": "study"},
+    }
     before = {(r.generator, r.method): r.key for r in plan(base, paths).runs}
     after = {(r.generator, r.method): r.key for r in plan(base, paths, tuned).runs}
     changed = {k for k in before if before[k] != after[k]}
-    assert changed == {("sngan", "tt"), ("vqvae", "tt"), ("vqvae", "auto")}
+    assert changed == {("sngan", "auto"), ("sngan", "cma"), ("vqvae", "tt"), ("vqvae", "auto")}
 
 
 def test_method_auto_resolves_per_grid():

@@ -1,4 +1,5 @@
-"""The tune stage: a real Optuna JournalStorage study, trials in MLflow, resumable to n_trials."""
+"""The tune stage: a real Optuna JournalStorage study over method and settings, trials in MLflow,
+its winner validated against the default, resumable."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def tiny(n_trials: int, generators: tuple[str, ...] = ("sngan", "vqvae")) -> P.P
             "tune": {
                 "generators": list(generators),
                 "n_trials": n_trials,
+                "min_trials": 5,
                 "neurons": 2,
+                "validation": 2,
                 "ranks": [2, 3],
                 "grid_n": [4, 8],
             },
@@ -46,27 +49,58 @@ def test_study_runs_logs_and_resumes(tune_project, monkeypatch):
     assert (summary["budget"], summary["batch"], summary["score"]) == (32, 16, "median_am_gain")  # maximize's
     sn, vq = summary["generators"]["sngan"], summary["generators"]["vqvae"]
     assert sn["n_trials"] == vq["n_trials"] == 3 and sn["study"] != vq["study"]
-    assert sn["best_rank"] in (2, 3) and sn["best_grid_n"] in (4, 8)
-    assert vq["best_rank"] in (2, 3) and "best_grid_n" not in vq  # a codebook's size is the generator's
+    assert sn["stopped"] == vq["stopped"] == "budget"  # 3 < min_trials: the stopping rule never applies
+    assert sn["winner"]["method"] in ("tt", "cma") and sn["winner"]["settings"]["grid_n"] in (4, 8, 16)
+    assert "grid_n" not in vq["winner"]["settings"]  # a codebook's size is the generator's
     for s in (sn, vq):
-        assert 0.01 <= s["best_lr"] <= 0.3 and s["best_median_am_gain"] > 0
+        assert s["winner"]["median_am_gain"] > 0 and s["validation"]["winner"]["n"] == 2
+        assert s["validation"]["verdict"] in ("better", "tie", "worse", "same")
+        assert s["adopted"] == (s["validation"]["verdict"] == "better")
+        assert (s["method"], s["settings"]) == (
+            (s["winner"]["method"], s["winner"]["settings"])
+            if s["adopted"]
+            else (s["validation"]["default_method"], {})
+        )
+    # The panels are disjoint and hold no maximize target.
+    trials = [tr for tr in _study(tune_project, sn["study"]).trials if "targets" in tr.user_attrs]
+    train, val = set(trials[0].user_attrs["targets"]), set(sn["validation"]["targets"])
+    assert len(train) == 2 and not train & val
+    assert not any(n.startswith("out:") for n in train | val)  # maximize targets class:* = every output unit
     assert json.loads((tune_project.metrics / "tune.json").read_text()) == summary
     assert (tune_project.root / "optuna" / "journal.log").is_file()
     client = mlflow.MlflowClient(tracking.configure(tune_project.root))
-    runs = client.search_runs([tracking.experiment_id("tuning", tune_project.root)])
+    eid = tracking.experiment_id("tuning", tune_project.root)
+    runs = client.search_runs([eid], filter_string="tags.`spikemax.trial_state` != 'VALIDATION'")
     assert len(runs) == 6 and all("median_am_gain" in r.data.metrics for r in runs)
     assert {r.data.tags["spikemax.study"] for r in runs} == {sn["study"], vq["study"]}
-    assert {r.data.params["rank"] for r in runs} <= {"2", "3"}
-    # Same params: the studies are complete, nothing re-runs; one more trial asked: exactly one each.
+    # Browsable: runs named after their study, pruned trials FINISHED with their state as a tag.
+    assert all(
+        r.info.run_name == f"{r.data.tags['spikemax.study']}-t{int(r.data.tags['spikemax.trial']):02d}" for r in runs
+    )
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags["spikemax.trial_state"] for r in runs} <= {"COMPLETE", "PRUNED"}
+    assert {r.data.params["method"] for r in runs} <= {"tt", "cma"}
+    assert len(client.search_runs([eid], filter_string="tags.`spikemax.trial_state` = 'VALIDATION'")) == 2
+    # Same params: the studies are complete, nothing re-runs (nor the validation); one more trial asked: one each.
     assert run_stage(tiny(3), tune_project)["generators"]["vqvae"]["n_trials"] == 3
-    assert len(client.search_runs([tracking.experiment_id("tuning", tune_project.root)])) == 6
+    assert len(client.search_runs([eid])) == 8
     more = run_stage(tiny(4), tune_project)["generators"]
     assert more["sngan"]["n_trials"] == more["vqvae"]["n_trials"] == 4
-    assert len(client.search_runs([tracking.experiment_id("tuning", tune_project.root)])) == 8
+    assert len(client.search_runs([eid], filter_string="tags.`spikemax.trial_state` != 'VALIDATION'")) == 8
+
+
+def _study(paths: P.Paths, name: str):
+    import optuna
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(paths.root / "optuna" / "journal.log"))
+    )
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def test_trials_score_the_median_am_gain_maximize_reports(tune_project, monkeypatch):
-    """A trial's value is am_gain_summary's median over the panel, of the maximize stage's TT runs."""
+    """A trial's value is am_gain_summary's median over the training panel, of the maximize stage's
+    TT runs with the trial's settings."""
     import optuna
 
     from spikemax.am.loop import run_am_group
@@ -84,16 +118,16 @@ def test_trials_score_the_median_am_gain_maximize_reports(tune_project, monkeypa
     epoch = max(checkpoints(tune_project))
     objective, targets = make_objective(params, tune_project, epoch, "vqvae")
     study = optuna.create_study(direction="maximize")
-    study.enqueue_trial({"rank": 3, "lr": 0.05})
+    study.enqueue_trial({"method": "tt", "rank": 3, "lr": 0.05, "elite": 8})
     study.optimize(objective, n_trials=1)
-    # The same runs by hand: the maximize stage's TT options with rank 3, lr 0.05, and its prior.
+    # The same runs by hand: the maximize stage's TT options with rank 3, lr 0.05, elite 8, and its prior.
     net = load_snn(checkpoints(tune_project)[epoch])
     layers = dict(net.spiking_layers())
     prepared = Prepared.load(tune_project.prepared)
     dmax = dataset_stats(net, prepared, [parse_target(t, layers) for t in targets], 512)["dataset_max"]
     grid = load_generator("vqvae", tune_project.generators_dir / "vqvae.ckpt")
-    m = params.maximize.model_copy(update={"tt": params.maximize.tt.model_copy(update={"rank": 3, "lr": 0.05})})
-    opts = options_for("tt", m, grid)
+    tt = params.maximize.tt.model_copy(update={"rank": 3, "lr": 0.05, "elite": 8})
+    opts = options_for("tt", params.maximize.model_copy(update={"tt": tt}), grid)
     with np.load(tune_project.results / "tune" / "prior_vqvae_r3.npz") as z:
         from spikemax.optim.prior import TTPrior
 
@@ -103,45 +137,34 @@ def test_trials_score_the_median_am_gain_maximize_reports(tune_project, monkeypa
     want = am_gain_summary(np.array([r.best_response for r in res]), dmax)
     assert study.trials[0].value == pytest.approx(want["median_am_gain"])
     assert study.trials[0].user_attrs["frac_above_dataset"] == pytest.approx(want["frac_above_dataset"])
+    assert study.trials[0].user_attrs["gains@32"] == pytest.approx(study.trials[0].user_attrs["gains"])
 
 
-def test_a_study_without_a_completed_trial_has_a_clear_result():
+def test_a_study_without_a_completed_trial_keeps_the_default():
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     from spikemax.stages.tune import study_result
 
-    study = optuna.create_study(study_name="tt-vqvae-e2-x", direction="maximize")
-    dists = {"rank": CategoricalDistribution([2, 3]), "lr": FloatDistribution(0.01, 0.3, log=True)}
+    study = optuna.create_study(study_name="vqvae-e2-x", direction="maximize")
+    dists = {
+        "method": CategoricalDistribution(["tt", "cma"]),
+        "rank": CategoricalDistribution([2, 3]),
+        "lr": FloatDistribution(0.01, 0.3, log=True),
+    }
     for rank in (2, 3):
         study.add_trial(
             optuna.trial.create_trial(
                 state=optuna.trial.TrialState.PRUNED,
-                params={"rank": rank, "lr": 0.1},
+                params={"method": "tt", "rank": rank, "lr": 0.1},
                 distributions=dists,
                 intermediate_values={16: 0.5},
             )
         )
-    got = study_result(study)
-    assert (got["n_trials"], got["n_pruned"], got["best_rank"], got["best_median_am_gain"]) == (2, 2, None, None)
-    assert got["note"].startswith("no trial completed (2 pruned")
-
-
-def test_read_tuned_takes_each_generators_best_and_says_what_is_wrong(tmp_path):
-    from spikemax.tuning import read_tuned
-
-    path = tmp_path / "tune.json"
-    with pytest.raises(SpikemaxError, match="tune.json is missing: run `spikemax tune` first"):
-        read_tuned(path)
-    path.write_text(json.dumps({"study": "tt-sngan-e2-x", "best_rank": 3, "best_lr": 0.1}))  # older tune stage
-    with pytest.raises(SpikemaxError, match="not a tune stage result of this version: rerun `spikemax tune`"):
-        read_tuned(path)
-    sn = {"study": "a", "best_rank": 3, "best_lr": 0.1, "best_grid_n": 8}
-    vq = {"study": "b", "best_rank": None, "best_lr": None, "note": "no trial completed (2 pruned, 0 failed)"}
-    path.write_text(json.dumps({"generators": {"sngan": sn, "vqvae": vq}}))
-    assert read_tuned(path, ["sngan"]) == {"sngan": {"study": "a", "rank": 3, "lr": 0.1, "grid_n": 8}}
-    with pytest.raises(SpikemaxError, match=r"study b \(vqvae\) has no best trial: no trial completed"):
-        read_tuned(path)
+    got = study_result(study, tiny(2, ("vqvae",)), None)
+    assert (got["n_trials"], got["n_pruned"], got["winner"], got["adopted"]) == (2, 2, None, False)
+    assert (got["method"], got["settings"]) == ("tt", {})  # the per-grid default of a codebook
+    assert got["decision"].startswith("no trial completed (2 pruned") and got["decision"].endswith("default kept")
 
 
 def test_surplus_and_duplicate_trials_log_one_line():
@@ -194,12 +217,13 @@ def test_resolution_applies_to_continuous_latents_only(generator_checkpoints):
         with_resolution(vq, 8)
 
 
-def test_panel_spreads_over_layers_and_skips_silent_units():
+def test_panel_spreads_over_layers_and_skips_silent_units_and_targets():
     layers = {"a": 3, "b": 2}
     rates = {"a": np.array([[0.0, 0.5, 0.2]]), "b": np.array([[0.1, 0.0]])}
     panel = pick_panel(layers, rates, 3, seed=0)
     assert len(panel) == 3 and ("a", 0) not in panel and ("b", 1) not in panel
     assert {layer for layer, _ in panel} == {"a", "b"}
+    assert pick_panel(layers, rates, 3, seed=0, exclude={("a", 1)}) == [("a", 2), ("b", 0)]
     with pytest.raises(SpikemaxError, match="no neuron"):
         pick_panel(layers, {"a": np.zeros((1, 3)), "b": np.zeros((1, 2))}, 2, seed=0)
 
@@ -210,7 +234,7 @@ def test_two_workers_on_the_journal_share_n_trials(tune_project, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     summary = run_stage(tiny(4, ("sngan",)), tune_project, workers=2)["generators"]["sngan"]
-    assert summary["n_trials"] == 4
+    assert summary["n_trials"] == 4 and summary["stopped"] == "budget"
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tune_project.root / "optuna" / "journal.log"))
     )
@@ -219,7 +243,10 @@ def test_two_workers_on_the_journal_share_n_trials(tune_project, monkeypatch):
     assert len(finished) == 4 and len({tuple(sorted(tr.params.items())) for tr in finished}) == 4
     assert len({tr.user_attrs["worker"] for tr in finished}) <= 2
     client = mlflow.MlflowClient(tracking.configure(tune_project.root))
-    runs = client.search_runs([tracking.experiment_id("tuning", tune_project.root)])
+    runs = client.search_runs(
+        [tracking.experiment_id("tuning", tune_project.root)],
+        filter_string="tags.`spikemax.trial_state` != 'VALIDATION'",
+    )
     assert sorted(int(r.data.tags["spikemax.trial"]) for r in runs) == sorted(
         tr.number for tr in trials if "mlflow_run_id" in tr.user_attrs
     )
@@ -246,4 +273,30 @@ def test_tune_params_name_generators_once_and_read_the_older_single_generator():
     own = P.validate({"maximize": {"budget": 96, "batch": 32}, "tune": {"budget": 64}})
     assert trial_budget(own) == (64, 32)
     assert study_name(params, 3, "sngan") != study_name(own, 3, "sngan")  # another measure: another study
-    assert study_name(params, 3, "sngan").startswith("tt-sngan-e3-")
+    assert study_name(params, 3, "sngan").startswith("sngan-e3-")
+
+
+def test_under_noise_a_trial_scores_the_noiseless_response_of_its_best_stimulus(tune_project):
+    """Measured responses carry multiplicative noise; the gains a trial is scored by are the SNN's own
+    rates of the best stimuli (spike counts / T) over the dataset max."""
+    from spikemax.snn import checkpoints, load_snn
+    from spikemax.tuning import Bench, space_of
+
+    params = P.validate(
+        {
+            **tiny(1, ("sngan",)).model_dump(),
+            "maximize": {"budget": 32, "batch": 16, "noise": {"model": "multiplicative", "sigma": 0.5}},
+        }
+    )
+    epoch = max(checkpoints(tune_project))
+    bench = Bench(params, tune_project, epoch, "sngan")
+    seen: list[np.ndarray] = []
+    defaults = space_of(params, "sngan").defaults["cma"]
+    gains = bench.run("cma", defaults, "train", lambda step, g: seen.append(g))
+    # A noiseless rate is spikes / (T x the unit's positions): an integer count on that lattice.
+    net = load_snn(checkpoints(tune_project)[epoch])
+    spikes = net.forward_spikes(bench.prepared.tensors("test")[0][:1])
+    cells = [net.num_steps * int(np.prod(spikes[t.split(":")[0]].shape[3:])) for t in bench.targets["train"]]
+    counts = gains * bench.dataset_max["train"] * np.array(cells)
+    assert len(seen) == len(bench.cuts) and np.array_equal(seen[-1], gains)
+    assert np.allclose(counts, np.round(counts), atol=1e-4) and (gains > 0).any()

@@ -77,12 +77,13 @@ def test_a_new_tune_result_makes_maximize_changed(dvc_repo):
     for rel, text in files.items():
         (dvc_repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (dvc_repo / rel).write_text(text)
-    best = {"sngan": {"study": "tt-sngan-e1-a", "best_rank": 3, "best_lr": 0.05, "best_grid_n": 16}}
+    settings = {"rank": 3, "lr": 0.05, "grid_n": 16}
+    best = {"sngan": {"study": "sngan-e1-a", "adopted": True, "method": "tt", "settings": settings}}
     tune_json = dvc_repo / "metrics" / "tune.json"
     tune_json.write_text(json.dumps({"generators": best}))
     sh(DVC, "commit", "-f", "maximize", cwd=dvc_repo)
     assert json.loads(sh(DVC, "status", "--json", cwd=dvc_repo).stdout or "{}") == {}
-    best["sngan"]["best_rank"] = 5  # the study found another best trial
+    best["sngan"]["settings"]["rank"] = 5  # the study adopted another winner
     tune_json.write_text(json.dumps({"generators": best}))
     status = json.loads(sh(DVC, "status", "--json", cwd=dvc_repo).stdout or "{}")
     assert list(status) == ["maximize"]
@@ -174,7 +175,7 @@ def test_whole_pipeline_repro_on_a_fresh_repo(dvc_repo):
     tune_json = dvc_repo / "metrics" / "tune.json"
     original_tune = tune_json.read_bytes()
     new_best = json.loads(original_tune)
-    new_best["generators"]["sngan"]["best_rank"] = 7
+    new_best["generators"]["sngan"]["settings"] = {"rank": 7}
     tune_json.write_text(json.dumps(new_best))
     try:
         status = json.loads(sh(DVC, "status", "--json", cwd=dvc_repo).stdout or "{}")

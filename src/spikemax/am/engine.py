@@ -87,9 +87,10 @@ class InProcess:
         self.device = device
 
     def run(self, ctx: Context, progress: Progress, on_group: Callable[[], None]) -> int:
-        from spikemax.am.group import run_group, tuned_grid
+        from spikemax.am.group import run_group
         from spikemax.am.measures import dataset_stats
         from spikemax.snn import load_snn
+        from spikemax.tuning import tuned_grid
 
         n = 0
         loaded: tuple[int, Any, Any] | None = None  # (epoch, net, dataset stats)

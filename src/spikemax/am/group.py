@@ -273,13 +273,6 @@ def finish_run(
     return row
 
 
-def tuned_grid(grid: LatentGrid, grid_n: int | None) -> LatentGrid:
-    """The grid a run searches: SN-GAN at a tuned resolution `grid_n` (None: `grid` itself)."""
-    from spikemax.tuning import with_resolution
-
-    return grid if grid_n is None or grid_n == grid.n else with_resolution(grid, grid_n)
-
-
 def group_on_worker(
     params: Params, paths: Paths, plan: Plan, index: int, parent_id: str, stats: Any, tracking_uri: str
 ) -> dict:
@@ -309,6 +302,8 @@ def group_on_worker(
     if runs:
         device = devices.resolve(params.device)
         net = load_snn(group.snn_ckpt).eval().to(device)
+        from spikemax.tuning import tuned_grid
+
         grid = tuned_grid(load_generator(group.generator, group.gen_ckpt).to(device), group.grid_n)
         n += run_group(ctx, group, runs, grid, net, stats, Quiet())
     rows = {s.key: ctx.done[s.key] for s in group.runs if s.key in ctx.done}

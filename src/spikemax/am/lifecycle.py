@@ -184,7 +184,8 @@ class RunTracker:
                     "options": spec.options_json,
                     "resolved_method": spec.resolved,
                     "prior": spec.prior_rank is not None,
-                    "tuned": spec.tuned_study,  # the tune study whose best rank, lr (grid_n) ran
+                    "tuned": spec.tuned_study,  # the tune study whose adopted settings ran
+                    "method_source": spec.method_source,  # study | default | fallback | configured
                     **(
                         {"population": spec.population, "population_rule": m.population_rule} if spec.population else {}
                     ),

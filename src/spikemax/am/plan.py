@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -17,12 +18,16 @@ from spikemax import SpikemaxError
 from spikemax.am.policy import (
     Tuned,
     budget_for,
+    method_source,
     prior_applies,
     resolve_method,
+    run_method,
+    run_options,
     run_settings,
     runs_tt,
     takes_prior,
     tuned_for,
+    tuned_study,
     with_budget,
 )
 from spikemax.am.spec import GroupSpec, RunSpec
@@ -45,6 +50,8 @@ class Plan:
     runs: list[RunSpec]
     groups: list[GroupSpec]
     tuned_from: str = ""  # the tune studies whose settings apply ("" = none)
+    # per generator, what `auto` runs: the study's adopted winner, the default kept, or the fallback table
+    method_sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def group_runs(self, group: GroupSpec, done: Container[str]) -> list[RunSpec]:
         """The runs of `group` to run now: those not `done`, or in population mode every one when
@@ -138,21 +145,22 @@ def _config_hash(
     a code, checkpoint or params change never reuses a stale result, while a resume does); in
     population mode also the rule and the whole target set (every neuron learns from all)."""
     tuned = tuned or {}
+    options = run_options(m, tuned, method, generator, None)  # after tuning; `auto`: the adopted method
+    grid_n = tuned_for(tuned, method, generator).get("grid_n")
     m = run_settings(m, tuned, method, generator)
     cfg: dict[str, Any] = {
         "budget": m.budget,
         "batch": m.batch,
         "noise": m.noise.model_dump(),
         "target_value": m.target_value,
-        "options": optimizer_options(method, m),
-        "warm": bool(m.warm_start and runs_tt(method, generator)),
+        "options": options,
+        "warm": bool(m.warm_start and runs_tt(method, generator, tuned)),
         # Only runs that can use the prior (codebook grids, tt / random) depend on its settings.
-        "prior": [m.prior, m.prior_images] if prior_applies(method, generator) else None,
+        "prior": [m.prior, m.prior_images] if _uses_prior(tuned, method, generator) else None,
         "snn": file_digest(snn_ckpt),
         "gen": file_digest(gen_ckpt),
         "code": _code_digest(),
     }
-    grid_n = tuned_for(tuned, method, generator).get("grid_n")
     if grid_n is not None:
         cfg["grid_n"] = grid_n  # a tuned SN-GAN grid resolution
     if m.population:
@@ -225,10 +233,10 @@ def plan(params: Params, paths: Paths, tuned: Tuned | None = None, tuned_from: s
         budget = budget_for(m, e, epochs)
         for g in m.generators:
             for method in m.methods:
-                run_m = with_budget(run_settings(m, tuned, method, g), budget)
+                run_m = with_budget(m, budget)
                 h = _config_hash(with_budget(m, budget), method, available[e], gen_ckpts[g], targets, g, tuned)
                 # A TT run may warm-start from the previous checkpoint's run (decided when it opens).
-                prev = epochs[i - 1] if i > 0 and m.warm_start and runs_tt(method, g) else None
+                prev = epochs[i - 1] if i > 0 and m.warm_start and runs_tt(method, g, tuned) else None
                 for seed in m.seeds:
                     group = []
                     for t in targets:
@@ -251,7 +259,8 @@ def plan(params: Params, paths: Paths, tuned: Tuned | None = None, tuned_from: s
                             after=(prev, g, method, seed) if prev is not None else None,
                         )
                     )
-    return Plan(epochs, {e: available[e] for e in epochs}, gen_ckpts, targets, runs, groups, tuned_from)
+    sources = {str(g): method_source(tuned, "auto", g) for g in m.generators}
+    return Plan(epochs, {e: available[e] for e in epochs}, gen_ckpts, targets, runs, groups, tuned_from, sources)
 
 
 def optimizer_options(method: str, m: MaximizeParams, ordered: bool | None = None) -> dict[str, Any]:
@@ -275,12 +284,14 @@ def _run_spec(
     budget: int,
     warm_from: str,
 ) -> RunSpec:
-    """One run's spec under its run's params `m` (its budget and tuned settings applied)."""
+    """One run's spec under the params `m` with its budget (its tuned settings are applied here)."""
     from spikemax.generators import grid_ordered
 
     ordered = grid_ordered(generator)
-    opts = optimizer_options(method, m, ordered)
+    opts = run_options(m, tuned, method, generator, ordered)
+    resolved = opts.get("resolved", method)
     settings = tuned_for(tuned, method, generator)
+    m = run_settings(m, tuned, method, generator)
     return RunSpec(
         epoch=epoch,
         generator=generator,
@@ -291,15 +302,22 @@ def _run_spec(
         step=prog.step,
         progress=prog.epoch,
         budget=budget,
-        resolved=opts.get("resolved", method),
+        resolved=resolved,
         options_json=json.dumps(opts),
-        rank=m.tt.rank if runs_tt(method, generator) else None,
-        prior_rank=m.tt.rank if takes_prior(m, method, generator) else None,
-        tuned_study=settings.get("study", "none"),
+        rank=m.tt.rank if resolved == "tt" else None,
+        prior_rank=m.tt.rank if takes_prior(m, method, generator) and _uses_prior(tuned, method, generator) else None,
+        tuned_study=tuned_study(tuned, method, generator),
+        method_source=method_source(tuned, method, generator),
         grid_n=settings.get("grid_n"),
         warm_from=warm_from,
         population=_population_key(epoch, generator, method, seed, key) if m.population else "",
     )
+
+
+def _uses_prior(tuned: Tuned | None, method: str, generator: str) -> bool:
+    """Whether a run can use the grid's data prior: a prior method on a codebook, unless `auto` runs
+    an adopted CMA-ES (which takes none)."""
+    return prior_applies(method, generator) and run_method(tuned, method, generator) != "cma"
 
 
 def live_units(net: Any, paths: Paths, m: MaximizeParams) -> dict[str, np.ndarray] | None:

@@ -16,19 +16,50 @@ METHOD_AUTO = {True: "cma", False: "tt"}
 PRIOR_METHODS = ("tt", "random", "auto")  # methods that take a data prior (`prior=`)
 PRIOR_GENERATORS = ("vqvae",)  # codebook grids (unordered, with an encoder): where the prior is fitted
 
-Tuned = dict[str, dict[str, Any]]  # generator -> the tune study's best settings {"study", "rank", "lr"[, "grid_n"]}
+# generator -> its tune result as `spikemax.tuning.tuned_results` reads it from metrics/tune.json:
+# {"study", "method", "settings", "source"}, source "study" (the adopted winner), "default" (the study
+# kept the default) or "fallback" (no study result).
+Tuned = dict[str, dict[str, Any]]
+
+# Tune search-point keys that are TT options under another name (the rest keep theirs).
+_TT_KEYS = {"rank": "rank", "lr": "lr", "elite": "elite", "cma_share": "cma"}
+_NOISE_KEYS = ("aware", "retest", "estimator")  # the noise-aware layer's options
+_CMA_KEYS = ("sigma0", "popsize")
 
 
-def resolve_method(method: str, ordered: bool) -> str:
-    """The method that runs: `auto` resolved for an ordered (quantile) or codebook grid."""
-    return METHOD_AUTO[bool(ordered)] if method == "auto" else method
+def resolve_method(method: str, ordered: bool, adopted: str | None = None) -> str:
+    """The method that runs: `auto` resolved to the tune stage's `adopted` method, else for an
+    ordered (quantile) or codebook grid by the table."""
+    if method != "auto":
+        return method
+    return adopted or METHOD_AUTO[bool(ordered)]
 
 
-def runs_tt(method: str, generator: str) -> bool:
-    """Whether `method` on `generator`'s grid runs TT (`auto` resolves per grid)."""
+def auto_choice(tuned: Tuned | None, generator: str) -> str | None:
+    """The method the tune stage adopted for `generator` (None: no adopted result)."""
+    s = (tuned or {}).get(generator, {})
+    return s.get("method") if s.get("source") == "study" else None
+
+
+def _adopted(tuned: Tuned | None, method: str, generator: str) -> dict[str, Any] | None:
+    """`generator`'s adopted tune result where it applies to a run of `method` (`auto` always, an
+    explicit method when it is the adopted one), else None."""
+    choice = auto_choice(tuned, generator)
+    return (tuned or {})[generator] if choice is not None and method in ("auto", choice) else None
+
+
+def run_method(tuned: Tuned | None, method: str, generator: str) -> str:
+    """The method a run of `method` on `generator` runs (`auto`: the adopted one, else the table's)."""
+    if method != "auto":
+        return method
     from spikemax.generators import grid_ordered
 
-    return method == "tt" or (method == "auto" and resolve_method(method, grid_ordered(generator)) == "tt")
+    return resolve_method(method, grid_ordered(generator), auto_choice(tuned, generator))
+
+
+def runs_tt(method: str, generator: str, tuned: Tuned | None = None) -> bool:
+    """Whether `method` on `generator`'s grid runs TT (`auto`: the adopted method, else per grid)."""
+    return run_method(tuned, method, generator) == "tt"
 
 
 def prior_applies(method: str, generator: str) -> bool:
@@ -51,15 +82,78 @@ def with_budget(m: MaximizeParams, budget: int) -> MaximizeParams:
     return m if budget in (0, m.budget) else m.model_copy(update={"budget": budget})
 
 
-def tuned_for(tuned: Tuned, method: str, generator: str) -> dict[str, Any]:
-    """The tune study's settings a run takes ({} = none): only runs whose method runs TT take them."""
-    return dict(tuned[generator]) if generator in tuned and runs_tt(method, generator) else {}
+def tuned_for(tuned: Tuned | None, method: str, generator: str) -> dict[str, Any]:
+    """The adopted tune settings a run of `method` on `generator` takes ({} = runs as configured)."""
+    entry = _adopted(tuned, method, generator)
+    return dict(entry.get("settings", {})) if entry is not None else {}
 
 
-def run_settings(m: MaximizeParams, tuned: Tuned, method: str, generator: str) -> MaximizeParams:
-    """The maximize params a run of `method` on `generator` runs with: with `maximize.tuned`, a run
-    whose method runs TT takes that generator's tune study's rank and lr (others run as configured)."""
-    s = tuned_for(tuned, method, generator)
-    if not s:
-        return m
-    return m.model_copy(update={"tt": m.tt.model_copy(update={"rank": int(s["rank"]), "lr": float(s["lr"])})})
+def tuned_study(tuned: Tuned | None, method: str, generator: str) -> str:
+    """The tune study whose adopted settings a run takes ("none")."""
+    entry = _adopted(tuned, method, generator)
+    return str(entry.get("study", "none")) if entry is not None else "none"
+
+
+def method_source(tuned: Tuned | None, method: str, generator: str) -> str:
+    """What decided a run's method and settings: "study" (the tune stage's adopted winner),
+    "default" (a study kept the default), "fallback" (no study result) or "configured"."""
+    if _adopted(tuned, method, generator) is not None:
+        return "study"
+    if method != "auto":
+        return "configured"
+    return str((tuned or {}).get(generator, {}).get("source", "fallback"))
+
+
+def with_settings(m: MaximizeParams, method: str, settings: dict[str, Any]) -> MaximizeParams:
+    """The maximize params with a tune search point applied: TT's rank, lr, elite and CMA share (when
+    `method` is TT) and the noise-aware options; CMA-ES's are `cma_options`, grid_n a re-grid
+    (`spikemax.tuning.tuned_grid`)."""
+    update: dict[str, Any] = {}
+    tt = {_TT_KEYS[k]: v for k, v in settings.items() if k in _TT_KEYS} if method == "tt" else {}
+    if tt:
+        update["tt"] = m.tt.model_copy(update=tt)
+    noise = {k: settings[k] for k in _NOISE_KEYS if k in settings}
+    if noise:
+        update["noise"] = m.noise.model_copy(update=noise)
+    return m.model_copy(update=update) if update else m
+
+
+def cma_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """CMA-ES options (sigma0, popsize) of a tune search point ({} = CMA-ES's defaults; popsize 0: pycma's)."""
+    return {k: settings[k] for k in _CMA_KEYS if settings.get(k)}
+
+
+def settings_options(
+    m: MaximizeParams, method: str, settings: dict[str, Any], ordered: bool | None, resolved: str | None = None
+) -> dict[str, Any]:
+    """make_optimizer options of `method` (`auto` running `resolved`) under `m` with the tune search
+    point `settings` applied; with `ordered` None the grid-dependent choices stay "auto" (hashed)."""
+    from spikemax.optim import options_for
+
+    runs = resolved if method == "auto" and resolved else method
+    opts = options_for(method, with_settings(m, runs, settings), ordered, resolved=resolved)
+    # The study's values win over the noise-aware default's base settings (optim.noisy.UNDER_NOISE):
+    # it measured them under that noise; `auto` resolved to CMA-ES passes its options on (make_optimizer).
+    if runs == "tt":
+        opts.update({_TT_KEYS[k]: v for k, v in settings.items() if k in _TT_KEYS})
+    elif runs == "cma":
+        opts.update(cma_options(settings))
+    return opts
+
+
+def run_options(
+    m: MaximizeParams, tuned: Tuned | None, method: str, generator: str, ordered: bool | None
+) -> dict[str, Any]:
+    """make_optimizer options of a run of `method` on `generator`: the adopted tune settings where
+    they apply, `auto` resolved to the adopted method, else by the grid (`ordered` None: the
+    configuration hash, which keeps "auto" and the grid-dependent choices unresolved)."""
+    resolved = None
+    if method == "auto":
+        resolved = auto_choice(tuned, generator) or (None if ordered is None else resolve_method(method, ordered))
+    return settings_options(m, method, tuned_for(tuned, method, generator), ordered, resolved)
+
+
+def run_settings(m: MaximizeParams, tuned: Tuned | None, method: str, generator: str) -> MaximizeParams:
+    """The maximize params a run of `method` on `generator` runs with: with `maximize.tuned`, the
+    adopted tune settings where they apply (`tuned_for`; others run as configured)."""
+    return with_settings(m, run_method(tuned, method, generator), tuned_for(tuned, method, generator))

@@ -34,7 +34,8 @@ class RunSpec:
     options_json: str  # make_optimizer options as logged (prior and warm state are added when built)
     rank: int | None  # the TT rank a run that runs TT uses (tuned or `tt.rank`), None otherwise
     prior_rank: int | None  # the data prior's rank (None: no prior)
-    tuned_study: str  # the tune study whose settings this run takes ("none")
+    tuned_study: str  # the tune study whose adopted settings this run takes ("none")
+    method_source: str  # what decided its method and settings: study | default | fallback | configured
     grid_n: int | None  # a tuned grid resolution (None: the generator's own)
     warm_from: str  # key of the previous checkpoint's run it may warm-start from ("" = always cold)
     population: str  # key of its presentation set in population mode ("" otherwise)

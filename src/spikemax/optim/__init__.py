@@ -41,6 +41,7 @@ def _make_base(method: str, d: int, n: int | Sequence[int], seed: int, **options
         if resolved == "cma":
             from .baselines import CMAOptimizer
 
+            options.pop("prior", None)  # a codebook's data prior is TT's (and random's), not CMA-ES's
             return CMAOptimizer(d, n, seed=seed, **options)
         if resolved != "tt":
             raise ValueError(

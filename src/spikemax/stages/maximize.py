@@ -57,14 +57,15 @@ def run(params: Params, paths: Paths, engine: EngineSettings | None = None) -> d
 
 
 def tuned_settings(params: Params, paths: Paths) -> tuple[dict, str]:
-    """`maximize.tuned`: each generator's tune study's best settings (for runs whose method runs TT)
-    and the studies' names; ({}, "") when off."""
-    from spikemax.tuning import read_tuned
+    """`maximize.tuned`: each generator's tune result (`tuning.resolve_auto`: the adopted method and
+    settings, the default kept, or the fallback table without a result) and the names of the studies
+    whose winners were adopted; ({}, "") when off."""
+    from spikemax.tuning import tuned_results
 
     if not params.maximize.tuned:
         return {}, ""
-    tuned = read_tuned(paths.metrics / "tune.json", list(params.maximize.generators))
-    return tuned, ",".join(s["study"] for s in tuned.values()) or "none"
+    tuned = tuned_results(paths.metrics / "tune.json", list(params.maximize.generators))
+    return tuned, ",".join(s["study"] for s in tuned.values() if s["source"] == "study") or "none"
 
 
 def parent_params(params: Params, plan_: Plan, n_todo: int) -> dict:
@@ -84,4 +85,6 @@ def parent_params(params: Params, plan_: Plan, n_todo: int) -> dict:
         "n_planned": len(plan_.runs),
         "n_skipped_finished": len(plan_.runs) - n_todo,
         "tuned_from": plan_.tuned_from or "none",
+        # per generator, what `auto` ran: the study's adopted winner, the default kept, or the fallback table
+        "method_source": ",".join(f"{g}={s}" for g, s in plan_.method_sources.items()),
     }

@@ -1,8 +1,10 @@
-"""Stage `tune`: one Optuna study over TT settings per generator, scored on a panel of neurons by the
-median AM gain (the maximize stage's measure); trials to MLflow, best settings to metrics/tune.json.
+"""Stage `tune`: one Optuna study per generator over the search method (TT, CMA-ES) and its settings,
+scored on a training panel of neurons by the median AM gain (the maximize stage's measure), stopped
+by the bootstrap rule, its winner confirmed against the untuned default on a validation panel;
+trials to MLflow, each generator's decision to metrics/tune.json (see spikemax.tuning).
 
-`n_trials` is each study's total over every worker: this invocation's `workers` processes and any
-other machine's on the same RDB storage (see spikemax.tuning for how slots are shared).
+`n_trials` is each study's most trials over every worker: this invocation's `workers` processes and
+any other machine's on the same RDB storage (see spikemax.tuning for how slots are shared).
 """
 
 from __future__ import annotations
@@ -20,15 +22,23 @@ from spikemax.outputs import write_json
 from spikemax.params import Params, Paths
 from spikemax.snn import checkpoints
 from spikemax.tuning import (
+    SCORE,
+    Bench,
     Duplicate,
     Surplus,
     TrialRuns,
     counts,
+    enqueue_defaults,
     journal,
     make_objective,
+    make_pruner,
+    separation,
+    settings_of,
+    stop_reason,
     storage,
     study_name,
     trial_budget,
+    validate_winner,
     worker_seed,
 )
 
@@ -81,15 +91,26 @@ def _quiet_unrun() -> None:
 
 
 def run(params: Params, paths: Paths, workers: int | None = None) -> dict:
-    """Complete each generator's study to `tune.n_trials` finished trials with `workers` processes
-    (default `tune.workers`); write metrics/tune.json and results/tune/trials.csv."""
+    """Run each generator's study until its stopping rule (or `tune.n_trials`) with `workers`
+    processes (default `tune.workers`), validate its winner; write metrics/tune.json and
+    results/tune/trials.csv, and print each generator's decision."""
     epoch = _epoch(params, paths)
-    studies: dict[str, Any] = {g: run_study(params, paths, epoch, g, workers) for g in params.tune.generators}
-    return write_outputs(studies, paths, epoch, params)
+    studies: dict[str, Any] = {}
+    validations: dict[str, Any] = {}
+    for g in params.tune.generators:
+        bench = Bench(params, paths, epoch, g)
+        studies[g] = run_study(params, paths, epoch, g, workers, bench)
+        validations[g] = validate_winner(studies[g], params, bench, TrialRuns(paths.root))
+    summary = write_outputs(studies, paths, epoch, params, validations)
+    for g, s in summary["generators"].items():
+        print(decision_line(g, s), flush=True)
+    return summary
 
 
-def run_study(params: Params, paths: Paths, epoch: int, generator: str, workers: int | None = None) -> Any:
-    """Complete `generator`'s study to `tune.n_trials` finished trials; returns the study."""
+def run_study(
+    params: Params, paths: Paths, epoch: int, generator: str, workers: int | None = None, bench: Bench | None = None
+) -> Any:
+    """Run `generator`'s study until `tuning.stop_reason` says stop; returns the study."""
     t = params.tune
     n_workers = workers or t.workers
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -108,14 +129,15 @@ def run_study(params: Params, paths: Paths, epoch: int, generator: str, workers:
         study = optuna.create_study(
             study_name=name, storage=storage(params, paths), direction="maximize", load_if_exists=True
         )
+        enqueue_defaults(study, params, generator)  # the untuned configurations are always measured
         runs = TrialRuns(paths.root)  # the store's schema and experiment, once, before workers start
         if lock is not None:
             _fail_running(study, runs)
         for _attempt in range(3):  # rerun workers while slots are missing (a killed worker's trial)
-            if counts(study)[0] >= t.n_trials:
+            if stop_reason(study, params) is not None:
                 break
             if n_workers == 1:
-                work(params, paths, epoch, generator, 0)
+                work(params, paths, epoch, generator, 0, bench=bench)
             else:
                 ctx = multiprocessing.get_context("spawn")
                 threads = max(1, (os.cpu_count() or 1) // n_workers)
@@ -129,8 +151,8 @@ def run_study(params: Params, paths: Paths, epoch: int, generator: str, workers:
                     p.join()
             if lock is not None:
                 _fail_running(study, runs)  # every worker of ours has ended
-        finished = counts(study)[0]
-        if finished < t.n_trials:
+        if stop_reason(study, params) is None:
+            finished = counts(study)[0]
             raise SpikemaxError(f"study {name}: {finished} of {t.n_trials} trials finished (workers failed; see logs)")
         return study
     finally:
@@ -147,8 +169,16 @@ def _fail_running(study: Any, runs: TrialRuns) -> None:
             runs.fail_stale(run_id)
 
 
-def work(params: Params, paths: Paths, epoch: int, generator: str, index: int, threads: int | None = None) -> int:
-    """One worker of `generator`'s study: run trials until it has n_trials finished ones; returns
+def work(
+    params: Params,
+    paths: Paths,
+    epoch: int,
+    generator: str,
+    index: int,
+    threads: int | None = None,
+    bench: Bench | None = None,
+) -> int:
+    """One worker of `generator`'s study: run trials until the study's stopping rule holds; returns
     trials it ran."""
     if threads is not None:  # a spawned worker: share the cores with its siblings
         import torch
@@ -163,10 +193,12 @@ def work(params: Params, paths: Paths, epoch: int, generator: str, index: int, t
     runs = TrialRuns(paths.root)
     study = optuna.load_study(study_name=study_name(params, epoch, generator), storage=storage(params, paths, runs))
     seed = worker_seed(t.seed, index, len(study.get_trials(deepcopy=False)))
-    study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=max(2, t.n_trials // 4), n_warmup_steps=0)
+    # TPE models the trials after the first min_trials (its default, 10 random ones, would leave a
+    # study of a dozen trials mostly random)
+    study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=t.min_trials)
+    study.pruner = make_pruner(t.level, t.seed)
     heartbeat = is_heartbeat_enabled(study._storage)
-    objective, _ = make_objective(params, paths, epoch, generator, runs)
+    objective, _ = make_objective(params, paths, epoch, generator, runs, bench)
     ran = dups = 0
 
     def counted(trial: Any) -> float:
@@ -188,7 +220,7 @@ def work(params: Params, paths: Paths, epoch: int, generator: str, index: int, t
         if heartbeat:
             fail_stale_trials(study)
         finished, running = counts(study)
-        if finished >= t.n_trials:
+        if stop_reason(study, params) is not None:
             return ran
         if finished + running >= t.n_trials:
             if not heartbeat:
@@ -201,40 +233,88 @@ def work(params: Params, paths: Paths, epoch: int, generator: str, index: int, t
         ran += 1
 
 
-def study_result(study: Any) -> dict:
-    """One study's entry of metrics/tune.json: its best trial's settings and score, or, when no
-    trial completed (every one pruned or failed), null settings and a note saying so."""
+def _point(study: Any, number: int) -> dict[str, Any]:
+    """Trial `number`'s method, settings and training-panel score."""
+    tr = study.trials[number]
+    method, settings = settings_of(tr)
+    return {"trial": number, "method": method, "settings": settings, SCORE: tr.value}
+
+
+def study_result(study: Any, params: Params, validation: dict[str, Any] | None = None) -> dict:
+    """One generator's entry of metrics/tune.json: the trials run, why the study stopped, the winner
+    and runner-up with the interval of their difference (training panel), the validation against
+    the untuned default, and what maximize's `auto` runs: the winner where `adopted`, else the default."""
+    from spikemax.am.policy import METHOD_AUTO
+    from spikemax.generators import grid_ordered
+
     trials = study.get_trials(deepcopy=False)
     by_state = {st: sum(tr.state.name == st for tr in trials) for st in ("COMPLETE", "PRUNED")}
     finished = by_state["COMPLETE"] + by_state["PRUNED"]
+    generator = study.study_name.split("-", 1)[0]
     out: dict[str, Any] = {
         "study": study.study_name,
         "n_trials": finished,
         "n_pruned": by_state["PRUNED"],
         "n_failed": len(trials) - finished,  # killed workers' trials, and unevaluated surplus/duplicates
+        "stopped": stop_reason(study, params),
     }
-    if not by_state["COMPLETE"]:
-        names = sorted({k for tr in trials for k in tr.distributions})
-        note = f"no trial completed ({by_state['PRUNED']} pruned, {out['n_failed']} failed): no best settings"
-        return (
-            {**out, "best_median_am_gain": None, "best_frac_above_dataset": None}
-            | {f"best_{k}": None for k in names}
-            | {"note": note}
-        )
-    best = study.best_trial
+    default = METHOD_AUTO[grid_ordered(generator)]
+    if validation is None:
+        note = f"no trial completed ({by_state['PRUNED']} pruned, {out['n_failed']} failed): default kept"
+        return {**out, "winner": None, "adopted": False, "method": default, "settings": {}, "decision": note}
+    sep = separation(study, params.tune.level, params.tune.seed)
+    winner = _point(study, validation["winner_trial"])
+    adopted = bool(validation["adopted"])
+    val = {k: validation[k] for k in ("winner", "default", "difference", "verdict", "default_method", "targets")}
     return {
         **out,
-        "best_median_am_gain": float(best.value),
-        "best_frac_above_dataset": best.user_attrs.get("frac_above_dataset"),
-        **{f"best_{k}": v for k, v in best.params.items()},
+        "winner": winner,
+        "runner_up": _point(study, sep["runner_up"]) if sep else None,
+        "separation": sep["difference"] if sep else None,  # winner - runner-up, training panel
+        "validation": val,
+        "adopted": adopted,
+        "method": winner["method"] if adopted else default,
+        "settings": winner["settings"] if adopted else {},
+        "decision": _decision(validation),
     }
 
 
-def write_outputs(studies: dict[str, Any], paths: Paths, epoch: int, params: Params) -> dict:
-    """metrics/tune.json (each generator's best settings) and results/tune/trials.csv (one row per
-    trial of every study)."""
+def _ci(d: dict[str, Any]) -> str:
+    """`value [lo, hi]` of an interval dict."""
+    if d.get("lo") is None:
+        return f"{d['value']:.3f} [no interval: n={d['n']}]" if d.get("value") is not None else "n/a"
+    return f"{d['value']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+
+
+def _decision(v: dict[str, Any]) -> str:
+    """One phrase: adopted, or why the default was kept, with the validation numbers."""
+    nums = f"validation median AM gain {_ci(v['winner'])} vs default {_ci(v['default'])}, difference {_ci(v['difference'])}"
+    if v["adopted"]:
+        return f"adopted: the winner beats the default ({nums})"
+    why = {"same": "the winner is the untuned default", "tie": "a tie", "worse": "the winner is worse"}[v["verdict"]]
+    return f"default kept: {why} ({nums})"
+
+
+def decision_line(generator: str, s: dict[str, Any]) -> str:
+    """The stage's report line for one generator: method, settings and decision."""
+    if s.get("winner") is None:
+        return f"tune {generator}: {s['decision']}"
+    w = s["winner"]
+    settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in w["settings"].items())
+    return (
+        f"tune {generator}: winner {w['method']} ({settings}) of {s['n_trials']} trials "
+        f"(stopped: {s['stopped']}); {s['decision']}; maximize auto runs {s['method']}"
+    )
+
+
+def write_outputs(
+    studies: dict[str, Any], paths: Paths, epoch: int, params: Params, validations: dict[str, Any] | None = None
+) -> dict:
+    """metrics/tune.json (each generator's decision) and results/tune/trials.csv (one row per trial
+    of every study)."""
     import pandas as pd
 
+    validations = validations or {}
     frames = []
     for g, study in studies.items():
         df = study.trials_dataframe(attrs=("number", "value", "params", "state"))
@@ -243,18 +323,21 @@ def write_outputs(studies: dict[str, Any], paths: Paths, epoch: int, params: Par
     out = paths.results / "tune"
     out.mkdir(parents=True, exist_ok=True)
     trials = pd.concat(frames, ignore_index=True)
-    for col in ("rank", "grid_n"):  # integers, blank where a study has no such setting (VQ-VAE's grid_n)
+    for col in ("rank", "grid_n", "elite", "popsize"):  # integers, blank where a trial has no such setting
         if col in trials:
             trials[col] = trials[col].astype("Int64")
     trials.to_csv(out / "trials.csv", index=False)
     budget, batch = trial_budget(params)
+    t = params.tune
     summary = {
         "epoch": epoch,
-        "score": "median_am_gain",  # over the panel, as the maximize stage reports it per generator
+        "score": SCORE,  # over a panel, as the maximize stage reports it per generator
         "budget": budget,
         "batch": batch,
-        "neurons": params.tune.neurons,
-        "generators": {g: study_result(study) for g, study in studies.items()},
+        "neurons": t.neurons,
+        "validation_neurons": t.validation,
+        "level": t.level,
+        "generators": {g: study_result(study, params, validations.get(g)) for g, study in studies.items()},
     }
     write_json(paths.metrics / "tune.json", summary)
     return summary
