@@ -25,6 +25,7 @@ from spikemax.am.policy import (
     run_options,
     run_settings,
     runs_tt,
+    settings_options,
     takes_prior,
     tuned_for,
     tuned_study,
@@ -33,7 +34,6 @@ from spikemax.am.policy import (
 from spikemax.am.spec import GroupSpec, RunSpec
 from spikemax.digest import digest_bytes, digest_files, file_digest
 from spikemax.neurons import OUTPUT_LAYER, Target, parse_target
-from spikemax.optim import options_for
 
 if TYPE_CHECKING:
     from spikemax.params import MaximizeParams, Params, Paths
@@ -268,7 +268,7 @@ def optimizer_options(method: str, m: MaximizeParams, ordered: bool | None = Non
     codebook grid, `auto` resolved by the planner's policy; with `ordered` None the grid-dependent
     choices stay "auto" (what the configuration hash records)."""
     resolved = None if ordered is None else resolve_method(method, ordered)
-    return options_for(method, m, ordered, resolved=resolved)
+    return settings_options(m, method, {}, ordered, resolved=resolved)  # no tuned settings: the params' own
 
 
 def _run_spec(
