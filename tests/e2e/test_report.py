@@ -348,7 +348,7 @@ def test_docs_collect_reads_a_finished_run(tiny_run):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "doc_tables", Path(__file__).resolve().parents[1] / "docs" / "tables.py"
+        "doc_tables", Path(__file__).resolve().parents[2] / "docs" / "tables.py"
     )
     assert spec and spec.loader
     tables = importlib.util.module_from_spec(spec)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from spikemax import SpikemaxError
+from spikemax import SpikemaxError, tracking
 from spikemax.am import engine
 from spikemax.am.engine import EngineSettings
 from spikemax.am.plan import plan
@@ -99,7 +99,7 @@ def test_a_killed_worker_is_retried_and_finished_runs_are_kept(
     assert Counter(r.data.tags[RUN_KEY_TAG] for r in failed) == Counter(group - {kept_key})
     assert lost_key in group - {kept_key}
     assert {r.data.tags["spikemax.failure"] for r in failed} == {"interrupted (worker lost; group retried)"}
-    (parent,) = [r for r in runs if RUN_KEY_TAG not in r.data.tags]
+    (parent,) = [r for r in runs if tracking.is_scan(r)]
     assert parent.info.status == "FINISHED"
 
 
@@ -117,7 +117,7 @@ def test_a_group_that_keeps_losing_its_worker_fails_the_stage(
         run_stage(params, paths, ON_RAY)
     assert len(ray_kill.deaths(ray_killer)) == 2
     runs = am_runs(paths.root)
-    (parent,) = [r for r in runs if RUN_KEY_TAG not in r.data.tags]
+    (parent,) = [r for r in runs if tracking.is_scan(r)]
     assert parent.info.status == "FAILED"
     nested = [r for r in runs if RUN_KEY_TAG in r.data.tags]
     # Every attempt opened the group's 3 runs: the retry failed the first attempt's, the driver the last's.
