@@ -211,7 +211,7 @@ def test_whole_pipeline_repro_on_a_fresh_repo(dvc_repo):
     assert tracked == ["dvc.lock", "metrics/summary.json"]
     sh(DVC, "exp", "run", "-S", "analyze.csi_threshold=0.3", cwd=dvc_repo)
     rows = list(csv.DictReader(io.StringIO(sh(DVC, "exp", "show", "--no-pager", "--csv", cwd=dvc_repo).stdout)))
-    (base,) = [r for r in rows if r["typ"] == "baseline"]
+    (base,) = [r for r in rows if r["typ"] == "baseline" and r["rev"] != "workspace"]  # the committed run
     exps = [r for r in rows if r["typ"].startswith("branch")]
     assert len(exps) == 1 and exps[0]["analyze.csi_threshold"] == "0.3"
     for key in summary:
