@@ -180,11 +180,11 @@ def image(path: Path, caption: str) -> str:
 
 def ui_base(uri: str) -> str:
     """The MLflow UI that shows a tracking URI's runs: a tracking server serves its own UI; a local
-    store (sqlite, file) is shown by the `mlflow ui` the report tells you to start.
-    (Kept local until tracking.py has the project's link builder.)"""
-    if uri.startswith(("http://", "https://")):
-        return uri.rstrip("/")
-    return LOCAL_UI
+    store (sqlite, file) is shown by the `mlflow ui` the report tells you to start (`$SPIKEMAX_MLFLOW_UI`
+    or its default address; `tracking.ui_url`)."""
+    from spikemax.tracking import ui_url
+
+    return ui_url(uri)
 
 
 def store_arg(uri: str, root: Path) -> str:
@@ -393,14 +393,18 @@ def section_mlflow(ids: dict, summary: pd.DataFrame, root: Path) -> str:
         return "<p>The analysis ran with <code>analyze.mlflow: false</code>: no MLflow run to link.</p>"
     uri = ids.get("tracking_uri", "")
     base = ui_base(uri)
-    if base == LOCAL_UI:
+    if not uri.startswith(("http://", "https://")):
         start = f"mlflow ui --backend-store-uri {store_arg(uri, root)} --port 5000" if uri else "mlflow ui --port 5000"
         how = f"Start the UI from the project folder with <code>{html.escape(start)}</code> and open"
     else:
         how = f"The runs are on the tracking server {html.escape(base)}: open"
-    exp = ids["experiment_id"]
+    exp = ids["experiment_id"]  # the analysis run's experiment
+    am_exp = ids.get("am_experiment_id", exp)  # the AM runs'
     runs = summary.copy()
-    runs["href"] = [run_url(exp, r, base) for r in runs["run_id"]]
+    runs["href"] = [run_url(am_exp, r, base) for r in runs["run_id"]]
+    views = "".join(
+        f'<li><a href="{html.escape(v["url"])}">{html.escape(v["title"])}</a></li>' for v in ids.get("views", [])
+    )
     cols = [
         c
         for c in (
@@ -419,12 +423,13 @@ def section_mlflow(ids: dict, summary: pd.DataFrame, root: Path) -> str:
     ]
     return (
         f"<p>{how} "
-        f'<a href="{base}/#/experiments/{exp}/runs">experiment {html.escape(ids.get("experiment", ""))} '
-        f"(runs view; switch to “Model training” if MLflow opens the GenAI overview)</a>. "
+        f'<a href="{base}/#/experiments/{am_exp}/runs">the AM experiment</a> '
+        f"(runs view; switch to “Model training” if MLflow opens the GenAI overview). "
         f'Analysis run: <a href="{run_url(exp, ids["run_id"], base)}">{html.escape(ids["run_id"])}</a> '
-        f"({ids.get('am_runs_tagged', 0)} AM runs tagged with selectivity.*"
+        f"({ids.get('am_runs_tagged', 0)} AM runs tagged with their concept"
         f"{', ' + str(ids['am_runs_missing']) + ' not found in the store' if ids.get('am_runs_missing') else ''}).</p>"
-        f"<details><summary>All {len(runs)} AM runs</summary>{table(runs[cols], links={'run_id': 'href'})}</details>"
+        + (f"<p>Ready comparison views:</p><ul>{views}</ul>" if views else "")
+        + f"<details><summary>All {len(runs)} AM runs</summary>{table(runs[cols], links={'run_id': 'href'})}</details>"
     )
 
 
