@@ -25,7 +25,7 @@ from spikemax import params as P
 from spikemax.generators import NAMES, build
 from spikemax.neurons import firing_rates
 from spikemax.optim import make_optimizer, options_for
-from spikemax.snn import ConvSNN
+from spikemax.snn import ConvSNN, untrained
 
 SHAPES = {"fashion-mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
 REPO = Path(__file__).resolve().parents[1]
@@ -33,19 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_net(params: P.Params, device: str) -> ConvSNN:
     """The params file's ConvSNN with untrained weights (seed 0), in eval mode on `device`."""
-    s = params.snn
-    torch.manual_seed(0)
-    net = ConvSNN(
-        in_shape=SHAPES[params.prepare.dataset],
-        channels=s.channels,
-        kernel=s.kernel,
-        hidden=s.hidden,
-        beta=s.beta,
-        threshold=s.threshold,
-        slope=s.slope,
-        num_steps=s.num_steps,
-    )
-    return net.eval().to(device)
+    return untrained(params.snn, SHAPES[params.prepare.dataset]).to(device)
 
 
 def _sync(device: str) -> None:

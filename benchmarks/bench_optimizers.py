@@ -364,22 +364,13 @@ def readout_ms_per_image(checkpoint: str | None, params_file: str, batch: int, r
 
     from spikemax import params as P
     from spikemax.neurons import layer_rates
-    from spikemax.snn import ConvSNN, load_snn
+    from spikemax.snn import load_snn, untrained
 
     if checkpoint:
         net, source = load_snn(checkpoint), checkpoint
     else:
         s = P.load(params_file)[0].snn if Path(params_file).is_file() else P.SNNParams()
-        torch.manual_seed(0)
-        net = ConvSNN(
-            channels=s.channels,
-            kernel=s.kernel,
-            hidden=s.hidden,
-            beta=s.beta,
-            threshold=s.threshold,
-            slope=s.slope,
-            num_steps=s.num_steps,
-        )
+        net = untrained(s)
         source = f"{params_file} snn shape, untrained"
     net.eval()
     x = torch.rand(batch, *tuple(net.hparams.in_shape), generator=torch.Generator().manual_seed(0))

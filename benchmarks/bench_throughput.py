@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from spikemax.snn import ConvSNN, load_snn
+from spikemax.snn import ConvSNN, load_snn, untrained
 
 
 def _status_kib(field: str) -> int:
@@ -97,16 +97,7 @@ def build(checkpoint: str | None, params_file: str, num_steps: int) -> ConvSNN:
         from spikemax import params as P
 
         s = P.load(params_file)[0].snn if Path(params_file).is_file() else P.SNNParams()
-        torch.manual_seed(0)
-        net = ConvSNN(
-            channels=s.channels,
-            kernel=s.kernel,
-            hidden=s.hidden,
-            beta=s.beta,
-            threshold=s.threshold,
-            slope=s.slope,
-            num_steps=num_steps,
-        ).eval()
+        net = untrained(s.model_copy(update={"num_steps": num_steps}))
     net.num_steps = num_steps
     return net
 

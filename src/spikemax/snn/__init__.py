@@ -19,7 +19,7 @@ from spikemax.snn.checkpoints import (
 )
 from spikemax.snn.lif import SYNAPSE_CHUNK
 from spikemax.snn.network import ConvSNN, HParams
-from spikemax.snn.training import ConvSNNLitModule, EpochRecorder, build, evaluate, spike_count_loss
+from spikemax.snn.training import ConvSNNLitModule, EpochRecorder, build, evaluate, spike_count_loss, untrained
 
 __all__ = [
     "CKPT_PATTERN",
@@ -41,4 +41,5 @@ __all__ = [
     "progress",
     "schedule_steps",
     "spike_count_loss",
+    "untrained",
 ]

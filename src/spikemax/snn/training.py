@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spikemax.params import Params
+from spikemax.params import Params, SNNParams
 from spikemax.snn.checkpoints import CSV_COLUMNS, checkpoint_name
 from spikemax.snn.network import ConvSNN
 
@@ -175,3 +175,19 @@ def build(params: Params, meta: dict) -> ConvSNN:
         schedule=s.schedule,
         classes=list(meta["classes"]),
     )
+
+
+def untrained(s: SNNParams, in_shape: Sequence[int] = (1, 28, 28), seed: int = 0) -> ConvSNN:
+    """A ConvSNN of `s`'s architecture with seeded random weights, in eval mode (benchmarks time it)."""
+    torch.manual_seed(seed)
+    net = ConvSNN(
+        in_shape=list(in_shape),
+        channels=list(s.channels),
+        kernel=s.kernel,
+        hidden=list(s.hidden),
+        beta=s.beta,
+        threshold=s.threshold,
+        slope=s.slope,
+        num_steps=s.num_steps,
+    )
+    return net.eval()
