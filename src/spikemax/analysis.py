@@ -228,10 +228,14 @@ def restart_stimuli(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.loc[idx].sort_values(["generator", "layer", "unit", "epoch", "seed"], kind="stable")
 
 
-def grid_size(params: Params, generator: str) -> int | None:
-    """Grid resolution of an ordinal latent (SN-GAN); None for categorical codes (VQ-VAE)."""
+def grid_size(params: Params, generator: str, run: Any = None) -> int | None:
+    """Grid resolution of an ordinal latent (SN-GAN): the run's own (a tuned re-grid, summary.csv's
+    `grid_n`) or the generator's; None for categorical codes (VQ-VAE)."""
     if generator == "vqvae":
         return None
+    own = None if run is None else run.get("grid_n")
+    if own is not None and not pd.isna(own):
+        return int(own)
     section = getattr(params.generators, generator, None)
     return getattr(section, "grid_n", None)
 
@@ -244,17 +248,19 @@ def trajectories(
     from_epoch = params.analyze.concept_from_epoch
     for (gen, _target), g in optimal.groupby(["generator", "target"], sort=False):
         g = g.sort_values("epoch")
-        n = grid_size(params, gen)
         keys = g["run_key"].tolist()
         last = keys[-1]
         prev_key = None
+        prev_n = None
         prev_concept = None
         for key, (_, row) in zip(keys, g.iterrows()):
             r = row.to_dict()
+            n = grid_size(params, gen, r)
             r["pixel_corr_prev"] = pixel_correlation(pixels[prev_key], pixels[key]) if prev_key else np.nan
+            # grid indices compare only on one grid (a tuned re-grid of one run is another grid)
             r["latent_dist_prev"] = (
                 latent_distance(latents[prev_key], latents[key], n)
-                if prev_key and latents[prev_key].shape == latents[key].shape
+                if prev_key and latents[prev_key].shape == latents[key].shape and n == prev_n
                 else np.nan
             )
             r["pixel_corr_final"] = pixel_correlation(pixels[last], pixels[key])
@@ -263,6 +269,7 @@ def trajectories(
             if tracked:
                 prev_concept = row["concept"]
             prev_key = key
+            prev_n = n
             rows.append(r)
     return pd.DataFrame(rows)
 

@@ -38,6 +38,7 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a run under another in 
 STAGE_TAG = "spikemax.stage"
 PARAMS_HASH_TAG = "spikemax.params_hash"
 RUN_KEY_TAG = "spikemax.run_key"  # an AM run's key: (epoch, generator, target, method, seed, config)
+CLOSED_LOOP_TAG = "spikemax.closed_loop"
 SCAN_TAG = "spikemax.scan"
 GROUP_TAG = "spikemax.group"
 TAGS: dict[str, str] = {
@@ -58,8 +59,17 @@ TAGS: dict[str, str] = {
     "spikemax.stopped_early": "why an AM run stopped before its budget",
     "spikemax.study": "a tuning trial's Optuna study",
     "spikemax.trial": "a tuning trial's number in its study",
-    "spikemax.state": "a tuning trial's Optuna state (COMPLETE, PRUNED, FAIL)",
+    "spikemax.trial_state": "a tuning run's state: RUNNING, COMPLETE, PRUNED, FAIL, or VALIDATION (the winner's check)",
+    "spikemax.method": "the search method of a tuning trial",
     "spikemax.worker": "host:pid that ran a tuning trial",
+    "spikemax.verdict": "a study's validation: whether its winner beat the untuned default on the validation panel",
+    "spikemax.adopted": "true when maximize's `auto` runs the study's winner",
+    CLOSED_LOOP_TAG: "true on a rig session's run (a closed loop with a living neuron, `spikemax serve`)",
+    "spikemax.source": "where an AM run's responses came from: rig (a lab's presentations)",
+    "spikemax.rig_session": "a rig session's id",
+    "spikemax.rig_state": "the state directory whose journal holds a rig session",
+    "spikemax.session_name": "a rig session's name, as the lab gave it",
+    "spikemax.session_state": "a rig session's state (open, paused, done, ...)",
 }
 
 

@@ -351,13 +351,14 @@ class TrialRuns:
     planned with valid intermediate scores; the tag filters them (`tags.spikemax.trial_state = 'PRUNED'`).
     """
 
-    def __init__(self, root: Any) -> None:
+    def __init__(self, root: Any, params: Params) -> None:
         import mlflow
 
         from spikemax import tracking
 
         self.client = mlflow.MlflowClient(tracking.configure(root))
         self.eid = tracking.experiment_id(TUNING_EXPERIMENT, root)
+        self.tags = tracking.run_tags(root, params, "tune")  # commit and params hash, as every stage's runs
 
     def open(self, trial: Any, method: str) -> str:
         """Create the trial's run (RUNNING) and record its id on the trial."""
@@ -368,6 +369,7 @@ class TrialRuns:
             self.eid,
             run_name=f"{study}-t{trial.number:02d}",
             tags={
+                **self.tags,
                 "spikemax.study": study,
                 "spikemax.trial": str(trial.number),
                 "spikemax.method": method,
@@ -418,7 +420,7 @@ class TrialRuns:
         run = self.client.create_run(
             self.eid,
             run_name=f"{study}-validation",
-            tags={"spikemax.study": study, "spikemax.trial_state": "VALIDATION"},
+            tags={**self.tags, "spikemax.study": study, "spikemax.trial_state": "VALIDATION"},
         )
         metrics = []
         for who in ("winner", "default", "difference"):

@@ -81,6 +81,10 @@ def test_study_runs_logs_and_resumes(tune_project, monkeypatch):
     assert {r.data.tags["spikemax.trial_state"] for r in runs} <= {"COMPLETE", "PRUNED"}
     assert {r.data.params["method"] for r in runs} <= {"tt", "cma"}
     assert len(client.search_runs([eid], filter_string="tags.`spikemax.trial_state` = 'VALIDATION'")) == 2
+    # Every tuning run, trials and validations, names its stage and params hash, in the one tag vocabulary.
+    for r in client.search_runs([eid]):
+        assert r.data.tags[tracking.STAGE_TAG] == "tune" and tracking.PARAMS_HASH_TAG in r.data.tags
+        assert all(k.startswith("mlflow.") or k in tracking.TAGS for k in r.data.tags), r.data.tags
     # Same params: the studies are complete, nothing re-runs (nor the validation); one more trial asked: one each.
     assert run_stage(tiny(3), tune_project)["generators"]["vqvae"]["n_trials"] == 3
     assert len(client.search_runs([eid])) == 8

@@ -195,3 +195,29 @@ def test_robust_change_not_counted_when_restarts_of_a_checkpoint_disagree():
     agree = restarts.assign(concept=[3, 3, 5, 5])
     assert A.neuron_changes(traj, 1.0, agree).iloc[0]["robust_changes"] == 1
     assert A.neuron_changes(traj, 1.0).iloc[0]["robust_changes"] is None  # one restart: undefined
+
+
+def test_latent_distance_uses_each_runs_own_grid():
+    """A tuned SN-GAN re-grid (summary.csv's grid_n) sets the distance's scale; grids differing between
+    checkpoints are not compared by index; VQ-VAE codes are categorical."""
+    params = Params()
+    assert A.grid_size(params, "sngan") == params.generators.sngan.grid_n
+    assert A.grid_size(params, "sngan", {"grid_n": 8}) == 8
+    assert A.grid_size(params, "sngan", {"grid_n": float("nan")}) == params.generators.sngan.grid_n
+    assert A.grid_size(params, "vqvae", {"grid_n": 8}) is None
+    rows = pd.DataFrame(
+        {
+            "generator": "sngan",
+            "target": "out:0",
+            "epoch": [0, 1, 2],
+            "progress": [0.0, 0.5, 1.0],
+            "run_key": ["a", "b", "c"],
+            "concept": [1, 1, 1],
+            "grid_n": [8, 8, 32],
+        }
+    )
+    latents = {"a": np.array([0, 0]), "b": np.array([7, 7]), "c": np.array([7, 7])}
+    pixels = {k: np.random.default_rng(i).random(16) for i, k in enumerate("abc")}
+    traj = A.trajectories(rows, latents, params, pixels)
+    assert traj["latent_dist_prev"].iloc[1] == pytest.approx(1.0)  # 7 steps of an 8-value grid: the whole range
+    assert np.isnan(traj["latent_dist_prev"].iloc[2])  # 8 -> 32 values: indices are not comparable

@@ -160,3 +160,17 @@ def test_saved_views_are_experiment_tags_the_ui_link_names(tmp_path, monkeypatch
         tracking.view_url("sqlite:////x/mlflow.db", "7", "k")
         == "http://127.0.0.1:5055/#/experiments/7/runs?viewStateShareKey=k"
     )
+
+
+def test_every_spikemax_tag_the_code_writes_is_in_the_vocabulary():
+    """A tag literal anywhere in src (AM runs, tuning, the rig) is documented in tracking.TAGS."""
+    import re
+
+    from tests.support.project import REPO
+
+    loggers = {"spikemax.rig"}  # logging.getLogger names, not tags
+    found = set()
+    for path in (REPO / "src" / "spikemax").rglob("*.py"):
+        found |= set(re.findall(r"[\"'](spikemax\.[a-z_]+)[\"']", path.read_text()))
+    assert found - loggers, "the scan found no tag literals"
+    assert sorted(found - loggers - set(tracking.TAGS)) == []

@@ -79,6 +79,7 @@ def run_row(
         "run_dir": spec.run_dir,
         "stopped_early": res.stop_reason,
         "warm_start_from": warm_from,
+        "grid_n": spec.grid_n,  # a tuned SN-GAN re-grid (empty: the generator's own grid_n)
         **res.interval,  # noise-aware runs: best_estimate, best_low, best_high, best_count
         **extras,
     }

@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from spikemax import tracking
 from spikemax.rig.journal import Event, Told
 from spikemax.rig.session import Session
 
 log = logging.getLogger("spikemax.rig")
 
 ARTIFACT_EVERY = 10  # tells between refreshes of convergence.png and queries.parquet
-CLOSED_LOOP_TAG = "spikemax.closed_loop"
+CLOSED_LOOP_TAG = tracking.CLOSED_LOOP_TAG
 SESSION_TAG = "spikemax.rig_session"
 STATE_TAG = "spikemax.rig_state"  # the state directory whose journal holds the session
 OPEN_STATES = ("open", "paused")  # spikemax.session_state of a session a journal must hold
@@ -33,8 +34,6 @@ class MlflowMirror:
 
     def __init__(self, root: Path, state_dir: Path) -> None:
         import mlflow
-
-        from spikemax import tracking
 
         tracking.enable_fast_sqlite()
         self.client = mlflow.MlflowClient(tracking.configure(root))

@@ -156,38 +156,34 @@ class EpochRecorder(L.Callback):
             self.record(trainer, trainer.global_step)
 
 
+def architecture(s: SNNParams) -> dict[str, Any]:
+    """ConvSNN's architecture and training arguments from params.snn (one place for build and untrained)."""
+    return {
+        "channels": list(s.channels),
+        "kernel": s.kernel,
+        "hidden": list(s.hidden),
+        "beta": s.beta,
+        "threshold": s.threshold,
+        "slope": s.slope,
+        "num_steps": s.num_steps,
+        "loss": s.loss,
+        "optimizer": s.optimizer,
+        "lr": s.lr,
+        "schedule": s.schedule,
+    }
+
+
 def build(params: Params, meta: dict) -> ConvSNN:
     """A fresh ConvSNN for the prepared dataset, sized by params.snn."""
-    s = params.snn
     return ConvSNN(
         in_shape=list(meta["shape"]),
         num_classes=int(meta["num_classes"]),
-        channels=list(s.channels),
-        kernel=s.kernel,
-        hidden=list(s.hidden),
-        beta=s.beta,
-        threshold=s.threshold,
-        slope=s.slope,
-        num_steps=s.num_steps,
-        loss=s.loss,
-        optimizer=s.optimizer,
-        lr=s.lr,
-        schedule=s.schedule,
         classes=list(meta["classes"]),
+        **architecture(params.snn),
     )
 
 
 def untrained(s: SNNParams, in_shape: Sequence[int] = (1, 28, 28), seed: int = 0) -> ConvSNN:
     """A ConvSNN of `s`'s architecture with seeded random weights, in eval mode (benchmarks time it)."""
     torch.manual_seed(seed)
-    net = ConvSNN(
-        in_shape=list(in_shape),
-        channels=list(s.channels),
-        kernel=s.kernel,
-        hidden=list(s.hidden),
-        beta=s.beta,
-        threshold=s.threshold,
-        slope=s.slope,
-        num_steps=s.num_steps,
-    )
-    return net.eval()
+    return ConvSNN(in_shape=list(in_shape), **architecture(s)).eval()

@@ -100,7 +100,7 @@ def run(params: Params, paths: Paths, workers: int | None = None) -> dict:
     for g in params.tune.generators:
         bench = Bench(params, paths, epoch, g)
         studies[g] = run_study(params, paths, epoch, g, workers, bench)
-        validations[g] = validate_winner(studies[g], params, bench, TrialRuns(paths.root))
+        validations[g] = validate_winner(studies[g], params, bench, TrialRuns(paths.root, params))
     summary = write_outputs(studies, paths, epoch, params, validations)
     for g, s in summary["generators"].items():
         print(decision_line(g, s), flush=True)
@@ -130,7 +130,7 @@ def run_study(
             study_name=name, storage=storage(params, paths), direction="maximize", load_if_exists=True
         )
         enqueue_defaults(study, params, generator)  # the untuned configurations are always measured
-        runs = TrialRuns(paths.root)  # the store's schema and experiment, once, before workers start
+        runs = TrialRuns(paths.root, params)  # the store's schema and experiment, once, before workers start
         if lock is not None:
             _fail_running(study, runs)
         for _attempt in range(3):  # rerun workers while slots are missing (a killed worker's trial)
@@ -190,7 +190,7 @@ def work(
     t = params.tune
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet_unrun()  # a spawned worker's own logger
-    runs = TrialRuns(paths.root)
+    runs = TrialRuns(paths.root, params)
     study = optuna.load_study(study_name=study_name(params, epoch, generator), storage=storage(params, paths, runs))
     seed = worker_seed(t.seed, index, len(study.get_trials(deepcopy=False)))
     # TPE models the trials after the first min_trials (its default, 10 random ones, would leave a
