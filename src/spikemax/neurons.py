@@ -141,7 +141,8 @@ def make_responder(
     Draws come from one generator seeded with ``seed``, so a rerun with the same queries gives the
     same responses. ``drift`` (e.g. `spikemax.optim.drift.DriftingGain`) maps presentation counts
     (0, 1, ... over the responder's life) to a gain multiplying the clean rates before the noise:
-    a neuron whose responsiveness changes over the session.
+    a neuron whose responsiveness changes over the session. A caller that serves several sessions
+    at once (lock-step runs) passes each image's own count: ``respond(images, times=...)``.
     """
     if noise < 0:
         raise SpikemaxError(f"noise={noise}: must be >= 0")
@@ -156,11 +157,11 @@ def make_responder(
     extra = noise if (poisson and noise > 0) else 0.0
     shown = [0]  # presentations so far (the drift's clock)
 
-    def respond(images: Tensor) -> np.ndarray:
+    def respond(images: Tensor, times: np.ndarray | None = None) -> np.ndarray:
         r = firing_rates(net, images, parsed)
         if drift is not None:
-            g = np.asarray(drift(shown[0] + np.arange(r.shape[0])), dtype=np.float64)
-            r = r * g[:, None]
+            t = shown[0] + np.arange(r.shape[0]) if times is None else np.asarray(times, dtype=np.int64)
+            r = r * np.asarray(drift(t), dtype=np.float64)[:, None]
         shown[0] += r.shape[0]
         r = noisy_rates(r, model, sigma, window, repeats, steps, rng)
         if extra > 0:
@@ -168,6 +169,7 @@ def make_responder(
         return r[:, 0] if single else r
 
     respond.targets = parsed  # type: ignore[attr-defined]
+    respond.clocked = True  # type: ignore[attr-defined]  # takes `times` (run_am_group passes each run's own)
     return respond
 
 

@@ -82,12 +82,17 @@ class _Track:
     wall: float = 0.0
 
 
-def _respond(responder: Responder, images: torch.Tensor, max_images: int) -> np.ndarray:
-    """Responses to many images in chunks (bounded memory); (K,) or (K, m)."""
-    outs = [
-        np.asarray(responder(images[i : i + max_images]), dtype=np.float64) for i in range(0, len(images), max_images)
-    ]
-    return np.concatenate(outs, axis=0)
+def _respond(
+    responder: Responder, images: torch.Tensor, max_images: int, times: np.ndarray | None = None
+) -> np.ndarray:
+    """Responses to many images in chunks (bounded memory); (K,) or (K, m). `times`: each image's
+    presentation count in its own run, for a responder with a clock (`clocked`, e.g. a drifting gain)."""
+    chunks = range(0, len(images), max_images)
+    if times is not None and getattr(responder, "clocked", False):
+        outs = [responder(images[i : i + max_images], times=times[i : i + max_images]) for i in chunks]  # type: ignore[call-arg]
+    else:
+        outs = [responder(images[i : i + max_images]) for i in chunks]
+    return np.concatenate([np.asarray(o, dtype=np.float64) for o in outs], axis=0)
 
 
 def _decode(grid: LatentGrid, indices: np.ndarray, max_images: int) -> torch.Tensor:
@@ -135,7 +140,9 @@ def run_am_group(
             asked.append(np.asarray(tracks[j].optimizer.ask(k), dtype=np.int64).reshape(k, -1))
         all_idx = np.concatenate(asked, axis=0)
         images = _decode(grid, all_idx, max_images)
-        y_all = _respond(responder, images, max_images)
+        # Each run is its own session with the neuron: a drift's clock counts that run's presentations.
+        times = np.concatenate([tracks[j].n + np.arange(len(idx)) for j, idx in zip(active, asked)])
+        y_all = _respond(responder, images, max_images, times)
         if y_all.ndim == 1:
             y_all = y_all[:, None]
         row = 0

@@ -188,3 +188,40 @@ def test_options_for_resolves_tt_ordinal_for_the_grid(monkeypatch):
     assert options_for("ngopt", m, True) == {"budget": m.budget}
     # The whole Params works as well as its maximize section.
     assert options_for("tt", P.validate({}), True) == options_for("tt", m, True)
+
+
+def test_group_drift_clock_counts_each_runs_own_presentations():
+    """Lock-step runs are separate sessions with the neuron: a clocked responder gets each image's
+    presentation count within its own run (not the count over the whole group)."""
+    seen: list[np.ndarray] = []
+
+    def clocked(images: torch.Tensor, times: np.ndarray | None = None) -> np.ndarray:
+        assert times is not None
+        seen.append(np.asarray(times))
+        return np.repeat(peak_responder(images)[:, None], 3, axis=1)
+
+    clocked.clocked = True  # type: ignore[attr-defined]
+    opts = [make_optimizer("random", D, N, seed=s) for s in range(3)]
+    run_am_group(opts, IndexGrid(), clocked, budget=[25, 25, 10], batch=10)
+    assert len(seen) == 3
+    assert np.array_equal(seen[0], np.tile(np.arange(10), 3))  # three runs, each at its presentations 0..9
+    assert np.array_equal(seen[1], np.tile(np.arange(10, 20), 2))  # the third run is done after 10
+    assert np.array_equal(seen[2], np.tile(np.arange(20, 25), 2))
+
+
+def test_drifting_responder_gain_follows_the_given_clock():
+    """make_responder's drift applies the gain of each image's own presentation count when told it."""
+    from spikemax.neurons import make_responder
+    from spikemax.optim.drift import DriftingGain
+    from spikemax.snn import ConvSNN
+
+    torch.manual_seed(0)
+    net = ConvSNN(in_shape=[1, 8, 8], channels=[4], kernel=3, hidden=[8], num_steps=8).eval()
+    images = torch.rand(4, 1, 8, 8) * 3
+    clean = make_responder(net, ["fc_lif1:0", "fc_lif1:1"])(images)
+    assert (clean > 0).any()  # the gain has something to scale
+    gain = DriftingGain(trend=-0.5, horizon=100)
+    drifting = make_responder(net, ["fc_lif1:0", "fc_lif1:1"], drift=gain)
+    times = np.array([0, 50, 99, 0])
+    np.testing.assert_allclose(drifting(images, times=times), clean * gain(times)[:, None])
+    np.testing.assert_allclose(drifting(images), clean * gain(np.arange(4, 8))[:, None])  # its own clock went on
