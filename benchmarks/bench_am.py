@@ -5,6 +5,7 @@ Run from a project root that has run `dvc repro` up to train_generator (models/s
   python benchmarks/bench_am.py --quick            # smaller budgets, fewer neurons (smoke run)
   python benchmarks/bench_am.py --root /tmp/repro --seed 1 --methods auto:prior=1,ngopt --prior --out a.json
   python benchmarks/bench_am.py --merge a.json,b.json --out ab.json   # runs of other methods, same neurons
+  python benchmarks/bench_am.py --methods auto,auto:tuned=1 --prior   # untuned vs tuned default (metrics/tune.json)
 
 1. Overhead: the same lock-step AM loop (same seeds, so the same queries) with every query logged
    (MLflow `log_batch` to a fresh sqlite store + the parquet query table) and with logging off;
@@ -153,16 +154,22 @@ def prior_entropy(net, grid, prior, classes: list[str], seed: int, k: int = 1000
     return out
 
 
-def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared, prior=None) -> dict:
+def bench_methods(
+    net, grid, targets, methods, budgets, batch, seed, m, prepared, prior=None, tuned=None, generator=""
+) -> dict:
     """Normalized best activation and AM gain per method at each budget (prefixes of one run per neuron).
 
     Each method gets the maximize stage's options from params `m` (TT: `maximize.tt`, resolved for this
     grid as the stage resolves it), updated by the variant's own options (`tt:cma=0.9`); `prior=1`
-    passes the fitted data prior. AM gain = best AM activation / best activation over the test images.
+    passes the fitted data prior; `tuned=1` runs what the stage runs with `maximize.tuned` (the tune
+    stage's adopted method, settings and SN-GAN grid resolution for `generator`, from `tuned`).
+    AM gain = best AM activation / best activation over the test images.
     """
     from spikemax.am.loop import run_am_group
+    from spikemax.am.policy import run_options, tuned_for
     from spikemax.neurons import firing_rates, make_responder
     from spikemax.optim import make_optimizer, options_for
+    from spikemax.tuning import tuned_grid
 
     top = max(budgets)
     responder = make_responder(net, targets)
@@ -173,7 +180,12 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared
     walls, options = {}, {}
     for spec in methods:
         method, extra = parse_variant(spec)
-        opts = options_for(method, m, grid)
+        on = grid
+        if extra.pop("tuned", 0):  # as the stage runs it with maximize.tuned
+            on = tuned_grid(grid, tuned_for(tuned, method, generator).get("grid_n"))
+            opts = run_options(m, tuned, method, generator, bool(grid.ordered))
+        else:
+            opts = options_for(method, m, grid)
         opts.update(extra)
         if opts.pop("prior", 0):
             if prior is None:
@@ -182,9 +194,9 @@ def bench_methods(net, grid, targets, methods, budgets, batch, seed, m, prepared
         if method == "ngopt":
             opts["budget"] = top
         options[spec] = {k: v for k, v in opts.items() if k != "prior"} | ({"prior": True} if "prior" in opts else {})
-        optimizers = [make_optimizer(method, grid.d, grid.n, seed=seed, **opts) for _ in targets]
+        optimizers = [make_optimizer(method, on.d, on.n, seed=seed, **opts) for _ in targets]
         t = time.perf_counter()
-        results = run_am_group(optimizers, grid, responder, top, batch)
+        results = run_am_group(optimizers, on, responder, top, batch)
         walls[spec] = round(time.perf_counter() - t, 2)
         curves[spec] = np.stack([np.fmax.accumulate(np.nan_to_num(r.responses, nan=-np.inf)) for r in results])
         print(f"  {spec}: {walls[spec]} s", file=sys.stderr)
@@ -347,8 +359,25 @@ def main() -> None:
             print(f"class entropy (nats) of 1,000 samples under the SNN: {result['prior_class_entropy']}")
         if "methods" not in skip:
             methods = [s for s in a.methods.split(",") if "prior=1" not in s or prior is not None]
+            tuned = None
+            if any("tuned=1" in s for s in methods):
+                from spikemax.tuning import tuned_results
+
+                tuned = tuned_results(Path(a.root or ".") / "metrics" / "tune.json", [generator])
+                result["tuned"] = tuned.get(generator)
             result["methods"] = r = bench_methods(
-                net, grid, targets, methods, budgets, a.batch, a.seed, params.maximize, prepared, prior
+                net,
+                grid,
+                targets,
+                methods,
+                budgets,
+                a.batch,
+                a.seed,
+                params.maximize,
+                prepared,
+                prior,
+                tuned,
+                generator,
             )
             print_methods(generator, r)
         result["load_avg_1m_end"] = os.getloadavg()[0]
