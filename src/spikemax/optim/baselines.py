@@ -44,9 +44,11 @@ class CMAOptimizer(Optimizer):
 
     Options: batch (default: CMA's population size), sigma0=0.3 (initial step on [0, 1]),
     popsize (default pycma's 4 + 3 ln d), diagonal="auto" (separable CMA-ES above
-    CMA_DIAGONAL_FROM dimensions). A generation has max(popsize, first ask) points and is updated
-    once all its points are told; NaN responses rank worst. Told points CMA never proposed only
-    update `best`.
+    CMA_DIAGONAL_FROM dimensions), adopt=False. A generation has max(popsize, first ask) points and
+    is updated once all its points are told; NaN responses rank worst. Told points CMA never
+    proposed only update `best`, unless `adopt`: then the best of them, where it beats every point
+    CMA proposed, is injected (at its cell centre) into the next generation, so CMA also learns from
+    points other sources chose (population mode: the other neurons' proposals).
     """
 
     method = "cma"
@@ -60,6 +62,7 @@ class CMAOptimizer(Optimizer):
         sigma0: float = 0.3,
         popsize: int | None = None,
         diagonal: bool | str = "auto",
+        adopt: bool = False,
     ) -> None:
         import cma
 
@@ -76,6 +79,9 @@ class CMAOptimizer(Optimizer):
         self.batch = int(batch) if batch is not None else int(self.es.popsize)
         self._gen: dict | None = None  # the open generation: X, I, y, told, served
         self._where: dict[bytes, list[int]] = {}
+        self.adopt = bool(adopt)
+        self._own_best = -np.inf  # best response to a point CMA proposed
+        self._foreign: tuple[np.ndarray, float] | None = None  # best told point CMA did not propose
 
     def _to_grid(self, X: np.ndarray) -> np.ndarray:
         return np.clip(np.floor(X[:, : self.d] * self.n[None, :]), 0, self.n[None, :] - 1).astype(np.int64)
@@ -87,6 +93,7 @@ class CMAOptimizer(Optimizer):
         # of an iteration's first `ask(number > 1)` only (a second such call raised "Mean shift samples
         # are expected but missing"). pycma weights the best popsize of a larger generation.
         if self._gen is None:
+            self._adopt_foreign()
             X = np.asarray(self.es.ask(number=max(int(self.es.popsize), k)), dtype=np.float64)
             self._gen = {
                 "X": X,
@@ -111,16 +118,18 @@ class CMAOptimizer(Optimizer):
 
     def _tell(self, I: np.ndarray, y: np.ndarray) -> None:
         gen = self._gen
-        if gen is None:
-            return
-        for key, v in zip(row_keys(I), y):
-            slots = self._where.get(key)
-            if slots:
+        for key, point, v in zip(row_keys(I), I, y):
+            slots = self._where.get(key) if gen is not None else None
+            if slots and gen is not None:
                 row = slots.pop(0)
                 if not slots:
                     del self._where[key]
                 gen["y"][row], gen["told"][row] = v, True
-        if gen["served"] == len(gen["X"]) and gen["told"].all():
+                if np.isfinite(v):
+                    self._own_best = max(self._own_best, float(v))
+            elif self.adopt and np.isfinite(v) and (self._foreign is None or v > self._foreign[1]):
+                self._foreign = (point.copy(), float(v))
+        if gen is not None and gen["served"] == len(gen["X"]) and gen["told"].all():
             loss = -gen["y"]
             bad = ~np.isfinite(loss)
             if bad.any():
@@ -129,6 +138,15 @@ class CMAOptimizer(Optimizer):
                 warnings.simplefilter("ignore")
                 self.es.tell(list(gen["X"]), loss.tolist())
             self._gen, self._where = None, {}
+
+    def _adopt_foreign(self) -> None:
+        """Inject the best foreign point told since the last generation opened into the one opening
+        now, where it beats every point CMA proposed."""
+        if self._foreign is not None and self._foreign[1] > self._own_best:
+            x = np.full(self.es.N, 0.5)
+            x[: self.d] = (self._foreign[0] + 0.5) / self.n
+            self.es.inject([x], force=True)
+        self._foreign = None
 
 
 class NGOptOptimizer(Optimizer):

@@ -115,3 +115,24 @@ def test_run_population_spends_the_budget_and_improves_every_neuron() -> None:
     for j, (i_best, y_best) in enumerate(pop.best):
         assert y_best == Y[:, j].max() > Y[:24, j].max()
         assert f(i_best[None])[0, j] == y_best
+
+
+@pytest.mark.parametrize("adopt", [True, False])
+def test_cma_adopts_a_better_point_another_source_found(adopt: bool) -> None:
+    """With `adopt`, a told point CMA never proposed that beats all of its own joins its next
+    generation (population mode: another neuron's proposal); without it, CMA ignores it."""
+    from spikemax.optim.baselines import CMAOptimizer
+
+    d, n = 6, 8
+    foreign = np.array([[7, 0, 7, 0, 7, 0]])  # a corner: CMA from the centre with sigma 0.1 never samples it
+    opt = CMAOptimizer(d, n, seed=0, sigma0=0.1, adopt=adopt)
+    own = opt.ask(opt.batch)
+    opt.tell(foreign, [5.0])  # while the generation is open
+    opt.tell(own, np.zeros(len(own)))
+    nxt = opt.ask(opt.batch)
+    assert any((row == foreign[0]).all() for row in nxt) == adopt
+    assert opt.best[1] == 5.0  # either way it is the best told
+    # A foreign point worse than CMA's own best is not adopted.
+    opt.tell(nxt, np.ones(len(nxt)))
+    opt.tell(np.array([[0, 7, 0, 7, 0, 7]]), [0.5])
+    assert not any((row == [0, 7, 0, 7, 0, 7]).all() for row in opt.ask(opt.batch))
