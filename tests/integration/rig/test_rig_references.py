@@ -89,8 +89,11 @@ def test_references_are_flagged_fixed_and_counted_in_the_budget(service, tmp_pat
     # the query table marks the reference rows
     table = read_queries(s.write_queries(tmp_path).parent)
     assert table["reference"].tolist() == [x in ref_ids for x in table["stimulus"]]
-    params = mlflow.MlflowClient(manager.client.tracking_uri).get_run(body["run_id"]).data.params
+    client = mlflow.MlflowClient(manager.client.tracking_uri)
+    params = client.get_run(body["run_id"]).data.params
     assert (params["noise.references"], params["noise.reference_set"]) == ("2", "2")
+    logged = client.get_metric_history(body["run_id"], "reference_gain")
+    assert [(m.step, m.value) for m in logged] == [(6 * (j + 1), g) for j, g in enumerate(gains)]
 
     plain = c.post("/sessions", json={"generator": "sngan", "method": "random", "budget": 8}).json()
     assert plain["noise"]["references"] == manager.params.maximize.noise.references == 0
