@@ -269,7 +269,8 @@ class Session:
             return self.best_draw(channel)
         s = self.state
         same = (s.indices() == st.index).all(axis=1)
-        q = int(np.flatnonzero(same)[0])
+        searched = same & (np.asarray(s.q_ref) < 0)  # the point as searched, if it was also shown as a reference
+        q = int(np.flatnonzero(searched if searched.any() else same)[0])
         return Best(
             indices=st.index.tolist(),
             response=float(st.mean),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -48,8 +49,9 @@ def rate(indices: np.ndarray, n: int) -> np.ndarray:
 
 
 def results(stimuli: list[dict] | list[tuple[str, np.ndarray]], y: np.ndarray) -> list[dict]:
+    """Tell results of one channel (NaN -> a failed presentation)."""
     ids = [x["id"] if isinstance(x, dict) else x[0] for x in stimuli]
-    return [{"id": i, "responses": [float(v)]} for i, v in zip(ids, y)]
+    return [{"id": i, "responses": None if np.isnan(v) else [float(v)]} for i, v in zip(ids, y)]
 
 
 def test_references_are_flagged_fixed_and_counted_in_the_budget(service, tmp_path):
@@ -166,6 +168,30 @@ def test_the_best_is_never_a_reference_even_where_references_respond_most(proj, 
     assert st.state == "finished" and max(np.max(q) for q in s.q_y) == 100.0
     for best in (st.best, st.best_draw, *st.best_per_channel):
         assert best is not None and tuple(best.indices) not in refs and best.response < 100.0
+    m.close()
+
+
+def test_a_failed_reference_is_shown_again_as_that_reference_and_the_file_protocol_flags_it(proj, tmp_path):
+    from spikemax.rig.files import write_block
+
+    params, paths = proj
+    m = SessionManager(params, paths, tmp_path / "s", mlflow=False)
+    req = SessionCreate.model_validate(
+        {"generator": "sngan", "method": "random", "budget": 12, "batch": 6, "retry_failed": True}
+        | {"noise": {"references": 2, "reference_set": 4}}
+    )
+    s = m.create(req)
+    first = m.ask(s.id, None)
+    block = json.loads((write_block(tmp_path / "rig", s, 0) / "manifest.json").read_text())
+    flagged = [x["id"] for x in block["stimuli"] if x.get("reference")]
+    assert flagged == [x for x, _ in first if s.stimuli[x].reference is not None] and len(flagged) == 2
+    failed = flagged[0]
+    m.tell(
+        s.id,
+        TellRequest.model_validate({"results": results(first, np.where([x == failed for x, _ in first], np.nan, 1.0))}),
+    )
+    again = [x for x, _ in m.ask(s.id, None) if s.stimuli[x].retry_of == failed]
+    assert len(again) == 1 and s.stimuli[again[0]].reference == s.stimuli[failed].reference
     m.close()
 
 
