@@ -197,7 +197,11 @@ class DriftCorrected(Optimizer):
     def tell_marked(self, I: Any, y: Any, refs: Any) -> None:
         """Tell responses with each row's reference id given (-1: searched), for a caller whose tells
         need not be its last ask in order (the rig: any subset of pending stimuli, repeats, off-policy)."""
-        self._marks = np.asarray(refs, dtype=np.int64).reshape(-1)
+        marks = np.asarray(refs, dtype=np.int64).reshape(-1)
+        rows = np.asarray(y).reshape(-1).size
+        if marks.shape != (rows,):  # checked before anything is counted
+            raise ValueError(f"refs must hold one reference id per told row ({rows}), got {marks.size}")
+        self._marks = marks
         try:
             self.tell(I, y)
         finally:
@@ -205,10 +209,6 @@ class DriftCorrected(Optimizer):
 
     def _tell(self, I: np.ndarray, y: np.ndarray) -> None:
         if self._marks is not None:
-            if self._marks.shape != (I.shape[0],):
-                raise ValueError(
-                    f"refs must hold one reference id per told row ({I.shape[0]}), got {self._marks.shape}"
-                )
             refs = self._marks
         else:  # the last ask told back in order: its first rows were the references
             m = int(self.is_reference.sum()) if self.is_reference.size == I.shape[0] else 0
