@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, help="stimuli per ask (default: the session's batch)")
     ap.add_argument("--seed", type=int, default=0, help="the session's seed and the Poisson draws'")
     ap.add_argument("--no-noise-aware", action="store_true", help="report the best single draw instead")
+    ap.add_argument(
+        "--references", type=int, help="reference stimuli per ask to correct for drift (default: the service's)"
+    )
     ap.add_argument("--out", type=Path, help="write the score as JSON here")
     args = ap.parse_args()
 
@@ -87,6 +90,7 @@ def main() -> None:
             seed=args.seed,
             channels=len(targets),
             noise_aware=not args.no_noise_aware,
+            **({"noise": {"references": args.references}} if args.references is not None else {}),
         )
         print(
             f"session {s['id']} (MLflow run {s['run_id']}): {s['generator']} x {s['method']} "
@@ -97,14 +101,16 @@ def main() -> None:
             stimuli = rig.ask(s["id"], args.k)
             images = (torch.stack([pixels(x["png"]) for x in stimuli]) - mean) / std
             r = np.asarray(rates(images), dtype=np.float64).reshape(len(stimuli), -1)
-            true_rate.update({x["id"]: float(v) for x, v in zip(stimuli, r[:, 0])})
+            # reference stimuli are shown and told like any other; the score ranks the searched ones
+            true_rate.update({x["id"]: float(v) for x, v in zip(stimuli, r[:, 0]) if not x.get("reference")})
             counts = rng.poisson(np.clip(r, 0, None) * steps)  # a trial's spike count over the window
             status = rig.tell(
                 s["id"],
                 [{"id": x["id"], "counts": c.tolist(), "window": float(steps)} for x, c in zip(stimuli, counts)],
             )
             best = status["best"]
-            print(f"{status['answered']:5d}/{status['budget']}  best {best['response'] if best else None}")
+            gain = f"  gain {status['gain']:.2f}" if status.get("gain") is not None else ""
+            print(f"{status['answered']:5d}/{status['budget']}  best {best['response'] if best else None}{gain}")
         best, draw = status["best"], status["best_draw"]
         top = max(true_rate.values())
         score = {

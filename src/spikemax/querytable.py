@@ -3,7 +3,8 @@
 Every table has `query` (0-based presentation number), `batch` and `indices` (the stimulus's grid
 indices); `Columns` adds the optional ones: `stimulus` (an id string), `owner` (the optimizer that
 proposed it), `response` (one float), `responses` (a fixed-size list of floats, one per channel or
-target) and `elapsed_s` (seconds since the table was opened, per batch). NaN = a failed query.
+target), `reference` (a boolean: a reference stimulus of the drift correction, not a searched one) and
+`elapsed_s` (seconds since the table was opened, per batch). NaN = a failed query.
 
 One writer: `QueryTable` appends each batch to an Arrow IPC stream (`queries.arrows`: a kill loses
 at most the batch being written) and `close()` turns it into `queries.parquet`; `write_queries`
@@ -38,6 +39,7 @@ class Columns:
     owner: bool = False  # which optimizer proposed it (population mode: a column of `responses`)
     response: bool = True  # one float per presentation
     channels: int = 0  # > 0: `responses`, a list of this many floats per presentation
+    reference: bool = False  # `reference`: whether the row presented a reference stimulus (drift correction)
     elapsed: bool = True  # `elapsed_s`: seconds from opening the table to writing the row's batch
 
     def names(self) -> tuple[str, ...]:
@@ -63,6 +65,8 @@ class Columns:
             fields.append(("response", pa.float64()))
         if self.channels:
             fields.append(("responses", pa.list_(pa.float64(), int(self.channels))))
+        if self.reference:
+            fields.append(("reference", pa.bool_()))
         if self.elapsed:
             fields.append(("elapsed_s", pa.float64()))
         return fields
@@ -78,8 +82,8 @@ def population(m: int) -> Columns:
 
 def rig(channels: int) -> Columns:
     """The columns of a rig session's table: stimulus ids, the target channel's response and every
-    channel's, no timing (the rig's own log has the times)."""
-    return Columns(stimulus=True, channels=channels, elapsed=False)
+    channel's, which rows were reference stimuli, no timing (the rig's own log has the times)."""
+    return Columns(stimulus=True, channels=channels, reference=True, elapsed=False)
 
 
 QUERY_COLUMNS = RUN.names()
@@ -96,6 +100,7 @@ def _record_batch(
     owner: np.ndarray | None,
     stimulus: list[str] | None,
     elapsed_s: np.ndarray | None,
+    reference: np.ndarray | None = None,
 ) -> pa.RecordBatch:
     """Rows first_query, first_query + 1, ... as one record batch of `columns`' schema."""
     import pyarrow as pa
@@ -103,7 +108,14 @@ def _record_batch(
     idx = np.asarray(indices, dtype=np.int64)
     k = len(idx)
     arrays: list[Any] = [pa.array(np.arange(first_query, first_query + k), pa.int64()), pa.array(batch, pa.int64())]
-    given = {"stimulus": stimulus, "owner": owner, "response": response, "responses": responses, "elapsed_s": elapsed_s}
+    given = {
+        "stimulus": stimulus,
+        "owner": owner,
+        "response": response,
+        "responses": responses,
+        "reference": reference,
+        "elapsed_s": elapsed_s,
+    }
     for name in columns.names()[2:]:
         if name != "indices" and given[name] is None:
             raise ValueError(f"a query table with a {name!r} column needs its values")
@@ -117,6 +129,8 @@ def _record_batch(
     if columns.channels:
         flat = np.asarray(responses, dtype=np.float64).reshape(k * columns.channels)
         arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float64()), int(columns.channels)))
+    if columns.reference:
+        arrays.append(pa.array(np.asarray(reference, dtype=bool).reshape(k), pa.bool_()))
     if columns.elapsed:
         arrays.append(pa.array(np.asarray(elapsed_s, dtype=np.float64).reshape(k), pa.float64()))
     return pa.record_batch(arrays, schema=columns.schema())
@@ -180,12 +194,22 @@ def write_queries(
     owner: np.ndarray | None = None,
     stimulus: list[str] | None = None,
     elapsed_s: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
 ) -> Path:
     """Write a whole query table (rows 0..k-1) as directory/queries.parquet at once; returns its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rb = _record_batch(
-        columns, 0, np.asarray(batch, dtype=np.int64), indices, response, responses, owner, stimulus, elapsed_s
+        columns,
+        0,
+        np.asarray(batch, dtype=np.int64),
+        indices,
+        response,
+        responses,
+        owner,
+        stimulus,
+        elapsed_s,
+        reference,
     )
     import pyarrow as pa
 
@@ -222,6 +246,7 @@ class QueryTable:
         responses: np.ndarray | None = None,
         owner: np.ndarray | None = None,
         stimulus: list[str] | None = None,
+        reference: np.ndarray | None = None,
     ) -> None:
         """Append one batch: indices (k, d) and the columns this table has ((k,) each, responses (k, m))."""
         t_start = time.perf_counter()
@@ -239,6 +264,7 @@ class QueryTable:
             owner,
             stimulus,
             elapsed,
+            reference,
         )
         self._stream.write_batch(rb)
         self.n_queries += k

@@ -19,7 +19,7 @@ from spikemax.querytable import (
     write_queries,
 )
 
-RIG = rig(3)  # a rig session's layout: stimulus ids, the target channel, all three channels
+RIG = rig(3)  # a rig session's layout: stimulus ids, the target channel, all three channels, reference rows
 
 
 def test_columns_of_runs_populations_and_the_rig():
@@ -27,7 +27,7 @@ def test_columns_of_runs_populations_and_the_rig():
     assert (
         POPULATION_COLUMNS == population(4).names() == ("query", "batch", "indices", "owner", "responses", "elapsed_s")
     )
-    assert RIG.names() == ("query", "batch", "stimulus", "indices", "response", "responses")
+    assert RIG.names() == ("query", "batch", "stimulus", "indices", "response", "responses", "reference")
     assert querylog.QUERY_COLUMNS == QUERY_COLUMNS and querylog.POPULATION_COLUMNS == POPULATION_COLUMNS
 
 
@@ -39,6 +39,7 @@ def _rig_rows(rng: np.random.Generator, k: int) -> dict:
         "response": y[:, 1],
         "responses": y,
         "stimulus": [f"s{rng.integers(1000)}" for _ in range(k)],
+        "reference": rng.random(k) < 0.3,
     }
 
 
@@ -48,10 +49,14 @@ def test_streamed_and_whole_tables_are_the_same_table(tmp_path):
     batches = [_rig_rows(rng, k) for k in (3, 1, 5)]
     live = QueryTable(tmp_path / "live", RIG)
     for b in batches:
-        live.append(b["indices"], b["response"], responses=b["responses"], stimulus=b["stimulus"])
+        live.append(
+            b["indices"], b["response"], responses=b["responses"], stimulus=b["stimulus"], reference=b["reference"]
+        )
     unclosed = read_queries(tmp_path / "live")  # as after a kill: the stream is the table
     closed = live.close()
-    whole = {key: np.concatenate([b[key] for b in batches]) for key in ("indices", "response", "responses")}
+    whole = {
+        key: np.concatenate([b[key] for b in batches]) for key in ("indices", "response", "responses", "reference")
+    }
     write_queries(
         tmp_path / "whole",
         RIG,
@@ -66,13 +71,20 @@ def test_streamed_and_whole_tables_are_the_same_table(tmp_path):
     assert closed["query"].tolist() == list(range(9)) and closed["batch"].tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2]
     np.testing.assert_array_equal(np.stack(closed["responses"]), whole["responses"])
     np.testing.assert_array_equal(np.stack(closed["indices"]), whole["indices"])
+    np.testing.assert_array_equal(closed["reference"].to_numpy(), whole["reference"])
     assert not (tmp_path / "live" / "queries.arrows").exists()
     assert not (tmp_path / "whole" / "queries.parquet.tmp").exists()
 
 
 def test_a_rewritten_snapshot_replaces_the_table(tmp_path):
     rng = np.random.default_rng(1)
-    empty = {"indices": np.zeros((0,), int), "response": [], "responses": np.zeros((0, 3)), "stimulus": []}
+    empty = {
+        "indices": np.zeros((0,), int),
+        "response": [],
+        "responses": np.zeros((0, 3)),
+        "stimulus": [],
+        "reference": np.zeros(0, bool),
+    }
     write_queries(tmp_path, RIG, batch=[], **empty)  # a session with nothing told yet
     assert list(read_queries(tmp_path).columns) == list(RIG.names()) and len(read_queries(tmp_path)) == 0
     for k in (4, 6):

@@ -166,6 +166,7 @@ class DriftCorrected(Optimizer):
         self._next = 0
         self._ref_rows: np.ndarray = np.zeros(0, dtype=np.int64)  # reference id of each ref row of the last ask
         self.is_reference = np.zeros(0, dtype=bool)
+        self._marks: np.ndarray | None = None  # reference id per told row, given by `tell_marked`
 
     @property
     def batch(self) -> int:
@@ -186,14 +187,45 @@ class DriftCorrected(Optimizer):
         self.is_reference = np.concatenate([np.ones(m, dtype=bool), np.zeros(k - m, dtype=bool)])
         return np.concatenate([self.references[ids], I])
 
+    @property
+    def reference_ids(self) -> np.ndarray:
+        """The reference id of each row of the last ask (-1: a searched point)."""
+        ids = np.full(self.is_reference.size, -1, dtype=np.int64)
+        ids[self.is_reference] = self._ref_rows
+        return ids
+
+    def tell_marked(self, I: Any, y: Any, refs: Any) -> None:
+        """Tell responses with each row's reference id given (-1: searched), for a caller whose tells
+        need not be its last ask in order (the rig: any subset of pending stimuli, repeats, off-policy)."""
+        marks = np.asarray(refs, dtype=np.int64).reshape(-1)
+        rows = np.asarray(y).reshape(-1).size
+        if marks.shape != (rows,):  # checked before anything is counted
+            raise ValueError(f"refs must hold one reference id per told row ({rows}), got {marks.size}")
+        self._marks = marks
+        try:
+            self.tell(I, y)
+        finally:
+            self._marks = None
+
     def _tell(self, I: np.ndarray, y: np.ndarray) -> None:
-        m = int(self.is_reference.sum()) if self.is_reference.size == I.shape[0] else 0
+        if self._marks is not None:
+            refs = self._marks
+        else:  # the last ask told back in order: its first rows were the references
+            m = int(self.is_reference.sum()) if self.is_reference.size == I.shape[0] else 0
+            refs = np.concatenate([self._ref_rows[:m], np.full(I.shape[0] - m, -1, dtype=np.int64)])
+        is_ref = refs >= 0
         g = (
-            self.tracker.add(self._ref_rows[:m], y[:m])
-            if m
+            self.tracker.add(refs[is_ref], y[is_ref])
+            if is_ref.any()
             else (self.tracker.gains[-1] if self.tracker.gains else 1.0)
         )
-        self.base.tell(I[m:], y[m:] / g if g > 0 else y[m:])
+        rest = ~is_ref
+        self.base.tell(I[rest], y[rest] / g if g > 0 else y[rest])
+
+    @property
+    def gain(self) -> float | None:
+        """The latest gain estimate (None before any reference response was told)."""
+        return self.tracker.gains[-1] if self.tracker.gains else None
 
     @property
     def best(self) -> tuple[np.ndarray | None, float]:

@@ -197,7 +197,13 @@ def create_app(manager: SessionManager, token: str | None = None) -> FastAPI:
             encoded = [base64.b64encode(b).decode("ascii") for b in pngs(s.grid, np.stack([i for _, i in asked]))]
         return AskResponse(
             stimuli=[
-                Stimulus(id=sid, indices=i.tolist(), png=p, retry_of=s.stimuli[sid].retry_of)
+                Stimulus(
+                    id=sid,
+                    indices=i.tolist(),
+                    png=p,
+                    retry_of=s.stimuli[sid].retry_of,
+                    reference=s.stimuli[sid].reference is not None,
+                )
                 for (sid, i), p in zip(asked, encoded)
             ],
             left=s.state.left,
@@ -214,7 +220,7 @@ def create_app(manager: SessionManager, token: str | None = None) -> FastAPI:
         """The session's stimuli not answered yet (pending=false: every asked stimulus), ids and indices."""
         s = manager.get(session_id)
         return [
-            Stimulus(id=sid, indices=st.indices.tolist(), retry_of=st.retry_of)
+            Stimulus(id=sid, indices=st.indices.tolist(), retry_of=st.retry_of, reference=st.reference is not None)
             for sid, st in list(s.stimuli.items())
             if not (pending and st.answered)
         ]

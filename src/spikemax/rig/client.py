@@ -55,7 +55,7 @@ class RigClient:
 
     def create(self, **fields: Any) -> dict:
         """POST /sessions (generator, method, budget, seed, batch, channels, target_channel, name,
-        noise_aware, noise={repeats, retest, final, estimator}, retry_failed, prior)."""
+        noise_aware, noise={repeats, retest, final, estimator, references, reference_set}, retry_failed, prior)."""
         return self._call("POST", "/sessions", fields)
 
     def sessions(self) -> list[dict]:

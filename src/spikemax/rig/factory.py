@@ -3,6 +3,8 @@
 `auto` and the TT options come from `options_for` (called here, the rig's one call site), the VQ-VAE
 data prior from the stage's own `fit_grid_prior`, and the noise layer from the request's noise
 options over the `maximize.noise` params (noise-aware unless the request says `noise_aware: false`).
+With `noise.references > 0` the optimizer is wrapped in `optim.drift.DriftCorrected` as the stage
+wraps it, over the stage's reference set (`neurons.reference_points`), stored in the session config.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from spikemax.rig.replay import SessionConfig
 from spikemax.rig.session import Channels, SingleChannel
 
 PRIOR_FILE = "prior.npz"  # the session's data prior, beside its artifacts (replay loads it, never refits)
+# the `maximize.noise` params a request's `noise` may set (the rest is the in-silico responder's)
+NOISE_OPTIONS = {"repeats", "retest", "final", "estimator", "references", "reference_set"}
 
 
 def takes_prior(method: str, generator: str) -> bool:
@@ -41,7 +45,12 @@ def resolve(req: SessionCreate, params: Any, paths: Any, grid: Any) -> SessionCo
     method = req.method or mp.methods[0]
     budget = req.budget if req.budget is not None else mp.budget
     asked = req.noise.model_dump(exclude_none=True) if req.noise is not None else {}
-    noise = {**mp.noise.model_dump(include={"repeats", "retest", "final", "estimator"}), **asked}
+    noise = {**mp.noise.model_dump(include=NOISE_OPTIONS), **asked}
+    if noise["references"] > 0 and req.target_channel == "all":
+        raise Invalid(
+            "noise.references: reference stimuli are not available in population mode (target_channel 'all'); "
+            "give a target channel or references 0"
+        )
     noise["aware"] = req.noise_aware
     # The run's params as the stage sees them: its budget (NGOpt and the noise layer's schedule use it)
     # and the session's noise options in `maximize.noise`.
@@ -50,6 +59,7 @@ def resolve(req: SessionCreate, params: Any, paths: Any, grid: Any) -> SessionCo
     if not req.noise_aware:
         options.pop("noise_aware", None)
     prior = bool(mp.prior if req.prior is None else req.prior) and takes_prior(method, generator)
+    refs = reference_points(generator, int(noise["reference_set"]), paths, grid) if noise["references"] > 0 else None
     return SessionConfig(
         id=uuid.uuid4().hex[:12],
         generator=generator,
@@ -66,7 +76,28 @@ def resolve(req: SessionCreate, params: Any, paths: Any, grid: Any) -> SessionCo
         noise=noise,
         retry_failed=req.retry_failed,
         prior=prior,
+        reference_points=[] if refs is None else refs.tolist(),
     )
+
+
+def reference_points(generator: str, count: int, paths: Any, grid: Any) -> np.ndarray:
+    """The stage's fixed reference set of the grid (`neurons.reference_points`, as `am.group` calls it):
+    on VQ-VAE test images through the encoder (the prepared data is needed), fixed latents on SN-GAN."""
+    import torch
+
+    from spikemax.data import Prepared
+    from spikemax.neurons import reference_points as points
+
+    images = torch.zeros(0)
+    if not grid.ordered and hasattr(grid, "encode"):  # the codebook grid encodes natural images
+        if not (paths.prepared / "meta.json").is_file():
+            raise Invalid(
+                f"noise.references: the {generator} reference stimuli are prepared test images through its "
+                f"encoder, and {paths.prepared} has none (run `spikemax prepare`), or create the session with "
+                f'"noise": {{"references": 0}}'
+            )
+        images = Prepared.load(paths.prepared).tensors("test")[0]
+    return np.asarray(points(grid, images, count), dtype=np.int64)
 
 
 def fit_prior(cfg: SessionConfig, params: Any, paths: Any, grid: Any, cache_dir: Path) -> Any:
@@ -123,9 +154,14 @@ def make_driver(cfg: SessionConfig, grid: Any, prior: Any = None) -> Any:
 
     def one(seed: int) -> Any:
         try:
-            return make_optimizer(cfg.method, grid.d, grid.n, seed=seed, batch=cfg.batch, **opts)
+            opt = make_optimizer(cfg.method, grid.d, grid.n, seed=seed, batch=cfg.batch, **opts)
         except ValueError as err:
             raise Invalid(f"method: {err}") from None
+        if cfg.references > 0:  # a drifting neuron: references in every ask, values rescaled by their gain
+            from spikemax.optim.drift import DriftCorrected
+
+            opt = DriftCorrected(opt, np.asarray(cfg.reference_points, dtype=np.int64), per_batch=cfg.references)
+        return opt
 
     if cfg.target_channel == "all":
         # Population mode: one optimizer per channel, batches composed from their proposals,

@@ -5,6 +5,7 @@ Layout of DIR (every file spikemax writes appears whole: written aside, then ren
     state/rig.db                 the session's durable log (same store and rules as the HTTP service)
     next.json                    {"block": "block-000002", "manifest": "block-000002/manifest.json"}
     block-000002/manifest.json   {"session", "block", "channels", "responses_file", "stimuli": [{"id", "file", "indices"}]}
+                                 (a reference stimulus, noise.references, has "reference": true)
     block-000002/manifest.csv    id,file,i0,i1,... (the same, for readtable / CSV readers)
     block-000002/<id>.png        the stimuli, [0, 1] pixels at the generator's resolution
     block-000002/responses.json  written by the rig (atomic rename): the tell body {"results": [...]}
@@ -74,7 +75,16 @@ def write_block(folder: Path, s: Session, event: int) -> Path:
         "channels": s.cfg.channels,
         "responses_file": "responses.json",
         **repeats,
-        "stimuli": [{"id": sid, "file": f"{sid}.png", "indices": st.indices.tolist()} for sid, st in stims],
+        "stimuli": [
+            # a reference stimulus (noise.references) is shown and answered like any other
+            {
+                "id": sid,
+                "file": f"{sid}.png",
+                "indices": st.indices.tolist(),
+                **({"reference": True} if st.reference is not None else {}),
+            }
+            for sid, st in stims
+        ],
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     with open(tmp / "manifest.csv", "w", newline="") as f:

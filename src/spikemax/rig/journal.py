@@ -56,6 +56,7 @@ class AskedStimulus:
     n: int
     indices: np.ndarray
     retry_of: str | None = None  # the failed stimulus this one shows again (retry_failed)
+    reference: int | None = None  # its id in the session's reference set (noise.references)
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,9 @@ class Journal:
                 retries = {x.id: x.retry_of for x in event.stimuli if x.retry_of is not None}
                 if retries:
                     body["retries"] = retries
+                refs = {x.id: x.reference for x in event.stimuli if x.reference is not None}
+                if refs:
+                    body["references"] = refs
                 con.execute(
                     "INSERT INTO events (session, seq, kind, body) VALUES (?, ?, 'ask', ?)",
                     (sid, seq, json.dumps(body)),
@@ -289,12 +293,14 @@ class Journal:
         for seq, kind, body in self._rows("SELECT seq, kind, body FROM events WHERE session=? ORDER BY seq", [sid]):
             b = json.loads(body)
             if kind == "ask":
-                retries = b.get("retries", {})
+                retries, refs = b.get("retries", {}), b.get("references", {})
                 events.append(
                     Asked(
                         int(b["k"]),
                         tuple(
-                            AskedStimulus(x, n, np.asarray(json.loads(idx), dtype=np.int64), retries.get(x))
+                            AskedStimulus(
+                                x, n, np.asarray(json.loads(idx), dtype=np.int64), retries.get(x), refs.get(x)
+                            )
                             for x, n, _, idx in stimuli.get(seq, [])
                         ),
                     )

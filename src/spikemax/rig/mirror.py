@@ -138,6 +138,9 @@ class MlflowMirror:
         if not isinstance(ev, Told) or s.id not in self.loggers:
             return
         self._sync(s)
+        gain = s.driver.gain() if s.cfg.references > 0 else None
+        if gain is not None and s.run_id is not None:  # the drift correction's estimate, by queries told
+            self.client.log_metric(s.run_id, "reference_gain", gain, step=len(s.q_y))
         if s.state.finished:
             self._artifacts(s, improved=True, full=True)
             self._finish(s)

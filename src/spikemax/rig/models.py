@@ -14,6 +14,7 @@ from spikemax.optim import METHODS
 MAX_K = 4096  # stimuli in one ask (a block of PNGs a rig shows in one go)
 MAX_CHANNELS = 4096  # electrodes of one rig
 MAX_REPEATS = 1024  # presentations of one stimulus in one result
+MAX_REFERENCE_SET = 4096  # reference stimuli in a session's fixed set
 
 
 def _number(value: Any) -> Any:
@@ -51,6 +52,12 @@ class NoiseOptions(Body):
         None, description="last share of the budget spent racing the best estimated stimuli"
     )
     estimator: Literal["mean", "shrink", "lcb"] | None = Field(None, description="how a stimulus's mean is estimated")
+    references: Annotated[StrictInt, Field(ge=0, le=MAX_K)] | None = Field(
+        None, description="reference stimuli in every ask (counted in the budget) to correct the search for drift"
+    )
+    reference_set: Annotated[StrictInt, Field(ge=1, le=MAX_REFERENCE_SET)] | None = Field(
+        None, description="size of the fixed set the references are drawn from in turn"
+    )
 
 
 class SessionCreate(Body):
@@ -179,6 +186,7 @@ class Stimulus(BaseModel):
     indices: list[int]
     png: str | None = None
     retry_of: str | None = None  # a failed stimulus shown again (retry_failed)
+    reference: bool = False  # a reference stimulus (noise.references): shown and told like any other
 
 
 class AskResponse(BaseModel):
@@ -237,6 +245,9 @@ class SessionStatus(BaseModel):
     best: Best | None  # noise-aware: the best estimated stimulus; else the best draw
     best_draw: Best | None  # the single highest response (the luckiest draw under noise)
     best_per_channel: list[Best | None]
+    # noise.references > 0: the neuron's current gain relative to the session's first reference
+    # responses (spikemax.optim.drift.GainTracker); None without references or before any was told
+    gain: float | None = None
     run_id: str | None
     created: float
 

@@ -36,9 +36,12 @@ class SessionConfig:
     name: str = ""
     created: float = 0.0
     checkpoint_sha256: str = ""  # content digest of the generator checkpoint (spikemax.digest.file_digest)
-    noise: dict[str, Any] = field(default_factory=dict)  # aware, repeats, retest, final, estimator
+    noise: dict[str, Any] = field(default_factory=dict)  # aware, repeats, retest, final, estimator, references, ...
     retry_failed: bool = False
     prior: bool = False  # the optimizer starts from the stage's TT data prior (saved beside the session)
+    # noise.references > 0: the fixed reference set (grid points, `neurons.reference_points`), stored so
+    # that a replay rebuilds the same wrapper whatever happens to the prepared data meanwhile
+    reference_points: list[list[int]] = field(default_factory=list)
 
     @property
     def target(self) -> int:
@@ -50,6 +53,11 @@ class SessionConfig:
         """Presentations of each asked stimulus the session asks the rig for."""
         return int(self.noise.get("repeats", 1))
 
+    @property
+    def references(self) -> int:
+        """Reference stimuli in every ask (0: no drift correction)."""
+        return int(self.noise.get("references", 0))
+
 
 @dataclass
 class StimulusState:
@@ -60,6 +68,7 @@ class StimulusState:
     event: int  # the ask event that made it (a block of the file protocol)
     answered: bool = False
     retry_of: str | None = None
+    reference: int | None = None  # its id in the session's reference set (None: a searched stimulus)
 
 
 @dataclass
@@ -77,6 +86,7 @@ class SessionState:
     q_idx: list[np.ndarray] = field(default_factory=list)
     q_y: list[np.ndarray] = field(default_factory=list)
     q_batch: list[int] = field(default_factory=list)
+    q_ref: list[int] = field(default_factory=list)  # reference id of each query (-1: searched or off-policy)
     best_y: np.ndarray = field(default_factory=lambda: np.zeros(0))
     best_q: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     improved: bool = False  # whether the last event raised the target channel's best draw
@@ -106,6 +116,11 @@ class SessionState:
         """Stimuli still to ask: the budget's new ones plus failed ones waiting to be shown again."""
         return self.cfg.budget - self.n_new + len(self.retry_queue)
 
+    def reference_of(self, stimulus: str | None) -> int:
+        """The reference id of an asked stimulus (-1: a searched one, or an off-policy result)."""
+        ref = None if stimulus is None else self.stimuli[stimulus].reference
+        return -1 if ref is None else int(ref)
+
     def indices(self) -> np.ndarray:
         """Every query's grid indices, (q, d) (stacked once per new query count)."""
         if self._stacked is None or len(self._stacked) != len(self.q_idx):
@@ -119,7 +134,9 @@ class SessionState:
 
 def _asked(s: SessionState, ev: Asked) -> None:
     for x in ev.stimuli:
-        s.stimuli[x.id] = StimulusState(x.n, np.asarray(x.indices, dtype=np.int64), s.seq, retry_of=x.retry_of)
+        s.stimuli[x.id] = StimulusState(
+            x.n, np.asarray(x.indices, dtype=np.int64), s.seq, retry_of=x.retry_of, reference=x.reference
+        )
         if x.retry_of is not None and x.retry_of in s.retry_queue:
             s.retry_queue.remove(x.retry_of)
     s.n_asked += len(ev.stimuli)
@@ -133,11 +150,14 @@ def _told(s: SessionState, ev: Told) -> None:
     failed: dict[str, bool] = {}  # stimulus -> every presentation of it in this tell failed
     for q in ev.queries:
         y = np.asarray(q.responses, dtype=np.float64)
+        ref = s.reference_of(q.stimulus)
         s.q_sid.append(q.stimulus)
         s.q_idx.append(np.asarray(q.indices, dtype=np.int64))
         s.q_y.append(y)
         s.q_batch.append(s.n_tells)
-        better = np.isfinite(y) & (y > s.best_y)  # strict: the first of equal responses stays best
+        s.q_ref.append(ref)
+        # strict: the first of equal responses stays best; a reference presentation is never the best
+        better = np.isfinite(y) & (y > s.best_y) & (ref < 0)
         s.best_y = np.where(better, y, s.best_y)
         s.best_q = np.where(better, len(s.q_y) - 1, s.best_q)
         s.improved |= bool(better[t])

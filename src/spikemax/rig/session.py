@@ -23,7 +23,11 @@ from spikemax.rig.replay import SessionConfig, SessionState, apply
 
 
 class SingleChannel:
-    """The optimizer driver of a session that maximizes one channel and records the others."""
+    """The optimizer driver of a session that maximizes one channel and records the others.
+
+    With references (`optim.drift.DriftCorrected`) the optimizer marks which asked rows are
+    references, and every tell names each row's reference id: a rig's tell need not be its last ask.
+    """
 
     def __init__(self, optimizer: Any, channel: int) -> None:
         self.optimizer, self.channel = optimizer, channel
@@ -32,8 +36,21 @@ class SingleChannel:
     def ask(self, k: int) -> np.ndarray:
         return np.asarray(self.optimizer.ask(k), dtype=np.int64)
 
-    def tell(self, I: np.ndarray, Y: np.ndarray) -> None:
-        self.optimizer.tell(I, Y[:, self.channel])
+    def reference_ids(self, k: int) -> np.ndarray:
+        """The reference id of each of the last ask's k rows (-1: a searched point)."""
+        ids = getattr(self.optimizer, "reference_ids", None)
+        return np.full(k, -1, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+
+    def tell(self, I: np.ndarray, Y: np.ndarray, refs: np.ndarray | None = None) -> None:
+        if hasattr(self.optimizer, "tell_marked"):
+            marks = np.full(len(I), -1, dtype=np.int64) if refs is None else refs
+            self.optimizer.tell_marked(I, Y[:, self.channel], marks)
+        else:
+            self.optimizer.tell(I, Y[:, self.channel])
+
+    def gain(self) -> float | None:
+        """The drift correction's current gain estimate (None without references)."""
+        return getattr(self.optimizer, "gain", None)
 
     def estimated(self, channel: int) -> Any:
         """The optimizer of `channel` if it keeps per-point estimates (noise-aware), else None."""
@@ -50,8 +67,15 @@ class Channels:
     def ask(self, k: int) -> np.ndarray:
         return np.asarray(self.population.ask(k), dtype=np.int64)
 
-    def tell(self, I: np.ndarray, Y: np.ndarray) -> None:
+    def reference_ids(self, k: int) -> np.ndarray:
+        """No references in population mode (the factory refuses them)."""
+        return np.full(k, -1, dtype=np.int64)
+
+    def tell(self, I: np.ndarray, Y: np.ndarray, refs: np.ndarray | None = None) -> None:
         self.population.tell(I, Y)
+
+    def gain(self) -> float | None:
+        return None
 
     def estimated(self, channel: int) -> Any:
         opt = self.optimizers[channel]
@@ -127,20 +151,37 @@ class Session:
         k = min(k if k is not None else self.cfg.batch, s.left)
         again = s.retry_queue[:k]
         k_new = min(k - len(again), self.cfg.budget - s.n_new)
-        I = self.driver.ask(k_new) if k_new > 0 else np.zeros((0, self.grid.d), dtype=np.int64)
-        made = [AskedStimulus(f"{self.id}-{s.n_asked + j}", s.n_asked + j, I[j].copy()) for j in range(k_new)]
+        I, refs = self._driver_ask(k_new)
+        made = [
+            AskedStimulus(f"{self.id}-{s.n_asked + j}", s.n_asked + j, I[j].copy(), reference=_ref(refs[j]))
+            for j in range(k_new)
+        ]
         n = s.n_asked + k_new
-        made += [
-            AskedStimulus(f"{self.id}-{n + j}", n + j, s.stimuli[x].indices.copy(), retry_of=x)
+        made += [  # a reference shown again is still that reference
+            AskedStimulus(
+                f"{self.id}-{n + j}", n + j, s.stimuli[x].indices.copy(), retry_of=x, reference=s.stimuli[x].reference
+            )
             for j, x in enumerate(again)
         ]
         return Asked(k_new, tuple(made))
 
+    def _driver_ask(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k new optimizer points and the reference id of each (-1: searched)."""
+        if k <= 0:
+            return np.zeros((0, self.grid.d), dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return self.driver.ask(k), self.driver.reference_ids(k)
+
     def replay_ask(self, ev: Asked) -> None:
-        """Re-ask the optimizer a journaled ask; it must propose exactly what was handed out."""
-        got = self.driver.ask(ev.k) if ev.k else np.zeros((0, self.grid.d), dtype=np.int64)
-        want = np.asarray([x.indices for x in ev.stimuli if x.retry_of is None], dtype=np.int64)
-        if got.shape != want.reshape(-1, self.grid.d).shape or not np.array_equal(got, want.reshape(got.shape)):
+        """Re-ask the optimizer a journaled ask; it must propose exactly what was handed out (references too)."""
+        got, refs = self._driver_ask(ev.k)
+        new = [x for x in ev.stimuli if x.retry_of is None]
+        want = np.asarray([x.indices for x in new], dtype=np.int64)
+        want_refs = [x.reference for x in new]
+        if (
+            got.shape != want.reshape(-1, self.grid.d).shape
+            or not np.array_equal(got, want.reshape(got.shape))
+            or [_ref(r) for r in refs] != want_refs
+        ):
             raise RigError(f"replaying ask #{self.state.seq} gave other stimuli than were asked")
 
     def check_tell(self, req: TellRequest, elapsed_s: float) -> Told:
@@ -193,7 +234,8 @@ class Session:
         if isinstance(ev, Told):
             I = np.stack([q.indices for q in ev.queries])
             Y = np.stack([q.responses for q in ev.queries])
-            self.driver.tell(I, Y)
+            refs = np.asarray([self.state.reference_of(q.stimulus) for q in ev.queries], dtype=np.int64)
+            self.driver.tell(I, Y, refs)
         apply(self.state, ev)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -227,7 +269,8 @@ class Session:
             return self.best_draw(channel)
         s = self.state
         same = (s.indices() == st.index).all(axis=1)
-        q = int(np.flatnonzero(same)[0])
+        searched = same & (np.asarray(s.q_ref) < 0)  # the point as searched, if it was also shown as a reference
+        q = int(np.flatnonzero(searched if searched.any() else same)[0])
         return Best(
             indices=st.index.tolist(),
             response=float(st.mean),
@@ -275,6 +318,7 @@ class Session:
             best=self.best_of(self.target),
             best_draw=self.best_draw(self.target),
             best_per_channel=[self.best_of(j) for j in range(c.channels)],
+            gain=None if self.driver is None else self.driver.gain(),
             run_id=self.run_id,
             created=c.created,
         )
@@ -294,7 +338,13 @@ class Session:
             indices=np.asarray(s.q_idx, dtype=np.int64),
             response=y[:, self.target],
             responses=y,
+            reference=np.asarray(s.q_ref, dtype=np.int64) >= 0,
         )
+
+
+def _ref(value: Any) -> int | None:
+    """A reference id from the driver's marks (None: a searched point)."""
+    return None if value is None or int(value) < 0 else int(value)
 
 
 def _interval(opt: Any, index: np.ndarray) -> dict[str, float | None]:

@@ -62,7 +62,8 @@ def test_noise_aware_by_default_and_recorded_in_mlflow(service):
     s = manager.get(body["id"])
     assert isinstance(s.driver.optimizer, NoisyOptimizer)
     want = {"repeats": mp.noise.repeats, "retest": mp.noise.retest, "final": mp.noise.final}
-    assert body["noise"] == {**want, "estimator": mp.noise.estimator}
+    refs = {"references": mp.noise.references, "reference_set": mp.noise.reference_set}
+    assert body["noise"] == {**want, "estimator": mp.noise.estimator, **refs}
     run = mlflow.MlflowClient(manager.client.tracking_uri).get_run(body["run_id"])
     assert run.data.params["noise_aware"] == "True"
     assert {k: run.data.params[f"noise.{k}"] for k in want} == {k: str(v) for k, v in want.items()}

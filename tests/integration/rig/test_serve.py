@@ -73,15 +73,18 @@ def test_serve_with_default_params_answers_ask_and_tell(generator_checkpoints, t
 
 
 @pytest.mark.slow  # three server starts (about 5 s each on a quiet machine)
-def test_sigkill_mid_session_loses_and_doubles_nothing(generator_checkpoints, tmp_path):
-    """Killed at random moments (mid-request too), restarted: the session ends exactly like one never killed."""
+@pytest.mark.parametrize("noise", [{}, {"references": 2, "reference_set": 3}], ids=["plain", "references"])
+def test_sigkill_mid_session_loses_and_doubles_nothing(generator_checkpoints, tmp_path, noise):
+    """Killed at random moments (mid-request too), restarted: the session ends exactly like one never killed
+    (with reference stimuli too: the drift-corrected optimizer is rebuilt and replayed the same)."""
     params, paths = make_project(tmp_path / "proj", generator_checkpoints)
     rng = random.Random(0)
     budget, k = 64, 8
     proc, url = start(paths.root)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     c = httpx.Client(base_url=url, headers=headers, timeout=30)
-    sid = c.post("/sessions", json={"generator": "sngan", "method": "tt", "budget": budget, "seed": 2}).json()["id"]
+    create = {"generator": "sngan", "method": "tt", "budget": budget, "seed": 2, "noise": noise}
+    sid = c.post("/sessions", json=create).json()["id"]
     kills = 0
     answered: dict[str, list] = {}
     while True:
@@ -127,7 +130,7 @@ def test_sigkill_mid_session_loses_and_doubles_nothing(generator_checkpoints, tm
     from spikemax.rig.sessions import SessionManager
 
     ref = SessionManager(params, paths, tmp_path / "ref", mlflow=False)
-    rid = ref.create(SessionCreate(generator="sngan", method="tt", budget=budget, seed=2)).id
+    rid = ref.create(SessionCreate.model_validate(create)).id
     while ref.get(rid).n_asked < budget:
         asked = ref.ask(rid, k)
         ref.tell(
@@ -141,6 +144,8 @@ def test_sigkill_mid_session_loses_and_doubles_nothing(generator_checkpoints, tm
     assert np.array_equal(np.stack(a.q_idx), np.stack(b.q_idx))
     assert np.array_equal(np.asarray(a.q_y), np.asarray(b.q_y), equal_nan=True)
     assert a.status().best == b.status().best.model_copy(update={"stimulus_id": a.status().best.stimulus_id})
+    assert a.status().gain == b.status().gain and (a.status().gain is None) == (not noise)
+    assert a.state.q_ref == b.state.q_ref and sum(r >= 0 for r in a.state.q_ref) == (16 if noise else 0)
     # MLflow got every query exactly once
     client = mlflow.MlflowClient(f"sqlite:///{paths.root / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs(
