@@ -114,13 +114,19 @@ def maximize(
     ray_workers: int | None = typer.Option(
         None, "--ray-workers", envvar="SPIKEMAX_RAY_WORKERS", help="CPUs of a started Ray cluster (0 = all)"
     ),
+    processes: int | None = typer.Option(
+        None,
+        "--processes",
+        envvar="SPIKEMAX_PROCESSES",
+        help="local engine: worker processes (1 = this one, 0 = one per core; same results either way)",
+    ),
 ) -> None:
     """Run activation maximization over checkpoints x generators x targets x methods x seeds."""
     p, paths = _load(params)
     from spikemax.am.engine import EngineSettings
     from spikemax.stages.maximize import run
 
-    run(p, paths, EngineSettings.resolve(p.maximize, engine, ray_address, ray_workers))
+    run(p, paths, EngineSettings.resolve(p.maximize, engine, ray_address, ray_workers, processes))
 
 
 @app.command()

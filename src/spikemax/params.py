@@ -325,6 +325,16 @@ class MaximizeParams(Section):
         """Each checkpoint, generator, target, method and seed once: a repeat would run its keys twice."""
         return _check_distinct(value)
 
+    @model_validator(mode="after")
+    def _population_references(self) -> MaximizeParams:
+        """Reference stimuli correct one neuron's own session; a population's shared presentations
+        would tell every neuron the others' references as searched points (the rig refuses it too)."""
+        if self.population and self.noise.references > 0:
+            raise PydanticCustomError(
+                "population_references", "noise.references needs population: false (not available in population mode)"
+            )
+        return self
+
 
 class AnalyzeParams(Section):
     """`analyze` stage: thresholds of the selectivity analysis."""

@@ -73,3 +73,37 @@ def test_a_retried_group_keeps_finished_runs_and_redoes_the_lost_one(
     pd.testing.assert_frame_equal(
         read_queries(am / lost.run_dir).drop(columns="elapsed_s"), q_lost.drop(columns="elapsed_s")
     )
+
+
+@pytest.mark.slow
+def test_local_processes_equal_in_process(tmp_path, project, snn_checkpoints, generator_checkpoints):
+    """Two local worker processes (the generators' checkpoint chains side by side) ask and record
+    exactly what one process does; a rerun has nothing left to do."""
+    small = {**SMALL, "generators": ["sngan", "vqvae"], "methods": ["tt"], "seeds": [0]}
+    local = project_copy(tmp_path / "local", project, small)
+    procs = project_copy(tmp_path / "procs", project, small)
+    two = EngineSettings(processes=2)
+    m_local = run_stage(*local)
+    m_procs = run_stage(*procs, two)
+    assert m_procs["n_runs"] == m_local["n_runs"] == 2 * 3 * 2 and m_procs["n_failed"] == 0
+    assert m_procs["queries_run"] == m_local["queries_run"]
+    assert_same_results(local[1], procs[1])
+    nested = [r for r in am_runs(procs[1].root) if "spikemax.run_key" in r.data.tags]
+    assert len(nested) == m_procs["n_runs"] and {r.info.status for r in nested} == {"FINISHED"}
+    assert run_stage(*procs, two)["queries_run"] == 0
+
+
+def test_processes_setting_from_the_cli_or_environment(monkeypatch):
+    """`--processes` / SPIKEMAX_PROCESSES: 0 means one per core; a bad value is one line."""
+    from spikemax import SpikemaxError
+
+    monkeypatch.delenv("SPIKEMAX_PROCESSES", raising=False)
+    assert EngineSettings.resolve().processes == 1
+    assert EngineSettings.resolve(processes=0).local_processes() >= 1
+    monkeypatch.setenv("SPIKEMAX_PROCESSES", "3")
+    assert EngineSettings.resolve().processes == 3
+    monkeypatch.setenv("SPIKEMAX_PROCESSES", "many")
+    with pytest.raises(SpikemaxError, match="processes 'many'"):
+        EngineSettings.resolve()
+    with pytest.raises(SpikemaxError, match="processes -1"):
+        EngineSettings.resolve(processes=-1)

@@ -254,3 +254,13 @@ def test_strict_counts_apply_to_any_new_section_field():
     for bad in ({"n": True}, {"n": 2.5}, {"share": False}):
         with pytest.raises(P.ValidationError, match="Input should be an? (integer|number)"):
             Extra.model_validate(bad)
+
+
+def test_population_mode_refuses_reference_stimuli():
+    """References correct one neuron's own session: in a shared population they would reach every
+    neuron as searched points, so the combination is refused before anything runs."""
+    from spikemax import params as P
+
+    with pytest.raises(P.ParamsError, match="noise.references needs population: false"):
+        P.validate({"maximize": {"population": True, "noise": {"model": "poisson", "references": 2}}})
+    assert P.validate({"maximize": {"population": True, "noise": {"model": "poisson"}}}).maximize.population

@@ -26,16 +26,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
 ENV = {"engine": "SPIKEMAX_ENGINE", "ray_address": "SPIKEMAX_RAY_ADDRESS", "ray_workers": "SPIKEMAX_RAY_WORKERS"}
+PROCESSES_ENV = "SPIKEMAX_PROCESSES"
 
 
 @dataclass(frozen=True)
 class EngineSettings:
     """Where the groups run: `engine` "local" or "ray"; Ray's `address` ("" starts a local cluster
-    with `workers` CPUs, 0 = all; "auto" joins this machine's; "HOST:6379" / "ray://HOST:10001")."""
+    with `workers` CPUs, 0 = all; "auto" joins this machine's; "HOST:6379" / "ray://HOST:10001");
+    local `processes`: 1 = this process, N = N worker processes, 0 = one per CPU core."""
 
     engine: str = "local"
     address: str = ""
     workers: int = 0
+    processes: int = 1
+
+    def local_processes(self) -> int:
+        """Worker processes of the local engine (0 resolved to the machine's cores)."""
+        return self.processes or (os.cpu_count() or 1)
 
     @classmethod
     def resolve(
@@ -44,6 +51,7 @@ class EngineSettings:
         engine: str | None = None,
         address: str | None = None,
         workers: int | None = None,
+        processes: int | None = None,
     ) -> EngineSettings:
         """Settings from the CLI options, else the environment, else the deprecated params keys."""
         given = {"engine": engine, "ray_address": address, "ray_workers": workers}
@@ -70,7 +78,14 @@ class EngineSettings:
             raise SpikemaxError(f"ray workers {values['ray_workers']!r}: must be an integer >= 0") from None
         if n < 0:
             raise SpikemaxError(f"ray workers {n}: must be >= 0")
-        return cls(name, str(values["ray_address"] or ""), n)
+        raw = processes if processes is not None else os.environ.get(PROCESSES_ENV) or 1
+        try:
+            procs = int(raw)
+        except ValueError:
+            raise SpikemaxError(f"processes {raw!r}: must be an integer >= 0 (0 = one per core)") from None
+        if procs < 0:
+            raise SpikemaxError(f"processes {procs}: must be >= 0 (0 = one per core)")
+        return cls(name, str(values["ray_address"] or ""), n, procs)
 
 
 class Executor(Protocol):
@@ -152,9 +167,92 @@ class OnRay:
         return n_run
 
 
+class InProcesses:
+    """The groups in local worker processes (spawned, the cores shared among them), each group as
+    soon as the group it warm-starts from is done: the two generators' checkpoint chains run side
+    by side. Each group runs as on a Ray worker (`group_on_worker`), so the runs and their results
+    are those of `InProcess`; a checkpoint's dataset stats are computed by its first group and
+    passed to the others."""
+
+    POLL_S = 0.05
+
+    def __init__(self, processes: int) -> None:
+        self.processes = max(1, int(processes))
+
+    def run(self, ctx: Context, progress: Progress, on_group: Callable[[], None]) -> int:
+        import multiprocessing
+        import time
+
+        plan = ctx.plan
+        todo = [i for i, g in enumerate(plan.groups) if plan.group_runs(g, ctx.done)]
+        waits = {i: plan.groups[i].after for i in todo}
+        open_idents = {plan.groups[i].ident for i in todo}
+        stats: dict[int, Any] = {}  # checkpoint -> its dataset stats, once a group has computed them
+        threads = max(1, (os.cpu_count() or 1) // self.processes)
+        pool = multiprocessing.get_context("spawn").Pool(
+            self.processes, initializer=_init_worker, initargs=(threads, worker_env(ctx.tracker.uri))
+        )
+        running: dict[int, Any] = {}
+        n_run = 0
+        try:
+            while waits or running:
+                for i in [i for i, after in waits.items() if after is None or after not in open_idents]:
+                    del waits[i]
+                    g = plan.groups[i]
+                    args = (ctx.params, ctx.paths, plan, i, ctx.parent_id, stats.get(g.epoch), ctx.tracker.uri)
+                    running[i] = pool.apply_async(group_in_process, args)
+                finished = [i for i, res in running.items() if res.ready()]
+                if not finished:
+                    time.sleep(self.POLL_S)
+                for i in finished:
+                    res = running.pop(i).get()  # a worker's exception is raised here
+                    g = plan.groups[i]
+                    open_idents.discard(g.ident)
+                    stats.setdefault(g.epoch, res["stats"])
+                    ctx.done.update(res["rows"])
+                    ctx.failed += res["failed"]
+                    ctx.logging_s += res["logging_s"]
+                    n_run += res["queries"]
+                    progress.queries(sum(int(r["n_queries"]) for r in res["rows"].values()))
+                    progress.runs(len(res["rows"]))
+                    on_group()
+            pool.close()
+        except BaseException:
+            pool.terminate()  # a worker killed mid-group leaves its runs RUNNING: failed here
+            ctx.failed += ctx.tracker.fail_open_children(ctx.parent_id, "interrupted (the stage stopped)")
+            raise
+        finally:
+            pool.join()
+        return n_run
+
+
+def _init_worker(threads: int, env: dict[str, str]) -> None:
+    """A local worker: its share of the cores and the driver's store."""
+    import torch
+
+    os.environ.update(env)
+    torch.set_num_threads(threads)
+
+
+def group_in_process(
+    params: Any, paths: Any, plan: Any, index: int, parent_id: str, stats: Any, tracking_uri: str
+) -> dict:
+    """`group_on_worker` in a local worker process, the checkpoint's dataset stats computed first
+    when the driver has none yet (they come back with the result)."""
+    from spikemax.am.group import group_on_worker, stats_on_worker
+
+    group = plan.groups[index]
+    if stats is None:
+        stats = stats_on_worker(params, paths, group.snn_ckpt, plan.targets)
+    return {**group_on_worker(params, paths, plan, index, parent_id, stats, tracking_uri), "stats": stats}
+
+
 def executor(settings: EngineSettings, grids: dict[str, Any], device: str) -> Executor:
     """The executor of these settings."""
-    return OnRay(settings) if settings.engine == "ray" else InProcess(grids, device)
+    if settings.engine == "ray":
+        return OnRay(settings)
+    processes = settings.local_processes()
+    return InProcesses(processes) if processes > 1 else InProcess(grids, device)
 
 
 MAX_RETRIES = 3  # attempts after a worker (process or node) dies mid-group; finished runs are never redone
