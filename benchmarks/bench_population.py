@@ -33,6 +33,8 @@ def run_population(spec, params, grid, clean, noise, total, batch, seed, na, ste
     """One Population over the panel for `total` presentations; clean rate of each neuron's best (m,)."""
     from spikemax.optim import Population, make_optimizer
 
+    # the stage's options in population mode (maximize.population: true)
+    params = params.model_copy(update={"maximize": params.maximize.model_copy(update={"population": True})})
     method, opts = method_options(spec, params, grid, total, na, prior)
     m = len(clean.targets)
     pop = Population([make_optimizer(method, grid.d, grid.n, seed=seed + j, **opts) for j in range(m)], rule=rule)

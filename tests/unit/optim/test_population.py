@@ -136,3 +136,18 @@ def test_cma_adopts_a_better_point_another_source_found(adopt: bool) -> None:
     opt.tell(nxt, np.ones(len(nxt)))
     opt.tell(np.array([[0, 7, 0, 7, 0, 7]]), [0.5])
     assert not any((row == [0, 7, 0, 7, 0, 7]).all() for row in opt.ask(opt.batch))
+
+
+def test_population_mode_makes_cma_adopt_and_leaves_other_methods_alone() -> None:
+    """options_for under `maximize.population`: CMA-ES (also as `auto` on an ordered grid) adopts
+    the other neurons' better points; TT (which learns from every told point anyway) is unchanged."""
+    from spikemax import params as P
+    from spikemax.optim import options_for
+
+    solo = P.validate({}).maximize
+    pop = P.validate({"maximize": {"population": True}}).maximize
+    assert options_for("cma", pop, True)["adopt"] is True
+    assert options_for("auto", pop, True) == {**options_for("auto", solo, True), "adopt": True}
+    assert "adopt" not in options_for("cma", solo, True)
+    assert options_for("tt", pop, False) == options_for("tt", solo, False)
+    assert make_optimizer("auto", 4, 8, **options_for("auto", pop, True)).adopt
