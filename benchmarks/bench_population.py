@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--layer", default=None)
     ap.add_argument("--neurons", type=int, default=16)
     ap.add_argument("--method", default="tt", help="e.g. tt, tt+na, cma")
+    ap.add_argument("--pop-method", default=None, help="the population's spec when it differs (default: --method)")
     ap.add_argument("--na", default="", help="noise-aware options (with +na)")
     ap.add_argument("--rules", default="round_robin,progress")
     ap.add_argument("--noise", default="clean")
@@ -79,7 +80,14 @@ def main() -> None:
     gens = (a.generators or ("sngan" if a.quick else "sngan,vqvae")).split(",")
     budgets = [int(b) for b in (a.budgets or ("256" if a.quick else "256,1024")).split(",")]
     rules, na = a.rules.split(","), parse_options(a.na)
-    result: dict = {"method": a.method, "noise": a.noise, "factor": a.factor, "budgets": budgets, "generators": {}}
+    result: dict = {
+        "method": a.method,
+        "pop_method": a.pop_method or a.method,
+        "noise": a.noise,
+        "factor": a.factor,
+        "budgets": budgets,
+        "generators": {},
+    }
     params_path = str(Path(a.root or ".") / a.params)
     prepared = prepared_data(params_path, a.root)
     for gen in gens:
@@ -102,7 +110,7 @@ def main() -> None:
                 t = time.perf_counter()
                 total = round(a.factor * B)
                 raw[(rule, B)] = run_population(
-                    a.method, params, grid, clean, a.noise, total, batch, a.seed, na, steps, rule, prior
+                    a.pop_method or a.method, params, grid, clean, a.noise, total, batch, a.seed, na, steps, rule, prior
                 )
                 print(f"  {gen} {rule} {total}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
         ref = clean.best_seen()
