@@ -77,15 +77,17 @@ def test_a_retried_group_keeps_finished_runs_and_redoes_the_lost_one(
 
 @pytest.mark.slow
 def test_local_processes_equal_in_process(tmp_path, project, snn_checkpoints, generator_checkpoints):
-    """Two local worker processes (the generators' checkpoint chains side by side) ask and record
+    """Two local worker processes (two checkpoint chains side by side: tt and random) ask and record
     exactly what one process does; a rerun has nothing left to do."""
-    small = {**SMALL, "generators": ["sngan", "vqvae"], "methods": ["tt"], "seeds": [0]}
+    small = {**SMALL, "seeds": [0]}
     local = project_copy(tmp_path / "local", project, small)
     procs = project_copy(tmp_path / "procs", project, small)
     two = EngineSettings(processes=2)
     m_local = run_stage(*local)
     m_procs = run_stage(*procs, two)
-    assert m_procs["n_runs"] == m_local["n_runs"] == 2 * 3 * 2 and m_procs["n_failed"] == 0
+    assert (
+        m_procs["n_runs"] == m_local["n_runs"] == 2 * 3 * 2 and m_procs["n_failed"] == 0
+    )  # checkpoints x targets x methods
     assert m_procs["queries_run"] == m_local["queries_run"]
     assert_same_results(local[1], procs[1])
     nested = [r for r in am_runs(procs[1].root) if "spikemax.run_key" in r.data.tags]
