@@ -130,9 +130,13 @@ def default_run() -> str:
             f"after {snn['epochs']} epochs ({snn['checkpoints']} checkpoints)",
         ],
     ]
-    other = am.get("other_machines", {})
+    seeds = am.get("other_seeds", {})  # the same pipeline with other training seeds (another machine's weights)
     for gen, g in am["last_checkpoint"].items():
-        also = f" ({pct(other[gen]['frac_above_dataset'])} on another machine)" if gen in other else ""
+        others = [
+            f"{label}: {o[gen]['median_am_gain']:.2f}, {pct(o[gen]['frac_above_dataset'])}"
+            for label, o in seeds.items()
+        ]
+        also = f" (other training seeds, {'; '.join(others)})" if others else ""
         rows.append(
             [
                 f"AM on {gen}, trained net",
@@ -200,8 +204,25 @@ def render(text: str, where: str = "") -> tuple[str, list[str]]:
     return BLOCK.sub(sub, text), changed
 
 
-def collect(root: Path) -> dict[str, Any]:
-    """The headline numbers of a finished default run, read from its metrics/ JSON."""
+def last_checkpoint(root: Path) -> dict[str, Any]:
+    """Median AM gain and share of runs above the dataset per generator/method at the last checkpoint."""
+    am = json.loads((root / "metrics" / "am.json").read_text())
+    return {
+        name: {"median_am_gain": v["median_am_gain"], "frac_above_dataset": v["frac_above_dataset"]}
+        for name, v in am["last_checkpoint"].items()
+    }
+
+
+def training_seed(root: Path) -> str:
+    """`seed N`: the SNN training seed of a project's params.yaml (the generators' follow it in the docs' runs)."""
+    import yaml
+
+    return f"seed {yaml.safe_load((root / 'params.yaml').read_text())['snn']['seed']}"
+
+
+def collect(root: Path, others: list[Path] | None = None) -> dict[str, Any]:
+    """The headline numbers of a finished default run, read from its metrics/ JSON; `others`: the
+    same pipeline with other training seeds (`snn.seed` and the generators' seeds)."""
     m = root / "metrics"
     snn = json.loads((m / "snn.json").read_text())
     am = json.loads((m / "am.json").read_text())
@@ -220,10 +241,8 @@ def collect(root: Path) -> dict[str, Any]:
         "am": {
             "runs": am["n_runs"],
             "queries": am["queries_run"],
-            "last_checkpoint": {
-                name: {"median_am_gain": v["median_am_gain"], "frac_above_dataset": v["frac_above_dataset"]}
-                for name, v in am["last_checkpoint"].items()
-            },
+            "last_checkpoint": last_checkpoint(root),
+            "other_seeds": {training_seed(o): last_checkpoint(o) for o in others or []},
         },
         "claims": {
             "claim1": {
@@ -259,11 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("action", nargs="?", choices=["render", "collect"], default="render")
     ap.add_argument("--check", action="store_true", help="only report stale blocks (exit 1 if any)")
     ap.add_argument("--root", type=Path, help="collect: the finished project to read metrics/ from")
+    ap.add_argument(
+        "--seeds-root", type=Path, action="append", default=[], help="collect: a finished run with other training seeds"
+    )
     a = ap.parse_args(argv)
     if a.action == "collect":
         if a.root is None:
             ap.error("collect needs --root")
-        (DATA / "default_run.json").write_text(json.dumps(collect(a.root), indent=1) + "\n")
+        (DATA / "default_run.json").write_text(json.dumps(collect(a.root, a.seeds_root), indent=1) + "\n")
         setup = load("setup")
         setup["repro"]["project_gb"] = round(outputs_gb(a.root), 2)
         (DATA / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
