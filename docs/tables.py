@@ -77,6 +77,31 @@ def bench_am() -> str:
     )
 
 
+def bench_noise() -> str:
+    """Noisy model neurons: the reported best per grid × noise × method × budget (benchmarks/bench_noise.py)."""
+    d = load("bench_noise")
+    budgets = [str(b) for b in d["budgets"]]
+    rows = []
+    for gen, g in d["generators"].items():
+        for noise, per in g["scores"].items():
+            for method, cells in per.items():
+                shown = [
+                    f"{cells[b]['median']:.3f} ({cells[b]['found_median']:.2f})" if b in cells else "–" for b in budgets
+                ]
+                cov = [cells[b].get("coverage") for b in budgets if b in cells]
+                rows.append(
+                    [
+                        f"{gen} ({g['firing']}/{g['targets']} fire)",
+                        noise,
+                        f"`{method}`",
+                        *shown,
+                        " / ".join(pct(c) for c in cov if c is not None) or "–",
+                    ]
+                )
+    head = ["grid", "noise", "method", *(f"{b} queries" for b in budgets), "coverage"]
+    return prose(f"{d['conditions']} Source: {d['source']}.") + "\n" + md_table(head, rows)
+
+
 def bench_optimizers() -> str:
     """Median normalized score per method on planted-maximum functions (benchmarks/bench_optimizers.py)."""
     d = load("bench_optimizers")
@@ -175,6 +200,7 @@ def setup() -> str:
 
 RENDERERS: dict[str, Callable[[], str]] = {
     "bench_am": bench_am,
+    "bench_noise": bench_noise,
     "bench_optimizers": bench_optimizers,
     "bench_rig": bench_rig,
     "bench_logging": bench_logging,
