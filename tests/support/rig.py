@@ -66,3 +66,21 @@ def serving(manager: Any, token: str | None) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextlib.contextmanager
+def http_service(params: P.Params, paths: P.Paths, state_dir: Path, token: str) -> Iterator[tuple[Any, Any]]:
+    """A SessionManager on the project's store served over real HTTP; yields (httpx client with the token, manager)."""
+    import httpx
+
+    from spikemax.rig.sessions import SessionManager
+
+    manager = SessionManager(params, paths, state_dir)
+    try:
+        with (
+            serving(manager, token) as url,
+            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client,
+        ):
+            yield client, manager
+    finally:
+        manager.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import httpx
 import mlflow
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from spikemax.optim.noisy import NoisyOptimizer
 from spikemax.rig.journal import Asked, Journal
 from spikemax.rig.models import SessionCreate, TellRequest
 from spikemax.rig.sessions import SessionManager
-from tests.support.rig import make_project, serving
+from tests.support.rig import http_service, make_project
 
 pytestmark = pytest.mark.usefixtures("own_store")
 TOKEN = "tok"
@@ -31,14 +30,8 @@ def proj(generator_checkpoints, tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(proj, tmp_path_factory):
     """The rig over real HTTP with MLflow on the project's sqlite store; yields (client, manager)."""
-    params, paths = proj
-    manager = SessionManager(params, paths, tmp_path_factory.mktemp("rigstate"))
-    with (
-        serving(manager, TOKEN) as url,
-        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c,
-    ):
-        yield c, manager
-    manager.close()
+    with http_service(*proj, tmp_path_factory.mktemp("rigstate"), TOKEN) as served:
+        yield served
 
 
 def test_auto_is_accepted_and_resolved_as_the_stage_does(service):
