@@ -223,7 +223,7 @@ def test_the_space_holds_the_defaults_and_the_noise_aware_options_only_when_nois
 def test_adopted_values_win_over_the_noise_aware_default_base_settings():
     """Under a noise model (`aware: auto` turns the layer on) the untuned TT and CMA-ES take the
     noise default's base settings, a run of the adopted method the values its study measured."""
-    from spikemax.optim.noisy import UNDER_NOISE, under_noise
+    from spikemax.optim.noisy import UNDER_NOISE
 
     m = P.validate({"maximize": {"noise": {"model": "poisson"}}}).maximize
     assert space_of(P.validate({"maximize": {"noise": {"model": "poisson"}}}), "vqvae").defaults["tt"]["aware"] is True
@@ -234,4 +234,4 @@ def test_adopted_values_win_over_the_noise_aware_default_base_settings():
     assert (opts["resolved"], opts["rank"], opts["elite"], opts["noise_aware"]) == ("tt", 2, 4, True)
     cma = {"sngan": {"study": "s", "method": "cma", "settings": {"popsize": 8}, "source": "study"}}
     assert run_options(m, cma, "cma", "sngan", True)["popsize"] == 8
-    assert run_options(m, {}, "cma", "sngan", True)["popsize"] == under_noise("cma", m.budget)["popsize"]
+    assert run_options(m, {}, "cma", "sngan", True)["popsize"] == UNDER_NOISE["cma"]["popsize"]

@@ -50,20 +50,7 @@ UNDER_NOISE: dict[str, dict[str, Any]] = {
     "cma": {"popsize": 64},
 }
 """Base optimizer settings the noise-aware default uses (`maximize.noise.search: auto`), chosen on
-benchmarks/bench_noise.py (VQ-VAE: TT; SN-GAN: CMA-ES; Poisson and multiplicative noise); CMA-ES's
-popsize is the cap of `under_noise`'s budget schedule."""
-
-
-def under_noise(base: str, budget: int | None = None) -> dict[str, Any]:
-    """`UNDER_NOISE` settings of `base` for a run of `budget` queries: CMA-ES's generation is a
-    sixteenth of the budget, 16 to 64 points (about 16 generations). At 256 queries popsize 64 left
-    3 generations; 16 scored +0.05 (multiplicative sigma 0.5) and +0.02 (Poisson) over it on SN-GAN
-    (bench_noise, 12 units, 2 seeds), while 1,024 queries keep 64."""
-    settings = dict(UNDER_NOISE.get(base, {}))
-    if base == "cma" and budget:
-        settings["popsize"] = int(min(settings["popsize"], max(16, int(budget) // 16)))
-    return settings
-
+benchmarks/bench_noise.py (VQ-VAE: TT; SN-GAN: CMA-ES; Poisson and multiplicative noise)."""
 
 SELECTIONS = ("lucb", "halving")
 """How the final phase (`final` > 0) spends its budget: lucb races the leader against the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .noisy import CLEAN_SWITCHABLE, under_noise
+from .noisy import CLEAN_SWITCHABLE, UNDER_NOISE
 from .tt import resolve_cma, resolve_ordinal
 
 
@@ -65,7 +65,7 @@ def options_for(
             opts.update(final=noise.final, budget=int(m.budget))
         if getattr(noise, "search", "auto") == "auto" and "clean_base" not in opts:  # settings that won under noise
             base = "tt" if "rank" in opts else ("cma" if "cma" in (method, opts.get("resolved")) else "")
-            under = under_noise(base, int(m.budget))
+            under = UNDER_NOISE.get(base, {})
             # TT's own settings come back if the responses turn out noise-free (the layer's probe).
             clean_base = {k: opts.get(k, _tt_default(k)) for k in under if base == "tt" and k in CLEAN_SWITCHABLE}
             opts.update(under)
