@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Optimizer, cma_rng_options
+from .base import Optimizer, cma_rng_options, relaxed_to_grid
 
 
 class _Draws:
@@ -84,7 +84,7 @@ class CMANoiseOptimizer(Optimizer):
         self._prev: dict | None = None  # the last generation told: X, losses, rows to re-evaluate
 
     def _grid(self, X: np.ndarray) -> np.ndarray:
-        return np.clip(np.floor(X[:, : self.d] * self.n[None, :]), 0, self.n[None, :] - 1).astype(np.int64)
+        return relaxed_to_grid(X, self.n)
 
     def _new_stage(self, k: int) -> None:
         """The next stage: the handler's re-evaluations of the last generation, then a new generation

@@ -56,6 +56,19 @@ def cma_diagonal(d: int, diagonal: bool | str) -> bool:
     raise ValueError(f"diagonal must be 'auto', true or false, got {diagonal!r}")
 
 
+def relaxed_to_grid(X: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Grid points of CMA-ES's relaxation X in [0, 1]^dim (point j = floor(x_j n_j), clipped; extra
+    columns of a padded 1-d search ignored)."""
+    return np.clip(np.floor(X[:, : n.size] * n[None, :]), 0, n[None, :] - 1).astype(np.int64)
+
+
+def grid_to_relaxed(i: np.ndarray, n: np.ndarray, dim: int) -> np.ndarray:
+    """A grid point's cell centre in CMA-ES's relaxation ((i + 0.5) / n, padded with 0.5 to `dim`)."""
+    x = np.full(dim, 0.5)
+    x[: n.size] = (np.asarray(i) + 0.5) / n
+    return x
+
+
 def check_k(k: Any) -> int:
     """Validate a batch size `k` (>= 1)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:

@@ -10,7 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from .base import CMA_DIAGONAL_FROM, Optimizer, OptionalDependencyError, cma_diagonal, cma_rng_options
+from .base import (
+    CMA_DIAGONAL_FROM,
+    Optimizer,
+    OptionalDependencyError,
+    cma_diagonal,
+    cma_rng_options,
+    grid_to_relaxed,
+    relaxed_to_grid,
+)
 
 __all__ = ["CMA_DIAGONAL_FROM", "CMAOptimizer", "NGOptOptimizer", "ProtesOptimizer", "RandomSearch"]
 
@@ -84,7 +92,7 @@ class CMAOptimizer(Optimizer):
         self._foreign: tuple[np.ndarray, float] | None = None  # best told point CMA did not propose
 
     def _to_grid(self, X: np.ndarray) -> np.ndarray:
-        return np.clip(np.floor(X[:, : self.d] * self.n[None, :]), 0, self.n[None, :] - 1).astype(np.int64)
+        return relaxed_to_grid(X, self.n)
 
     def _ask(self, k: int) -> np.ndarray:
         # pycma allows one tell per iteration: points asked before the tell join this generation.
@@ -143,9 +151,7 @@ class CMAOptimizer(Optimizer):
         """Inject the best foreign point told since the last generation opened into the one opening
         now, where it beats every point CMA proposed."""
         if self._foreign is not None and self._foreign[1] > self._own_best:
-            x = np.full(self.es.N, 0.5)
-            x[: self.d] = (self._foreign[0] + 0.5) / self.n
-            self.es.inject([x], force=True)
+            self.es.inject([grid_to_relaxed(self._foreign[0], self.n, self.es.N)], force=True)
         self._foreign = None
 
 

@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from .base import Optimizer, check_positive_float, check_positive_int, cma_diagonal, cma_rng_options
+from .base import (
+    Optimizer,
+    check_positive_float,
+    check_positive_int,
+    cma_diagonal,
+    cma_rng_options,
+    grid_to_relaxed,
+    relaxed_to_grid,
+)
 
 _THETA_CLIP = 30.0
 # Rescale the float64 chain products every few factors only (each rescaling is a NumPy call):
@@ -361,8 +369,7 @@ class CMAProposals:
 
     def grid(self, X: np.ndarray) -> np.ndarray:
         """Grid points of relaxed points X."""
-        d = self.n.size
-        return np.clip(np.floor(X[:, :d] * self.n[None, :]), 0, self.n[None, :] - 1).astype(np.int64)
+        return relaxed_to_grid(X, self.n)
 
     def ask(self, k: int) -> np.ndarray:
         """Up to k points of the open generation (a new one once the last is told); may be fewer."""
@@ -396,9 +403,7 @@ class CMAProposals:
             gen_best = float(np.max(self.y))
             self.best = max(self.best, gen_best)
             if i_best is not None and y_best > self.best:  # another source found better: show CMA
-                x = np.full(self.X.shape[1], 0.5)
-                x[: self.n.size] = (i_best + 0.5) / self.n
-                self.es.inject([x], force=True)
+                self.es.inject([grid_to_relaxed(i_best, self.n, self.X.shape[1])], force=True)
                 self.best = y_best
         self.X = np.zeros((0, self.X.shape[1]))
         self.y = np.zeros(0)
