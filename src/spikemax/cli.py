@@ -37,10 +37,12 @@ def one_line_errors(fn: Callable) -> Callable:
 
 
 def _load(params: Path):
+    from spikemax.devices import keep_freed_memory
     from spikemax.logs import quiet_third_party
     from spikemax.params import load
 
     quiet_third_party()  # every stage's log: the known third-party noise, filtered once
+    keep_freed_memory()  # every stage allocates and frees the same large tensors batch after batch
     return load(params)
 
 

@@ -256,6 +256,33 @@ def test_two_workers_on_the_journal_share_n_trials(tune_project, monkeypatch):
     )
 
 
+@pytest.mark.slow
+def test_studies_side_by_side_find_what_one_at_a_time_finds(
+    project, snn_checkpoints, generator_checkpoints, tmp_path, monkeypatch
+):
+    import os
+
+    from spikemax.stages import tune as stage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _, shared = project
+    results = {}
+    for cores in (1, 2):
+        root = tmp_path / f"cores{cores}"
+        root.mkdir()
+        (root / "data").symlink_to(shared.root / "data")
+        (root / "models").symlink_to(shared.root / "models")
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert stage.side_by_side(2, 1) == cores and stage.side_by_side(2, 2) == stage.side_by_side(1, 1) == 1
+        summary = run_stage(tiny(2), P.Paths(root))
+        trials = {
+            g: [(tr.params, tr.value, tr.state.name) for tr in _study(P.Paths(root), s["study"]).trials]
+            for g, s in summary["generators"].items()
+        }
+        results[cores] = (summary, trials)
+    assert results[1] == results[2]  # the same trials, scores, validation and decision
+
+
 def test_am_gain_summary_is_the_median_gain_and_share_above_the_dataset():
     from spikemax.selectivity import am_gain_summary
 

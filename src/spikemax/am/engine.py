@@ -228,10 +228,10 @@ class InProcesses:
 
 def _init_worker(threads: int, env: dict[str, str]) -> None:
     """A local worker: its share of the cores and the driver's store."""
-    import torch
+    from spikemax.devices import cpu_threads
 
     os.environ.update(env)
-    torch.set_num_threads(threads)
+    cpu_threads(threads)
 
 
 def group_in_process(
@@ -334,9 +334,9 @@ def run_jobs(
     opts = {"num_cpus": 1, "max_retries": MAX_RETRIES}
 
     def set_threads() -> None:
-        import torch
+        from spikemax.devices import cpu_threads
 
-        torch.set_num_threads(threads)
+        cpu_threads(threads)
 
     def call(n_after: int, *args: Any) -> Any:
         set_threads()

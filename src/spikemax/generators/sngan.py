@@ -24,6 +24,23 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     return c, h, w
 
 
+class Upsample2x(nn.Upsample):
+    """Nearest 2x upsampling; without autograd, the same values by a broadcast copy.
+
+    Why: on CPU the broadcast copy is 2-3x faster than torch's upsample_nearest2d, which took over
+    half of SN-GAN decoding in the AM stage. Training keeps the kernel whose backward made the weights.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(scale_factor=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        b, c, h, w = x.shape
+        return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+
+
 class Generator(nn.Module):
     """Latent z (B, d) -> pixels (B, C, H, W) in [0, 1]: linear to H/4 x W/4, two 2x upsamplings."""
 
@@ -36,11 +53,11 @@ class Generator(nn.Module):
             nn.BatchNorm2d(2 * width),
             nn.ReLU(),
             # Nearest upsampling + 3x3 conv: no checkerboard artifacts of strided transposed convs.
-            nn.Upsample(scale_factor=2),
+            Upsample2x(),
             nn.Conv2d(2 * width, width, 3, 1, 1),
             nn.BatchNorm2d(width),
             nn.ReLU(),
-            nn.Upsample(scale_factor=2),
+            Upsample2x(),
             nn.Conv2d(width, width // 2, 3, 1, 1),
             nn.BatchNorm2d(width // 2),
             nn.ReLU(),

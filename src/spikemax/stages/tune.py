@@ -13,7 +13,7 @@ import logging
 import multiprocessing
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 import optuna
 
@@ -93,18 +93,81 @@ def _quiet_unrun() -> None:
 def run(params: Params, paths: Paths, workers: int | None = None) -> dict:
     """Run each generator's study until its stopping rule (or `tune.n_trials`) with `workers`
     processes (default `tune.workers`), validate its winner; write metrics/tune.json and
-    results/tune/trials.csv, and print each generator's decision."""
+    results/tune/trials.csv, and print each generator's decision.
+
+    With one worker per study and several cores, the generators' studies run side by side, one
+    process each: a study's trials still run one after another, so what it finds is the same."""
     epoch = _epoch(params, paths)
+    n_workers = workers or params.tune.workers
+    side = side_by_side(len(params.tune.generators), n_workers)
+    if side > 1:
+        _studies_in_processes(params, paths, epoch, side)
     studies: dict[str, Any] = {}
     validations: dict[str, Any] = {}
     for g in params.tune.generators:
-        bench = Bench(params, paths, epoch, g)
-        studies[g] = run_study(params, paths, epoch, g, workers, bench)
+        # After side-by-side studies, each study has stopped and holds its validation: no Bench is built.
+        bench = cast(Bench, _LazyBench(params, paths, epoch, g))
+        studies[g] = run_study(params, paths, epoch, g, n_workers, bench)
         validations[g] = validate_winner(studies[g], params, bench, TrialRuns(paths.root, params))
     summary = write_outputs(studies, paths, epoch, params, validations)
     for g, s in summary["generators"].items():
         print(decision_line(g, s), flush=True)
     return summary
+
+
+def side_by_side(n_generators: int, workers: int) -> int:
+    """How many generators' studies run at once: one process per core while each study has one worker
+    (more workers per study share its trials by timing, so they stay one study at a time)."""
+    if workers != 1 or n_generators < 2:
+        return 1
+    return max(1, min(n_generators, os.cpu_count() or 1))
+
+
+class _LazyBench:
+    """A `Bench` built on first use (building one evaluates the whole test set)."""
+
+    def __init__(self, *args: Any) -> None:
+        self._args = args
+        self._bench: Bench | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._bench is None:
+            self._bench = Bench(*self._args)
+        return getattr(self._bench, name)
+
+
+def _studies_in_processes(params: Params, paths: Paths, epoch: int, at_once: int) -> None:
+    """Every generator's study and validation, `at_once` generators at a time in spawned processes
+    sharing the cores."""
+    if not params.tune.storage:
+        journal(paths)  # the journal's folder, before any writer
+    TrialRuns(paths.root, params)  # the store's schema and experiment, once, before the processes
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // at_once)
+    todo = list(params.tune.generators)
+    while todo:
+        batch, todo = todo[:at_once], todo[at_once:]
+        procs = {g: ctx.Process(target=tune_generator, args=(params, paths, epoch, g, threads)) for g in batch}
+        for p in procs.values():
+            p.start()
+        for p in procs.values():
+            p.join()
+        failed = [g for g, p in procs.items() if p.exitcode != 0]
+        if failed:
+            codes = ", ".join(f"{g}: exit code {procs[g].exitcode}" for g in failed)
+            raise SpikemaxError(f"tune: a study's process failed ({codes}); see the log above")
+
+
+def tune_generator(params: Params, paths: Paths, epoch: int, generator: str, threads: int) -> None:
+    """One generator's study and its winner's validation (stored on the study), in a spawned process."""
+    from spikemax.devices import cpu_threads
+    from spikemax.logs import quiet_third_party
+
+    cpu_threads(threads)
+    quiet_third_party()  # a spawned process's own log filters
+    bench = Bench(params, paths, epoch, generator)
+    study = run_study(params, paths, epoch, generator, 1, bench)
+    validate_winner(study, params, bench, TrialRuns(paths.root, params))
 
 
 def run_study(
@@ -120,9 +183,9 @@ def run_study(
     if not t.storage:
         from filelock import FileLock
 
-        # One invocation at a time on the journal (no heartbeats there): RUNNING trials found under
-        # the lock were left by a killed invocation, so failing them is safe.
-        lock = FileLock(str(paths.root / "optuna" / "tune.lock"))
+        # One invocation at a time on a study in the journal (no heartbeats there): RUNNING trials
+        # found under the lock were left by a killed invocation, so failing them is safe.
+        lock = FileLock(str(paths.root / "optuna" / f"{name}.lock"))
         journal(paths)  # creates optuna/
         lock.acquire()
     try:
@@ -181,9 +244,9 @@ def work(
     """One worker of `generator`'s study: run trials until the study's stopping rule holds; returns
     trials it ran."""
     if threads is not None:  # a spawned worker: share the cores with its siblings
-        import torch
+        from spikemax.devices import cpu_threads
 
-        torch.set_num_threads(threads)
+        cpu_threads(threads)
     from optuna.storages import fail_stale_trials
     from optuna.storages._heartbeat import is_heartbeat_enabled
 

@@ -229,3 +229,15 @@ def test_cli_train_generator_end_to_end(tmp_path, project):
     assert g.d == 49 and g.n == 32
     assert json.loads((tmp_path / "metrics" / "generator_vqvae.json").read_text())["val_recon_mse"] > 0
     assert (tmp_path / "metrics" / "generator_vqvae_samples.png").stat().st_size > 0
+
+
+def test_sngan_upsampling_copies_exactly_what_torch_upsamples():
+    from spikemax.generators.sngan import Upsample2x
+
+    up, x = Upsample2x(), torch.randn(3, 5, 7, 6)
+    expected = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    with torch.no_grad():
+        assert torch.equal(up(x), expected)  # the broadcast copy at inference
+    x.requires_grad_(True)
+    y = up(x)  # training: torch's kernel and its backward
+    assert torch.equal(y.detach(), expected) and y.grad_fn is not None and "Upsample" in type(y.grad_fn).__name__
