@@ -36,9 +36,10 @@ def keep_freed_memory() -> bool:
     """Let glibc reuse freed blocks of up to 32 MiB instead of handing them back to the kernel.
 
     Why: the CPU tensors of a spiking forward pass or a decoded batch (a few MiB to 32 MiB) are
-    allocated and freed every batch, and glibc serves each one from a fresh mmap, so every use of
-    it page-faults: the kernel zeroing pages took a fifth of the AM stage's time on 2 cores
-    (benchmarks/bench_am.py). Arithmetic is unchanged (torch aligns every allocation itself).
+    allocated and freed every batch; by default glibc hands many of them back to the kernel and
+    takes fresh pages for the next batch, so their use page-faults: the kernel zeroing pages took a
+    fifth of the AM stage's time on 2 cores (cProfile of `spikemax maximize` on the default
+    project's last checkpoint). Arithmetic is unchanged (torch aligns every allocation itself).
     Returns whether it applied (False off glibc, or with SPIKEMAX_KEEP_FREED=0).
     """
     import ctypes

@@ -106,9 +106,7 @@ def run(params: Params, paths: Paths, workers: int | None = None) -> dict:
     validations: dict[str, Any] = {}
     for g in params.tune.generators:
         # After side-by-side studies, each study has stopped and holds its validation: no Bench is built.
-        bench = cast(Bench, _LazyBench(params, paths, epoch, g))
-        studies[g] = run_study(params, paths, epoch, g, n_workers, bench)
-        validations[g] = validate_winner(studies[g], params, bench, TrialRuns(paths.root, params))
+        studies[g], validations[g] = study_and_validation(params, paths, epoch, g, n_workers)
     summary = write_outputs(studies, paths, epoch, params, validations)
     for g, s in summary["generators"].items():
         print(decision_line(g, s), flush=True)
@@ -165,9 +163,17 @@ def tune_generator(params: Params, paths: Paths, epoch: int, generator: str, thr
 
     cpu_threads(threads)
     quiet_third_party()  # a spawned process's own log filters
-    bench = Bench(params, paths, epoch, generator)
-    study = run_study(params, paths, epoch, generator, 1, bench)
-    validate_winner(study, params, bench, TrialRuns(paths.root, params))
+    study_and_validation(params, paths, epoch, generator, 1)
+
+
+def study_and_validation(
+    params: Params, paths: Paths, epoch: int, generator: str, workers: int
+) -> tuple[Any, dict[str, Any] | None]:
+    """`generator`'s study run to its stopping rule and its winner validated (both resumed where
+    done: a finished study with a stored validation builds no Bench)."""
+    bench = cast(Bench, _LazyBench(params, paths, epoch, generator))
+    study = run_study(params, paths, epoch, generator, workers, bench)
+    return study, validate_winner(study, params, bench, TrialRuns(paths.root, params))
 
 
 def run_study(
