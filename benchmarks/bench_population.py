@@ -29,7 +29,9 @@ from bench_noise import method_options, parse_options, run_panel
 from noise_common import NOISE_MODELS, CleanRates, draw, grid_prior, prepared_data, setup, spread_neurons, summarize
 
 
-def run_population(spec, params, grid, clean, noise, total, batch, seed, na, steps, rule, prior=None) -> np.ndarray:
+def run_population(
+    spec, params, grid, clean, noise, total, batch, seed, na, steps, rule, prior=None, silent=None
+) -> np.ndarray:
     """One Population over the panel for `total` presentations; clean rate of each neuron's best (m,)."""
     from spikemax.optim import Population, make_optimizer
 
@@ -37,7 +39,10 @@ def run_population(spec, params, grid, clean, noise, total, batch, seed, na, ste
     params = params.model_copy(update={"maximize": params.maximize.model_copy(update={"population": True})})
     method, opts = method_options(spec, params, grid, total, na, prior)
     m = len(clean.targets)
-    pop = Population([make_optimizer(method, grid.d, grid.n, seed=seed + j, **opts) for j in range(m)], rule=rule)
+    extra = {} if silent is None else {"silent": silent}
+    pop = Population(
+        [make_optimizer(method, grid.d, grid.n, seed=seed + j, **opts) for j in range(m)], rule=rule, **extra
+    )
     rng = np.random.default_rng([seed, 99])
     spent = 0
     while spent < total:
@@ -73,6 +78,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: the params' maximize.batch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--silent", type=float, default=None, help="Population's silent weight (default: its own)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -85,6 +91,7 @@ def main() -> None:
         "pop_method": a.pop_method or a.method,
         "noise": a.noise,
         "factor": a.factor,
+        "silent": a.silent,
         "budgets": budgets,
         "generators": {},
     }
@@ -110,7 +117,19 @@ def main() -> None:
                 t = time.perf_counter()
                 total = round(a.factor * B)
                 raw[(rule, B)] = run_population(
-                    a.pop_method or a.method, params, grid, clean, a.noise, total, batch, a.seed, na, steps, rule, prior
+                    a.pop_method or a.method,
+                    params,
+                    grid,
+                    clean,
+                    a.noise,
+                    total,
+                    batch,
+                    a.seed,
+                    na,
+                    steps,
+                    rule,
+                    prior,
+                    a.silent,
                 )
                 print(f"  {gen} {rule} {total}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
         ref = clean.best_seen()

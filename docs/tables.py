@@ -137,6 +137,46 @@ def bench_rig() -> str:
     )
 
 
+def bench_population() -> str:
+    """Population mode vs independent runs per design, grid and budget (benchmarks/bench_population.py)."""
+    d = load("bench_population")
+    rows = [
+        [
+            r["design"],
+            r["grid"],
+            r["budget"],
+            " / ".join(f"{v:.3f}" for v in r["vs_independent"]),
+            f"{sum(r['vs_independent']) / len(r['vs_independent']):.3f}",
+        ]
+        for r in d["rows"]
+    ]
+    head = ["design", "grid", "B", "population / independent, seeds 0-3", "mean"]
+    return prose(f"{d['conditions']} Source: {d['source']}.") + "\n" + md_table(head, rows)
+
+
+def rig_client() -> str:
+    """Default rig sessions on Poisson neurons: true rate of the reported best (examples/rig_client.py)."""
+    import statistics
+
+    d = load("rig_client")
+    rows = []
+    for gen in dict.fromkeys(r["generator"] for r in d["sessions"]):
+        runs = [r for r in d["sessions"] if r["generator"] == gen and r["score"] is not None]
+        got = [r["score"] for r in runs]
+        draw = [r["best_draw_score"] for r in runs]
+        rows.append(
+            [
+                gen,
+                len(runs),
+                f"{statistics.median(got):.3f} / {statistics.mean(got):.3f}",
+                pct(sum(v >= 0.9 for v in got) / len(got)),
+                f"{statistics.median(draw):.3f} / {statistics.mean(draw):.3f}",
+            ]
+        )
+    head = ["grid", "sessions", "reported best: median / mean", "sessions >= 0.9", "highest draw: median / mean"]
+    return prose(f"{d['conditions']} Source: {d['source']}.") + "\n" + md_table(head, rows)
+
+
 def bench_logging() -> str:
     """Share of the AM loop spent logging, per design (benchmarks/bench_scale.py and bench_am.py)."""
     d = load("bench_logging")
@@ -203,6 +243,8 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "bench_noise": bench_noise,
     "bench_optimizers": bench_optimizers,
     "bench_rig": bench_rig,
+    "rig_client": rig_client,
+    "bench_population": bench_population,
     "bench_logging": bench_logging,
     "default_run": default_run,
     "setup": setup,

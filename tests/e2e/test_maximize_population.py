@@ -82,12 +82,22 @@ def test_population_routes_each_column_to_its_optimizer_and_logs_one_shared_tabl
     assert list(table.columns) == list(querylog.POPULATION_COLUMNS)
     assert table["query"].tolist() == list(range(budget)) and table["batch"].max() == 2
     assert meta["targets"] == [c.target.name for c in pl.runs] and meta["run_keys"] == [c.key for c in pl.runs]
-    # Round robin: every neuron proposed its share of every batch (16 = 6 + 5 + 5, 8 = 3 + 3 + 2).
-    owners = np.bincount(table["owner"], minlength=m)
-    assert owners.sum() == budget and owners.max() - owners.min() <= 1
     I = np.stack(table["indices"].to_numpy())
     Y = np.stack(table["responses"].to_numpy())
     assert Y.shape == (budget, m)
+    # Round robin: equal shares of the first batch (16 = 6 + 5 + 5); after it a neuron that has
+    # answered nothing yet proposes less than any responsive one, never nothing at all.
+    batch = table["batch"].to_numpy()
+    first = np.bincount(table["owner"][batch == 0], minlength=m)
+    assert first.sum() == 16 and first.max() - first.min() <= 1
+    for b in range(1, int(batch.max()) + 1):
+        q = np.bincount(table["owner"][batch == b], minlength=m)
+        fired = (Y[batch < b] > 0).any(axis=0)
+        assert q.sum() == (batch == b).sum()
+        if fired.any() and not fired.all():
+            assert q[~fired].max() <= q[fired].min() and q[~fired].min() >= 1
+        else:
+            assert q.max() - q.min() <= 1
 
     client = mlflow.MlflowClient(tracking.tracking_uri(paths.root))
     df = pd.read_csv(paths.results / "am" / "summary.csv").set_index("run_key")

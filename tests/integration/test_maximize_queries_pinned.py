@@ -9,7 +9,9 @@ seeds, lock-step groups, population composition) and the optimizers' numpy arith
 inputs. The digests were recorded with the code before the redesign (commit d3c9c07) and the redesign
 asked exactly those. Since then one deliberate change re-pinned some: issue #24's vectorized TT
 samples the same distribution from a different random stream (TT runs and the VQ-VAE prior's random
-runs); every CMA-ES and uniform random run still asks the queries of d3c9c07.
+runs); every CMA-ES and uniform random run still asks the queries of d3c9c07. Issue #21's silent
+channels re-pinned the population config: its SILENT target now proposes a quarter of a responsive
+neuron's share (`Population(silent=0.25)`), so every batch is composed differently.
 """
 
 from __future__ import annotations
@@ -195,9 +197,9 @@ PINNED: dict[str, dict[str, str]] = {
         "e2/vqvae/lif1:1/tt/s1": "41c8b31e3b410ba1",
     },
     "population": {
-        "e2/vqvae/class:0/tt/s0": "c1a36e40185aec31",
-        "e2/vqvae/lif1:0/tt/s0": "93c58fb748630f14",
-        "e2/vqvae/lif1:1/tt/s0": "77759b8b7a9db3dd",
+        "e2/vqvae/class:0/tt/s0": "207dceacc18902c2",
+        "e2/vqvae/lif1:0/tt/s0": "1ebdc5e37c98adf0",
+        "e2/vqvae/lif1:1/tt/s0": "9020d970d5420744",
     },
 }
 

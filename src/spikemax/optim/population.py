@@ -22,6 +22,11 @@ round_robin  equal quotas k // m; the remainder goes to the next optimizers in t
 progress     quotas in proportion to each neuron's recent progress (its best estimate's rise over
              its last tells, relative to its level), every neuron keeping at least `floor` of an
              equal share: neurons still climbing get more points, settled ones fewer.
+
+Under both rules a neuron that has answered nothing yet (every response told so far 0: a channel
+the stimuli do not drive, or a dead electrode) proposes with weight `silent` of a responsive one's,
+so the responsive neurons' searches get the presentations a silent channel would waste; it keeps
+proposing (at least one point of a batch of k >= m), and gets its full share once it responds.
 """
 
 
@@ -32,7 +37,9 @@ class Population:
     Y (k, m) tells optimizer j the column Y[:, j] for all k points.
     """
 
-    def __init__(self, optimizers: Sequence[Optimizer], rule: str = "round_robin", floor: float = 0.5) -> None:
+    def __init__(
+        self, optimizers: Sequence[Optimizer], rule: str = "round_robin", floor: float = 0.5, silent: float = 0.25
+    ) -> None:
         self.optimizers = list(optimizers)
         if not self.optimizers:
             raise ValueError("Population needs at least one optimizer")
@@ -44,12 +51,15 @@ class Population:
             raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
         if not 0.0 <= float(floor) <= 1.0:
             raise ValueError(f"floor must be in [0, 1], got {floor!r}")
-        self.rule, self.floor = rule, float(floor)
+        if not 0.0 < float(silent) <= 1.0:
+            raise ValueError(f"silent must be in (0, 1], got {silent!r}")
+        self.rule, self.floor, self.silent = rule, float(floor), float(silent)
         self.d, self.n = first.d, first.n.copy()
         self.owner = np.zeros(0, dtype=np.int64)  # proposer of each point of the last ask
         self.proposed = np.zeros(self.m, dtype=np.int64)  # points each optimizer proposed so far
         self._turn = 0
         self._trace: list[list[float]] = [[] for _ in self.optimizers]  # best estimate after each tell
+        self.responded = np.zeros(self.m, dtype=bool)  # neuron j answered some presentation with > 0
 
     @property
     def m(self) -> int:
@@ -67,11 +77,23 @@ class Population:
         m = self.m
         if self.rule == "progress" and all(len(t) >= 2 for t in self._trace):
             share = self._progress()
-            q = np.floor(share * k).astype(np.int64)
         else:
-            q = np.full(m, k // m, dtype=np.int64)
+            share = np.full(m, 1.0 / m)
+        if self.responded.any() and not self.responded.all():
+            share = np.where(self.responded, share, self.silent * share)
+            share = share / share.sum()
+        q = np.floor(share * k + 1e-9).astype(np.int64)
+        if k >= m:  # every neuron keeps proposing (a silent one may start firing on its own points)
+            for j in np.flatnonzero(q == 0):
+                q[int(np.argmax(q))] -= 1
+                q[j] = 1
         left = k - int(q.sum())
         order = (self._turn + np.arange(m)) % m
+        order = (
+            np.concatenate([order[self.responded[order]], order[~self.responded[order]]])
+            if self.responded.any()
+            else order
+        )
         q[order[:left]] += 1
         self._turn = int((self._turn + left) % m)
         return q
@@ -105,6 +127,7 @@ class Population:
         Y = np.asarray(Y, dtype=np.float64)
         if Y.shape != (I.shape[0], self.m):
             raise ValueError(f"Y must have shape ({I.shape[0]}, {self.m}) (one column per neuron), got {Y.shape}")
+        self.responded |= np.any(np.nan_to_num(Y, nan=0.0) > 0, axis=0)
         for j, opt in enumerate(self.optimizers):
             opt.tell(I, Y[:, j])
             self._trace[j].append(float(opt.best[1]))

@@ -80,12 +80,47 @@ def test_progress_rule_keeps_a_floor_and_sums_to_k() -> None:
         pop.tell(I, I @ w.T)
 
 
+@pytest.mark.parametrize("rule", ["round_robin", "progress"])
+def test_silent_neuron_proposes_less_until_it_responds(rule: str) -> None:
+    """A neuron that answered nothing gets `silent` of a responsive one's share; full once it fires."""
+    m, k = 3, 30
+    pop = Population([Recorder(2, 4, seed=j) for j in range(m)], rule=rule, floor=1.0, silent=0.25)
+    q0 = pop.quotas(k)
+    assert q0.max() - q0.min() <= 1  # nothing told yet: nobody is silent
+    for _ in range(3):
+        I = pop.ask(k)
+        Y = np.column_stack([np.ones(k), np.full(k, 2.0), np.zeros(k)])  # neuron 2 never fires
+        pop.tell(I, Y)
+    q = pop.quotas(k)
+    assert q.sum() == k
+    # shares 1 : 1 : 0.25 of 30 points -> 13, 13, 3 (+-1 for the remainder in turn)
+    assert abs(q[2] - 30 * 0.25 / 2.25) <= 1 and min(q[0], q[1]) >= 13
+    I = pop.ask(k)
+    Y = np.zeros((k, m))
+    Y[0, 2] = 0.5  # it responds once
+    pop.tell(I, Y)
+    q = pop.quotas(k)
+    assert q.sum() == k and q.max() - q.min() <= 1
+
+
+def test_a_silent_neuron_keeps_one_point_of_a_small_batch() -> None:
+    """Silent neurons still propose at least one point whenever the batch has one per neuron."""
+    m = 4
+    pop = Population([Recorder(2, 4, seed=j) for j in range(m)], silent=0.01)
+    I = pop.ask(8)
+    pop.tell(I, np.column_stack([np.ones(8), np.zeros((8, 3))]))  # only neuron 0 fires
+    for k in (4, 5, 8, 13):
+        q = pop.quotas(k)
+        assert q.sum() == k and q.min() >= 1 and q[0] == q.max()
+
+
 @pytest.mark.parametrize(
     ("build", "match"),
     [
         (lambda: Population([]), "at least one optimizer"),
         (lambda: Population([Recorder(2, 4, 0), Recorder(3, 4, 1)]), "same grid"),
         (lambda: Population([Recorder(2, 4, 0)], rule="vote"), "rule must be one of"),
+        (lambda: Population([Recorder(2, 4, 0)], silent=0.0), "silent must be in"),
     ],
 )
 def test_bad_population(build, match: str) -> None:
