@@ -91,6 +91,7 @@ def method_options(spec: str, params, grid, budget: int, na: dict, prior=None) -
     if prior is not None and method in PRIOR_METHODS and opts.get("resolved", "tt") == "tt":
         opts["prior"] = prior
     extra.pop("refs", None)
+    extra.pop("window", None)
     if "na" in flags:
         opts.update(na)
     opts.update(extra)
@@ -108,7 +109,8 @@ def build(spec: str, ctx: dict, budget: int, seed: int):
     if "ref" in flags:
         from spikemax.optim.drift import DriftCorrected
 
-        opt = DriftCorrected(opt, ctx["refs"], per_batch=int(extra.get("refs", 4)))
+        win = {"window": int(extra["window"])} if "window" in extra else {}
+        opt = DriftCorrected(opt, ctx["refs"], per_batch=int(extra.get("refs", 4)), **win)
     return opt
 
 

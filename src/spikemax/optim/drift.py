@@ -63,7 +63,7 @@ class GainTracker:
     batch without reference signal keeps the last gain.
     """
 
-    def __init__(self, n_refs: int, window: int = 6) -> None:
+    def __init__(self, n_refs: int, window: int = 32) -> None:
         self.n_refs = check_positive_int("n_refs", n_refs)
         self.window = check_positive_int("window", window)
         self.batches: list[tuple[np.ndarray, np.ndarray]] = []  # (reference ids, responses) per batch
@@ -126,6 +126,26 @@ class GainTracker:
         """The causal gain estimate of batch b (default the last)."""
         return self.gains[b]
 
+    def scale_error(self) -> float:
+        """Relative standard error of one batch's raw gain, from the spread of the raw gains about a
+        weighted line through all batches (NaN with fewer than 3 batches of reference signal).
+
+        Corrected responses are in gain units of the first batch, whose own raw gain carries this
+        error: every corrected value shares it, so an interval of a corrected mean must include it.
+        """
+        g = self.raw_gains()
+        f = self.levels(g)
+        w = np.array([np.nansum(f[r]) if r.size else 0.0 for r, _ in self.batches])
+        ok = np.isfinite(g) & (w > 0)
+        if ok.sum() < 3:
+            return float("nan")
+        x = np.arange(g.size, dtype=np.float64)[ok]
+        coef = np.polyfit(x, g[ok], 1, w=np.sqrt(w[ok]))
+        resid = g[ok] - np.polyval(coef, x)
+        # weighted residual variance with 2 fitted parameters; a batch's error scales as 1/sqrt(weight)
+        var = float(np.sum(w[ok] * resid**2) / (ok.sum() - 2))
+        return float(np.sqrt(var / w[ok][0]))
+
 
 def _fill(g: np.ndarray) -> np.ndarray:
     """Carry the last finite gain forward (the first ones backward) over batches without signal."""
@@ -151,7 +171,7 @@ class DriftCorrected(Optimizer):
     `is_reference` marks the rows of the last ask that were references.
     """
 
-    def __init__(self, base: Optimizer, references: Any, per_batch: int = 4, window: int = 6) -> None:
+    def __init__(self, base: Optimizer, references: Any, per_batch: int = 4, window: int = 32) -> None:
         super().__init__(base.d, base.n.tolist(), base.seed, 1)
         self.base = base
         self.method = base.method
@@ -238,9 +258,24 @@ class DriftCorrected(Optimizer):
         return getattr(self.base, "best_stats", None)
 
     def recommend(self) -> Any:
-        """The wrapped optimizer's `recommend()` (None if it has none)."""
-        rec = getattr(self.base, "recommend", None)
-        return rec() if callable(rec) else None
+        """The wrapped optimizer's `recommend()` (None if it has none), its interval widened by the
+        uncertainty of the gain scale (`GainTracker.scale_error`), in quadrature; unbounded while
+        fewer than 3 batches of references say how large that is."""
+        rec_fn = getattr(self.base, "recommend", None)
+        rec = rec_fn() if callable(rec_fn) else None
+        if rec is None or not np.isfinite(rec.estimate) or not self.tracker.batches:
+            return rec
+        from scipy import stats as sps
+
+        err = self.tracker.scale_error()
+        if not np.isfinite(err):
+            rec.low, rec.high = -np.inf, np.inf
+            return rec
+        z = float(sps.norm.ppf(0.5 + rec.level / 2))
+        extra = z * abs(rec.estimate) * err
+        rec.low = rec.estimate - float(np.hypot(rec.estimate - rec.low, extra))
+        rec.high = rec.estimate + float(np.hypot(rec.high - rec.estimate, extra))
+        return rec
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's warm-start state."""
