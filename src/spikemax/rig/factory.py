@@ -54,7 +54,9 @@ def resolve(req: SessionCreate, params: Any, paths: Any, grid: Any) -> SessionCo
     noise["aware"] = req.noise_aware
     # The run's params as the stage sees them: its budget (NGOpt and the noise layer's schedule use it)
     # and the session's noise options in `maximize.noise`.
-    m = mp.model_copy(update={"budget": budget, "noise": mp.noise.model_copy(update=noise)})
+    # A session of every channel is the stage's population mode (its optimizers' population options).
+    population = req.target_channel == "all"
+    m = mp.model_copy(update={"budget": budget, "noise": mp.noise.model_copy(update=noise), "population": population})
     options = options_for(method, m, grid)
     if not req.noise_aware:
         options.pop("noise_aware", None)

@@ -173,9 +173,10 @@ def test_cma_adopts_a_better_point_another_source_found(adopt: bool) -> None:
     assert not any((row == [0, 7, 0, 7, 0, 7]).all() for row in opt.ask(opt.batch))
 
 
-def test_population_mode_makes_cma_adopt_and_leaves_other_methods_alone() -> None:
+def test_population_mode_makes_cma_adopt_and_tt_climb_from_its_best() -> None:
     """options_for under `maximize.population`: CMA-ES (also as `auto` on an ordered grid) adopts
-    the other neurons' better points; TT (which learns from every told point anyway) is unchanged."""
+    the other neurons' better points; TT (which learns from every told point anyway) climbs from its
+    single best point, except under a noise model (a single draw may be luck)."""
     from spikemax import params as P
     from spikemax.optim import options_for
 
@@ -184,5 +185,8 @@ def test_population_mode_makes_cma_adopt_and_leaves_other_methods_alone() -> Non
     assert options_for("cma", pop, True)["adopt"] is True
     assert options_for("auto", pop, True) == {**options_for("auto", solo, True), "adopt": True}
     assert "adopt" not in options_for("cma", solo, True)
-    assert options_for("tt", pop, False) == options_for("tt", solo, False)
+    assert options_for("tt", pop, False) == {**options_for("tt", solo, False), "elite": 1}
+    assert options_for("auto", pop, False)["elite"] == 1  # VQ-VAE's auto is TT
+    noisy = P.validate({"maximize": {"population": True, "noise": {"model": "poisson"}}}).maximize
+    assert options_for("tt", noisy, False)["elite"] > 1
     assert make_optimizer("auto", 4, 8, **options_for("auto", pop, True)).adopt

@@ -131,6 +131,21 @@ def test_bad_tells_change_nothing(proj, tmp_path):
     m.close()
 
 
+def test_all_channels_session_runs_the_stages_population_options(proj, tmp_path):
+    """target_channel 'all' is the stage's population mode: its TT climbs from its best point (elite 1,
+    options_for with `maximize.population`); one target channel runs the plain options."""
+    params, paths = proj
+    m = SessionManager(params, paths, tmp_path / "opts", mlflow=False)
+    for target, elite in (("all", 1), (0, params.maximize.tt.elite)):
+        req = SessionCreate(
+            generator="vqvae", method="tt", budget=16, channels=2, target_channel=target, noise_aware=False
+        )
+        s = m.get(m.create(req).id)
+        assert s.cfg.options["elite"] == elite
+        assert all(opt.elite == elite for opt in s.driver.optimizers)
+    m.close()
+
+
 def test_all_channels_session_tells_each_optimizer_its_channel(proj, tmp_path):
     """target_channel 'all': one optimizer per channel, each told exactly its column; replay equals unbroken."""
     params, paths = proj
