@@ -138,7 +138,13 @@ def test_all_channels_session_runs_the_stages_population_options(proj, tmp_path)
     m = SessionManager(params, paths, tmp_path / "opts", mlflow=False)
     for target, elite in (("all", 1), (0, params.maximize.tt.elite)):
         req = SessionCreate(
-            generator="vqvae", method="tt", budget=16, channels=2, target_channel=target, noise_aware=False
+            generator="vqvae",
+            method="tt",
+            budget=16,
+            channels=2,
+            target_channel=target,
+            noise_aware=False,
+            prior=False,
         )
         s = m.get(m.create(req).id)
         assert s.cfg.options["elite"] == elite
