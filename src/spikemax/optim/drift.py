@@ -111,7 +111,7 @@ class GainTracker:
         g = self.raw_gains()
         f = self.levels(g)
         lo = max(0, len(g) - self.window)
-        w = np.array([np.nansum(f[r]) if r.size else 0.0 for r, _ in self.batches[lo:]])
+        w = self._weights(f)[lo:]
         v = g[lo:]
         ok = np.isfinite(v) & (w > 0)
         if not ok.any():
@@ -121,6 +121,10 @@ class GainTracker:
             slope, icpt = np.polyfit(x, v[ok], 1, w=np.sqrt(w[ok]))
             return float(max(icpt + slope * (v.size - 1), 1e-3))
         return float(np.sum(w[ok] * v[ok]) / np.sum(w[ok]))
+
+    def _weights(self, f: np.ndarray) -> np.ndarray:
+        """Each batch's reference signal: the sum of the levels of the references it showed."""
+        return np.array([np.nansum(f[r]) if r.size else 0.0 for r, _ in self.batches])
 
     def gain(self, b: int = -1) -> float:
         """The causal gain estimate of batch b (default the last)."""
@@ -134,8 +138,7 @@ class GainTracker:
         error: every corrected value shares it, so an interval of a corrected mean must include it.
         """
         g = self.raw_gains()
-        f = self.levels(g)
-        w = np.array([np.nansum(f[r]) if r.size else 0.0 for r, _ in self.batches])
+        w = self._weights(self.levels(g))
         ok = np.isfinite(g) & (w > 0)
         if ok.sum() < 3:
             return float("nan")

@@ -89,11 +89,7 @@ class Population:
                 q[j] = 1
         left = k - int(q.sum())
         order = (self._turn + np.arange(m)) % m
-        order = (
-            np.concatenate([order[self.responded[order]], order[~self.responded[order]]])
-            if self.responded.any()
-            else order
-        )
+        order = order[np.argsort(~self.responded[order], kind="stable")]  # responsive neurons first, in turn
         q[order[:left]] += 1
         self._turn = int((self._turn + left) % m)
         return q
