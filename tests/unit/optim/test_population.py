@@ -175,18 +175,22 @@ def test_cma_adopts_a_better_point_another_source_found(adopt: bool) -> None:
 
 def test_population_mode_makes_cma_adopt_and_tt_climb_from_its_best() -> None:
     """options_for under `maximize.population`: CMA-ES (also as `auto` on an ordered grid) adopts
-    the other neurons' better points; TT (which learns from every told point anyway) climbs from its
-    single best point, except under a noise model (a single draw may be luck)."""
+    the other neurons' better points in short generations; TT (which learns from every told point
+    anyway) climbs from its single best point, except under a noise model (a single draw may be luck)."""
     from spikemax import params as P
     from spikemax.optim import options_for
+    from spikemax.optim.options import POPULATION_CMA_POPSIZE
 
     solo = P.validate({}).maximize
     pop = P.validate({"maximize": {"population": True}}).maximize
     assert options_for("cma", pop, True)["adopt"] is True
-    assert options_for("auto", pop, True) == {**options_for("auto", solo, True), "adopt": True}
+    pop_cma = {"adopt": True, "popsize": POPULATION_CMA_POPSIZE}
+    assert options_for("auto", pop, True) == {**options_for("auto", solo, True), **pop_cma}
+    assert "popsize" not in options_for("cma", solo, True)  # pycma's own default outside population mode
     assert "adopt" not in options_for("cma", solo, True)
     assert options_for("tt", pop, False) == {**options_for("tt", solo, False), "elite": 1}
     assert options_for("auto", pop, False)["elite"] == 1  # VQ-VAE's auto is TT
     noisy = P.validate({"maximize": {"population": True, "noise": {"model": "poisson"}}}).maximize
     assert options_for("tt", noisy, False)["elite"] > 1
+    assert options_for("cma", noisy, True)["popsize"] > POPULATION_CMA_POPSIZE  # the noise-aware generation
     assert make_optimizer("auto", 4, 8, **options_for("auto", pop, True)).adopt
