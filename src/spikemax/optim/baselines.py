@@ -88,11 +88,35 @@ class CMAOptimizer(Optimizer):
         self._gen: dict | None = None  # the open generation: X, I, y, told, served
         self._where: dict[bytes, list[int]] = {}
         self.adopt = bool(adopt)
+        self._popsize: int | None = None  # a generation size asked for, applied when the next generation opens
         self._own_best = -np.inf  # best response to a point CMA proposed
         self._foreign: tuple[np.ndarray, float] | None = None  # best told point CMA did not propose
 
     def _to_grid(self, X: np.ndarray) -> np.ndarray:
         return relaxed_to_grid(X, self.n)
+
+    @property
+    def popsize(self) -> int:
+        """Points pycma recombines per generation (its weights); settable while running."""
+        return int(self._popsize or self.es.popsize)
+
+    @popsize.setter
+    def popsize(self, value: int | None) -> None:
+        # None: pycma's default for d. Applied when the next generation opens (see _resize).
+        self._popsize = int(value) if value is not None else 4 + int(3 * np.log(self.es.N))
+
+    def _resize(self, popsize: int) -> None:
+        """Continue with generations of `popsize`: pycma's recombination weights, learning rates and
+        step-size damping recomputed for it (as pycma itself resets them), its mean, step size,
+        covariance and evolution paths kept."""
+        from cma import options_parameters
+
+        es = self.es
+        es.opts["popsize"] = int(popsize)
+        es.sp = options_parameters.CMAParameters(es.N, es.opts, verbose=False)
+        settings = getattr(es.adapt_sigma, "initialize_settings", None)
+        if callable(settings):  # CSA's cs and damps depend on the weights
+            settings(es, reset=True)
 
     def _ask(self, k: int) -> np.ndarray:
         # pycma allows one tell per iteration: points asked before the tell join this generation.
@@ -101,6 +125,8 @@ class CMAOptimizer(Optimizer):
         # of an iteration's first `ask(number > 1)` only (a second such call raised "Mean shift samples
         # are expected but missing"). pycma weights the best popsize of a larger generation.
         if self._gen is None:
+            if self._popsize is not None and self._popsize != int(self.es.popsize):
+                self._resize(self._popsize)
             self._adopt_foreign()
             X = np.asarray(self.es.ask(number=max(int(self.es.popsize), k)), dtype=np.float64)
             self._gen = {

@@ -57,9 +57,10 @@ SELECTIONS = ("lucb", "halving")
 challenger with the highest upper bound among the `pool` best (stops when separated); halving
 screens the `screen` best estimated points and halves them round by round (sequential halving)."""
 
-CLEAN_SWITCHABLE = ("archive", "elite")
-"""`UNDER_NOISE` settings a base optimizer can switch back while running (TT's attributes): the layer
-restores the given `clean_base` values once its probe finds the responses noise-free."""
+CLEAN_SWITCHABLE = ("archive", "elite", "popsize")
+"""`UNDER_NOISE` settings a base optimizer can switch back while running (TT's attributes, CMA-ES's
+generation size): the layer restores the given `clean_base` values once its probe finds the
+responses noise-free."""
 
 # Relative spread below which repeats count as identical (float round-off of a deterministic net).
 _CLEAN_RTOL = 1e-9
@@ -367,8 +368,9 @@ class NoisyOptimizer(Optimizer):
         dof = int(np.maximum(self._count - 1, 0).sum())
         if not self.clean and dof >= self.probe:
             spread = float(self._m2.sum())
-            scale = float(np.sum(self._mean**2 * np.maximum(self._count - 1, 0))) + 1e-300
-            self.clean = spread <= _CLEAN_RTOL**2 * scale
+            scale = float(np.sum(self._mean**2 * np.maximum(self._count - 1, 0)))
+            # Repeats that all answered 0 (a near-silent Poisson neuron) prove nothing: not clean yet.
+            self.clean = scale > 0 and spread <= _CLEAN_RTOL**2 * scale
             if self.clean:  # noise-free after all: the base's own settings back (see CLEAN_SWITCHABLE)
                 for key, value in self.clean_base.items():
                     if key in CLEAN_SWITCHABLE and hasattr(self.base, key):

@@ -78,8 +78,10 @@ def options_for(
         if getattr(noise, "search", "auto") == "auto" and "clean_base" not in opts:  # settings that won under noise
             base = "tt" if "rank" in opts else ("cma" if "cma" in (method, opts.get("resolved")) else "")
             under = UNDER_NOISE.get(base, {})
-            # TT's own settings come back if the responses turn out noise-free (the layer's probe).
-            clean_base = {k: opts.get(k, _tt_default(k)) for k in under if base == "tt" and k in CLEAN_SWITCHABLE}
+            # The base's own settings come back if the responses turn out noise-free (the layer's
+            # probe): TT's archive and elite, CMA-ES's generation size (None: pycma's default).
+            own = _tt_default if base == "tt" else (lambda k: None)
+            clean_base = {k: opts.get(k, own(k)) for k in under if k in CLEAN_SWITCHABLE}
             opts.update(under)
             if clean_base:
                 opts["clean_base"] = clean_base

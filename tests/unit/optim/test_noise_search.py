@@ -169,7 +169,7 @@ def test_anchor_noise_handling_behind_ask_tell(method: str) -> None:
 
 def test_under_noise_the_default_switches_the_base_search_and_back_when_clean() -> None:
     """With a noise model, TT selects its elite per batch and CMA-ES recombines more points
-    (`UNDER_NOISE`); a TT whose responses prove noise-free gets its own settings back."""
+    (`UNDER_NOISE`); a TT or CMA-ES whose responses prove noise-free gets its own settings back."""
     from spikemax.optim.noisy import UNDER_NOISE
 
     tt = default_options("auto", False)
@@ -185,6 +185,14 @@ def test_under_noise_the_default_switches_the_base_search_and_back_when_clean() 
         I = opt.ask(BATCH)
         opt.tell(I, I.sum(1) / 28.0)
     assert opt.clean and opt.base.archive is True and opt.base.elite == tt["clean_base"]["elite"]
+    assert cma["clean_base"] == {"popsize": None}  # pycma's own generation size
+    opt = make_optimizer("auto", 4, 8, seed=0, **cma)
+    own = make_optimizer("cma", 4, 8, seed=0).es.popsize
+    assert opt.base.es.popsize == UNDER_NOISE["cma"]["popsize"] != own
+    for _ in range(10):
+        I = opt.ask(BATCH)
+        opt.tell(I, I.sum(1) / 28.0)
+    assert opt.clean and opt.base.es.popsize == own
 
 
 def test_halving_final_phase_screens_then_narrows_to_the_best() -> None:

@@ -94,6 +94,21 @@ def test_clean_responder_stops_retesting() -> None:
     assert opt.best[1] == pytest.approx(f(opt.best[0][None])[0])
 
 
+def test_repeats_that_all_answered_zero_do_not_prove_a_responder_noise_free() -> None:
+    """A Poisson neuron that gave 0 spikes to every repeated stimulus shows no spread either, but
+    its noise is unknown, not absent: it stays noisy until a repeat answers something."""
+    opt = make_optimizer("random", 4, 8, seed=0, noise_aware=True, probe=4)
+    for _ in range(8):
+        I = opt.ask(16)
+        opt.tell(I, np.zeros(16))
+    assert opt.n_retests >= 4 and not opt.clean
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        I = opt.ask(16)
+        opt.tell(I, rng.poisson(3.0, 16) / 32.0)
+    assert not opt.clean
+
+
 def test_final_phase_races_the_elite_in_the_last_share_of_the_budget() -> None:
     """With budget and final set, asks before the last `final` share keep the `retest` quota; asks
     after it may be all re-presentations of told points (racing), and the estimated best ends with
