@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from spikemax.optim.options import POPULATION_CMA_POPSIZE
 from spikemax.rig.models import SessionCreate, TellRequest
 from spikemax.rig.sessions import Conflict, Invalid, NotFound, SessionManager
 from tests.support.rig import as_results, make_project, neuron
@@ -133,7 +134,8 @@ def test_bad_tells_change_nothing(proj, tmp_path):
 
 def test_all_channels_session_runs_the_stages_population_options(proj, tmp_path):
     """target_channel 'all' is the stage's population mode: its TT climbs from its best point (elite 1,
-    options_for with `maximize.population`); one target channel runs the plain options."""
+    options_for with `maximize.population`), its CMA-ES runs generations of 6; one target channel runs
+    the plain options."""
     params, paths = proj
     m = SessionManager(params, paths, tmp_path / "opts", mlflow=False)
     for target, elite in (("all", 1), (0, params.maximize.tt.elite)):
@@ -149,6 +151,11 @@ def test_all_channels_session_runs_the_stages_population_options(proj, tmp_path)
         s = m.get(m.create(req).id)
         assert s.cfg.options["elite"] == elite
         assert all(opt.elite == elite for opt in s.driver.optimizers)
+    # CMA-ES there adopts the other channels' better points, in short generations
+    req = SessionCreate(generator="sngan", method="cma", budget=16, channels=2, target_channel="all", noise_aware=False)
+    s = m.get(m.create(req).id)
+    assert s.cfg.options["popsize"] == POPULATION_CMA_POPSIZE and s.cfg.options["adopt"] is True
+    assert all(opt.es.popsize == POPULATION_CMA_POPSIZE for opt in s.driver.optimizers)
     m.close()
 
 
