@@ -102,8 +102,15 @@ class CMAOptimizer(Optimizer):
 
     @popsize.setter
     def popsize(self, value: int | None) -> None:
-        # None: pycma's default for d. Applied when the next generation opens (see _resize).
-        self._popsize = int(value) if value is not None else 4 + int(3 * np.log(self.es.N))
+        # None: pycma's default for d (its own formula, evaluated by pycma). Applied when the next
+        # generation opens (see _resize).
+        if value is None:
+            import cma
+
+            value = cma.CMAOptions({"popsize": cma.CMAOptions.defaults()["popsize"]}).eval(
+                "popsize", loc={"N": self.es.N}
+            )
+        self._popsize = int(value)
 
     def _resize(self, popsize: int) -> None:
         """Continue with generations of `popsize`: pycma's recombination weights, learning rates and
